@@ -1,0 +1,34 @@
+# The two commands of the README. Each sets everything up on a fresh clone: a virtual environment in
+# .venv, the Rust extension built in release mode into it, and the Python dependencies.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MATURIN := $(VENV)/bin/maturin
+
+.PHONY: demo test setup build bench clean
+
+demo: build
+	$(VENV)/bin/bleep-rs demo --out demo-out
+
+test: build
+	cargo test --release
+	$(PY) -m pytest -q
+
+# Rebuilds the extension when Rust or Python sources changed (cargo is incremental).
+build: $(VENV)/.ready
+	$(MATURIN) develop --release --extras test -q
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	touch $@
+
+# Benchmarks need the peers (faiss-cpu, torch): installed on first use.
+bench: build
+	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation 2>/dev/null || $(PY) -m pip install -q "faiss-cpu>=1.8" "torch>=2.1" "threadpoolctl>=3"
+	$(PY) benches/bench_retrieval.py
+
+clean:
+	rm -rf $(VENV) target demo-out

@@ -1,0 +1,5 @@
+import sys
+
+from bleep_rs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,791 @@
+//! From neighbours to a prediction: per-neighbour weights (method.md, section 5), then one fused
+//! gather-and-weighted-sum over the reference expression table.
+//!
+//! The table is walked in blocks of genes whose slice of the table fits in L3, so the rows that many
+//! queries share are read from DRAM once per block rather than once per query.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// How the k neighbours' expression is combined.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    /// Unweighted mean (BLEEP's default and best).
+    Mean,
+    /// BLEEP's weights: softmax of minus the squared Euclidean distance of the un-normalised embeddings.
+    Weighted,
+    /// Softmax of cosine / temperature.
+    Softmax { temperature: f32 },
+    /// The single nearest spot.
+    Top1,
+}
+
+impl Method {
+    pub fn parse(name: &str, temperature: f32) -> Result<Method> {
+        match name {
+            "mean" => Ok(Method::Mean),
+            "weighted" => Ok(Method::Weighted),
+            "softmax" if temperature.is_finite() && temperature > 0.0 => {
+                Ok(Method::Softmax { temperature })
+            }
+            "softmax" => Err(Error::invalid(format!(
+                "temperature must be a positive finite number, got {temperature}"
+            ))),
+            "top1" => Ok(Method::Top1),
+            other => Err(Error::invalid(format!(
+                "unknown method {other:?}: use one of \"mean\", \"weighted\", \"softmax\", \"top1\""
+            ))),
+        }
+    }
+}
+
+/// Weights of each query's k neighbours (rows of `k`, each summing to 1).
+///
+/// `cos`: the neighbours' cosine similarities, best first; `query_norms` and `neighbour_norms` (the
+/// latter laid out like `cos`) are needed by [`Method::Weighted`] only.
+pub fn weights(
+    method: Method,
+    k: usize,
+    cos: &[f32],
+    query_norms: &[f32],
+    neighbour_norms: &[f32],
+) -> Vec<f32> {
+    let mut w = vec![0.0f32; cos.len()];
+    if k == 0 {
+        return w;
+    }
+    w.par_chunks_mut(k).enumerate().for_each(|(q, wq)| {
+        let c = &cos[q * k..(q + 1) * k];
+        match method {
+            Method::Mean => wq.fill(1.0 / k as f32),
+            Method::Top1 => wq[0] = 1.0,
+            Method::Softmax { temperature } => {
+                let logits: Vec<f64> = c.iter().map(|&x| x as f64 / temperature as f64).collect();
+                softmax_into(&logits, wq);
+            }
+            Method::Weighted => {
+                let a = query_norms[q] as f64;
+                let logits: Vec<f64> = c
+                    .iter()
+                    .zip(&neighbour_norms[q * k..(q + 1) * k])
+                    .map(|(&c, &b)| {
+                        let b = b as f64;
+                        -(a * a + b * b - 2.0 * a * b * c as f64)
+                    })
+                    .collect();
+                softmax_into(&logits, wq);
+            }
+        }
+    });
+    w
+}
+
+fn softmax_into(logits: &[f64], out: &mut [f32]) {
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    for (o, v) in out.iter_mut().zip(e) {
+        *o = (v / total) as f32;
+    }
+}
+
+/// Storage type of the expression table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn parse(name: &str) -> Result<Dtype> {
+        match name {
+            "float32" => Ok(Dtype::F32),
+            "float16" => Ok(Dtype::F16),
+            "bfloat16" => Ok(Dtype::Bf16),
+            other => Err(Error::invalid(format!(
+                "unknown expression dtype {other:?}: use \"float32\", \"float16\" or \"bfloat16\""
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::Bf16 => "bfloat16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// The reference expression table, n spots x g genes, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Table {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl Table {
+    pub fn from_f32(values: &[f32], dtype: Dtype) -> Table {
+        match dtype {
+            Dtype::F32 => Table::F32(values.to_vec()),
+            Dtype::F16 => Table::F16(values.par_iter().map(|&v| f16::from_f32(v)).collect()),
+            Dtype::Bf16 => Table::Bf16(values.par_iter().map(|&v| bf16::from_f32(v)).collect()),
+        }
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Table::F32(_) => Dtype::F32,
+            Table::F16(_) => Dtype::F16,
+            Table::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Table::F32(v) => v.len(),
+            Table::F16(v) => v.len(),
+            Table::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Table::F32(v) => v.clone(),
+            Table::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+            Table::Bf16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// Genes per block: one 16-lane f32 vector of results per query.
+const BLOCK_GENES: usize = 16;
+/// A streaming task's results (its queries x one block) stay within this much of L2.
+const TASK_RESULT_BYTES: usize = 768 << 10;
+/// At most this many gene blocks are scattered in one pass over the rows.
+const MAX_BLOCKS_PER_PASS: usize = 4;
+/// Queries per parallel task when gathering row by row.
+const QUERY_CHUNK: usize = 64;
+
+/// The reference expression, n spots x g genes, stored in gene blocks 16 genes wide: block b
+/// (genes `b*width..(b+1)*width`, zero-padded) is its own dense n x width matrix.
+///
+/// Aggregation then runs one of two ways. With many neighbour references per row (Q*k of the order of
+/// n or more) it streams each block once, in row order, and scatters every row into the results of the
+/// queries that picked it (an inverted index built per call): the table is read from DRAM exactly once
+/// as a sequential stream and the scattered writes land in an L2-sized buffer. With few references it
+/// gathers each query's rows directly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expression {
+    n: usize,
+    g: usize,
+    width: usize,
+    blocked: Table,
+}
+
+impl Expression {
+    /// From a row-major n x g table.
+    pub fn new(row_major: &Table, n: usize, g: usize) -> Expression {
+        assert_eq!(row_major.len(), n * g);
+        let width = BLOCK_GENES;
+        let blocked = match row_major {
+            Table::F32(v) => Table::F32(to_blocks(v, n, g, width)),
+            Table::F16(v) => Table::F16(to_blocks(v, n, g, width)),
+            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g, width)),
+        };
+        Expression {
+            n,
+            g,
+            width,
+            blocked,
+        }
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.blocked.dtype()
+    }
+
+    /// The table in plain row-major order (for saving and for users).
+    pub fn row_major(&self) -> Table {
+        let (n, g, w) = (self.n, self.g, self.width);
+        match &self.blocked {
+            Table::F32(v) => Table::F32(from_blocks(v, n, g, w)),
+            Table::F16(v) => Table::F16(from_blocks(v, n, g, w)),
+            Table::Bf16(v) => Table::Bf16(from_blocks(v, n, g, w)),
+        }
+    }
+
+    /// `out[q, :] = sum_j w[q, j] * expression[idx[q, j], :]` for `out.len() / g` queries of `k`
+    /// neighbours. Zero weights are skipped. Runs on the current rayon pool.
+    pub fn gather_weighted_sum(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+        let g = self.g;
+        let nq = out.len() / g.max(1);
+        assert!(idx.len() == nq * k && w.len() == nq * k && out.len() == nq * g);
+        assert!(
+            idx.iter().all(|&i| (i as usize) < self.n),
+            "neighbour index out of range"
+        );
+        if g == 0 || nq == 0 {
+            return;
+        }
+        if 4 * nq * k >= self.n {
+            self.stream(idx, w, k, out);
+        } else {
+            self.gather(idx, w, k, out);
+        }
+    }
+
+    fn blocks(&self) -> usize {
+        self.g.div_ceil(self.width)
+    }
+
+    fn gather(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+        let (g, width, n) = (self.g, self.width, self.n);
+        let kernel = accumulate_kernel();
+        out.par_chunks_mut(QUERY_CHUNK * g)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                let mut part = vec![0.0f32; width];
+                for (r, row) in rows.chunks_exact_mut(g).enumerate() {
+                    let q = c * QUERY_CHUNK + r;
+                    let (iq, wq) = (&idx[q * k..(q + 1) * k], &w[q * k..(q + 1) * k]);
+                    for b in 0..self.blocks() {
+                        kernel(&self.blocked, b * n * width, width, iq, wq, &mut part);
+                        let g0 = b * width;
+                        let valid = width.min(g - g0);
+                        row[g0..g0 + valid].copy_from_slice(&part[..valid]);
+                    }
+                }
+            });
+    }
+
+    fn stream(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+        let (g, n) = (self.g, self.n);
+        let nq = out.len() / g;
+        // Blocks per pass: as many as keep every query's results in the L2 budget (amortising the walk
+        // over the inverted index), and queries per task: as many as fit beside them.
+        let nv = (TASK_RESULT_BYTES / (nq * 4 * BLOCK_GENES)).clamp(1, MAX_BLOCKS_PER_PASS);
+        let width = nv * BLOCK_GENES;
+        let per_task = (TASK_RESULT_BYTES / (4 * width)).clamp(1, nq);
+        let ranges: Vec<(usize, usize)> = (0..nq)
+            .step_by(per_task)
+            .map(|q0| (q0, (q0 + per_task).min(nq)))
+            .collect();
+        let csrs: Vec<Csr> = ranges
+            .par_iter()
+            .map(|&(q0, q1)| Csr::build(&idx[q0 * k..q1 * k], &w[q0 * k..q1 * k], k, n))
+            .collect();
+        let scatter = scatter_kernel();
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        let passes = self.blocks().div_ceil(nv);
+        (0..passes * ranges.len()).into_par_iter().for_each_init(
+            || vec![0.0f32; per_task * width],
+            |part, task| {
+                let (p, r) = (task / ranges.len(), task % ranges.len());
+                let (q0, q1) = ranges[r];
+                let blocks = nv.min(self.blocks() - p * nv);
+                let width = blocks * BLOCK_GENES;
+                let part = &mut part[..(q1 - q0) * width];
+                part.fill(0.0);
+                scatter(
+                    &self.blocked,
+                    p * nv * n * BLOCK_GENES,
+                    n,
+                    blocks,
+                    &csrs[r],
+                    part,
+                );
+                let g0 = p * nv * BLOCK_GENES;
+                let valid = width.min(g - g0);
+                for (q, src) in (q0..q1).zip(part.chunks_exact(width)) {
+                    // SAFETY: tasks own disjoint (query range, gene range) rectangles of `out`.
+                    unsafe { out_ptr.write(q * g + g0, &src[..valid]) };
+                }
+            },
+        );
+    }
+}
+
+/// The output of `stream`, written by many tasks at once, each to its own rectangle.
+struct SharedOut(*mut f32);
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    unsafe fn write(&self, at: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len());
+    }
+}
+
+/// For one range of queries: which (query, weight) pairs read each table row (compressed sparse rows).
+struct Csr {
+    offsets: Vec<u32>,
+    queries: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl Csr {
+    /// `idx`, `w`: the range's queries x k neighbours; query numbers are relative to the range.
+    fn build(idx: &[u32], w: &[f32], k: usize, n: usize) -> Csr {
+        let mut offsets = vec![0u32; n + 1];
+        for (&i, &wj) in idx.iter().zip(w) {
+            if wj != 0.0 {
+                offsets[i as usize + 1] += 1;
+            }
+        }
+        for r in 0..n {
+            offsets[r + 1] += offsets[r];
+        }
+        let total = offsets[n] as usize;
+        let (mut queries, mut weights) = (vec![0u32; total], vec![0.0f32; total]);
+        let mut cursor = offsets.clone();
+        for (e, (&i, &wj)) in idx.iter().zip(w).enumerate() {
+            if wj != 0.0 {
+                let c = &mut cursor[i as usize];
+                queries[*c as usize] = (e / k) as u32;
+                weights[*c as usize] = wj;
+                *c += 1;
+            }
+        }
+        Csr {
+            offsets,
+            queries,
+            weights,
+        }
+    }
+}
+
+fn to_blocks<T: Copy + Default + Send + Sync>(v: &[T], n: usize, g: usize, width: usize) -> Vec<T> {
+    let blocks = g.div_ceil(width);
+    let mut out = crate::memory::huge_zeroed::<T>(blocks * n * width);
+    out.par_chunks_mut(n * width)
+        .enumerate()
+        .for_each(|(b, slab)| {
+            let g0 = b * width;
+            let valid = width.min(g - g0);
+            for (r, dst) in slab.chunks_exact_mut(width).enumerate() {
+                dst[..valid].copy_from_slice(&v[r * g + g0..r * g + g0 + valid]);
+            }
+        });
+    out
+}
+
+fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize, width: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(n * g);
+    for r in 0..n {
+        for g0 in (0..g).step_by(width) {
+            let valid = width.min(g - g0);
+            let at = (g0 / width) * n * width + r * width;
+            out.extend_from_slice(&v[at..at + valid]);
+        }
+    }
+    out
+}
+
+/// One query, one gene range: `out = sum_j w[j] * table[base + idx[j] * stride ..][..out.len()]`.
+type AccumulateFn = fn(&Table, usize, usize, &[u32], &[f32], &mut [f32]);
+
+fn accumulate_kernel() -> AccumulateFn {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernel::Kernel::detect() == crate::kernel::Kernel::Avx512 {
+        // SAFETY: only returned when the CPU has AVX-512F.
+        return |t, base, stride, i, w, out| unsafe {
+            x86::accumulate_avx512(t, base, stride, i, w, out)
+        };
+    }
+    accumulate_portable
+}
+
+fn accumulate_portable(
+    table: &Table,
+    base: usize,
+    stride: usize,
+    idx: &[u32],
+    w: &[f32],
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    for (&i, &wj) in idx.iter().zip(w) {
+        if wj == 0.0 {
+            continue;
+        }
+        let start = base + i as usize * stride;
+        let range = start..start + out.len();
+        match table {
+            Table::F32(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, &v)| *o += wj * v),
+            Table::F16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += wj * v.to_f32()),
+            Table::Bf16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += wj * v.to_f32()),
+        }
+    }
+}
+
+/// `blocks` consecutive gene blocks (from element `base`, each n x 16), one range of queries: for each
+/// table row in order, `part[q] += w * row` for every (q, w) of the row in `csr`. `part`: the range's
+/// queries x (16 * blocks).
+type ScatterFn = fn(&Table, usize, usize, usize, &Csr, &mut [f32]);
+
+fn scatter_kernel() -> ScatterFn {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernel::Kernel::detect() == crate::kernel::Kernel::Avx512 {
+        // SAFETY: only returned when the CPU has AVX-512F.
+        return |t, base, n, blocks, csr, part| unsafe {
+            x86::scatter_avx512(t, base, n, blocks, csr, part)
+        };
+    }
+    scatter_portable
+}
+
+fn scatter_portable(
+    table: &Table,
+    base: usize,
+    n: usize,
+    blocks: usize,
+    csr: &Csr,
+    part: &mut [f32],
+) {
+    let width = blocks * BLOCK_GENES;
+    let mut row = vec![0.0f32; width];
+    for r in 0..n {
+        let (a, b) = (csr.offsets[r] as usize, csr.offsets[r + 1] as usize);
+        if a == b {
+            continue;
+        }
+        for (v, dst) in row.chunks_exact_mut(BLOCK_GENES).enumerate() {
+            let at = base + v * n * BLOCK_GENES + r * BLOCK_GENES;
+            let src = at..at + BLOCK_GENES;
+            match table {
+                Table::F32(t) => dst.copy_from_slice(&t[src]),
+                Table::F16(t) => dst
+                    .iter_mut()
+                    .zip(&t[src])
+                    .for_each(|(o, v)| *o = v.to_f32()),
+                Table::Bf16(t) => dst
+                    .iter_mut()
+                    .zip(&t[src])
+                    .for_each(|(o, v)| *o = v.to_f32()),
+            }
+        }
+        for e in a..b {
+            let (q, wq) = (csr.queries[e] as usize, csr.weights[e]);
+            for (o, &v) in part[q * width..(q + 1) * width].iter_mut().zip(&row) {
+                *o += wq * v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Table;
+    use std::arch::x86_64::*;
+
+    /// A table element that loads as 16 f32 lanes.
+    trait Elem: Copy + Into<f32> {
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Elem for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+    }
+
+    impl Elem for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+    }
+
+    impl Elem for half::bf16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const half::bf16) -> __m512 {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+
+    /// NV x 16 values from offset `start` of each row, accumulated over the neighbours in NV registers.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<E: Elem, const NV: usize>(
+        rows: &[*const E],
+        w: &[f32],
+        start: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); NV];
+        for (&p, &wj) in rows.iter().zip(w) {
+            if wj == 0.0 {
+                continue;
+            }
+            let wv = _mm512_set1_ps(wj);
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(wv, E::load16(p.add(start + 16 * v)), *a);
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(16 * v), *a);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<E: Elem>(
+        table: &[E],
+        base: usize,
+        stride: usize,
+        idx: &[u32],
+        w: &[f32],
+        out: &mut [f32],
+    ) {
+        let len = out.len();
+        let mut rows = [std::ptr::null::<E>(); 64];
+        // Up to 8 vectors (128 genes) at a time in registers, then a scalar tail of < 16 genes.
+        for (ic, wc) in idx.chunks(64).zip(w.chunks(64)) {
+            for (r, &i) in rows.iter_mut().zip(ic) {
+                let start = base + i as usize * stride;
+                assert!(start + len <= table.len());
+                *r = table.as_ptr().add(start);
+            }
+            let rows = &rows[..ic.len()];
+            let first = std::ptr::eq(ic.as_ptr(), idx.as_ptr());
+            let mut start = 0;
+            let mut part = [0.0f32; 128];
+            while len - start >= 16 {
+                let nv = ((len - start) / 16).min(8);
+                let o = part.as_mut_ptr();
+                match nv {
+                    8 => tile::<E, 8>(rows, wc, start, o),
+                    7 => tile::<E, 7>(rows, wc, start, o),
+                    6 => tile::<E, 6>(rows, wc, start, o),
+                    5 => tile::<E, 5>(rows, wc, start, o),
+                    4 => tile::<E, 4>(rows, wc, start, o),
+                    3 => tile::<E, 3>(rows, wc, start, o),
+                    2 => tile::<E, 2>(rows, wc, start, o),
+                    _ => tile::<E, 1>(rows, wc, start, o),
+                }
+                for (dst, &v) in out[start..start + 16 * nv].iter_mut().zip(&part) {
+                    *dst = if first { v } else { *dst + v };
+                }
+                start += nv * 16;
+            }
+            for (gi, dst) in out.iter_mut().enumerate().skip(start) {
+                let mut a = 0.0f32;
+                for (&p, &wj) in rows.iter().zip(wc) {
+                    if wj != 0.0 {
+                        a += wj * (*p.add(gi)).into();
+                    }
+                }
+                *dst = if first { a } else { *dst + a };
+            }
+        }
+    }
+
+    /// Row r of NV consecutive blocks is NV vectors; they are loaded once and added into every query
+    /// that references the row.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scatter<E: Elem, const NV: usize>(
+        t: &[E],
+        base: usize,
+        n: usize,
+        csr: &super::Csr,
+        part: &mut [f32],
+    ) {
+        let width = 16 * NV;
+        assert!(base + NV * n * 16 <= t.len() && csr.offsets.len() == n + 1);
+        assert!(csr
+            .queries
+            .iter()
+            .all(|&q| (q as usize + 1) * width <= part.len()));
+        let (sp, pp) = (t.as_ptr().add(base), part.as_mut_ptr());
+        for r in 0..n {
+            let (a, b) = (csr.offsets[r] as usize, csr.offsets[r + 1] as usize);
+            if a == b {
+                continue;
+            }
+            let mut row = [_mm512_setzero_ps(); NV];
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = E::load16(sp.add(v * n * 16 + r * 16));
+            }
+            for e in a..b {
+                let wv = _mm512_set1_ps(*csr.weights.get_unchecked(e));
+                let dst = pp.add(*csr.queries.get_unchecked(e) as usize * width);
+                for (v, x) in row.iter().enumerate() {
+                    let d = dst.add(16 * v);
+                    _mm512_storeu_ps(d, _mm512_fmadd_ps(wv, *x, _mm512_loadu_ps(d)));
+                }
+            }
+        }
+    }
+
+    unsafe fn scatter_typed<E: Elem>(
+        t: &[E],
+        base: usize,
+        n: usize,
+        blocks: usize,
+        csr: &super::Csr,
+        part: &mut [f32],
+    ) {
+        match blocks {
+            1 => scatter::<E, 1>(t, base, n, csr, part),
+            2 => scatter::<E, 2>(t, base, n, csr, part),
+            3 => scatter::<E, 3>(t, base, n, csr, part),
+            _ => scatter::<E, 4>(t, base, n, csr, part),
+        }
+    }
+
+    /// SAFETY: the CPU must have AVX-512F; `blocks` is 1 to 4.
+    pub unsafe fn scatter_avx512(
+        table: &Table,
+        base: usize,
+        n: usize,
+        blocks: usize,
+        csr: &super::Csr,
+        part: &mut [f32],
+    ) {
+        match table {
+            Table::F32(t) => scatter_typed(t, base, n, blocks, csr, part),
+            Table::F16(t) => scatter_typed(t, base, n, blocks, csr, part),
+            Table::Bf16(t) => scatter_typed(t, base, n, blocks, csr, part),
+        }
+    }
+
+    /// SAFETY: the CPU must have AVX-512F. Row ranges are checked against the table.
+    pub unsafe fn accumulate_avx512(
+        table: &Table,
+        base: usize,
+        stride: usize,
+        idx: &[u32],
+        w: &[f32],
+        out: &mut [f32],
+    ) {
+        match table {
+            Table::F32(t) => accumulate(t, base, stride, idx, w, out),
+            Table::F16(t) => accumulate(t, base, stride, idx, w, out),
+            Table::Bf16(t) => accumulate(t, base, stride, idx, w, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn oracle(table: &[f32], g: usize, idx: &[u32], w: &[f32], k: usize) -> Vec<f32> {
+        let nq = idx.len() / k.max(1);
+        let mut out = vec![0.0f64; nq * g];
+        for q in 0..nq {
+            for j in 0..k {
+                let r = idx[q * k + j] as usize;
+                for gi in 0..g {
+                    out[q * g + gi] += w[q * k + j] as f64 * table[r * g + gi] as f64;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn gather_matches_oracle(n in 1usize..60, g in 1usize..400, nq in 0usize..150, k in 1usize..90, seed in any::<u64>()) {
+            let mut s = seed;
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); (s >> 33) as u32 };
+            let values: Vec<f32> = (0..n * g).map(|_| (next() % 1000) as f32 / 100.0).collect();
+            let idx: Vec<u32> = (0..nq * k).map(|_| next() % n as u32).collect();
+            let w: Vec<f32> = (0..nq * k).map(|_| (next() % 5) as f32 / 4.0).collect();
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+                let table = Table::from_f32(&values, dtype);
+                let exact = table.to_f32();
+                let want = oracle(&exact, g, &idx, &w, k);
+                let expr = Expression::new(&table, n, g);
+                prop_assert_eq!(expr.row_major(), table);
+                // Both strategies, whichever the sizes would pick.
+                let mut streamed = vec![f32::NAN; nq * g];
+                let mut gathered = vec![f32::NAN; nq * g];
+                if nq > 0 {
+                    expr.stream(&idx, &w, k, &mut streamed);
+                    expr.gather(&idx, &w, k, &mut gathered);
+                }
+                let mut chosen = vec![f32::NAN; nq * g];
+                expr.gather_weighted_sum(&idx, &w, k, &mut chosen);
+                for got in [&streamed, &gathered, &chosen] {
+                    for (a, b) in got.iter().zip(&want) {
+                        prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype:?}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_sum_to_one_and_follow_their_formulas() {
+        let k = 3;
+        let cos = [0.9f32, 0.5, 0.1];
+        let qn = [2.0f32];
+        let rn = [1.0f32, 3.0, 1.0];
+        for m in [
+            Method::Mean,
+            Method::Weighted,
+            Method::Softmax { temperature: 0.1 },
+            Method::Top1,
+        ] {
+            let w = weights(m, k, &cos, &qn, &rn);
+            assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{m:?}");
+        }
+        let w = weights(Method::Softmax { temperature: 0.5 }, k, &cos, &qn, &rn);
+        let e: Vec<f64> = cos.iter().map(|&c| (c as f64 / 0.5).exp()).collect();
+        let t: f64 = e.iter().sum();
+        for (a, b) in w.iter().zip(&e) {
+            assert!((*a as f64 - b / t).abs() < 1e-6);
+        }
+        let w = weights(Method::Weighted, k, &cos, &qn, &rn);
+        let d: Vec<f64> = cos
+            .iter()
+            .zip(&rn)
+            .map(|(&c, &b)| 4.0 + (b * b) as f64 - 4.0 * b as f64 * c as f64)
+            .collect();
+        let e: Vec<f64> = d.iter().map(|&x| (-(x - d[0])).exp()).collect();
+        let t: f64 = e.iter().sum();
+        for (a, b) in w.iter().zip(&e) {
+            assert!((*a as f64 - b / t).abs() < 1e-6);
+        }
+        assert_eq!(
+            weights(Method::Top1, k, &cos, &qn, &rn),
+            vec![1.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn bad_method_and_dtype_names_are_errors() {
+        assert!(Method::parse("median", 1.0).is_err());
+        assert!(Method::parse("softmax", 0.0).is_err());
+        assert!(Dtype::parse("int8").is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! Score micro-kernels for exact search.
+//!
+//! A tile is MR queries x NR reference rows. The reference is packed once into panels of NR rows stored
+//! dimension-major (`[d][NR]`), so one vector load gives 16 rows' values of one dimension; each query value
+//! is broadcast and fused-multiply-added into MR x NR/16 accumulators that stay in registers over the whole
+//! dimension. The tile ends with a vector compare of each query's scores against its running k-th best
+//! score: the caller touches its heap only for the (rare) bits set in the returned masks.
+
+/// Queries per tile.
+pub const MR: usize = 24;
+/// Reference rows per panel (one 16-lane vector).
+pub const NR: usize = 16;
+
+/// Which implementation of the tile runs; chosen at run time from the CPU's features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU supports. `BLEEP_RS_KERNEL=portable|avx2|avx512` forces one (tests use
+    /// it to check every path against the same oracle); a forced kernel the CPU lacks falls back.
+    pub fn detect() -> Kernel {
+        let best = Self::best_supported();
+        match std::env::var("BLEEP_RS_KERNEL").ok().as_deref() {
+            Some("portable") => Kernel::Portable,
+            Some("avx2") if best != Kernel::Portable => Kernel::Avx2,
+            _ => best,
+        }
+    }
+
+    fn best_supported() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    /// Every kernel this CPU can run, best first.
+    pub fn available() -> Vec<Kernel> {
+        match Self::best_supported() {
+            Kernel::Avx512 => vec![Kernel::Avx512, Kernel::Avx2, Kernel::Portable],
+            Kernel::Avx2 => vec![Kernel::Avx2, Kernel::Portable],
+            Kernel::Portable => vec![Kernel::Portable],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// Scores of MR queries (`q`, packed dimension-major as d x MR by [`pack_tile`]) against one packed
+    /// panel (d x NR). Returns, per
+    /// query, the bit mask of panel columns whose score is strictly above `thr[i]`; those scores are
+    /// written to `scores[i]` (other rows of `scores` are left as they were).
+    #[inline]
+    pub fn tile(
+        self,
+        q: &[f32],
+        d: usize,
+        panel: &[f32],
+        thr: &[f32; MR],
+        scores: &mut [[f32; NR]; MR],
+    ) -> [u32; MR] {
+        assert!(q.len() >= MR * d && panel.len() >= d * NR);
+        match self {
+            // SAFETY: the variant is only chosen when the CPU has the feature; lengths checked above.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::tile_avx512(q, d, panel, thr, scores) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::tile_avx2(q, d, panel, thr, scores) },
+            _ => tile_portable(q, d, panel, thr, scores),
+        }
+    }
+}
+
+/// Pack MR query rows (at most MR; the rest are zeros) dimension-major, `[d][MR]`: the kernel broadcasts
+/// MR adjacent values per dimension instead of MR values 4 d bytes apart, which would all fall in the
+/// same L1 bank and serialise the loads.
+pub fn pack_tile(rows: &[f32], d: usize, out: &mut [f32]) {
+    out[..d * MR].fill(0.0);
+    for (i, row) in rows.chunks_exact(d).enumerate() {
+        for (k, &v) in row.iter().enumerate() {
+            out[k * MR + i] = v;
+        }
+    }
+}
+
+/// Pack row-major rows (n x d) into zero-padded panels of NR rows, each stored as `[d][NR]`.
+pub fn pack_panels(rows: &[f32], n: usize, d: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0.0f32; n.div_ceil(NR) * d * NR];
+    out.par_chunks_mut(d * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let first = p * NR;
+            for (j, row) in rows[first * d..(first + NR).min(n) * d]
+                .chunks_exact(d)
+                .enumerate()
+            {
+                for (k, &v) in row.iter().enumerate() {
+                    panel[k * NR + j] = v;
+                }
+            }
+        });
+    out
+}
+
+#[inline(always)]
+fn tile_generic(
+    q: &[f32],
+    d: usize,
+    panel: &[f32],
+    thr: &[f32; MR],
+    scores: &mut [[f32; NR]; MR],
+) -> [u32; MR] {
+    let mut acc = [[0.0f32; NR]; MR];
+    for (k, b) in panel[..d * NR].chunks_exact(NR).enumerate() {
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let a = q[k * MR + i];
+            for (c, &bv) in acc_i.iter_mut().zip(b) {
+                *c += a * bv;
+            }
+        }
+    }
+    let mut masks = [0u32; MR];
+    for i in 0..MR {
+        for (j, &s) in acc[i].iter().enumerate() {
+            masks[i] |= ((s > thr[i]) as u32) << j;
+        }
+        if masks[i] != 0 {
+            scores[i] = acc[i];
+        }
+    }
+    masks
+}
+
+fn tile_portable(
+    q: &[f32],
+    d: usize,
+    panel: &[f32],
+    thr: &[f32; MR],
+    scores: &mut [[f32; NR]; MR],
+) -> [u32; MR] {
+    tile_generic(q, d, panel, thr, scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{tile_generic, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The generic tile compiled for AVX2 + FMA (half the width of AVX-512, for older CPUs).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2(
+        q: &[f32],
+        d: usize,
+        panel: &[f32],
+        thr: &[f32; MR],
+        scores: &mut [[f32; NR]; MR],
+    ) -> [u32; MR] {
+        tile_generic(q, d, panel, thr, scores)
+    }
+
+    /// MR zmm accumulators (24 of the 32 registers); per dimension one panel load and MR FMAs, each with
+    /// its query value as an embedded broadcast (a broadcast used twice would cost a separate uop).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512(
+        q: &[f32],
+        d: usize,
+        panel: &[f32],
+        thr: &[f32; MR],
+        scores: &mut [[f32; NR]; MR],
+    ) -> [u32; MR] {
+        let qp = q.as_ptr();
+        let bp = panel.as_ptr();
+        let mut c = [_mm512_setzero_ps(); MR];
+        for k in 0..d {
+            let b = _mm512_loadu_ps(bp.add(k * NR));
+            for (i, ci) in c.iter_mut().enumerate() {
+                *ci = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(k * MR + i)), b, *ci);
+            }
+        }
+        let mut masks = [0u32; MR];
+        for i in 0..MR {
+            masks[i] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c[i], _mm512_set1_ps(thr[i])) as u32;
+            if masks[i] != 0 {
+                _mm512_storeu_ps(scores[i].as_mut_ptr(), c[i]);
+            }
+        }
+        masks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn every_kernel_matches_plain_dot_products() {
+        let d = 37;
+        let mut seed = 7;
+        let q: Vec<f32> = (0..MR * d).map(|_| lcg(&mut seed)).collect();
+        let rows: Vec<f32> = (0..NR * d).map(|_| lcg(&mut seed)).collect();
+        let panel = pack_panels(&rows, NR, d);
+        let mut qt = vec![0.0; MR * d];
+        pack_tile(&q, d, &mut qt);
+        let thr = [f32::NEG_INFINITY; MR];
+        for kernel in Kernel::available() {
+            let mut scores = [[0.0; NR]; MR];
+            let masks = kernel.tile(&qt, d, &panel, &thr, &mut scores);
+            for i in 0..MR {
+                assert_eq!(masks[i], (1u32 << NR) - 1, "{kernel:?}");
+                for j in 0..NR {
+                    let want: f32 = (0..d).map(|k| q[i * d + k] * rows[j * d + k]).sum();
+                    assert!((scores[i][j] - want).abs() < 1e-4, "{kernel:?} {i} {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masks_respect_thresholds() {
+        let d = 4;
+        let q = vec![1.0f32; MR * d];
+        let mut rows = vec![0.0f32; NR * d];
+        rows[3 * d] = 2.0; // row 3 scores 2.0 for every query
+        let panel = pack_panels(&rows, NR, d);
+        let mut thr = [1.0; MR];
+        thr[5] = 2.0; // strictly greater: row 3 does not pass for query 5
+        let mut scores = [[0.0; NR]; MR];
+        let masks = Kernel::detect().tile(&q, d, &panel, &thr, &mut scores);
+        for (i, &m) in masks.iter().enumerate() {
+            assert_eq!(m, if i == 5 { 0 } else { 1 << 3 });
+        }
+    }
+}

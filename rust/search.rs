@@ -1,0 +1,365 @@
+//! Exact top-k cosine search.
+//!
+//! The reference is L2-normalised and packed once ([`crate::kernel::pack_panels`]). A search splits the
+//! queries into blocks (and, when there are too few blocks to keep every thread busy, the reference into
+//! ranges); each task walks its reference range in L2-sized chunks, scores MR queries against one panel
+//! at a time in registers, and pushes into a query's heap only the scores above that query's current
+//! k-th best. No score matrix is ever stored.
+
+use crate::kernel::{pack_panels, pack_tile, Kernel, MR, NR};
+use crate::topk::TopK;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Query rows per task when there are plenty of queries (4 tiles). Each task streams its reference
+/// range once, so even this small block does about 50 flops per byte read; small tasks balance well.
+const QUERY_BLOCK: usize = 4 * MR;
+/// Enough tasks per thread that uneven finishing times average out.
+const TASKS_PER_THREAD: usize = 8;
+/// Bytes of packed reference a task keeps hot while every tile row of its block passes over them.
+const L2_CHUNK_BYTES: usize = 384 * 1024;
+
+/// The packed, normalised reference embeddings.
+pub struct PackedIndex {
+    n: usize,
+    d: usize,
+    panels: Vec<f32>,
+}
+
+/// Search results: `indices[q * k + j]` is query q's j-th best reference row, `scores` their cosines.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Neighbours {
+    pub k: usize,
+    pub indices: Vec<u32>,
+    pub scores: Vec<f32>,
+}
+
+impl PackedIndex {
+    /// `normalised`: n x d row-major, each row of unit L2 norm.
+    pub fn new(normalised: &[f32], n: usize, d: usize) -> Self {
+        assert_eq!(normalised.len(), n * d);
+        PackedIndex {
+            n,
+            d,
+            panels: pack_panels(normalised, n, d),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// The min(k, n) best reference rows of each of the `nq` normalised queries (nq x d, row-major), best
+    /// first (ties: lower index first). Runs on the current rayon pool.
+    pub fn search(&self, queries: &[f32], nq: usize, k: usize) -> Neighbours {
+        self.search_with(Kernel::detect(), queries, nq, k)
+    }
+
+    /// [`PackedIndex::search`] with a given score kernel (tests run every kernel the CPU has).
+    pub fn search_with(&self, kernel: Kernel, queries: &[f32], nq: usize, k: usize) -> Neighbours {
+        assert_eq!(queries.len(), nq * self.d);
+        let k = k.min(self.n);
+        if nq == 0 || k == 0 {
+            return Neighbours {
+                k,
+                ..Default::default()
+            };
+        }
+        let threads = rayon::current_num_threads().max(1);
+        // Small query sets: smaller blocks first, then split the reference, so every thread has work.
+        let block = QUERY_BLOCK
+            .min(nq.div_ceil(threads).next_multiple_of(MR))
+            .max(MR);
+        let n_blocks = nq.div_ceil(block);
+        let n_panels = self.n.div_ceil(NR);
+        let chunk_panels = (L2_CHUNK_BYTES / (self.d * NR * 4)).max(1);
+        let splits = if n_blocks >= TASKS_PER_THREAD * threads {
+            1
+        } else {
+            (TASKS_PER_THREAD * threads)
+                .div_ceil(n_blocks)
+                .min(n_panels.div_ceil(chunk_panels))
+                .max(1)
+        };
+        let per_split = n_panels.div_ceil(splits);
+
+        let partial: Vec<Vec<TopK>> = (0..n_blocks * splits)
+            .into_par_iter()
+            .map(|task| {
+                let (b, s) = (task / splits, task % splits);
+                let rows = b * block..((b + 1) * block).min(nq);
+                let panels = s * per_split..((s + 1) * per_split).min(n_panels);
+                self.scan(
+                    kernel,
+                    &queries[rows.start * self.d..rows.end * self.d],
+                    panels,
+                    k,
+                    chunk_panels,
+                )
+            })
+            .collect();
+
+        let mut out = Neighbours {
+            k,
+            indices: Vec::with_capacity(nq * k),
+            scores: Vec::with_capacity(nq * k),
+        };
+        for group in partial.chunks(splits) {
+            let mut group = group.to_vec();
+            let mut first = group.remove(0);
+            for other in group {
+                for (h, o) in first.iter_mut().zip(other) {
+                    h.merge(o);
+                }
+            }
+            for heap in first {
+                for (s, i) in heap.into_sorted() {
+                    out.scores.push(s);
+                    out.indices.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// One task: the heaps of a block of queries over a range of panels.
+    fn scan(
+        &self,
+        kernel: Kernel,
+        queries: &[f32],
+        panels: Range<usize>,
+        k: usize,
+        chunk_panels: usize,
+    ) -> Vec<TopK> {
+        let d = self.d;
+        let rows = queries.len() / d;
+        // Pack the block tile by tile; padded rows get an infinite threshold and never accept.
+        let mut q = vec![0.0f32; rows.next_multiple_of(MR) * d];
+        for (rows, out) in queries.chunks(MR * d).zip(q.chunks_exact_mut(MR * d)) {
+            pack_tile(rows, d, out);
+        }
+        let mut heaps = vec![TopK::new(k); rows];
+        let mut scores = [[0.0f32; NR]; MR];
+        let mut chunk = panels.start;
+        while chunk < panels.end {
+            let chunk_end = (chunk + chunk_panels).min(panels.end);
+            for (t, qt) in q.chunks_exact(MR * d).enumerate() {
+                let heaps = &mut heaps[t * MR..((t + 1) * MR).min(rows)];
+                let mut thr = [f32::INFINITY; MR];
+                for (th, h) in thr.iter_mut().zip(heaps.iter()) {
+                    *th = h.threshold();
+                }
+                for p in chunk..chunk_end {
+                    let panel = &self.panels[p * d * NR..(p + 1) * d * NR];
+                    let masks = kernel.tile(qt, d, panel, &thr, &mut scores);
+                    let valid = valid_columns(self.n, p);
+                    for (i, heap) in heaps.iter_mut().enumerate() {
+                        let mut m = masks[i] & valid;
+                        if m == 0 {
+                            continue;
+                        }
+                        while m != 0 {
+                            let j = m.trailing_zeros() as usize;
+                            heap.push(scores[i][j], (p * NR + j) as u32);
+                            m &= m - 1;
+                        }
+                        thr[i] = heap.threshold();
+                    }
+                }
+            }
+            chunk = chunk_end;
+        }
+        heaps
+    }
+}
+
+/// Bit mask of the columns of panel `p` that are real rows (the last panel is zero-padded).
+#[inline]
+fn valid_columns(n: usize, p: usize) -> u32 {
+    let real = n - p * NR;
+    if real >= 32 {
+        u32::MAX
+    } else {
+        ((1u64 << real) - 1) as u32
+    }
+}
+
+/// L2-normalise rows in place and return their norms (accumulated in f64).
+pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f32> {
+    rows.par_chunks_mut(d.max(1))
+        .map(|row| {
+            let norm = row
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt();
+            if norm > 0.0 {
+                let inv = 1.0 / norm;
+                row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+            }
+            norm as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The oracle: every score in f64, full sort by (score desc, index asc).
+    fn brute_force(r: &[f32], q: &[f32], d: usize, k: usize) -> Vec<Vec<(f64, u32)>> {
+        q.chunks_exact(d)
+            .map(|qv| {
+                let mut all: Vec<(f64, u32)> = r
+                    .chunks_exact(d)
+                    .enumerate()
+                    .map(|(i, rv)| {
+                        let s = qv.iter().zip(rv).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        (s, i as u32)
+                    })
+                    .collect();
+                all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+                all.truncate(k);
+                all
+            })
+            .collect()
+    }
+
+    fn unit_rows(values: Vec<f32>, d: usize) -> Vec<f32> {
+        let mut v = values;
+        let norms = normalise_rows(&mut v, d);
+        for (row, n) in v.chunks_exact_mut(d).zip(norms) {
+            if n == 0.0 {
+                row[0] = 1.0;
+            }
+        }
+        v
+    }
+
+    /// Same neighbour sets as the f64 oracle, except where a swap is explained by a near-tie at the k-th score.
+    fn check(r: &[f32], q: &[f32], d: usize, k: usize, got: &Neighbours) {
+        let want = brute_force(r, q, d, k);
+        let k_eff = k.min(r.len() / d);
+        assert_eq!(got.k, k_eff);
+        for (qi, w) in want.iter().enumerate() {
+            let gi = &got.indices[qi * k_eff..(qi + 1) * k_eff];
+            let gs = &got.scores[qi * k_eff..(qi + 1) * k_eff];
+            let kth = w.last().unwrap().0;
+            for (j, &(s, i)) in w.iter().enumerate() {
+                if (s - kth).abs() > 1e-5 {
+                    assert!(gi.contains(&i), "query {qi}: row {i} (score {s}) missing");
+                }
+                assert!((gs[j] as f64 - s).abs() < 1e-4, "query {qi}: score {j}");
+            }
+            assert!(gs.windows(2).all(|p| p[0] >= p[1]), "scores not sorted");
+        }
+    }
+
+    /// The search with every kernel this CPU has.
+    fn run(r: &[f32], q: &[f32], d: usize, k: usize, threads: usize) -> Vec<Neighbours> {
+        let index = PackedIndex::new(r, r.len() / d, d);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        Kernel::available()
+            .into_iter()
+            .map(|kern| pool.install(|| index.search_with(kern, q, q.len() / d, k)))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn matches_brute_force(
+            n in 1usize..300, nq in 1usize..40, d in 1usize..70, k in 1usize..80,
+            threads in 1usize..4, seed in any::<u64>(),
+        ) {
+            let mut s = seed;
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5 };
+            let r = unit_rows((0..n * d).map(|_| next()).collect(), d);
+            let q = unit_rows((0..nq * d).map(|_| next()).collect(), d);
+            for got in run(&r, &q, d, k, threads) {
+                check(&r, &q, d, k, &got);
+            }
+        }
+    }
+
+    #[test]
+    fn exact_ties_break_by_lower_index_across_splits() {
+        // 1000 identical reference rows: every score ties, so the answer must be rows 0..k in order.
+        let d = 8;
+        let r = unit_rows(vec![1.0; 1000 * d], d);
+        let q = unit_rows(vec![1.0; 3 * d], d);
+        for threads in [1, 2, 3] {
+            for got in run(&r, &q, d, 7, threads) {
+                for qi in 0..3 {
+                    assert_eq!(&got.indices[qi * 7..qi * 7 + 7], &[0, 1, 2, 3, 4, 5, 6]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn queries_equal_to_reference_rows_find_themselves() {
+        let d = 16;
+        let mut s = 3u64;
+        let r = unit_rows(
+            (0..500 * d)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (s >> 40) as f32 - 8e6
+                })
+                .collect(),
+            d,
+        );
+        let q = r[37 * d..41 * d].to_vec();
+        for got in run(&r, &q, d, 1, 2) {
+            assert_eq!(got.indices, vec![37, 38, 39, 40]);
+        }
+    }
+
+    #[test]
+    fn k_above_n_returns_all_rows() {
+        let d = 4;
+        let r = unit_rows((0..5 * d).map(|i| (i % 7) as f32 - 3.0).collect(), d);
+        let q = r[..d].to_vec();
+        for got in run(&r, &q, d, 50, 2) {
+            assert_eq!(got.k, 5);
+            let mut idx = got.indices.clone();
+            idx.sort();
+            assert_eq!(idx, vec![0, 1, 2, 3, 4]);
+        }
+    }
+
+    #[test]
+    fn large_block_paths_match() {
+        // Enough queries for whole blocks and enough rows for several L2 chunks and splits.
+        let d = 64;
+        let mut s = 11u64;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let r = unit_rows((0..5000 * d).map(|_| next()).collect(), d);
+        let q = unit_rows((0..450 * d).map(|_| next()).collect(), d);
+        for threads in [1, 2] {
+            for got in run(&r, &q, d, 50, threads) {
+                check(&r, &q, d, 50, &got);
+            }
+        }
+        let few = &q[..2 * d];
+        for got in run(&r, few, d, 50, 2) {
+            check(&r, few, d, 50, &got);
+        }
+    }
+}
