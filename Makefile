@@ -27,7 +27,7 @@ $(VENV)/.ready:
 
 # Benchmarks need the peers (faiss-cpu, torch): installed on first use.
 bench: build
-	$(PY) -m pip install -q -e ".[bench]" --no-build-isolation 2>/dev/null || $(PY) -m pip install -q "faiss-cpu>=1.8" "torch>=2.1" "threadpoolctl>=3"
+	$(PY) -m pip install -q "faiss-cpu>=1.8" "torch>=2.1" "threadpoolctl>=3"
 	$(PY) benches/bench_retrieval.py
 
 clean:

@@ -175,9 +175,9 @@ impl Table {
 /// Genes per block: one 16-lane f32 vector of results per query.
 const BLOCK_GENES: usize = 16;
 /// A streaming task's results (its queries x one block) stay within this much of L2.
-const TASK_RESULT_BYTES: usize = 768 << 10;
+const TASK_RESULT_BYTES: usize = 6144 << 10;
 /// At most this many gene blocks are scattered in one pass over the rows.
-const MAX_BLOCKS_PER_PASS: usize = 4;
+const MAX_BLOCKS_PER_PASS: usize = 8;
 /// Queries per parallel task when gathering row by row.
 const QUERY_CHUNK: usize = 64;
 
@@ -623,6 +623,8 @@ mod x86 {
             .iter()
             .all(|&q| (q as usize + 1) * width <= part.len()));
         let (sp, pp) = (t.as_ptr().add(base), part.as_mut_ptr());
+        let last = csr.queries.len().saturating_sub(1);
+        const PREFETCH: usize = 8;
         for r in 0..n {
             let (a, b) = (csr.offsets[r] as usize, csr.offsets[r + 1] as usize);
             if a == b {
@@ -633,6 +635,9 @@ mod x86 {
                 *x = E::load16(sp.add(v * n * 16 + r * 16));
             }
             for e in a..b {
+                // The results of an entry a few ahead are fetched while this one is added.
+                let ahead = *csr.queries.get_unchecked((e + PREFETCH).min(last));
+                _mm_prefetch::<_MM_HINT_T0>(pp.add(ahead as usize * width) as *const i8);
                 let wv = _mm512_set1_ps(*csr.weights.get_unchecked(e));
                 let dst = pp.add(*csr.queries.get_unchecked(e) as usize * width);
                 for (v, x) in row.iter().enumerate() {
@@ -655,11 +660,15 @@ mod x86 {
             1 => scatter::<E, 1>(t, base, n, csr, part),
             2 => scatter::<E, 2>(t, base, n, csr, part),
             3 => scatter::<E, 3>(t, base, n, csr, part),
-            _ => scatter::<E, 4>(t, base, n, csr, part),
+            4 => scatter::<E, 4>(t, base, n, csr, part),
+            5 => scatter::<E, 5>(t, base, n, csr, part),
+            6 => scatter::<E, 6>(t, base, n, csr, part),
+            7 => scatter::<E, 7>(t, base, n, csr, part),
+            _ => scatter::<E, 8>(t, base, n, csr, part),
         }
     }
 
-    /// SAFETY: the CPU must have AVX-512F; `blocks` is 1 to 4.
+    /// SAFETY: the CPU must have AVX-512F; `blocks` is 1 to 8.
     pub unsafe fn scatter_avx512(
         table: &Table,
         base: usize,

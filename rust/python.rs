@@ -155,6 +155,39 @@ impl PyReference {
         ))
     }
 
+    /// Weighted sums of expression rows: (Q x k int64 indices, Q x k float32 weights) -> Q x G.
+    #[pyo3(signature = (indices, weights, threads=None))]
+    fn aggregate<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray2<'py, i64>,
+        weights: PyReadonlyArray2<'py, f32>,
+        threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        if indices.shape() != weights.shape() {
+            return Err(BleepError::new_err(format!(
+                "indices {:?} and weights {:?} must have the same shape (queries x k)",
+                indices.shape(),
+                weights.shape()
+            )));
+        }
+        let [nq, k] = [indices.shape()[0], indices.shape()[1]];
+        let idx = indices
+            .as_slice()
+            .map_err(|_| BleepError::new_err("indices must be C-contiguous"))?;
+        let n = self.inner.n_spots() as i64;
+        if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i >= n) {
+            return Err(BleepError::new_err(format!(
+                "index {bad} is out of range for a reference of {n} spots"
+            )));
+        }
+        let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        let w = slice(&weights, "weights")?;
+        let out =
+            py.detach(|| pool::install(threads, || self.inner.aggregate(&idx, w, k.max(1)))?)?;
+        matrix(py, out, nq, self.inner.genes().len())
+    }
+
     #[getter]
     fn n_spots(&self) -> usize {
         self.inner.n_spots()

@@ -183,13 +183,36 @@ impl Reference {
         let nnorms: Vec<f32> = nb.indices.iter().map(|&i| self.norms[i as usize]).collect();
         let w = weights(method, nb.k, &nb.scores, &qnorms, &nnorms);
         let g = self.genes.len();
-        let mut out = vec![0.0f32; nq * g];
+        let mut out = crate::memory::huge_zeroed::<f32>(nq * g);
         self.expression
             .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out);
         Ok(Imputation {
             expression: out,
             neighbours: nb,
         })
+    }
+
+    /// `out[q, :] = sum_j weights[q, j] * expression[indices[q, j], :]` for neighbour lists of length k:
+    /// the aggregation step alone, for neighbours and weights chosen elsewhere.
+    pub fn aggregate(&self, indices: &[u32], weights: &[f32], k: usize) -> Result<Vec<f32>> {
+        if k == 0 || indices.len() != weights.len() || !indices.len().is_multiple_of(k) {
+            return Err(Error::invalid(
+                "indices and weights must have the same shape (queries x k), k >= 1",
+            ));
+        }
+        if let Some(p) = indices.iter().position(|&i| i as usize >= self.n) {
+            return Err(Error::invalid(format!(
+                "indices row {} holds {}, but the reference has {} spots",
+                p / k,
+                indices[p],
+                self.n
+            )));
+        }
+        check_finite(weights, k, "weights")?;
+        let mut out = crate::memory::huge_zeroed::<f32>(indices.len() / k * self.genes.len());
+        self.expression
+            .gather_weighted_sum(indices, weights, k, &mut out);
+        Ok(out)
     }
 
     /// Write the reference to `path` atomically: a temporary file beside it, flushed, then renamed.

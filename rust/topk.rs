@@ -6,91 +6,70 @@
 #[derive(Clone, Debug)]
 pub struct TopK {
     k: usize,
-    /// A binary min-heap: the worst kept pair is at the root.
-    heap: Vec<(f32, u32)>,
+    /// Candidates, unordered; at most 2k before they are cut back to the best k.
+    items: Vec<(f32, u32)>,
+    /// The k-th best score at the last cut (-inf before): a candidate must beat it to matter.
+    threshold: f32,
 }
 
+/// `a` ranks before `b`.
 #[inline]
-fn worse(a: (f32, u32), b: (f32, u32)) -> bool {
-    a.0 < b.0 || (a.0 == b.0 && a.1 > b.1)
+fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 impl TopK {
     pub fn new(k: usize) -> Self {
         TopK {
             k,
-            heap: Vec::with_capacity(k),
+            items: Vec::with_capacity(2 * k),
+            threshold: f32::NEG_INFINITY,
         }
     }
 
     /// A candidate must score strictly above this to enter (candidates scanned in increasing index order
-    /// can never win a tie against what is kept).
+    /// can never win a tie against what is kept). It lags the true k-th best by at most k insertions,
+    /// which lets a few extra candidates in but makes each insertion a plain append.
     #[inline]
     pub fn threshold(&self) -> f32 {
-        if self.heap.len() < self.k {
-            f32::NEG_INFINITY
-        } else {
-            self.heap[0].0
+        self.threshold
+    }
+
+    /// Add a candidate (no threshold check: the caller filters). Amortised O(1).
+    #[inline]
+    pub fn push(&mut self, score: f32, index: u32) {
+        self.items.push((score, index));
+        if self.items.len() >= 2 * self.k.max(1) {
+            self.cut();
         }
     }
 
-    pub fn push(&mut self, score: f32, index: u32) {
-        let item = (score, index);
-        if self.heap.len() < self.k {
-            self.heap.push(item);
-            self.sift_up(self.heap.len() - 1);
-        } else if self.k > 0 && worse(self.heap[0], item) {
-            self.heap[0] = item;
-            self.sift_down(0);
+    /// Keep the best k (a linear-time selection) and raise the threshold to the k-th best score.
+    fn cut(&mut self) {
+        if self.items.len() > self.k && self.k > 0 {
+            self.items.select_nth_unstable_by(self.k - 1, better);
+            self.items.truncate(self.k);
+        } else if self.k == 0 {
+            self.items.clear();
+            return;
+        }
+        if self.items.len() == self.k {
+            let kth = self.items.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
+            self.threshold = self.threshold.max(kth);
         }
     }
 
     pub fn merge(&mut self, other: TopK) {
-        for (s, i) in other.heap {
+        for (s, i) in other.items {
             self.push(s, i);
         }
     }
 
-    /// The kept pairs, best first.
+    /// The best min(k, seen) pairs, best first.
     pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
-        self.heap
-            .sort_unstable_by(|&a, &b| match (worse(a, b), worse(b, a)) {
-                (true, _) => std::cmp::Ordering::Greater,
-                (_, true) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Equal,
-            });
-        self.heap
-    }
-
-    fn sift_up(&mut self, mut i: usize) {
-        while i > 0 {
-            let parent = (i - 1) / 2;
-            if worse(self.heap[i], self.heap[parent]) {
-                self.heap.swap(i, parent);
-                i = parent;
-            } else {
-                break;
-            }
-        }
-    }
-
-    fn sift_down(&mut self, mut i: usize) {
-        let n = self.heap.len();
-        loop {
-            let (l, r) = (2 * i + 1, 2 * i + 2);
-            let mut m = i;
-            if l < n && worse(self.heap[l], self.heap[m]) {
-                m = l;
-            }
-            if r < n && worse(self.heap[r], self.heap[m]) {
-                m = r;
-            }
-            if m == i {
-                break;
-            }
-            self.heap.swap(i, m);
-            i = m;
-        }
+        self.cut();
+        self.items.sort_unstable_by(better);
+        self.items
     }
 }
 

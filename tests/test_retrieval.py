@@ -177,3 +177,18 @@ def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path):
     assert out.stdout.strip() == "portable"
     idx, sims = Reference.build(emb, np.ones((400, 1)), ["g"]).search(q, k=20)
     assert_same_neighbours(emb, q, 20, np.load(tmp_path / "idx.npy"), sims)
+
+
+def test_aggregate_alone_matches_oracle(rng):
+    emb, expr, genes = random_reference(rng, n=300, g=50)
+    ref = Reference.build(emb, expr, genes)
+    idx = rng.integers(0, 300, size=(40, 7))
+    w = rng.uniform(0, 1, size=(40, 7))
+    want = np.einsum("qk,qkg->qg", w, expr.astype(np.float64)[idx])
+    np.testing.assert_allclose(ref.aggregate(idx, w), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(bleep_rs.BleepError, match="out of range"):
+        ref.aggregate(idx + 300, w)
+    with pytest.raises(bleep_rs.BleepError, match="same shape"):
+        ref.aggregate(idx, w[:, :3])
+    with pytest.raises(bleep_rs.BleepError, match="integer"):
+        ref.aggregate(idx.astype(float), w)

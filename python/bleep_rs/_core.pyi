@@ -36,6 +36,12 @@ class ReferenceCore:
         temperature: float = 0.1,
         threads: Optional[int] = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+    def aggregate(
+        self,
+        indices: npt.NDArray[np.int64],
+        weights: npt.NDArray[np.float32],
+        threads: Optional[int] = None,
+    ) -> npt.NDArray[np.float32]: ...
     @property
     def n_spots(self) -> int: ...
     @property

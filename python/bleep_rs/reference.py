@@ -196,6 +196,20 @@ class Reference:
         pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
         return (pred, idx, sims) if return_neighbors else pred
 
+    def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
+        """Weighted sums of reference expression rows: ``out[q] = sum_j weights[q, j] * expression[indices[q, j]]``.
+
+        The aggregation step of :meth:`impute` alone, for neighbours or weights chosen elsewhere.
+        ``indices``: (Q, k) integers in [0, n_spots); ``weights``: (Q, k). Returns (Q, G) float32.
+        """
+        idx = np.asarray(indices)
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise BleepError(f"indices must be a 2-D integer array, got {idx.dtype} with shape {idx.shape}")
+        w = as_float32_matrix(weights, "weights")
+        if idx.shape[1] == 0:
+            raise BleepError("indices must have at least one column (k >= 1)")
+        return self._core.aggregate(np.ascontiguousarray(idx, dtype=np.int64), w, threads=threads)
+
     def __len__(self) -> int:
         return self.n_spots
 
