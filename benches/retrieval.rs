@@ -28,7 +28,7 @@ fn search(c: &mut Criterion) {
     group.sample_size(10);
     let queries = random_unit(Q, 1);
     for n in [10_000, 100_000] {
-        let index = PackedIndex::new(&random_unit(n, 2), n, D);
+        let index = PackedIndex::new(random_unit(n, 2), n, D);
         group.throughput(Throughput::Elements(Q as u64));
         group.bench_with_input(BenchmarkId::new("d256_k50", n), &n, |b, _| {
             b.iter(|| index.search(&queries, Q, K))
@@ -42,7 +42,7 @@ fn search_and_aggregate(c: &mut Criterion) {
     group.sample_size(10);
     let (n, g) = (100_000, 3_000);
     let queries = random_unit(Q, 3);
-    let index = PackedIndex::new(&random_unit(n, 4), n, D);
+    let index = PackedIndex::new(random_unit(n, 4), n, D);
     let values: Vec<f32> = (0..n * g).map(|i| (i % 97) as f32 * 0.1).collect();
     let nb = index.search(&queries, Q, K);
     let w = vec![1.0 / K as f32; Q * K];

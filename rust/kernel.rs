@@ -14,26 +14,33 @@ pub const NR: usize = 16;
 /// Which implementation of the tile runs; chosen at run time from the CPU's features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// bf16 inputs, fp32 accumulation (`vdpbf16ps`, twice the fp32 FMA rate): a filter whose scores are
+    /// within [`bf16_margin`] of the exact ones; the search rescores its survivors in fp32.
+    Avx512Bf16,
     Avx512,
     Avx2,
     Portable,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports. `BLEEP_RS_KERNEL=portable|avx2|avx512` forces one (tests use
-    /// it to check every path against the same oracle); a forced kernel the CPU lacks falls back.
+    /// The fastest kernel this CPU supports. `BLEEP_RS_KERNEL=portable|avx2|avx512|avx512bf16` asks for
+    /// one (tests use it to check every path against the same oracle); one the CPU lacks is not used.
     pub fn detect() -> Kernel {
-        let best = Self::best_supported();
-        match std::env::var("BLEEP_RS_KERNEL").ok().as_deref() {
-            Some("portable") => Kernel::Portable,
-            Some("avx2") if best != Kernel::Portable => Kernel::Avx2,
-            _ => best,
-        }
+        let available = Self::available();
+        let wanted = std::env::var("BLEEP_RS_KERNEL").ok();
+        available
+            .iter()
+            .copied()
+            .find(|k| wanted.as_deref() == Some(k.name()))
+            .unwrap_or(available[0])
     }
 
     fn best_supported() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+                return Kernel::Avx512Bf16;
+            }
             if is_x86_feature_detected!("avx512f") {
                 return Kernel::Avx512;
             }
@@ -47,14 +54,26 @@ impl Kernel {
     /// Every kernel this CPU can run, best first.
     pub fn available() -> Vec<Kernel> {
         match Self::best_supported() {
+            Kernel::Avx512Bf16 => vec![
+                Kernel::Avx512Bf16,
+                Kernel::Avx512,
+                Kernel::Avx2,
+                Kernel::Portable,
+            ],
             Kernel::Avx512 => vec![Kernel::Avx512, Kernel::Avx2, Kernel::Portable],
             Kernel::Avx2 => vec![Kernel::Avx2, Kernel::Portable],
             Kernel::Portable => vec![Kernel::Portable],
         }
     }
 
+    /// Whether this kernel scores in bf16 (queries and panels packed by the `_bf16` functions).
+    pub fn is_bf16(self) -> bool {
+        self == Kernel::Avx512Bf16
+    }
+
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Avx512Bf16 => "avx512bf16",
             Kernel::Avx512 => "avx512",
             Kernel::Avx2 => "avx2",
             Kernel::Portable => "portable",
@@ -78,12 +97,85 @@ impl Kernel {
         match self {
             // SAFETY: the variant is only chosen when the CPU has the feature; lengths checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::tile_avx512(q, d, panel, thr, scores) },
+            Kernel::Avx512 | Kernel::Avx512Bf16 => unsafe {
+                x86::tile_avx512(q, d, panel, thr, scores)
+            },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { x86::tile_avx2(q, d, panel, thr, scores) },
             _ => tile_portable(q, d, panel, thr, scores),
         }
     }
+}
+
+/// The bf16 tile: MR queries packed by [`pack_tile_bf16`] against one panel packed by
+/// [`pack_panels_bf16`]; `dp` = ceil(d / 2) dimension pairs. Same contract as [`Kernel::tile`], with
+/// approximate scores. Only for [`Kernel::Avx512Bf16`].
+#[inline]
+pub fn tile_bf16(
+    q: &[u32],
+    dp: usize,
+    panel: &[u32],
+    thr: &[f32; MR],
+    scores: &mut [[f32; NR]; MR],
+) -> [u32; MR] {
+    assert!(q.len() >= MR * dp && panel.len() >= dp * NR);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f") {
+        // SAFETY: features checked just above; lengths checked above.
+        return unsafe { x86::tile_avx512bf16(q, dp, panel, thr, scores) };
+    }
+    unreachable!("the bf16 kernel runs only where the CPU has AVX512-BF16")
+}
+
+/// A bound on |bf16 score - exact score| for unit vectors of dimension d: each product of two values
+/// rounded to bf16 (8 significant bits, unit roundoff u = 2^-8) is off by at most (2u + u^2) |q_i r_i|,
+/// the sum of |q_i r_i| is at most 1 (Cauchy-Schwarz), plus fp32 accumulation over d terms.
+pub fn bf16_margin(d: usize) -> f32 {
+    let u = 2f64.powi(-8);
+    (2.0 * u + u * u + d as f64 * 2f64.powi(-23) + 1e-6) as f32
+}
+
+fn bf16_bits(v: f32) -> u32 {
+    half::bf16::from_f32(v).to_bits() as u32
+}
+
+/// Two consecutive dimensions of a row as one 32-bit word of two bf16 (the low half is the even one).
+fn pair(row: &[f32], j: usize) -> u32 {
+    let lo = bf16_bits(row[2 * j]);
+    let hi = row.get(2 * j + 1).map_or(0, |&v| bf16_bits(v));
+    lo | (hi << 16)
+}
+
+/// [`pack_tile`] for the bf16 kernel: `[dp][MR]` words of dimension pairs.
+pub fn pack_tile_bf16(rows: &[f32], d: usize, out: &mut [u32]) {
+    let dp = d.div_ceil(2);
+    out[..dp * MR].fill(0);
+    for (i, row) in rows.chunks_exact(d).enumerate() {
+        for j in 0..dp {
+            out[j * MR + i] = pair(row, j);
+        }
+    }
+}
+
+/// [`pack_panels`] for the bf16 kernel: panels of NR rows as `[dp][NR]` words of dimension pairs.
+pub fn pack_panels_bf16(rows: &[f32], n: usize, d: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let dp = d.div_ceil(2);
+    let mut out = vec![0u32; n.div_ceil(NR) * dp * NR];
+    out.par_chunks_mut(dp * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let first = p * NR;
+            for (r, row) in rows[first * d..(first + NR).min(n) * d]
+                .chunks_exact(d)
+                .enumerate()
+            {
+                for j in 0..dp {
+                    panel[j * NR + r] = pair(row, j);
+                }
+            }
+        });
+    out
 }
 
 /// Pack MR query rows (at most MR; the rest are zeros) dimension-major, `[d][MR]`: the kernel broadcasts
@@ -174,6 +266,42 @@ mod x86 {
         tile_generic(q, d, panel, thr, scores)
     }
 
+    /// As `tile_avx512`, with `vdpbf16ps`: each instruction adds two dimensions' products per lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile_avx512bf16(
+        q: &[u32],
+        dp: usize,
+        panel: &[u32],
+        thr: &[f32; MR],
+        scores: &mut [[f32; NR]; MR],
+    ) -> [u32; MR] {
+        let qp = q.as_ptr();
+        let bp = panel.as_ptr();
+        let mut c = [_mm512_setzero_ps(); MR];
+        for j in 0..dp {
+            let b = _mm512_loadu_ps(bp.add(j * NR) as *const f32);
+            for (i, ci) in c.iter_mut().enumerate() {
+                // The query pair as an embedded broadcast operand: LLVM does not fold a broadcast into
+                // vdpbf16ps by itself, and a separate broadcast costs as much as the dot product.
+                std::arch::asm!(
+                    "vdpbf16ps {acc}, {b}, dword ptr [{q}]{{1to16}}",
+                    acc = inout(zmm_reg) *ci,
+                    b = in(zmm_reg) b,
+                    q = in(reg) qp.add(j * MR + i),
+                    options(pure, readonly, nostack, preserves_flags),
+                );
+            }
+        }
+        let mut masks = [0u32; MR];
+        for i in 0..MR {
+            masks[i] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c[i], _mm512_set1_ps(thr[i])) as u32;
+            if masks[i] != 0 {
+                _mm512_storeu_ps(scores[i].as_mut_ptr(), c[i]);
+            }
+        }
+        masks
+    }
+
     /// MR zmm accumulators (24 of the 32 registers); per dimension one panel load and MR FMAs, each with
     /// its query value as an embedded broadcast (a broadcast used twice would cost a separate uop).
     #[target_feature(enable = "avx512f")]
@@ -234,6 +362,48 @@ mod tests {
                     let want: f32 = (0..d).map(|k| q[i * d + k] * rows[j * d + k]).sum();
                     assert!((scores[i][j] - want).abs() < 1e-4, "{kernel:?} {i} {j}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_kernel_is_within_its_margin() {
+        if !Kernel::available().contains(&Kernel::Avx512Bf16) {
+            return;
+        }
+        let d = 75;
+        let mut seed = 9;
+        let unit = |v: Vec<f32>| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / norm).collect::<Vec<_>>()
+        };
+        let q: Vec<f32> = (0..MR)
+            .flat_map(|_| unit((0..d).map(|_| lcg(&mut seed)).collect()))
+            .collect();
+        let rows: Vec<f32> = (0..NR)
+            .flat_map(|_| unit((0..d).map(|_| lcg(&mut seed)).collect()))
+            .collect();
+        let panel = pack_panels_bf16(&rows, NR, d);
+        let mut qt = vec![0; MR * d.div_ceil(2)];
+        pack_tile_bf16(&q, d, &mut qt);
+        let mut scores = [[0.0; NR]; MR];
+        let masks = tile_bf16(
+            &qt,
+            d.div_ceil(2),
+            &panel,
+            &[f32::NEG_INFINITY; MR],
+            &mut scores,
+        );
+        for i in 0..MR {
+            assert_eq!(masks[i], (1u32 << NR) - 1);
+            for j in 0..NR {
+                let exact: f64 = (0..d)
+                    .map(|k| q[i * d + k] as f64 * rows[j * d + k] as f64)
+                    .sum();
+                assert!(
+                    (scores[i][j] as f64 - exact).abs() <= bf16_margin(d) as f64,
+                    "{i} {j}"
+                );
             }
         }
     }

@@ -113,7 +113,7 @@ impl Reference {
         Ok(Reference {
             n,
             dim,
-            index: PackedIndex::new(&unit, n, dim),
+            index: PackedIndex::new(unit, n, dim),
             embeddings,
             norms,
             expression: Expression::new(&expression, n, g),

@@ -1,15 +1,23 @@
 //! Exact top-k cosine search.
 //!
-//! The reference is L2-normalised and packed once ([`crate::kernel::pack_panels`]). A search splits the
+//! The reference is L2-normalised and packed into panels ([`crate::kernel`]). A search splits the
 //! queries into blocks (and, when there are too few blocks to keep every thread busy, the reference into
 //! ranges); each task walks its reference range in L2-sized chunks, scores MR queries against one panel
-//! at a time in registers, and pushes into a query's heap only the scores above that query's current
-//! k-th best. No score matrix is ever stored.
+//! at a time in registers, and hands a query's [`TopK`] only the scores above its current threshold. No
+//! score matrix is ever stored.
+//!
+//! On CPUs with AVX512-BF16 the scan scores in bf16 (twice the fp32 rate) and keeps every candidate
+//! within twice the bf16 error bound of the k-th best; the survivors are rescored in fp32, so the result
+//! is the exact fp32 top k all the same.
 
-use crate::kernel::{pack_panels, pack_tile, Kernel, MR, NR};
+use crate::kernel::{
+    bf16_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16, Kernel, MR,
+    NR,
+};
 use crate::topk::TopK;
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// Query rows per task when there are plenty of queries (4 tiles). Each task streams its reference
 /// range once, so even this small block does about 50 flops per byte read; small tasks balance well.
@@ -19,11 +27,13 @@ const TASKS_PER_THREAD: usize = 8;
 /// Bytes of packed reference a task keeps hot while every tile row of its block passes over them.
 const L2_CHUNK_BYTES: usize = 384 * 1024;
 
-/// The packed, normalised reference embeddings.
+/// The normalised reference embeddings, and their panels for each kind of kernel (packed on first use).
 pub struct PackedIndex {
     n: usize,
     d: usize,
-    panels: Vec<f32>,
+    unit: Vec<f32>,
+    panels_f32: OnceLock<Vec<f32>>,
+    panels_bf16: OnceLock<Vec<u32>>,
 }
 
 /// Search results: `indices[q * k + j]` is query q's j-th best reference row, `scores` their cosines.
@@ -34,15 +44,48 @@ pub struct Neighbours {
     pub scores: Vec<f32>,
 }
 
+/// A score tile over packed words of type T (see [`Kernel::tile`]).
+type TileFn<'a, T> =
+    &'a (dyn Fn(&[T], usize, &[T], &[f32; MR], &mut [[f32; NR]; MR]) -> [u32; MR] + Sync);
+
+/// How one kind of kernel sees the data: words per packed dimension group, and its two functions.
+struct Scan<'a, T> {
+    panels: &'a [T],
+    /// Packed words per row: d (fp32) or ceil(d / 2) (bf16 pairs).
+    dk: usize,
+    pack: fn(&[f32], usize, &mut [T]),
+    tile: TileFn<'a, T>,
+    margin: f32,
+}
+
 impl PackedIndex {
     /// `normalised`: n x d row-major, each row of unit L2 norm.
-    pub fn new(normalised: &[f32], n: usize, d: usize) -> Self {
+    pub fn new(normalised: Vec<f32>, n: usize, d: usize) -> Self {
         assert_eq!(normalised.len(), n * d);
-        PackedIndex {
+        let index = PackedIndex {
             n,
             d,
-            panels: pack_panels(normalised, n, d),
+            unit: normalised,
+            panels_f32: OnceLock::new(),
+            panels_bf16: OnceLock::new(),
+        };
+        // Pack for the kernel this CPU will use now, so the first search pays nothing.
+        if Kernel::detect().is_bf16() {
+            index.bf16_panels();
+        } else {
+            index.f32_panels();
         }
+        index
+    }
+
+    fn f32_panels(&self) -> &[f32] {
+        self.panels_f32
+            .get_or_init(|| pack_panels(&self.unit, self.n, self.d))
+    }
+
+    fn bf16_panels(&self) -> &[u32] {
+        self.panels_bf16
+            .get_or_init(|| pack_panels_bf16(&self.unit, self.n, self.d))
     }
 
     pub fn len(&self) -> usize {
@@ -73,6 +116,72 @@ impl PackedIndex {
                 ..Default::default()
             };
         }
+        let heaps = if kernel.is_bf16() {
+            let scan = Scan {
+                panels: self.bf16_panels(),
+                dk: self.d.div_ceil(2),
+                pack: pack_tile_bf16,
+                tile: &tile_bf16,
+                margin: 2.0 * bf16_margin(self.d),
+            };
+            let approx = self.scan_all(&scan, queries, nq, k);
+            approx
+                .into_par_iter()
+                .enumerate()
+                .map(|(q, h)| self.rescore(&queries[q * self.d..(q + 1) * self.d], h, k))
+                .collect()
+        } else {
+            let tile =
+                move |q: &[f32], d: usize, p: &[f32], thr: &[f32; MR], s: &mut [[f32; NR]; MR]| {
+                    kernel.tile(q, d, p, thr, s)
+                };
+            let scan = Scan {
+                panels: self.f32_panels(),
+                dk: self.d,
+                pack: pack_tile,
+                tile: &tile,
+                margin: 0.0,
+            };
+            self.scan_all(&scan, queries, nq, k)
+                .into_par_iter()
+                .map(TopK::into_sorted)
+                .collect::<Vec<_>>()
+        };
+        let mut out = Neighbours {
+            k,
+            indices: Vec::with_capacity(nq * k),
+            scores: Vec::with_capacity(nq * k),
+        };
+        for best in heaps {
+            for &(s, i) in &best[..k] {
+                out.scores.push(s);
+                out.indices.push(i);
+            }
+        }
+        out
+    }
+
+    /// Exact fp32 cosines of the candidates the bf16 scan kept; the best k, best first.
+    fn rescore(&self, query: &[f32], kept: TopK, k: usize) -> Vec<(f32, u32)> {
+        let d = self.d;
+        let mut exact = TopK::new(k);
+        for (_, i) in kept.into_items() {
+            exact.push(
+                dot(query, &self.unit[i as usize * d..(i as usize + 1) * d]),
+                i,
+            );
+        }
+        exact.into_sorted()
+    }
+
+    /// Every query's candidates: tasks over (query block, reference range), merged per query.
+    fn scan_all<T: Copy + Default + Send + Sync>(
+        &self,
+        scan: &Scan<'_, T>,
+        queries: &[f32],
+        nq: usize,
+        k: usize,
+    ) -> Vec<TopK> {
         let threads = rayon::current_num_threads().max(1);
         // Small query sets: smaller blocks first, then split the reference, so every thread has work.
         let block = QUERY_BLOCK
@@ -80,7 +189,7 @@ impl PackedIndex {
             .max(MR);
         let n_blocks = nq.div_ceil(block);
         let n_panels = self.n.div_ceil(NR);
-        let chunk_panels = (L2_CHUNK_BYTES / (self.d * NR * 4)).max(1);
+        let chunk_panels = (L2_CHUNK_BYTES / (scan.dk * NR * std::mem::size_of::<T>())).max(1);
         let splits = if n_blocks >= TASKS_PER_THREAD * threads {
             1
         } else {
@@ -90,7 +199,6 @@ impl PackedIndex {
                 .max(1)
         };
         let per_split = n_panels.div_ceil(splits);
-
         let partial: Vec<Vec<TopK>> = (0..n_blocks * splits)
             .into_par_iter()
             .map(|task| {
@@ -98,7 +206,7 @@ impl PackedIndex {
                 let rows = b * block..((b + 1) * block).min(nq);
                 let panels = s * per_split..((s + 1) * per_split).min(n_panels);
                 self.scan(
-                    kernel,
+                    scan,
                     &queries[rows.start * self.d..rows.end * self.d],
                     panels,
                     k,
@@ -106,12 +214,7 @@ impl PackedIndex {
                 )
             })
             .collect();
-
-        let mut out = Neighbours {
-            k,
-            indices: Vec::with_capacity(nq * k),
-            scores: Vec::with_capacity(nq * k),
-        };
+        let mut merged = Vec::with_capacity(nq);
         for group in partial.chunks(splits) {
             let mut group = group.to_vec();
             let mut first = group.remove(0);
@@ -120,46 +223,41 @@ impl PackedIndex {
                     h.merge(o);
                 }
             }
-            for heap in first {
-                for (s, i) in heap.into_sorted() {
-                    out.scores.push(s);
-                    out.indices.push(i);
-                }
-            }
+            merged.extend(first);
         }
-        out
+        merged
     }
 
-    /// One task: the heaps of a block of queries over a range of panels.
-    fn scan(
+    /// One task: the candidates of a block of queries over a range of panels.
+    fn scan<T: Copy + Default>(
         &self,
-        kernel: Kernel,
+        scan: &Scan<'_, T>,
         queries: &[f32],
         panels: Range<usize>,
         k: usize,
         chunk_panels: usize,
     ) -> Vec<TopK> {
-        let d = self.d;
+        let (d, dk) = (self.d, scan.dk);
         let rows = queries.len() / d;
         // Pack the block tile by tile; padded rows get an infinite threshold and never accept.
-        let mut q = vec![0.0f32; rows.next_multiple_of(MR) * d];
-        for (rows, out) in queries.chunks(MR * d).zip(q.chunks_exact_mut(MR * d)) {
-            pack_tile(rows, d, out);
+        let mut q = vec![T::default(); rows.next_multiple_of(MR) * dk];
+        for (rows, out) in queries.chunks(MR * d).zip(q.chunks_exact_mut(MR * dk)) {
+            (scan.pack)(rows, d, out);
         }
-        let mut heaps = vec![TopK::new(k); rows];
+        let mut heaps = vec![TopK::with_margin(k, scan.margin); rows];
         let mut scores = [[0.0f32; NR]; MR];
         let mut chunk = panels.start;
         while chunk < panels.end {
             let chunk_end = (chunk + chunk_panels).min(panels.end);
-            for (t, qt) in q.chunks_exact(MR * d).enumerate() {
+            for (t, qt) in q.chunks_exact(MR * dk).enumerate() {
                 let heaps = &mut heaps[t * MR..((t + 1) * MR).min(rows)];
                 let mut thr = [f32::INFINITY; MR];
                 for (th, h) in thr.iter_mut().zip(heaps.iter()) {
                     *th = h.threshold();
                 }
                 for p in chunk..chunk_end {
-                    let panel = &self.panels[p * d * NR..(p + 1) * d * NR];
-                    let masks = kernel.tile(qt, d, panel, &thr, &mut scores);
+                    let panel = &scan.panels[p * dk * NR..(p + 1) * dk * NR];
+                    let masks = (scan.tile)(qt, dk, panel, &thr, &mut scores);
                     let valid = valid_columns(self.n, p);
                     for (i, heap) in heaps.iter_mut().enumerate() {
                         let mut m = masks[i] & valid;
@@ -179,6 +277,24 @@ impl PackedIndex {
         }
         heaps
     }
+}
+
+/// fp32 dot product (16 partial sums, so it vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Bit mask of the columns of panel `p` that are real rows (the last panel is zero-padded).
@@ -266,7 +382,7 @@ mod tests {
 
     /// The search with every kernel this CPU has.
     fn run(r: &[f32], q: &[f32], d: usize, k: usize, threads: usize) -> Vec<Neighbours> {
-        let index = PackedIndex::new(r, r.len() / d, d);
+        let index = PackedIndex::new(r.to_vec(), r.len() / d, d);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()

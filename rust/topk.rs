@@ -1,15 +1,21 @@
 //! A bounded selection of the k best (score, index) pairs.
 //!
 //! "Best" is a total order: higher score first, then lower index, so results do not depend on how the
-//! reference was split between threads.
+//! reference was split between threads. With a margin m > 0 it keeps, besides the best k, every pair
+//! within m of the k-th best score: when scores are approximations good to m/2, the exact top k is
+//! among what it keeps.
 
 #[derive(Clone, Debug)]
 pub struct TopK {
     k: usize,
     /// Candidates, unordered; at most 2k before they are cut back to the best k.
     items: Vec<(f32, u32)>,
-    /// The k-th best score at the last cut (-inf before): a candidate must beat it to matter.
+    /// The k-th best score at the last cut minus the margin (-inf before): a candidate must beat it.
     threshold: f32,
+    margin: f32,
+    /// Cut when this many candidates are held.
+    capacity: usize,
+    scratch: Vec<f32>,
 }
 
 /// `a` ranks before `b`.
@@ -20,10 +26,17 @@ fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 
 impl TopK {
     pub fn new(k: usize) -> Self {
+        Self::with_margin(k, 0.0)
+    }
+
+    pub fn with_margin(k: usize, margin: f32) -> Self {
         TopK {
             k,
             items: Vec::with_capacity(2 * k),
             threshold: f32::NEG_INFINITY,
+            margin,
+            capacity: 2 * k.max(1),
+            scratch: Vec::new(),
         }
     }
 
@@ -39,24 +52,33 @@ impl TopK {
     #[inline]
     pub fn push(&mut self, score: f32, index: u32) {
         self.items.push((score, index));
-        if self.items.len() >= 2 * self.k.max(1) {
+        if self.items.len() >= self.capacity {
             self.cut();
         }
     }
 
-    /// Keep the best k (a linear-time selection) and raise the threshold to the k-th best score.
+    /// Keep every pair scoring at least the k-th best score (ties included) or within the margin of it,
+    /// and raise the threshold to match. The k-th score comes from a linear-time selection over the bare
+    /// scores, which is several times cheaper than selecting whole pairs under the tie-break order.
     fn cut(&mut self) {
-        if self.items.len() > self.k && self.k > 0 {
-            self.items.select_nth_unstable_by(self.k - 1, better);
-            self.items.truncate(self.k);
-        } else if self.k == 0 {
+        let k = self.k;
+        if k == 0 {
             self.items.clear();
-            return;
+        } else if self.items.len() >= k {
+            self.scratch.clear();
+            self.scratch.extend(self.items.iter().map(|x| x.0));
+            let at = self.scratch.len() - k;
+            let kth = *self.scratch.select_nth_unstable_by(at, f32::total_cmp).1;
+            let floor = kth - self.margin;
+            if self.margin > 0.0 {
+                self.items.retain(|x| x.0 > floor);
+            } else {
+                self.items.retain(|x| x.0 >= floor);
+            }
+            self.threshold = self.threshold.max(floor);
         }
-        if self.items.len() == self.k {
-            let kth = self.items.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
-            self.threshold = self.threshold.max(kth);
-        }
+        // Room for as many new candidates as are kept, at least k: appends stay amortised O(1).
+        self.capacity = 2 * self.items.len().max(k).max(1);
     }
 
     pub fn merge(&mut self, other: TopK) {
@@ -65,10 +87,19 @@ impl TopK {
         }
     }
 
-    /// The best min(k, seen) pairs, best first.
+    /// The best min(k, seen) pairs, best first (with a margin: also those within it, after them).
     pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
         self.cut();
         self.items.sort_unstable_by(better);
+        if self.margin == 0.0 {
+            self.items.truncate(self.k);
+        }
+        self.items
+    }
+
+    /// Everything kept, unordered (with a margin: the candidates to rescore).
+    pub fn into_items(mut self) -> Vec<(f32, u32)> {
+        self.cut();
         self.items
     }
 }
@@ -84,6 +115,23 @@ mod tests {
             t.push(s, i);
         }
         assert_eq!(t.into_sorted(), vec![(0.9, 1), (0.9, 7), (0.5, 2)]);
+    }
+
+    #[test]
+    fn margin_keeps_near_misses() {
+        let mut t = TopK::with_margin(2, 0.1);
+        for (s, i) in [
+            (0.5, 0),
+            (0.95, 1),
+            (0.42, 2),
+            (0.9, 3),
+            (0.85, 4),
+            (0.79, 5),
+        ] {
+            t.push(s, i);
+        }
+        // k-th best is 0.9: everything above 0.8 stays.
+        assert_eq!(t.into_sorted(), vec![(0.95, 1), (0.9, 3), (0.85, 4)]);
     }
 
     #[test]
