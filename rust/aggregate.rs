@@ -5,8 +5,10 @@
 //! queries share are read from DRAM once per block rather than once per query.
 
 use crate::error::{Error, Result};
+use crate::kernel::Kernel;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// How the k neighbours' expression is combined.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -242,10 +244,11 @@ impl Expression {
         if g == 0 || nq == 0 {
             return;
         }
+        let kernel = Kernel::detect();
         if 4 * nq * k >= self.n {
-            self.stream(idx, w, k, out);
+            self.stream(kernel, idx, w, k, out);
         } else {
-            self.gather(idx, w, k, out);
+            self.gather(kernel, idx, w, k, out);
         }
     }
 
@@ -253,9 +256,9 @@ impl Expression {
         self.g.div_ceil(self.width)
     }
 
-    fn gather(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+    fn gather(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
         let (g, width, n) = (self.g, self.width, self.n);
-        let kernel = accumulate_kernel();
+        let kernel = accumulate_kernel(kernel);
         out.par_chunks_mut(QUERY_CHUNK * g)
             .enumerate()
             .for_each(|(c, rows)| {
@@ -273,7 +276,7 @@ impl Expression {
             });
     }
 
-    fn stream(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+    fn stream(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
         let (g, n) = (self.g, self.n);
         let nq = out.len() / g;
         // Blocks per pass: as many as keep every query's results in the L2 budget (amortising the walk
@@ -289,34 +292,38 @@ impl Expression {
             .par_iter()
             .map(|&(q0, q1)| Csr::build(&idx[q0 * k..q1 * k], &w[q0 * k..q1 * k], k, n))
             .collect();
-        let scatter = scatter_kernel();
+        let scatter = scatter_kernel(kernel);
         let out_ptr = SharedOut(out.as_mut_ptr());
         let passes = self.blocks().div_ceil(nv);
-        (0..passes * ranges.len()).into_par_iter().for_each_init(
-            || vec![0.0f32; per_task * width],
-            |part, task| {
-                let (p, r) = (task / ranges.len(), task % ranges.len());
-                let (q0, q1) = ranges[r];
-                let blocks = nv.min(self.blocks() - p * nv);
-                let width = blocks * BLOCK_GENES;
-                let part = &mut part[..(q1 - q0) * width];
-                part.fill(0.0);
-                scatter(
-                    &self.blocked,
-                    p * nv * n * BLOCK_GENES,
-                    n,
-                    blocks,
-                    &csrs[r],
-                    part,
-                );
-                let g0 = p * nv * BLOCK_GENES;
-                let valid = width.min(g - g0);
-                for (q, src) in (q0..q1).zip(part.chunks_exact(width)) {
-                    // SAFETY: tasks own disjoint (query range, gene range) rectangles of `out`.
-                    unsafe { out_ptr.write(q * g + g0, &src[..valid]) };
-                }
-            },
-        );
+        // One results buffer per worker thread, reused by all its tasks.
+        let parts: Vec<Mutex<Vec<f32>>> = (0..rayon::current_num_threads())
+            .map(|_| Mutex::new(Vec::new()))
+            .collect();
+        (0..passes * ranges.len()).into_par_iter().for_each(|task| {
+            let (p, r) = (task / ranges.len(), task % ranges.len());
+            let (q0, q1) = ranges[r];
+            let blocks = nv.min(self.blocks() - p * nv);
+            let width = blocks * BLOCK_GENES;
+            let mut part = parts[rayon::current_thread_index().unwrap_or(0) % parts.len()]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            part.clear();
+            part.resize((q1 - q0) * width, 0.0);
+            scatter(
+                &self.blocked,
+                p * nv * n * BLOCK_GENES,
+                n,
+                blocks,
+                &csrs[r],
+                &mut part,
+            );
+            let g0 = p * nv * BLOCK_GENES;
+            let valid = width.min(g - g0);
+            for (q, src) in (q0..q1).zip(part.chunks_exact(width)) {
+                // SAFETY: tasks own disjoint (query range, gene range) rectangles of `out`.
+                unsafe { out_ptr.write(q * g + g0, &src[..valid]) };
+            }
+        });
     }
 }
 
@@ -397,9 +404,9 @@ fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize, width: usize)
 /// One query, one gene range: `out = sum_j w[j] * table[base + idx[j] * stride ..][..out.len()]`.
 type AccumulateFn = fn(&Table, usize, usize, &[u32], &[f32], &mut [f32]);
 
-fn accumulate_kernel() -> AccumulateFn {
+fn accumulate_kernel(kernel: Kernel) -> AccumulateFn {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernel::Kernel::detect() == crate::kernel::Kernel::Avx512 {
+    if kernel.has_avx512() {
         // SAFETY: only returned when the CPU has AVX-512F.
         return |t, base, stride, i, w, out| unsafe {
             x86::accumulate_avx512(t, base, stride, i, w, out)
@@ -445,9 +452,9 @@ fn accumulate_portable(
 /// queries x (16 * blocks).
 type ScatterFn = fn(&Table, usize, usize, usize, &Csr, &mut [f32]);
 
-fn scatter_kernel() -> ScatterFn {
+fn scatter_kernel(kernel: Kernel) -> ScatterFn {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernel::Kernel::detect() == crate::kernel::Kernel::Avx512 {
+    if kernel.has_avx512() {
         // SAFETY: only returned when the CPU has AVX-512F.
         return |t, base, n, blocks, csr, part| unsafe {
             x86::scatter_avx512(t, base, n, blocks, csr, part)
@@ -738,13 +745,20 @@ mod tests {
                 // Both strategies, whichever the sizes would pick.
                 let mut streamed = vec![f32::NAN; nq * g];
                 let mut gathered = vec![f32::NAN; nq * g];
-                if nq > 0 {
-                    expr.stream(&idx, &w, k, &mut streamed);
-                    expr.gather(&idx, &w, k, &mut gathered);
-                }
+                // Both strategies with every kernel this CPU has, and the automatic choice.
                 let mut chosen = vec![f32::NAN; nq * g];
                 expr.gather_weighted_sum(&idx, &w, k, &mut chosen);
-                for got in [&streamed, &gathered, &chosen] {
+                let mut all = vec![chosen];
+                for kernel in Kernel::available() {
+                    let mut streamed = vec![f32::NAN; nq * g];
+                    let mut gathered = vec![f32::NAN; nq * g];
+                    if nq > 0 {
+                        expr.stream(kernel, &idx, &w, k, &mut streamed);
+                        expr.gather(kernel, &idx, &w, k, &mut gathered);
+                    }
+                    all.extend([streamed, gathered]);
+                }
+                for got in &all {
                     for (a, b) in got.iter().zip(&want) {
                         prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype:?}: {a} vs {b}");
                     }

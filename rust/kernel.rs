@@ -66,6 +66,11 @@ impl Kernel {
         }
     }
 
+    /// Whether this CPU path has AVX-512F (the aggregation kernels need nothing more).
+    pub fn has_avx512(self) -> bool {
+        matches!(self, Kernel::Avx512 | Kernel::Avx512Bf16)
+    }
+
     /// Whether this kernel scores in bf16 (queries and panels packed by the `_bf16` functions).
     pub fn is_bf16(self) -> bool {
         self == Kernel::Avx512Bf16

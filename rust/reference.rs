@@ -404,8 +404,22 @@ fn check_unique(names: &[String], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Position of the first value for which `bad` holds: whole chunks are tested branch-free (so the test
+/// vectorises), and only a chunk that fails is searched element by element.
+fn first_bad<T: Copy + Sync>(values: &[T], bad: impl Fn(T) -> bool + Sync) -> Option<usize> {
+    const CHUNK: usize = 1 << 14;
+    let chunk = values
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().fold(false, |acc, &v| acc | bad(v)))?;
+    let start = chunk * CHUNK;
+    values[start..]
+        .iter()
+        .position(|&v| bad(v))
+        .map(|p| start + p)
+}
+
 fn check_finite(values: &[f32], width: usize, what: &str) -> Result<()> {
-    match values.par_iter().position_first(|v| !v.is_finite()) {
+    match first_bad(values, |v: f32| !v.is_finite()) {
         None => Ok(()),
         Some(p) => Err(Error::invalid(format!(
             "{what} row {} has a NaN or infinite value (column {})",
@@ -417,9 +431,9 @@ fn check_finite(values: &[f32], width: usize, what: &str) -> Result<()> {
 
 fn check_finite_table(t: &Table, g: usize) -> Result<()> {
     let bad = match t {
-        Table::F32(v) => v.par_iter().position_first(|x| !x.is_finite()),
-        Table::F16(v) => v.par_iter().position_first(|x| !x.is_finite()),
-        Table::Bf16(v) => v.par_iter().position_first(|x| !x.is_finite()),
+        Table::F32(v) => first_bad(v, |x: f32| !x.is_finite()),
+        Table::F16(v) => first_bad(v, |x: half::f16| !x.is_finite()),
+        Table::Bf16(v) => first_bad(v, |x: half::bf16| !x.is_finite()),
     };
     match bad {
         None => Ok(()),

@@ -15,7 +15,6 @@ pub struct TopK {
     margin: f32,
     /// Cut when this many candidates are held.
     capacity: usize,
-    scratch: Vec<f32>,
 }
 
 /// `a` ranks before `b`.
@@ -36,7 +35,6 @@ impl TopK {
             threshold: f32::NEG_INFINITY,
             margin,
             capacity: 2 * k.max(1),
-            scratch: Vec::new(),
         }
     }
 
@@ -58,23 +56,26 @@ impl TopK {
     }
 
     /// Keep every pair scoring at least the k-th best score (ties included) or within the margin of it,
-    /// and raise the threshold to match. The k-th score comes from a linear-time selection over the bare
-    /// scores, which is several times cheaper than selecting whole pairs under the tie-break order.
+    /// and raise the threshold to match. A linear-time selection on the scores alone (the tie-break by
+    /// index is left to `into_sorted`), then one pass over the rest.
     fn cut(&mut self) {
         let k = self.k;
         if k == 0 {
             self.items.clear();
         } else if self.items.len() >= k {
-            self.scratch.clear();
-            self.scratch.extend(self.items.iter().map(|x| x.0));
-            let at = self.scratch.len() - k;
-            let kth = *self.scratch.select_nth_unstable_by(at, f32::total_cmp).1;
+            self.items
+                .select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+            let kth = self.items[k - 1].0;
             let floor = kth - self.margin;
-            if self.margin > 0.0 {
-                self.items.retain(|x| x.0 > floor);
-            } else {
-                self.items.retain(|x| x.0 >= floor);
+            let mut keep = k;
+            for i in k..self.items.len() {
+                let s = self.items[i].0;
+                if s > floor || s == kth {
+                    self.items.swap(keep, i);
+                    keep += 1;
+                }
             }
+            self.items.truncate(keep);
             self.threshold = self.threshold.max(floor);
         }
         // Room for as many new candidates as are kept, at least k: appends stay amortised O(1).
