@@ -742,9 +742,6 @@ mod tests {
                 let want = oracle(&exact, g, &idx, &w, k);
                 let expr = Expression::new(&table, n, g);
                 prop_assert_eq!(expr.row_major(), table);
-                // Both strategies, whichever the sizes would pick.
-                let mut streamed = vec![f32::NAN; nq * g];
-                let mut gathered = vec![f32::NAN; nq * g];
                 // Both strategies with every kernel this CPU has, and the automatic choice.
                 let mut chosen = vec![f32::NAN; nq * g];
                 expr.gather_weighted_sum(&idx, &w, k, &mut chosen);
