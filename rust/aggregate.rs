@@ -165,6 +165,25 @@ impl Table {
         self.len() == 0
     }
 
+    /// `out[j] += w * self[start + j]` for j < out.len(), widening 16-bit values (the portable kernels).
+    fn add_scaled(&self, start: usize, w: f32, out: &mut [f32]) {
+        let range = start..start + out.len();
+        match self {
+            Table::F32(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, &v)| *o += w * v),
+            Table::F16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += w * v.to_f32()),
+            Table::Bf16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += w * v.to_f32()),
+        }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Table::F32(v) => v.clone(),
@@ -429,21 +448,7 @@ fn accumulate_portable(
             continue;
         }
         let start = base + i as usize * stride;
-        let range = start..start + out.len();
-        match table {
-            Table::F32(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, &v)| *o += wj * v),
-            Table::F16(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, v)| *o += wj * v.to_f32()),
-            Table::Bf16(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, v)| *o += wj * v.to_f32()),
-        }
+        table.add_scaled(start, wj, out);
     }
 }
 
@@ -480,18 +485,8 @@ fn scatter_portable(
         }
         for (v, dst) in row.chunks_exact_mut(BLOCK_GENES).enumerate() {
             let at = base + v * n * BLOCK_GENES + r * BLOCK_GENES;
-            let src = at..at + BLOCK_GENES;
-            match table {
-                Table::F32(t) => dst.copy_from_slice(&t[src]),
-                Table::F16(t) => dst
-                    .iter_mut()
-                    .zip(&t[src])
-                    .for_each(|(o, v)| *o = v.to_f32()),
-                Table::Bf16(t) => dst
-                    .iter_mut()
-                    .zip(&t[src])
-                    .for_each(|(o, v)| *o = v.to_f32()),
-            }
+            dst.fill(0.0);
+            table.add_scaled(at, 1.0, dst);
         }
         for e in a..b {
             let (q, wq) = (csr.queries[e] as usize, csr.weights[e]);

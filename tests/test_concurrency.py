@@ -83,3 +83,16 @@ def test_usable_after_fork():
     np.testing.assert_array_equal(parent.recv(), want)
     p.join(10)
     assert p.exitcode == 0
+
+
+def test_thread_count_from_the_environment():
+    import os
+    import subprocess
+
+    code = "import bleep_rs; print(bleep_rs.get_num_threads())"
+    run = lambda value: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**os.environ, "BLEEP_RS_NUM_THREADS": value}, capture_output=True, text=True
+    )
+    assert run("3").stdout.strip() == "3"
+    bad = run("lots")
+    assert bad.returncode != 0 and "BLEEP_RS_NUM_THREADS" in bad.stderr and "positive whole number" in bad.stderr
