@@ -49,7 +49,7 @@ fn search_and_aggregate(c: &mut Criterion) {
     let mut out = vec![0.0f32; Q * g];
     group.throughput(Throughput::Elements(Q as u64));
     for dtype in [Dtype::F32, Dtype::Bf16] {
-        let table = Expression::new(&Table::from_f32(&values, dtype), n, g);
+        let table = Expression::new(&Table::from_f32(&values, dtype), n, g).unwrap();
         group.bench_function(BenchmarkId::new("aggregate_g3000", dtype.name()), |b| {
             b.iter(|| table.gather_weighted_sum(&nb.indices, &w, K, &mut out))
         });

@@ -220,20 +220,20 @@ pub struct Expression {
 
 impl Expression {
     /// From a row-major n x g table.
-    pub fn new(row_major: &Table, n: usize, g: usize) -> Expression {
+    pub fn new(row_major: &Table, n: usize, g: usize) -> Result<Expression> {
         assert_eq!(row_major.len(), n * g);
         let width = BLOCK_GENES;
         let blocked = match row_major {
-            Table::F32(v) => Table::F32(to_blocks(v, n, g, width)),
-            Table::F16(v) => Table::F16(to_blocks(v, n, g, width)),
-            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g, width)),
+            Table::F32(v) => Table::F32(to_blocks(v, n, g, width)?),
+            Table::F16(v) => Table::F16(to_blocks(v, n, g, width)?),
+            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g, width)?),
         };
-        Expression {
+        Ok(Expression {
             n,
             g,
             width,
             blocked,
-        }
+        })
     }
 
     pub fn dtype(&self) -> Dtype {
@@ -393,9 +393,14 @@ impl Csr {
     }
 }
 
-fn to_blocks<T: Copy + Default + Send + Sync>(v: &[T], n: usize, g: usize, width: usize) -> Vec<T> {
+fn to_blocks<T: Copy + Default + Send + Sync>(
+    v: &[T],
+    n: usize,
+    g: usize,
+    width: usize,
+) -> Result<Vec<T>> {
     let blocks = g.div_ceil(width);
-    let mut out = crate::memory::huge_zeroed::<T>(blocks * n * width);
+    let mut out = crate::memory::huge_zeroed::<T>(blocks * n * width, "the expression table")?;
     out.par_chunks_mut(n * width)
         .enumerate()
         .for_each(|(b, slab)| {
@@ -405,7 +410,7 @@ fn to_blocks<T: Copy + Default + Send + Sync>(v: &[T], n: usize, g: usize, width
                 dst[..valid].copy_from_slice(&v[r * g + g0..r * g + g0 + valid]);
             }
         });
-    out
+    Ok(out)
 }
 
 fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize, width: usize) -> Vec<T> {
@@ -735,7 +740,7 @@ mod tests {
                 let table = Table::from_f32(&values, dtype);
                 let exact = table.to_f32();
                 let want = oracle(&exact, g, &idx, &w, k);
-                let expr = Expression::new(&table, n, g);
+                let expr = Expression::new(&table, n, g).unwrap();
                 prop_assert_eq!(expr.row_major(), table);
                 // Both strategies with every kernel this CPU has, and the automatic choice.
                 let mut chosen = vec![f32::NAN; nq * g];

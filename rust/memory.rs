@@ -1,12 +1,22 @@
 //! Large tables (the gene blocks of the expression) live on 2 MiB pages where the kernel allows it:
 //! fewer page faults when they are filled and fewer TLB misses when several blocks stream at once.
 
-/// `len` zeros on memory advised for transparent huge pages.
-pub fn huge_zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    advise_huge(out.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>());
+use crate::error::{Error, Result};
+
+/// `len` zeros on memory advised for transparent huge pages, or an error naming `what` when the
+/// allocation is refused (instead of the abort an infallible allocation would be).
+pub fn huge_zeroed<T: Copy + Default>(len: usize, what: &str) -> Result<Vec<T>> {
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    let mut out: Vec<T> = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| {
+        Error::invalid(format!(
+            "{what} needs {:.1} GiB, which cannot be allocated: process fewer queries or genes at a time",
+            bytes as f64 / (1u64 << 30) as f64
+        ))
+    })?;
+    advise_huge(out.as_mut_ptr() as *mut u8, bytes);
     out.resize(len, T::default());
-    out
+    Ok(out)
 }
 
 #[cfg(target_os = "linux")]

@@ -116,7 +116,7 @@ impl Reference {
             index: PackedIndex::new(unit, n, dim),
             embeddings,
             norms,
-            expression: Expression::new(&expression, n, g),
+            expression: Expression::new(&expression, n, g)?,
             genes: labels.genes,
             spot_ids,
             sections: labels.sections,
@@ -183,7 +183,8 @@ impl Reference {
         let nnorms: Vec<f32> = nb.indices.iter().map(|&i| self.norms[i as usize]).collect();
         let w = weights(method, nb.k, &nb.scores, &qnorms, &nnorms);
         let g = self.genes.len();
-        let mut out = crate::memory::huge_zeroed::<f32>(nq * g);
+        let mut out =
+            crate::memory::huge_zeroed::<f32>(nq * g, "the prediction (queries x genes, float32)")?;
         self.expression
             .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out);
         Ok(Imputation {
@@ -209,7 +210,10 @@ impl Reference {
             )));
         }
         check_finite(weights, k, "weights")?;
-        let mut out = crate::memory::huge_zeroed::<f32>(indices.len() / k * self.genes.len());
+        let mut out = crate::memory::huge_zeroed::<f32>(
+            indices.len() / k * self.genes.len(),
+            "the aggregate (queries x genes, float32)",
+        )?;
         self.expression
             .gather_weighted_sum(indices, weights, k, &mut out);
         Ok(out)

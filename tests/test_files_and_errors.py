@@ -147,3 +147,12 @@ def test_bad_query_inputs(ref):
 def test_one_error_type_is_exported():
     assert bleep_rs.BleepError is bleep_rs._core.BleepError
     assert issubclass(BleepError, Exception)
+
+
+def test_an_output_too_large_to_allocate_is_an_error_not_an_abort(rng):
+    # 2^26 queries x 2^20 genes of float32 would be 256 TiB: refused with a message, the process lives on.
+    genes = [f"g{i}" for i in range(1 << 20)]
+    r = Reference.build(np.ones((1, 2), np.float32), np.ones((1, len(genes)), np.float32), genes)
+    idx = np.broadcast_to(np.zeros((1, 1), np.int64), (1 << 26, 1))
+    with pytest.raises(BleepError, match="cannot be allocated"):
+        r.aggregate(idx, np.ones((1 << 26, 1), np.float32))
