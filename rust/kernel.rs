@@ -162,8 +162,43 @@ pub fn pack_tile_bf16(rows: &[f32], d: usize, out: &mut [u32]) {
     }
 }
 
-/// [`pack_panels`] for the bf16 kernel: panels of NR rows as `[dp][NR]` words of dimension pairs.
-pub fn pack_panels_bf16(rows: &[f32], n: usize, d: usize) -> Vec<u32> {
+/// What the bf16 rounding did to the reference rows: the largest norm of a row's rounding residual
+/// (r - bf16(r)) and the largest norm of a rounded row. With a query's own two norms they bound its
+/// bf16 score error far more tightly than [`bf16_margin`] (see [`bf16_query_margin`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bf16Rounding {
+    pub max_residual: f64,
+    pub max_rounded_norm: f64,
+}
+
+/// (norm of bf16(x), norm of x - bf16(x)), in f64.
+fn rounding_norms(x: &[f32]) -> (f64, f64) {
+    let (mut rounded, mut residual) = (0.0f64, 0.0f64);
+    for &v in x {
+        let b = half::bf16::from_f32(v).to_f32() as f64;
+        rounded += b * b;
+        residual += (v as f64 - b) * (v as f64 - b);
+    }
+    (rounded.sqrt(), residual.sqrt())
+}
+
+/// A rigorous bound on |bf16 score - fp32 score| for one unit query against every row of a reference.
+///
+/// With q = q~ + e and r = r~ + h (bf16 roundings and residuals), q.r - q~.r~ = q~.h + e.r~ + e.h, which
+/// Cauchy-Schwarz bounds by |q~| H + |e| R + |e| H (H, R from [`Bf16Rounding`]). Both the bf16 dot
+/// product and the fp32 rescoring accumulate d terms in fp32, each off by at most d 2^-24 |q||r|; the
+/// last term covers bf16 inputs flushed to zero (below 2^-126) and rounding of the bound itself.
+pub fn bf16_query_margin(query: &[f32], rows: &Bf16Rounding) -> f32 {
+    let (qn, e) = rounding_norms(query);
+    let (h, r) = (rows.max_residual, rows.max_rounded_norm);
+    let gamma = query.len() as f64 * 2f64.powi(-24) * 1.01;
+    let bound = qn * h + e * r + e * h + gamma * (qn * r + 1.0) + 1e-6;
+    (bound * (1.0 + 1e-6)) as f32
+}
+
+/// [`pack_panels`] for the bf16 kernel: panels of NR rows as `[dp][NR]` words of dimension pairs,
+/// and the rounding statistics of the rows.
+pub fn pack_panels_bf16(rows: &[f32], n: usize, d: usize) -> (Vec<u32>, Bf16Rounding) {
     use rayon::prelude::*;
     let dp = d.div_ceil(2);
     let mut out = vec![0u32; n.div_ceil(NR) * dp * NR];
@@ -180,7 +215,17 @@ pub fn pack_panels_bf16(rows: &[f32], n: usize, d: usize) -> Vec<u32> {
                 }
             }
         });
-    out
+    let (max_rounded_norm, max_residual) = rows
+        .par_chunks(d.max(1))
+        .map(rounding_norms)
+        .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+    (
+        out,
+        Bf16Rounding {
+            max_residual,
+            max_rounded_norm,
+        },
+    )
 }
 
 /// Pack MR query rows (at most MR; the rest are zeros) dimension-major, `[d][MR]`: the kernel broadcasts
@@ -388,7 +433,7 @@ mod tests {
         let rows: Vec<f32> = (0..NR)
             .flat_map(|_| unit((0..d).map(|_| lcg(&mut seed)).collect()))
             .collect();
-        let panel = pack_panels_bf16(&rows, NR, d);
+        let (panel, rounding) = pack_panels_bf16(&rows, NR, d);
         let mut qt = vec![0; MR * d.div_ceil(2)];
         pack_tile_bf16(&q, d, &mut qt);
         let mut scores = [[0.0; NR]; MR];

@@ -10,9 +10,10 @@
 //! within twice the bf16 error bound of the k-th best; the survivors are rescored in fp32, so the result
 //! is the exact fp32 top k all the same.
 
+use crate::kernel::Bf16Rounding;
 use crate::kernel::{
-    bf16_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16, Kernel, MR,
-    NR,
+    bf16_query_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16, Kernel,
+    MR, NR,
 };
 use crate::topk::TopK;
 use rayon::prelude::*;
@@ -33,7 +34,7 @@ pub struct PackedIndex {
     d: usize,
     unit: Vec<f32>,
     panels_f32: OnceLock<Vec<f32>>,
-    panels_bf16: OnceLock<Vec<u32>>,
+    panels_bf16: OnceLock<(Vec<u32>, Bf16Rounding)>,
 }
 
 /// Search results: `indices[q * k + j]` is query q's j-th best reference row, `scores` their cosines.
@@ -55,7 +56,8 @@ struct Scan<'a, T> {
     dk: usize,
     pack: fn(&[f32], usize, &mut [T]),
     tile: TileFn<'a, T>,
-    margin: f32,
+    /// Per query: keep candidates within this of the k-th best (0 for exact kernels).
+    margins: Option<&'a [f32]>,
 }
 
 impl PackedIndex {
@@ -83,7 +85,7 @@ impl PackedIndex {
             .get_or_init(|| pack_panels(&self.unit, self.n, self.d))
     }
 
-    fn bf16_panels(&self) -> &[u32] {
+    fn bf16_panels(&self) -> &(Vec<u32>, Bf16Rounding) {
         self.panels_bf16
             .get_or_init(|| pack_panels_bf16(&self.unit, self.n, self.d))
     }
@@ -116,19 +118,27 @@ impl PackedIndex {
                 ..Default::default()
             };
         }
+        let d = self.d;
         let heaps = if kernel.is_bf16() {
+            let (panels, rounding) = self.bf16_panels();
+            // Each query's bf16 scores are within m of its fp32 ones: keep candidates within 2m.
+            let margins: Vec<f32> = queries
+                .par_chunks(d)
+                .map(|q| bf16_query_margin(q, rounding))
+                .collect();
+            let keep: Vec<f32> = margins.iter().map(|m| 2.0 * m).collect();
             let scan = Scan {
-                panels: self.bf16_panels(),
-                dk: self.d.div_ceil(2),
+                panels,
+                dk: d.div_ceil(2),
                 pack: pack_tile_bf16,
                 tile: &tile_bf16,
-                margin: 2.0 * bf16_margin(self.d),
+                margins: Some(&keep),
             };
             let approx = self.scan_all(&scan, queries, nq, k);
             approx
                 .into_par_iter()
                 .enumerate()
-                .map(|(q, h)| self.rescore(&queries[q * self.d..(q + 1) * self.d], h, k))
+                .map(|(q, h)| self.rescore(&queries[q * d..(q + 1) * d], h, k, margins[q]))
                 .collect()
         } else {
             let tile =
@@ -140,7 +150,7 @@ impl PackedIndex {
                 dk: self.d,
                 pack: pack_tile,
                 tile: &tile,
-                margin: 0.0,
+                margins: None,
             };
             self.scan_all(&scan, queries, nq, k)
                 .into_par_iter()
@@ -165,8 +175,8 @@ impl PackedIndex {
     ///
     /// The k best by approximate score are rescored first; their worst exact score E bounds the final
     /// k-th from below, so any other candidate needs an approximate score of at least E - margin (the
-    /// bf16 error bound) to have a chance, and the rest are never rescored.
-    fn rescore(&self, query: &[f32], kept: TopK, k: usize) -> Vec<(f32, u32)> {
+    /// query's bf16 error bound) to have a chance, and the rest are never rescored.
+    fn rescore(&self, query: &[f32], kept: TopK, k: usize, margin: f32) -> Vec<(f32, u32)> {
         let d = self.d;
         let exact_of = |i: u32| dot(query, &self.unit[i as usize * d..(i as usize + 1) * d]);
         let mut items = kept.into_items();
@@ -178,7 +188,7 @@ impl PackedIndex {
             floor = floor.min(s);
             exact.push(s, i);
         }
-        let floor = floor - bf16_margin(d);
+        let floor = floor - margin;
         for &(approx, i) in &items[k..] {
             if approx >= floor {
                 exact.push(exact_of(i), i);
@@ -218,13 +228,7 @@ impl PackedIndex {
                 let (b, s) = (task / splits, task % splits);
                 let rows = b * block..((b + 1) * block).min(nq);
                 let panels = s * per_split..((s + 1) * per_split).min(n_panels);
-                self.scan(
-                    scan,
-                    &queries[rows.start * self.d..rows.end * self.d],
-                    panels,
-                    k,
-                    chunk_panels,
-                )
+                self.scan(scan, queries, rows, panels, k, chunk_panels)
             })
             .collect();
         let mut merged = Vec::with_capacity(nq);
@@ -241,23 +245,26 @@ impl PackedIndex {
         merged
     }
 
-    /// One task: the candidates of a block of queries over a range of panels.
+    /// One task: the candidates of a block of queries (`block` of all `queries`) over a range of panels.
     fn scan<T: Copy + Default>(
         &self,
         scan: &Scan<'_, T>,
         queries: &[f32],
+        block: Range<usize>,
         panels: Range<usize>,
         k: usize,
         chunk_panels: usize,
     ) -> Vec<TopK> {
         let (d, dk) = (self.d, scan.dk);
-        let rows = queries.len() / d;
+        let rows = block.len();
+        let margin = |q: usize| scan.margins.map_or(0.0, |m| m[block.start + q]);
+        let mut heaps: Vec<TopK> = (0..rows).map(|q| TopK::with_margin(k, margin(q))).collect();
+        let queries = &queries[block.start * d..block.end * d];
         // Pack the block tile by tile; padded rows get an infinite threshold and never accept.
         let mut q = vec![T::default(); rows.next_multiple_of(MR) * dk];
         for (rows, out) in queries.chunks(MR * d).zip(q.chunks_exact_mut(MR * dk)) {
             (scan.pack)(rows, d, out);
         }
-        let mut heaps = vec![TopK::with_margin(k, scan.margin); rows];
         let mut scores = [[0.0f32; NR]; MR];
         let mut chunk = panels.start;
         while chunk < panels.end {
