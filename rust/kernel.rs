@@ -450,12 +450,38 @@ mod tests {
                 let exact: f64 = (0..d)
                     .map(|k| q[i * d + k] as f64 * rows[j * d + k] as f64)
                     .sum();
-                assert!(
-                    (scores[i][j] as f64 - exact).abs() <= bf16_margin(d) as f64,
-                    "{i} {j}"
-                );
+                // The per-query bound holds, and is within the worst-case one.
+                let err = (scores[i][j] as f64 - exact).abs();
+                let margin = bf16_query_margin(&q[i * d..(i + 1) * d], &rounding);
+                assert!(err <= margin as f64, "{i} {j}: error {err} above {margin}");
+                assert!(margin <= bf16_margin(d), "{margin}");
             }
         }
+    }
+
+    #[test]
+    fn bf16_bound_holds_when_every_rounding_error_adds_up() {
+        if !Kernel::available().contains(&Kernel::Avx512Bf16) {
+            return;
+        }
+        // Every value just below a bf16 midpoint: all round down, and all products err the same way,
+        // so the error (about 2u) meets the bound (about 2u + u^2).
+        let d = 64;
+        let x = 0.125f32 * (1.0 + 0.99 * 2f32.powi(-8));
+        let q = vec![x; MR * d];
+        let rows = vec![x; NR * d];
+        let (panel, rounding) = pack_panels_bf16(&rows, NR, d);
+        let mut qt = vec![0; MR * d.div_ceil(2)];
+        pack_tile_bf16(&q, d, &mut qt);
+        let mut scores = [[0.0; NR]; MR];
+        tile_bf16(&qt, d / 2, &panel, &[f32::NEG_INFINITY; MR], &mut scores);
+        let exact = d as f64 * (x as f64) * (x as f64);
+        let err = (scores[0][0] as f64 - exact).abs();
+        let margin = bf16_query_margin(&q[..d], &rounding) as f64;
+        assert!(
+            err > 0.9 * margin && err <= margin,
+            "error {err}, bound {margin}"
+        );
     }
 
     #[test]
