@@ -316,6 +316,25 @@ mod x86 {
         tile_generic(q, d, panel, thr, scores)
     }
 
+    /// The end of every AVX-512 tile: one vector compare per query against its threshold; the scores of
+    /// queries with any hit are stored for the caller.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn compare(
+        c: &[__m512; MR],
+        thr: &[f32; MR],
+        scores: &mut [[f32; NR]; MR],
+    ) -> [u32; MR] {
+        let mut masks = [0u32; MR];
+        for i in 0..MR {
+            masks[i] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c[i], _mm512_set1_ps(thr[i])) as u32;
+            if masks[i] != 0 {
+                _mm512_storeu_ps(scores[i].as_mut_ptr(), c[i]);
+            }
+        }
+        masks
+    }
+
     /// As `tile_avx512`, with `vdpbf16ps`: each instruction adds two dimensions' products per lane.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn tile_avx512bf16(
@@ -342,14 +361,7 @@ mod x86 {
                 );
             }
         }
-        let mut masks = [0u32; MR];
-        for i in 0..MR {
-            masks[i] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c[i], _mm512_set1_ps(thr[i])) as u32;
-            if masks[i] != 0 {
-                _mm512_storeu_ps(scores[i].as_mut_ptr(), c[i]);
-            }
-        }
-        masks
+        compare(&c, thr, scores)
     }
 
     /// MR zmm accumulators (24 of the 32 registers); per dimension one panel load and MR FMAs, each with
@@ -371,14 +383,7 @@ mod x86 {
                 *ci = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(k * MR + i)), b, *ci);
             }
         }
-        let mut masks = [0u32; MR];
-        for i in 0..MR {
-            masks[i] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c[i], _mm512_set1_ps(thr[i])) as u32;
-            if masks[i] != 0 {
-                _mm512_storeu_ps(scores[i].as_mut_ptr(), c[i]);
-            }
-        }
-        masks
+        compare(&c, thr, scores)
     }
 }
 
