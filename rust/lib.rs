@@ -1,7 +1,10 @@
 //! Native core of bleep-rs.
 //!
 //! * [`search`]: exact top-k cosine search over a packed reference, blocked and fused with the top-k filter.
-//! * [`kernel`]: the score micro-kernels (AVX-512 at run time, portable fallback).
+//! * [`kernel`]: the score micro-kernels (AVX512-BF16 / AVX-512 / AVX2 at run time, portable fallback),
+//!   the panel packing and the bf16 error bound.
+//! * `topk`: the bounded selection of the best k (with a margin for approximate scores).
+//! * `memory`: huge-page allocations that fail with an error rather than an abort.
 //! * [`aggregate`]: neighbour weights and the fused gather-and-weighted-sum of expression.
 //! * [`reference`]: the reference (embeddings + expression + metadata) and its safetensors file.
 //! * [`pool`]: the named rayon pool, sized by argument or `BLEEP_RS_NUM_THREADS`, safe after `fork`.
