@@ -6,7 +6,7 @@
 //! * `topk`: the bounded selection of the best k (with a margin for approximate scores).
 //! * `memory`: huge-page allocations that fail with an error rather than an abort.
 //! * [`aggregate`]: neighbour weights and the fused gather-and-weighted-sum of expression.
-//! * [`reference`]: the reference (embeddings + expression + metadata) and its safetensors file.
+//! * [`mod@reference`]: the reference (embeddings + expression + metadata) and its safetensors file.
 //! * [`pool`]: the named rayon pool, sized by argument or `BLEEP_RS_NUM_THREADS`, safe after `fork`.
 //! * [`error`]: the one error type.
 //!

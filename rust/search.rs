@@ -3,7 +3,7 @@
 //! The reference is L2-normalised and packed into panels ([`crate::kernel`]). A search splits the
 //! queries into blocks (and, when there are too few blocks to keep every thread busy, the reference into
 //! ranges); each task walks its reference range in L2-sized chunks, scores MR queries against one panel
-//! at a time in registers, and hands a query's [`TopK`] only the scores above its current threshold. No
+//! at a time in registers, and hands a query's `TopK` only the scores above its current threshold. No
 //! score matrix is ever stored.
 //!
 //! On CPUs with AVX512-BF16 the scan scores in bf16 (twice the fp32 rate) and keeps every candidate
