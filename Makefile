@@ -13,9 +13,11 @@ test: build
 	cargo test --release
 	$(PY) -m pytest -q
 
-# Rebuilds the extension when Rust or Python sources changed (cargo is incremental).
+# Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The build log is
+# shown only when the build fails.
 build: $(VENV)/.ready
-	$(MATURIN) develop --release --extras test -q
+	@echo "building the Rust core in release mode (log: $(VENV)/build.log) ..."
+	@$(MATURIN) develop --release --extras test > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
 
 setup: $(VENV)/.ready
 
