@@ -119,13 +119,6 @@ impl Dtype {
             Dtype::Bf16 => "bfloat16",
         }
     }
-
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            _ => 2,
-        }
-    }
 }
 
 /// The reference expression table, n spots x g genes, row-major.
@@ -214,7 +207,6 @@ const QUERY_CHUNK: usize = 64;
 pub struct Expression {
     n: usize,
     g: usize,
-    width: usize,
     blocked: Table,
 }
 
@@ -222,18 +214,12 @@ impl Expression {
     /// From a row-major n x g table.
     pub fn new(row_major: &Table, n: usize, g: usize) -> Result<Expression> {
         assert_eq!(row_major.len(), n * g);
-        let width = BLOCK_GENES;
         let blocked = match row_major {
-            Table::F32(v) => Table::F32(to_blocks(v, n, g, width)?),
-            Table::F16(v) => Table::F16(to_blocks(v, n, g, width)?),
-            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g, width)?),
+            Table::F32(v) => Table::F32(to_blocks(v, n, g)?),
+            Table::F16(v) => Table::F16(to_blocks(v, n, g)?),
+            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g)?),
         };
-        Ok(Expression {
-            n,
-            g,
-            width,
-            blocked,
-        })
+        Ok(Expression { n, g, blocked })
     }
 
     pub fn dtype(&self) -> Dtype {
@@ -242,11 +228,11 @@ impl Expression {
 
     /// The table in plain row-major order (for saving and for users).
     pub fn row_major(&self) -> Table {
-        let (n, g, w) = (self.n, self.g, self.width);
+        let (n, g) = (self.n, self.g);
         match &self.blocked {
-            Table::F32(v) => Table::F32(from_blocks(v, n, g, w)),
-            Table::F16(v) => Table::F16(from_blocks(v, n, g, w)),
-            Table::Bf16(v) => Table::Bf16(from_blocks(v, n, g, w)),
+            Table::F32(v) => Table::F32(from_blocks(v, n, g)),
+            Table::F16(v) => Table::F16(from_blocks(v, n, g)),
+            Table::Bf16(v) => Table::Bf16(from_blocks(v, n, g)),
         }
     }
 
@@ -272,11 +258,11 @@ impl Expression {
     }
 
     fn blocks(&self) -> usize {
-        self.g.div_ceil(self.width)
+        self.g.div_ceil(BLOCK_GENES)
     }
 
     fn gather(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
-        let (g, width, n) = (self.g, self.width, self.n);
+        let (g, width, n) = (self.g, BLOCK_GENES, self.n);
         let kernel = accumulate_kernel(kernel);
         out.par_chunks_mut(QUERY_CHUNK * g)
             .enumerate()
@@ -393,12 +379,8 @@ impl Csr {
     }
 }
 
-fn to_blocks<T: Copy + Default + Send + Sync>(
-    v: &[T],
-    n: usize,
-    g: usize,
-    width: usize,
-) -> Result<Vec<T>> {
+fn to_blocks<T: Copy + Default + Send + Sync>(v: &[T], n: usize, g: usize) -> Result<Vec<T>> {
+    let width = BLOCK_GENES;
     let blocks = g.div_ceil(width);
     let mut out = crate::memory::huge_zeroed::<T>(blocks * n * width, "the expression table")?;
     out.par_chunks_mut(n * width)
@@ -413,7 +395,8 @@ fn to_blocks<T: Copy + Default + Send + Sync>(
     Ok(out)
 }
 
-fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize, width: usize) -> Vec<T> {
+fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize) -> Vec<T> {
+    let width = BLOCK_GENES;
     let mut out = Vec::with_capacity(n * g);
     for r in 0..n {
         for g0 in (0..g).step_by(width) {
@@ -425,7 +408,8 @@ fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize, width: usize)
     out
 }
 
-/// One query, one gene range: `out = sum_j w[j] * table[base + idx[j] * stride ..][..out.len()]`.
+/// One query, one gene block: `out = sum_j w[j] * table[base + idx[j] * stride ..][..out.len()]`
+/// (`out.len()` is BLOCK_GENES).
 type AccumulateFn = fn(&Table, usize, usize, &[u32], &[f32], &mut [f32]);
 
 fn accumulate_kernel(kernel: Kernel) -> AccumulateFn {
@@ -504,7 +488,7 @@ fn scatter_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Table;
+    use super::{Table, BLOCK_GENES};
     use std::arch::x86_64::*;
 
     /// A table element that loads as 16 f32 lanes.
@@ -537,30 +521,8 @@ mod x86 {
         }
     }
 
-    /// NV x 16 values from offset `start` of each row, accumulated over the neighbours in NV registers.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<E: Elem, const NV: usize>(
-        rows: &[*const E],
-        w: &[f32],
-        start: usize,
-        out: *mut f32,
-    ) {
-        let mut acc = [_mm512_setzero_ps(); NV];
-        for (&p, &wj) in rows.iter().zip(w) {
-            if wj == 0.0 {
-                continue;
-            }
-            let wv = _mm512_set1_ps(wj);
-            for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(wv, E::load16(p.add(start + 16 * v)), *a);
-            }
-        }
-        for (v, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.add(16 * v), *a);
-        }
-    }
-
+    /// One query's weighted sum over one gene block: a block row is one vector, so the whole sum stays
+    /// in one register.
     #[target_feature(enable = "avx512f")]
     unsafe fn accumulate<E: Elem>(
         table: &[E],
@@ -570,47 +532,21 @@ mod x86 {
         w: &[f32],
         out: &mut [f32],
     ) {
-        let len = out.len();
-        let mut rows = [std::ptr::null::<E>(); 64];
-        // Up to 8 vectors (128 genes) at a time in registers, then a scalar tail of < 16 genes.
-        for (ic, wc) in idx.chunks(64).zip(w.chunks(64)) {
-            for (r, &i) in rows.iter_mut().zip(ic) {
-                let start = base + i as usize * stride;
-                assert!(start + len <= table.len());
-                *r = table.as_ptr().add(start);
+        assert_eq!(out.len(), BLOCK_GENES);
+        let mut acc = _mm512_setzero_ps();
+        for (&i, &wj) in idx.iter().zip(w) {
+            if wj == 0.0 {
+                continue;
             }
-            let rows = &rows[..ic.len()];
-            let first = std::ptr::eq(ic.as_ptr(), idx.as_ptr());
-            let mut start = 0;
-            let mut part = [0.0f32; 128];
-            while len - start >= 16 {
-                let nv = ((len - start) / 16).min(8);
-                let o = part.as_mut_ptr();
-                match nv {
-                    8 => tile::<E, 8>(rows, wc, start, o),
-                    7 => tile::<E, 7>(rows, wc, start, o),
-                    6 => tile::<E, 6>(rows, wc, start, o),
-                    5 => tile::<E, 5>(rows, wc, start, o),
-                    4 => tile::<E, 4>(rows, wc, start, o),
-                    3 => tile::<E, 3>(rows, wc, start, o),
-                    2 => tile::<E, 2>(rows, wc, start, o),
-                    _ => tile::<E, 1>(rows, wc, start, o),
-                }
-                for (dst, &v) in out[start..start + 16 * nv].iter_mut().zip(&part) {
-                    *dst = if first { v } else { *dst + v };
-                }
-                start += nv * 16;
-            }
-            for (gi, dst) in out.iter_mut().enumerate().skip(start) {
-                let mut a = 0.0f32;
-                for (&p, &wj) in rows.iter().zip(wc) {
-                    if wj != 0.0 {
-                        a += wj * (*p.add(gi)).into();
-                    }
-                }
-                *dst = if first { a } else { *dst + a };
-            }
+            let start = base + i as usize * stride;
+            assert!(start + BLOCK_GENES <= table.len());
+            acc = _mm512_fmadd_ps(
+                _mm512_set1_ps(wj),
+                E::load16(table.as_ptr().add(start)),
+                acc,
+            );
         }
+        _mm512_storeu_ps(out.as_mut_ptr(), acc);
     }
 
     /// Row r of NV consecutive blocks is NV vectors; they are loaded once and added into every query

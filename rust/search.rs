@@ -10,10 +10,9 @@
 //! within twice the bf16 error bound of the k-th best; the survivors are rescored in fp32, so the result
 //! is the exact fp32 top k all the same.
 
-use crate::kernel::Bf16Rounding;
 use crate::kernel::{
-    bf16_query_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16, Kernel,
-    MR, NR,
+    bf16_query_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16,
+    Bf16Rounding, Kernel, MR, NR,
 };
 use crate::topk::TopK;
 use rayon::prelude::*;

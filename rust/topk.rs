@@ -8,7 +8,7 @@
 #[derive(Clone, Debug)]
 pub struct TopK {
     k: usize,
-    /// Candidates, unordered; at most 2k before they are cut back to the best k.
+    /// Candidates, unordered; cut back (to the best k and those within the margin) at `capacity`.
     items: Vec<(f32, u32)>,
     /// The k-th best score at the last cut minus the margin (-inf before): a candidate must beat it.
     threshold: f32,
@@ -39,8 +39,8 @@ impl TopK {
     }
 
     /// A candidate must score strictly above this to enter (candidates scanned in increasing index order
-    /// can never win a tie against what is kept). It lags the true k-th best by at most k insertions,
-    /// which lets a few extra candidates in but makes each insertion a plain append.
+    /// can never win a tie against what is kept). It is updated only at cuts, so it lags the true k-th
+    /// best, which lets a few extra candidates in but makes each insertion a plain append.
     #[inline]
     pub fn threshold(&self) -> f32 {
         self.threshold
