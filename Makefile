@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench clean
+.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-deps clean
 
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
@@ -27,10 +27,22 @@ $(VENV)/.ready:
 	$(PY) -m pip install -q "maturin>=1.7,<2"
 	touch $@
 
-# Benchmarks need the peers (faiss-cpu, torch): installed on first use.
-bench: build
-	$(PY) -m pip install -q "faiss-cpu>=1.8" "torch>=2.1" "threadpoolctl>=3"
+# Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools ...): installed
+# on first use. `make bench` runs them all; each also runs on its own.
+bench: bench-retrieval bench-tiling bench-normalize
+
+bench-deps: $(VENV)/.ready
+	@echo "building the Rust core with the benchmark peers (log: $(VENV)/build.log) ..."
+	@$(MATURIN) develop --release --extras test,bench > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
+
+bench-retrieval: bench-deps
 	$(PY) benches/bench_retrieval.py
+
+bench-tiling: bench-deps
+	$(PY) benches/bench_tiling.py
+
+bench-normalize: bench-deps
+	$(PY) benches/bench_normalize.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -8,6 +8,10 @@
 //! * [`aggregate`]: neighbour weights and the fused gather-and-weighted-sum of expression.
 //! * [`mod@reference`]: the reference (embeddings + expression + metadata) and its safetensors file.
 //! * [`pool`]: the named rayon pool, sized by argument or `BLEEP_RS_NUM_THREADS`, safe after `fork`.
+//! * [`slide`]: slides read tile by tile (with [`tiff`], the TIFF/BigTIFF/SVS/OME-TIFF reader) or whole
+//!   (JPEG, PNG), patches at any pixel size (with `resample`), thumbnails.
+//! * [`tissue`]: the CLAM-style tissue mask and the grid of tissue tiles.
+//! * [`stain`]: Macenko and Reinhard stain normalisation and the mean/std tensor conversion.
 //! * [`error`]: the one error type.
 //!
 //! The PyO3 glue lives in `python.rs`, compiled only with the `python` feature (maturin turns it on).
@@ -18,7 +22,13 @@ pub mod kernel;
 mod memory;
 pub mod pool;
 pub mod reference;
+mod resample;
 pub mod search;
+mod simd;
+pub mod slide;
+pub mod stain;
+pub mod tiff;
+pub mod tissue;
 mod topk;
 
 #[cfg(feature = "python")]

@@ -12,3 +12,31 @@ def random_reference(rng, n=200, d=32, g=12):
     expr = rng.gamma(2.0, 1.0, size=(n, g)).astype(np.float32)
     genes = [f"G{i}" for i in range(g)]
     return emb, expr, genes
+
+
+from pathlib import Path
+
+#: The real data beside the repository (../shared/data); never copied into it.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_image():
+    """The tiny C2 H&E (about 750 x 750 px) as uint8 RGB, decoded by the built-in reader."""
+    from bleep_rs import Slide
+
+    s = Slide(DATA / "tiny" / "C2" / "image.jpg")
+    return s.read_region((0, 0), 0, s.dimensions)
+
+
+def writable_copy(src, dst):
+    """A copy of a (read-only) shared folder that the test may change."""
+    import os
+    import shutil
+
+    shutil.copytree(src, dst)
+    for root, dirs, files in os.walk(dst):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755)
+    os.chmod(dst, 0o755)
+    return dst

@@ -35,12 +35,18 @@ def test_stub_matches_module():
 
 def test_stub_signatures_match():
     tree = ast.parse((Path(bleep_rs.__file__).parent / "_core.pyi").read_text())
-    core = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ReferenceCore")
-    for fn in core.body:
-        if not isinstance(fn, ast.FunctionDef) or any(
-            isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list
-        ):
-            continue
+
+    def check(fn, obj):
         stub_params = [a.arg for a in fn.args.args if a.arg != "self"]
-        sig = inspect.signature(getattr(_core.ReferenceCore, fn.name))
+        sig = inspect.signature(obj)
         assert stub_params == [p for p in sig.parameters if p != "self"], fn.name
+
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            check(node, getattr(_core, node.name))
+        elif isinstance(node, ast.ClassDef) and node.name != "BleepError":
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and not any(
+                    isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list
+                ):
+                    check(fn, getattr(getattr(_core, node.name), fn.name))

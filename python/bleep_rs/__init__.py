@@ -6,21 +6,37 @@ Retrieval needs only numpy::
     ref = bleep_rs.Reference.load("reference.safetensors")
     predicted = ref.impute(image_embeddings, k=50)      # (n_queries, n_genes) float32
 
+Sections, slides and patches (AnnData via ``anndata``, imported on first use)::
+
+    section = bleep_rs.read_section("outs/", image="slide.tif")     # AnnData, pixel size resolved
+    patches = bleep_rs.section_patches(section, size=224, um_per_px=0.5)
+    slide = bleep_rs.Slide("slide.svs")
+    for batch in slide.iter_tiles(224, um_per_px=0.5, tensor=(mean, std)): ...
+
 Native work runs on a thread pool whose size is set by ``bleep_rs.set_num_threads(n)``, the
 ``BLEEP_RS_NUM_THREADS`` environment variable, or the ``threads=`` argument of each call.
 """
 
 from bleep_rs._core import BleepError, get_num_threads, kernel_name, set_num_threads
+from bleep_rs.normalize import MacenkoNormalizer, ReinhardNormalizer, to_tensor
 from bleep_rs.reference import METHODS, Reference
+from bleep_rs.sections import read_section, section_patches
+from bleep_rs.slide import Slide
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BleepError",
     "METHODS",
+    "MacenkoNormalizer",
     "Reference",
+    "ReinhardNormalizer",
+    "Slide",
     "get_num_threads",
     "kernel_name",
+    "read_section",
+    "section_patches",
     "set_num_threads",
+    "to_tensor",
     "__version__",
 ]

@@ -1,0 +1,147 @@
+"""Tiling side by side: bleep-rs against pyvips and OpenSlide on the same slide and coordinates, one run.
+
+    make bench-tiling                # or: .venv/bin/python benches/bench_tiling.py [--quick]
+
+The slide (../shared/docs/benchmarks.md, section 2): a JPEG-compressed (Q 90), 256-px-tiled pyramidal
+TIFF built once by pyvips from a 3 x 3 mosaic of the HER2ST sections of ../shared/data (about 27,800 x
+29,700 px; --quick: 2 x 2, 18,500 x 19,800), cached in .bench/. The coordinates: every 224-px tile of
+the grid the bleep-rs tissue mask keeps (at least half tissue), at native resolution, row by row.
+
+Peers, each with 2 threads (two Python threads, each with its own handle, over halves of the list; both
+libraries release the GIL while decoding):
+  pyvips     ``Region.fetch`` per patch into a numpy array
+  openslide  ``read_region`` per patch, RGBA -> RGB numpy array
+  bleep-rs   ``Slide.read_patches`` in batches of 256 (tiles of a batch decoded once each, in parallel)
+Rounds are interleaved, best of --rounds. Patches are compared with bleep-rs's on a sample: JPEG
+decoders differ by a few levels (zune-jpeg here, libjpeg-turbo in the peers); the tolerance is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SIZE, THREADS, BATCH = 224, 2, 256
+
+
+def build_slide(n: int) -> Path:
+    """An n x n mosaic of the HER2ST sections as a pyramidal JPEG TIFF (built once, cached)."""
+    import pyvips
+
+    out = ROOT / ".bench" / f"her2st_mosaic_{n}x{n}.tif"
+    if out.exists():
+        return out
+    out.parent.mkdir(exist_ok=True)
+    sections = [pyvips.Image.new_from_file(str(DATA / "her2st" / s / "image.jpg")) for s in ("C2", "C3", "C4", "B4")]
+    w = min(s.width for s in sections)
+    h = min(s.height for s in sections)
+    tiles = [sections[i % 4].crop(0, 0, w, h) for i in range(n * n)]
+    mosaic = pyvips.Image.arrayjoin(tiles, across=n)
+    tmp = out.with_suffix(".tmp.tif")
+    mosaic.tiffsave(str(tmp), tile=True, tile_width=256, tile_height=256, pyramid=True, compression="jpeg", Q=90,
+                    bigtiff=True, xres=1000 / 0.688, yres=1000 / 0.688, resunit="cm")
+    tmp.rename(out)
+    return out
+
+
+def halves(coords):
+    mid = len(coords) // 2
+    return [coords[:mid], coords[mid:]]
+
+
+def run_bleep(path, coords):
+    from bleep_rs import Slide
+
+    slide = Slide(path)
+    return slide.read_patches(coords, SIZE, batch_size=BATCH, threads=THREADS)
+
+
+def run_pyvips(path, coords):
+    import pyvips
+
+    def work(part):
+        image = pyvips.Image.new_from_file(str(path), access="random")
+        region = pyvips.Region.new(image)
+        out = np.empty((len(part), SIZE, SIZE, 3), np.uint8)
+        for i, (x, y) in enumerate(part):
+            buf = region.fetch(int(x), int(y), SIZE, SIZE)
+            out[i] = np.frombuffer(buf, np.uint8).reshape(SIZE, SIZE, 3)
+        return out
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return np.concatenate(list(pool.map(work, halves(coords))))
+
+
+def run_openslide(path, coords):
+    import openslide
+
+    def work(part):
+        slide = openslide.OpenSlide(str(path))
+        out = np.empty((len(part), SIZE, SIZE, 3), np.uint8)
+        for i, (x, y) in enumerate(part):
+            out[i] = np.asarray(slide.read_region((int(x), int(y)), 0, (SIZE, SIZE)))[..., :3]
+        return out
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return np.concatenate(list(pool.map(work, halves(coords))))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a 2 x 2 mosaic (18.5k x 19.8k px) and 2 rounds")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    import pyvips
+
+    from bleep_rs import Slide
+
+    n = 2 if args.quick else 3
+    rounds = 2 if args.quick else args.rounds
+    t = time.perf_counter()
+    path = build_slide(n)
+    slide = Slide(path)
+    print(f"slide: {path.name}, {slide.dimensions[0]} x {slide.dimensions[1]} px, {slide.level_count} levels "
+          f"(built/opened in {time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
+    mask = slide.tissue_mask()
+    t_mask = time.perf_counter() - t
+    coords = slide.tile_grid(SIZE, min_tissue=0.5, mask=mask).astype(np.int64).astype(np.float64)
+    print(f"tissue mask {mask.mask.shape[1]} x {mask.mask.shape[0]} in {t_mask * 1e3:.0f} ms; {len(coords)} tiles of "
+          f"{SIZE} px kept ({mask.fraction:.0%} tissue); pyvips {pyvips.version(0)}.{pyvips.version(1)}, {THREADS} threads")
+    peers = {"bleep-rs": run_bleep, "pyvips": run_pyvips, "openslide": run_openslide}
+    best = {name: float("inf") for name in peers}
+    results = {}
+    for r in range(rounds):
+        for name, fn in peers.items():
+            t = time.perf_counter()
+            results[name] = fn(path, coords)
+            best[name] = min(best[name], time.perf_counter() - t)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {len(coords) / v:,.0f}/s" for k, v in best.items()))
+    ours = results["bleep-rs"]
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(coords), min(200, len(coords)), replace=False)
+    checks = {}
+    for name in ("pyvips", "openslide"):
+        d = np.abs(ours[sample].astype(int) - results[name][sample].astype(int))
+        checks[name] = {"max": int(d.max()), "frac_over_2": float((d > 2).mean())}
+        assert d.max() <= 8 and (d > 2).mean() < 0.005, f"{name} patches differ from bleep-rs's: {checks[name]}"
+    rate = {k: len(coords) / v for k, v in best.items()}
+    print("\npatches/s (best of rounds), ratio = bleep-rs / peer")
+    for name in ("pyvips", "openslide"):
+        print(f"  {name:<10} {rate[name]:>9,.0f}   bleep-rs {rate['bleep-rs']:>9,.0f}   ratio {rate['bleep-rs'] / rate[name]:.2f}x"
+              f"   (pixels: max diff {checks[name]['max']}, {checks[name]['frac_over_2']:.3%} > 2)")
+    out = ROOT / ".bench" / "tiling.json"
+    out.write_text(json.dumps({"slide": path.name, "dimensions": slide.dimensions, "patches": len(coords),
+                               "patches_per_s": rate, "mask_ms": t_mask * 1e3, "pixel_checks": checks}, indent=1))
+    print(f"results: {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

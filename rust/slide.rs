@@ -1,0 +1,513 @@
+//! Slides: a pyramid of levels read tile by tile (tiled TIFF / BigTIFF / OME-TIFF / SVS) or a plain image
+//! (JPEG, PNG, stripped TIFF) decoded once. Regions are read in batches: the tiles a batch touches are
+//! decoded once each, in parallel, kept while the next batch may reuse them, then dropped, so memory
+//! stays bounded by a batch whatever the slide's size.
+//!
+//! Coordinates are level-0 pixels unless a function says otherwise; pixels outside the image read as
+//! white (255), the colour of glass, so a patch that crosses the border is padded, never shifted.
+
+use crate::error::{Error, Result};
+use crate::resample::{footprint, resample, resample_into};
+use crate::tiff::{decode_jpeg_into, Ifd, Tiff};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One resolution of the slide.
+pub struct Level {
+    pub width: usize,
+    pub height: usize,
+    /// Level-0 pixels per pixel of this level.
+    pub downsample: f64,
+    ifd: Option<Ifd>,
+}
+
+enum Pixels {
+    Tiff(memmap2::Mmap),
+    Raster(Vec<u8>),
+}
+
+/// A rectangle in a level's pixels (may extend past the level's edges).
+#[derive(Clone, Copy, Debug)]
+pub struct Rect {
+    pub x: i64,
+    pub y: i64,
+    pub w: usize,
+    pub h: usize,
+}
+
+pub struct Slide {
+    path: PathBuf,
+    pub levels: Vec<Level>,
+    pixels: Pixels,
+    /// Micrometres per level-0 pixel and where the value came from, when the file says.
+    pub um_per_px: Option<(f64, String)>,
+    pub format: &'static str,
+    cache: Mutex<TileCache>,
+}
+
+/// Decoded tiles kept between batches, and the buffers of evicted ones for reuse (fresh memory costs a
+/// page fault and a clear per 4 KiB).
+#[derive(Default)]
+struct TileCache {
+    tiles: HashMap<(usize, usize), Arc<Vec<u8>>>,
+    free: Vec<Vec<u8>>,
+}
+
+fn read_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; a file truncated under us yields a SIGBUS, as for any mmap reader.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+impl Slide {
+    /// Opens `path`, recognising the format from its first bytes.
+    pub fn open(path: &Path) -> Result<Slide> {
+        let data = read_file(path)?;
+        let head = &data[..data.len().min(8)];
+        if head.starts_with(b"II") || head.starts_with(b"MM") {
+            Self::open_tiff(path, data)
+        } else if head.starts_with(&[0xFF, 0xD8]) {
+            let mut rgb = Vec::new();
+            let (w, h) = decode_jpeg_into(&data, false, &mut rgb)
+                .map_err(|e| Error::format(path, format!("bad JPEG ({e})")))?;
+            Ok(Self::raster(path, rgb, w, h, "jpeg"))
+        } else if head.starts_with(b"\x89PNG") {
+            let (rgb, w, h) =
+                decode_png(&data).map_err(|e| Error::format(path, format!("bad PNG ({e})")))?;
+            Ok(Self::raster(path, rgb, w, h, "png"))
+        } else {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_lowercase();
+            let hint = if ["ndpi", "mrxs", "vms", "scn", "bif", "jp2", "svslide", "czi"]
+                .contains(&ext.as_str())
+            {
+                format!(".{ext} slides are read through OpenSlide: pip install 'bleep-rs[openslide]' and pass backend=\"openslide\"")
+            } else {
+                "expected a JPEG, PNG or TIFF (BigTIFF, OME-TIFF, SVS) image".to_string()
+            };
+            Err(Error::format(path, format!("unknown image format: {hint}")))
+        }
+    }
+
+    fn raster(
+        path: &Path,
+        rgb: Vec<u8>,
+        width: usize,
+        height: usize,
+        format: &'static str,
+    ) -> Slide {
+        Slide {
+            path: path.to_path_buf(),
+            levels: vec![Level {
+                width,
+                height,
+                downsample: 1.0,
+                ifd: None,
+            }],
+            pixels: Pixels::Raster(rgb),
+            um_per_px: None,
+            format,
+            cache: Mutex::default(),
+        }
+    }
+
+    fn open_tiff(path: &Path, data: memmap2::Mmap) -> Result<Slide> {
+        let tiff = Tiff::parse(&data, path)?;
+        let base = tiff
+            .ifds
+            .first()
+            .ok_or_else(|| Error::format(path, "a TIFF without images"))?
+            .clone();
+        let um_per_px = physical_size(&base);
+        let format = if base.description.starts_with("Aperio") {
+            "svs"
+        } else if base.description.contains("<OME") {
+            "ome-tiff"
+        } else {
+            "tiff"
+        };
+        // Pyramid levels: the base, then every smaller image of the same kind and aspect ratio (this skips
+        // an SVS file's stripped thumbnail, label and macro images).
+        let aspect = base.width as f64 / base.height as f64;
+        let mut ifds: Vec<Ifd> = tiff
+            .ifds
+            .into_iter()
+            .skip(1)
+            .filter(|i| {
+                i.tiled == base.tiled
+                    && i.width < base.width
+                    && (i.width as f64 / i.height as f64 / aspect - 1.0).abs() < 0.02
+            })
+            .collect();
+        ifds.sort_by_key(|i| std::cmp::Reverse(i.width));
+        ifds.dedup_by_key(|i| i.width);
+        let mut levels = vec![Level {
+            width: base.width,
+            height: base.height,
+            downsample: 1.0,
+            ifd: Some(base),
+        }];
+        for ifd in ifds {
+            let (w0, h0) = (levels[0].width as f64, levels[0].height as f64);
+            let downsample = (w0 / ifd.width as f64 + h0 / ifd.height as f64) / 2.0;
+            levels.push(Level {
+                width: ifd.width,
+                height: ifd.height,
+                downsample,
+                ifd: Some(ifd),
+            });
+        }
+        Ok(Slide {
+            path: path.to_path_buf(),
+            levels,
+            pixels: Pixels::Tiff(data),
+            um_per_px,
+            format,
+            cache: Mutex::default(),
+        })
+    }
+
+    /// The level to read for `scale` level-0 pixels per output pixel: the coarsest one that is not
+    /// coarser than asked (as OpenSlide's `get_best_level_for_downsample`).
+    pub fn best_level(&self, scale: f64) -> usize {
+        self.levels
+            .iter()
+            .rposition(|l| l.downsample <= scale * (1.0 + 1e-6))
+            .unwrap_or(0)
+    }
+
+    /// Reads rectangles of one level as RGB bytes (`w * h * 3` each).
+    pub fn read_regions(&self, level: usize, rects: &[Rect]) -> Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = rects.iter().map(|r| vec![0u8; r.w * r.h * 3]).collect();
+        let mut dsts: Vec<&mut [u8]> = out.iter_mut().map(|v| &mut v[..]).collect();
+        self.paint_regions(level, rects, &mut dsts, None::<fn(&Rect, &mut [u8], &[u8])>)?;
+        Ok(out)
+    }
+
+    /// Paints each rectangle and hands it to `finish(rect, dst, region)` with its destination, in
+    /// parallel. For a tiled level the tiles the rectangles touch are decoded first, each once.
+    fn paint_regions<F>(
+        &self,
+        level: usize,
+        rects: &[Rect],
+        dsts: &mut [&mut [u8]],
+        finish: Option<F>,
+    ) -> Result<()>
+    where
+        F: Fn(&Rect, &mut [u8], &[u8]) + Sync,
+    {
+        let lv = self.levels.get(level).ok_or_else(|| {
+            Error::invalid(format!(
+                "level {level} does not exist: the slide has {} levels",
+                self.levels.len()
+            ))
+        })?;
+        match (&self.pixels, &lv.ifd) {
+            (Pixels::Raster(rgb), _) => {
+                paint_all(
+                    lv,
+                    rects,
+                    dsts,
+                    &|_, _| Some((&rgb[..], 0, 0, lv.width)),
+                    finish.as_ref(),
+                );
+                Ok(())
+            }
+            (Pixels::Tiff(data), Some(ifd)) => {
+                let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
+                let cache = self.decode_tiles(level, lv, ifd, data, rects)?;
+                let tiles = &cache.tiles;
+                let locate = |x: usize, y: usize| {
+                    let (tx, ty) = (x / tw, y / th);
+                    tiles
+                        .get(&(level, ty * across + tx))
+                        .map(|px| (&px[..], tx * tw, ty * th, tw))
+                };
+                paint_all(lv, rects, dsts, &locate, finish.as_ref());
+                Ok(())
+            }
+            (Pixels::Tiff(_), None) => unreachable!("every TIFF level has its directory"),
+        }
+    }
+
+    /// Makes the cache hold exactly the tiles `rects` touch (reusing those already there), decoding
+    /// the missing ones in parallel.
+    fn decode_tiles(
+        &self,
+        level: usize,
+        lv: &Level,
+        ifd: &Ifd,
+        data: &[u8],
+        rects: &[Rect],
+    ) -> Result<std::sync::MutexGuard<'_, TileCache>> {
+        let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
+        let mut needed: Vec<usize> = rects
+            .iter()
+            .flat_map(|r| {
+                let (x0, x1) = (
+                    r.x.max(0) as usize,
+                    ((r.x + r.w as i64).min(lv.width as i64)).max(0) as usize,
+                );
+                let (y0, y1) = (
+                    r.y.max(0) as usize,
+                    ((r.y + r.h as i64).min(lv.height as i64)).max(0) as usize,
+                );
+                let cols = if x1 > x0 {
+                    x0 / tw..x1.div_ceil(tw)
+                } else {
+                    0..0
+                };
+                let rows = if y1 > y0 {
+                    y0 / th..y1.div_ceil(th)
+                } else {
+                    0..0
+                };
+                rows.flat_map(move |ty| cols.clone().map(move |tx| ty * across + tx))
+            })
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cache_ref = &mut *cache;
+        // Keep what this batch uses (the next batch of a row-major grid reuses its lower tiles); recycle
+        // the rest.
+        let mut kept = HashMap::with_capacity(needed.len());
+        for &t in &needed {
+            if let Some(px) = cache_ref.tiles.remove(&(level, t)) {
+                kept.insert((level, t), px);
+            }
+        }
+        for (_, px) in cache_ref.tiles.drain() {
+            if let Ok(buf) = Arc::try_unwrap(px) {
+                cache_ref.free.push(buf);
+            }
+        }
+        let missing: Vec<(usize, Vec<u8>)> = needed
+            .iter()
+            .filter(|t| !kept.contains_key(&(level, **t)))
+            .map(|&t| (t, cache_ref.free.pop().unwrap_or_default()))
+            .collect();
+        let decoded: Vec<(usize, Vec<u8>)> = missing
+            .into_par_iter()
+            .map(|(t, buf)| ifd.decode_tile(data, t, &self.path, buf).map(|px| (t, px)))
+            .collect::<Result<_>>()?;
+        kept.extend(
+            decoded
+                .into_iter()
+                .map(|(t, px)| ((level, t), Arc::new(px))),
+        );
+        cache_ref.tiles = kept;
+        cache_ref.free.truncate(256);
+        Ok(cache)
+    }
+
+    /// Writes patches of `size x size` px, `scale` level-0 px per output px, with their top-left corners
+    /// at `origins` (level-0 px), into `out` (`origins.len() * size * size * 3` bytes). Read from the best
+    /// level and resampled (area filter when shrinking), in batches that bound the tiles held at once.
+    pub fn patches_into(
+        &self,
+        origins: &[(f64, f64)],
+        size: usize,
+        scale: f64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if size == 0 || !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid(format!(
+                "patch size {size} px at {scale} level-0 px per px: both must be positive"
+            )));
+        }
+        let patch = size * size * 3;
+        if out.len() != origins.len() * patch {
+            return Err(Error::invalid(format!(
+                "the output holds {} bytes, {} patches need {}",
+                out.len(),
+                origins.len(),
+                origins.len() * patch
+            )));
+        }
+        let level = self.best_level(scale);
+        let lv = &self.levels[level];
+        let ls = scale / lv.downsample;
+        // A level whose downsample is off by a rounding of its size (an odd dimension halved) is read as
+        // it is when the drift across the patch stays under half a pixel.
+        let exact = (ls - 1.0).abs() * (size as f64) < 0.5;
+        let ls = if exact { 1.0 } else { ls };
+        let extent = footprint(size, ls);
+        let rects: Vec<Rect> = origins
+            .iter()
+            .map(|&(x, y)| Rect {
+                x: (x / lv.downsample).round() as i64,
+                y: (y / lv.downsample).round() as i64,
+                w: extent,
+                h: extent,
+            })
+            .collect();
+        for (rects, out) in rects.chunks(256).zip(out.chunks_mut(256 * patch)) {
+            let mut dsts: Vec<&mut [u8]> = out.chunks_mut(patch).collect();
+            if exact {
+                self.paint_regions(level, rects, &mut dsts, None::<fn(&Rect, &mut [u8], &[u8])>)?;
+            } else {
+                let shrink = |_: &Rect, dst: &mut [u8], region: &[u8]| {
+                    resample_into(region, extent, extent, size, size, ls, ls, dst)
+                };
+                self.paint_regions(level, rects, &mut dsts, Some(shrink))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Slide::patches_into`], into a new buffer.
+    pub fn patches(&self, origins: &[(f64, f64)], size: usize, scale: f64) -> Result<Vec<u8>> {
+        let mut out = crate::memory::huge_zeroed::<u8>(origins.len() * size * size * 3, "patches")?;
+        self.patches_into(origins, size, scale, &mut out)?;
+        Ok(out)
+    }
+
+    /// The whole slide shrunk so that its longer side is at most `max_side` px: (rgb, width, height).
+    pub fn thumbnail(&self, max_side: usize) -> Result<(Vec<u8>, usize, usize)> {
+        let (w0, h0) = (self.levels[0].width as f64, self.levels[0].height as f64);
+        let scale = (w0.max(h0) / max_side.max(1) as f64).max(1.0);
+        let (w, h) = (
+            ((w0 / scale).round() as usize).max(1),
+            ((h0 / scale).round() as usize).max(1),
+        );
+        let level = self.best_level(scale);
+        let lv = &self.levels[level];
+        let rect = Rect {
+            x: 0,
+            y: 0,
+            w: lv.width,
+            h: lv.height,
+        };
+        let region = self
+            .read_regions(level, &[rect])?
+            .pop()
+            .expect("one region");
+        let (sx, sy) = (lv.width as f64 / w as f64, lv.height as f64 / h as f64);
+        Ok((resample(&region, lv.width, lv.height, w, h, sx, sy), w, h))
+    }
+}
+
+/// Where a level-0 pixel's bytes are: (buffer, its x and y origin, its row width), if anywhere.
+type Locate<'a> = dyn Fn(usize, usize) -> Option<(&'a [u8], usize, usize, usize)> + Sync + 'a;
+
+/// Paints every rectangle and hands it to `finish` with its destination; without `finish`, paints
+/// straight into the destination.
+fn paint_all<'a, F>(
+    lv: &Level,
+    rects: &[Rect],
+    dsts: &mut [&mut [u8]],
+    locate: &Locate<'a>,
+    finish: Option<&F>,
+) where
+    F: Fn(&Rect, &mut [u8], &[u8]) + Sync,
+{
+    rects
+        .par_iter()
+        .zip(dsts.par_iter_mut())
+        .for_each_init(Vec::new, |region, (r, dst)| {
+            let inside = r.x >= 0
+                && r.y >= 0
+                && r.x as usize + r.w <= lv.width
+                && r.y as usize + r.h <= lv.height;
+            match finish {
+                None => {
+                    if !inside {
+                        dst.fill(255);
+                    }
+                    copy_region(r, lv.width, lv.height, dst, locate);
+                }
+                Some(finish) => {
+                    region.clear();
+                    region.resize(r.w * r.h * 3, 255);
+                    copy_region(r, lv.width, lv.height, region, locate);
+                    finish(r, dst, region);
+                }
+            }
+        })
+}
+
+/// Assembles one rectangle into `out` (pre-filled with white) from the source buffers `locate(x, y)`
+/// returns for a pixel: (buffer, its x and y origin, its row width). Pixels outside the level, or with
+/// no buffer, stay white.
+fn copy_region<'a>(r: &Rect, width: usize, height: usize, out: &mut [u8], locate: &Locate<'a>) {
+    let (x0, x1) = (r.x.max(0), (r.x + r.w as i64).min(width as i64));
+    for row in 0..r.h {
+        let y = r.y + row as i64;
+        if y < 0 || y >= height as i64 || x1 <= x0 {
+            continue;
+        }
+        let mut x = x0;
+        while x < x1 {
+            let Some((buf, bx, by, bw)) = locate(x as usize, y as usize) else {
+                break;
+            };
+            let run_end = ((bx + bw) as i64).min(x1);
+            let src = ((y as usize - by) * bw + (x as usize - bx)) * 3;
+            let dst = (row * r.w + (x - r.x) as usize) * 3;
+            let len = (run_end - x) as usize * 3;
+            out[dst..dst + len].copy_from_slice(&buf[src..src + len]);
+            x = run_end;
+        }
+    }
+}
+
+/// The physical pixel size the file states: Aperio's `MPP = ` in the description, OME-XML's
+/// `PhysicalSizeX` (micrometres), or the TIFF resolution tags with a physical unit.
+fn physical_size(base: &Ifd) -> Option<(f64, String)> {
+    let d = &base.description;
+    let number_after = |key: &str| -> Option<f64> {
+        let rest = &d[d.find(key)? + key.len()..];
+        let rest = rest.trim_start_matches(['"', ' ', '=']);
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-'))
+            .unwrap_or(rest.len());
+        rest[..end]
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v > 0.0)
+    };
+    if d.starts_with("Aperio") {
+        if let Some(v) = number_after("MPP") {
+            return Some((v, "Aperio ImageDescription (MPP)".into()));
+        }
+    }
+    if d.contains("<OME") {
+        if let Some(v) = number_after("PhysicalSizeX=") {
+            let unit_ok = !d.contains("PhysicalSizeXUnit")
+                || d.contains("PhysicalSizeXUnit=\"µm\"")
+                || d.contains("PhysicalSizeXUnit=\"um\"");
+            if unit_ok {
+                return Some((v, "OME-XML PhysicalSizeX".into()));
+            }
+        }
+    }
+    base.tag_um_per_px
+        .map(|v| (v, "TIFF resolution tags".into()))
+}
+
+fn decode_png(data: &[u8]) -> std::result::Result<(Vec<u8>, usize, usize), String> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(data));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("image too large")?];
+    let info = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let rgb = buf[..w * h * channels]
+        .chunks_exact(channels)
+        .flat_map(|p| {
+            if channels >= 3 {
+                [p[0], p[1], p[2]]
+            } else {
+                [p[0]; 3]
+            }
+        })
+        .collect();
+    Ok((rgb, w, h))
+}

@@ -1,0 +1,867 @@
+//! Colour normalisation of RGB patches: Macenko and Reinhard stain normalisation, transcribed from
+//! torchstain's torch backend (float32, the same percentile and rounding rules), and the per-channel
+//! mean/std conversion of uint8 HWC patches into the float32 CHW tensors encoders take.
+//!
+//! Patches are `n` contiguous `h x w x 3` uint8 images; every function works on a batch in parallel.
+
+use crate::error::{Error, Result};
+use crate::simd::multiversion;
+use rayon::prelude::*;
+
+/// Macenko's parameters (torchstain's defaults: `Io = 240`, `alpha = 1`, `beta = 0.15`).
+#[derive(Clone, Copy, Debug)]
+pub struct MacenkoParams {
+    pub io: f32,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Default for MacenkoParams {
+    fn default() -> Self {
+        MacenkoParams {
+            io: 240.0,
+            alpha: 1.0,
+            beta: 0.15,
+        }
+    }
+}
+
+/// A stain basis: the H and E optical-density vectors (columns) and their 99th-percentile concentrations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stains {
+    pub he: [[f32; 2]; 3],
+    pub max_c: [f32; 2],
+}
+
+impl Stains {
+    /// torchstain's reference (its default target before `fit`).
+    pub const REFERENCE: Stains = Stains {
+        he: [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]],
+        max_c: [1.9705, 1.0308],
+    };
+}
+
+/// Eigenvectors of a symmetric 3 x 3 matrix by cyclic Jacobi rotations, as columns, eigenvalues ascending.
+#[allow(clippy::needless_range_loop)] // the rotations read clearest as index arithmetic
+fn eigh3(a: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let (mut a, mut v) = (a, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+    for _ in 0..50 {
+        let off = a[0][1].abs() + a[0][2].abs() + a[1][2].abs();
+        if off < 1e-30 {
+            break;
+        }
+        for (p, q) in [(0, 1), (0, 2), (1, 2)] {
+            if a[p][q].abs() < 1e-300 {
+                continue;
+            }
+            let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+            let t = if theta >= 0.0 { 1.0 } else { -1.0 }
+                / (theta.abs() + (theta * theta + 1.0).sqrt());
+            let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
+            for k in 0..3 {
+                let (akp, akq) = (a[k][p], a[k][q]);
+                a[k][p] = c * akp - s * akq;
+                a[k][q] = s * akp + c * akq;
+            }
+            for k in 0..3 {
+                let (apk, aqk) = (a[p][k], a[q][k]);
+                a[p][k] = c * apk - s * aqk;
+                a[q][k] = s * apk + c * aqk;
+            }
+            for row in v.iter_mut() {
+                let (vkp, vkq) = (row[p], row[q]);
+                row[p] = c * vkp - s * vkq;
+                row[q] = s * vkp + c * vkq;
+            }
+        }
+    }
+    let mut order = [0, 1, 2];
+    order.sort_by(|&i, &j| a[i][i].total_cmp(&a[j][j]));
+    let mut out = [[0.0; 3]; 3];
+    for (col, &i) in order.iter().enumerate() {
+        for r in 0..3 {
+            out[r][col] = v[r][i];
+        }
+    }
+    out
+}
+
+/// A number in (-2, 2] that orders points as `atan2(y, x)` does (the "diamond angle"), without a
+/// transcendental function.
+#[inline]
+fn pseudo_angle(y: f32, x: f32) -> f32 {
+    // Each quadrant's formula is evaluated and the right one selected (no branches: it vectorises).
+    let (ax, ay) = (x.abs(), y.abs());
+    let r = ay / (ax + ay); // in [0, 1]: 0 on the x axis, 1 on the y axis
+    let upper = if x >= 0.0 { r } else { 2.0 - r };
+    let d = if y >= 0.0 { upper } else { -upper };
+    if d.is_nan() {
+        0.0
+    } else {
+        d
+    }
+}
+
+/// Per-thread buffers, reused across the patches of a batch.
+#[derive(Default)]
+struct Scratch {
+    od: [Vec<f32>; 3],
+    /// Pseudo-angles of the stained pixels, and their coordinates in the eigenvector plane.
+    phi: Vec<f32>,
+    xy: Vec<[f32; 2]>,
+    c: [Vec<f32>; 2],
+    ranks: RankScratch,
+}
+
+/// The optical density of each 8-bit value: `-ln((v + 1) / Io)` in float32.
+fn od_table(io: f32) -> [f32; 256] {
+    std::array::from_fn(|v| -((v as f32 + 1.0) / io).ln())
+}
+
+/// Values of the given ranks (0-based) of `values`, exactly: a histogram between the minimum and
+/// the maximum finds each rank's bucket, then a selection within the bucket.
+fn ranks<const R: usize>(values: &[f32], wanted: [usize; R], s: &mut RankScratch) -> [f32; R] {
+    let (lo, hi) = min_max(values);
+    if hi.is_nan() || lo.is_nan() || hi <= lo {
+        return [lo; R];
+    }
+    bucket_histogram(values, lo, (BUCKETS as f32 - 1.0) / (hi - lo), s);
+    let targets: [(u16, usize); R] = wanted.map(|k| {
+        let (mut b, mut below) = (0, 0usize);
+        while below + s.counts[b] as usize <= k {
+            below += s.counts[b] as usize;
+            b += 1;
+        }
+        (b as u16, k - below)
+    });
+    std::array::from_fn(|r| {
+        let (b, k) = targets[r];
+        s.bucket.clear();
+        s.bucket.extend(
+            values
+                .iter()
+                .zip(&s.index)
+                .filter(|(_, &i)| i == b)
+                .map(|(&v, _)| v),
+        );
+        *s.bucket.select_nth_unstable_by(k, f32::total_cmp).1
+    })
+}
+
+const BUCKETS: usize = 2048;
+
+/// Buffers of [`ranks`].
+#[derive(Default)]
+struct RankScratch {
+    index: Vec<u16>,
+    counts: Vec<u32>,
+    bucket: Vec<f32>,
+}
+
+multiversion! {
+    /// Each value's bucket (monotone in the value) and the bucket counts.
+    fn bucket_histogram(values: &[f32], lo: f32, scale: f32, s: &mut RankScratch) {
+        s.index.clear();
+        s.index.extend(values.iter().map(|&v| (((v - lo) * scale) as u16).min(BUCKETS as u16 - 1)));
+        // Four interleaved histograms: clustered values would otherwise chain every increment on the
+        // previous one through memory.
+        let mut counts = vec![[0u32; 4]; BUCKETS];
+        let mut quads = s.index.chunks_exact(4);
+        for q in &mut quads {
+            for (lane, &i) in q.iter().enumerate() {
+                counts[i as usize][lane] += 1;
+            }
+        }
+        for &i in quads.remainder() {
+            counts[i as usize][0] += 1;
+        }
+        s.counts.clear();
+        s.counts.extend(counts.iter().map(|c| c.iter().sum::<u32>()));
+    }
+}
+
+multiversion! {
+    fn min_max(values: &[f32]) -> (f32, f32) {
+        let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
+        let mut chunks = values.chunks_exact(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+                hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+            }
+        }
+        for &v in chunks.remainder() {
+            lo[0] = lo[0].min(v);
+            hi[0] = hi[0].max(v);
+        }
+        (lo.iter().copied().fold(f32::INFINITY, f32::min), hi.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+    }
+}
+
+multiversion! {
+    /// Optical-density planes of the pixels.
+    fn od_planes(pixels: &[u8], table: &[f32; 256], od: &mut [Vec<f32>; 3]) {
+        for (c, plane) in od.iter_mut().enumerate() {
+            plane.clear();
+            plane.extend(pixels.chunks_exact(3).map(|px| table[px[c] as usize]));
+        }
+    }
+}
+
+multiversion! {
+    /// Count, sums and products (upper triangle) of the stained pixels' optical densities: 16 float32
+    /// lanes per accumulator, flushed to float64 every 4096 pixels.
+    fn stained_moments(od: &[Vec<f32>; 3], beta: f32) -> [f64; 10] {
+        let mut total = [0f64; 10];
+        let n = od[0].len();
+        for start in (0..n).step_by(4096) {
+            let end = (start + 4096).min(n);
+            let mut acc = [[0f32; 16]; 10];
+            let (a, b, c) = (&od[0][start..end], &od[1][start..end], &od[2][start..end]);
+            let full = a.len() / 16 * 16;
+            for i in (0..full).step_by(16) {
+                for l in 0..16 {
+                    let (x, y, z) = (a[i + l], b[i + l], c[i + l]);
+                    let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
+                    let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
+                    for (t, v) in terms.iter().enumerate() {
+                        acc[t][l] += v;
+                    }
+                }
+            }
+            for i in full..a.len() {
+                let (x, y, z) = (a[i], b[i], c[i]);
+                let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
+                let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
+                for (t, v) in terms.iter().enumerate() {
+                    acc[t][0] += v;
+                }
+            }
+            for (t, lanes) in acc.iter().enumerate() {
+                total[t] += lanes.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// Pseudo-angles and plane coordinates of the stained pixels (computed for all, then compacted
+    /// without branches).
+    fn project(od: &[Vec<f32>; 3], ev: &[[f32; 2]; 3], beta: f32, phi: &mut Vec<f32>, xy: &mut Vec<[f32; 2]>) {
+        let n = od[0].len();
+        phi.clear();
+        phi.resize(n + 1, 0.0);
+        xy.clear();
+        xy.resize(n + 1, [0.0; 2]);
+        let mut kept = 0;
+        for start in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - start);
+            let (mut t0, mut t1, mut pa, mut m) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [false; BLOCK]);
+            for i in 0..len {
+                let (x, y, z) = (od[0][start + i], od[1][start + i], od[2][start + i]);
+                t0[i] = x * ev[0][0] + y * ev[1][0] + z * ev[2][0];
+                t1[i] = x * ev[0][1] + y * ev[1][1] + z * ev[2][1];
+                pa[i] = pseudo_angle(t1[i], t0[i]);
+                m[i] = x >= beta && y >= beta && z >= beta;
+            }
+            for i in 0..len {
+                phi[kept] = pa[i];
+                xy[kept] = [t0[i], t1[i]];
+                kept += usize::from(m[i]);
+            }
+        }
+        phi.truncate(kept);
+        xy.truncate(kept);
+    }
+}
+
+multiversion! {
+    /// Concentrations C = pinv · OD for every pixel.
+    fn concentrations(od: &[Vec<f32>; 3], pinv: &[[f32; 3]; 2], c: &mut [Vec<f32>; 2]) {
+        for (row, plane) in c.iter_mut().enumerate() {
+            let p = pinv[row];
+            plane.clear();
+            plane.extend(od[0].iter().zip(&od[1]).zip(&od[2]).map(|((x, y), z)| p[0] * x + p[1] * y + p[2] * z));
+        }
+    }
+}
+
+/// The rank torchstain's `percentile(t, q)` picks (0-based): `round(q/100 (n - 1))`, half to even.
+fn percentile_rank(n: usize, q: f32) -> usize {
+    (0.01 * q as f64 * (n - 1) as f64).round_ties_even() as usize
+}
+
+/// Estimates the stain basis of one patch; `None` when it has too few stained pixels for Macenko (an
+/// empty or near-white patch), where the method is undefined. Leaves the concentrations in `s.c`.
+fn estimate(
+    pixels: &[u8],
+    p: &MacenkoParams,
+    table: &[f32; 256],
+    s: &mut Scratch,
+) -> Option<Stains> {
+    let n = pixels.len() / 3;
+    od_planes(pixels, table, &mut s.od);
+    // Covariance of the stained pixels (all three ODs >= beta).
+    let m = stained_moments(&s.od, p.beta);
+    let count = m[0] as usize;
+    if count < 10.max(n / 100) {
+        return None;
+    }
+    let (sum, prod) = (
+        [m[1], m[2], m[3]],
+        [[m[4], m[5], m[6]], [m[5], m[7], m[8]], [m[6], m[8], m[9]]],
+    );
+    let cov: [[f64; 3]; 3] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| (prod[i][j] - sum[i] * sum[j] / count as f64) / (count - 1) as f64)
+    });
+    let e = eigh3(cov);
+    let ev: [[f32; 2]; 3] = std::array::from_fn(|r| [e[r][1] as f32, e[r][2] as f32]);
+    // The angle percentiles are taken on a pseudo-angle (same order, no atan2 per pixel); the two
+    // chosen points' true angles are computed from their coordinates.
+    project(&s.od, &ev, p.beta, &mut s.phi, &mut s.xy);
+    let wanted = [
+        percentile_rank(s.phi.len(), p.alpha),
+        percentile_rank(s.phi.len(), 100.0 - p.alpha),
+    ];
+    let picked = ranks(&s.phi, wanted, &mut s.ranks);
+    let angle_of = |pseudo: f32| -> f32 {
+        let i = s
+            .phi
+            .iter()
+            .position(|&v| v == pseudo)
+            .expect("a selected value is one of the keys");
+        s.xy[i][1].atan2(s.xy[i][0])
+    };
+    let (min_phi, max_phi) = (angle_of(picked[0]), angle_of(picked[1]));
+    let dir = |phi: f32| -> [f32; 3] {
+        std::array::from_fn(|r| ev[r][0] * phi.cos() + ev[r][1] * phi.sin())
+    };
+    let (v_min, v_max) = (dir(min_phi), dir(max_phi));
+    let (h, e2) = if v_min[0] > v_max[0] {
+        (v_min, v_max)
+    } else {
+        (v_max, v_min)
+    };
+    let he: [[f32; 2]; 3] = std::array::from_fn(|r| [h[r], e2[r]]);
+    // Least squares C = (HE^T HE)^-1 HE^T OD, for every pixel.
+    let g = [
+        [dot3(&h, &h) as f64, dot3(&h, &e2) as f64],
+        [dot3(&h, &e2) as f64, dot3(&e2, &e2) as f64],
+    ];
+    let det = g[0][0] * g[1][1] - g[0][1] * g[1][0];
+    if det.abs() < 1e-12 {
+        return None;
+    }
+    let pinv: [[f32; 3]; 2] = std::array::from_fn(|i| {
+        std::array::from_fn(|r| {
+            let (a, b) = if i == 0 {
+                (g[1][1], -g[0][1])
+            } else {
+                (-g[1][0], g[0][0])
+            };
+            ((a * h[r] as f64 + b * e2[r] as f64) / det) as f32
+        })
+    });
+    concentrations(&s.od, &pinv, &mut s.c);
+    let k = [percentile_rank(n, 99.0)];
+    let max_c = [
+        ranks(&s.c[0], k, &mut s.ranks)[0],
+        ranks(&s.c[1], k, &mut s.ranks)[0],
+    ];
+    Some(Stains { he, max_c })
+}
+
+fn dot3(a: &[f32; 3], b: &[f32; 3]) -> f32 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// The stain basis of a target image (its pixels pooled), to normalise other patches towards.
+pub fn macenko_fit(pixels: &[u8], p: &MacenkoParams) -> Result<Stains> {
+    estimate(pixels, p, &od_table(p.io), &mut Scratch::default()).ok_or_else(|| {
+        Error::invalid("the Macenko target has too few stained pixels (at least 1% must have optical density >= beta in every channel): fit on a patch with tissue")
+    })
+}
+
+/// e^x in float32 (Cephes' `expf`: Cody-Waite reduction, degree-6 polynomial, within 2 ulp), written
+/// without branches so that it vectorises.
+#[inline]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+multiversion! {
+    /// Remixes one patch's concentrations (scaled per stain) with the target's stain vectors:
+    /// `min(255, Io exp(-HE c))`, truncated to 8 bits as torchstain does.
+    fn remix(patch: &mut [u8], c: &[Vec<f32>; 2], scale: [f32; 2], he: &[[f32; 2]; 3], io: f32) {
+        for (start, block) in (0..c[0].len()).step_by(BLOCK).zip(patch.chunks_mut(BLOCK * 3)) {
+            let len = block.len() / 3;
+            let (c0, c1) = (&c[0][start..start + len], &c[1][start..start + len]);
+            let mut out = [[0f32; BLOCK]; 3];
+            for (r, plane) in out.iter_mut().enumerate() {
+                let (h0, h1) = (he[r][0] * scale[0], he[r][1] * scale[1]);
+                for i in 0..len {
+                    plane[i] = (io * exp(-(h0 * c0[i] + h1 * c1[i]))).min(255.0);
+                }
+            }
+            for (i, px) in block.chunks_exact_mut(3).enumerate() {
+                px[0] = out[0][i] as i32 as u8;
+                px[1] = out[1][i] as i32 as u8;
+                px[2] = out[2][i] as i32 as u8;
+            }
+        }
+    }
+}
+
+/// Normalises each `h x w x 3` patch of `patches` to `target` in place. Returns, per patch, whether it was
+/// normalised: a patch without enough stained pixels is left as it was.
+pub fn macenko_transform(
+    patches: &mut [u8],
+    pixels_per_patch: usize,
+    target: &Stains,
+    p: &MacenkoParams,
+) -> Vec<bool> {
+    let table = od_table(p.io);
+    patches
+        .par_chunks_mut(pixels_per_patch * 3)
+        .map_init(Scratch::default, |s, patch| {
+            let Some(source) = estimate(patch, p, &table, s) else {
+                return false;
+            };
+            let scale = [
+                target.max_c[0] / source.max_c[0],
+                target.max_c[1] / source.max_c[1],
+            ];
+            remix(patch, &s.c, scale, &target.he, p.io);
+            true
+        })
+        .collect()
+}
+
+/// Mean and (unbiased) standard deviation of each LAB channel, in torchstain's units
+/// (L in 0..100, a and b centred on 0).
+pub type LabStats = [[f32; 2]; 3];
+
+const RGB2XYZ: [[f32; 3]; 3] = [
+    [0.412453, 0.357580, 0.180423],
+    [0.212671, 0.715160, 0.072169],
+    [0.019334, 0.119193, 0.950227],
+];
+const WHITE: [f32; 3] = [0.95047, 1.0, 1.08883];
+
+/// sRGB to linear for each 8-bit value.
+fn linear_table() -> [f32; 256] {
+    std::array::from_fn(|v| {
+        let x = v as f32 / 255.0;
+        if x > 0.04045 {
+            ((x + 0.055) / 1.055).powf(2.4)
+        } else {
+            x / 12.92
+        }
+    })
+}
+
+/// Pixels per block of the colour kernels: planes of this many floats stay in L1 and vectorise.
+const BLOCK: usize = 64;
+
+multiversion! {
+/// LAB planes of RGB pixels (torchstain's rgb2lab, L in 0..100, a and b centred on 0).
+fn lab_planes(pixels: &[u8], lin: &[f32; 256], lab: &mut [Vec<f32>; 3]) {
+    let n = pixels.len() / 3;
+    for plane in lab.iter_mut() {
+        plane.clear();
+        plane.resize(n, 0.0);
+    }
+    let [l_out, a_out, b_out] = lab;
+    let m: [[f32; 3]; 3] = std::array::from_fn(|i| RGB2XYZ[i].map(|v| v * (1.0 / WHITE[i])));
+    for (start, block) in (0..n).step_by(BLOCK).zip(pixels.chunks(BLOCK * 3)) {
+        let len = block.len() / 3;
+        let (mut r, mut g, mut b) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        for (i, px) in block.chunks_exact(3).enumerate() {
+            r[i] = lin[px[0] as usize];
+            g[i] = lin[px[1] as usize];
+            b[i] = lin[px[2] as usize];
+        }
+        let f = |t: f32| if t > 0.008856 { cbrt(t) } else { 7.787 * t + 16.0 / 116.0 };
+        let (l_out, a_out, b_out) = (&mut l_out[start..start + len], &mut a_out[start..start + len], &mut b_out[start..start + len]);
+        for i in 0..len {
+            let x = f(m[0][0] * r[i] + m[0][1] * g[i] + m[0][2] * b[i]);
+            let y = f(m[1][0] * r[i] + m[1][1] * g[i] + m[1][2] * b[i]);
+            let z = f(m[2][0] * r[i] + m[2][1] * g[i] + m[2][2] * b[i]);
+            l_out[i] = 116.0 * y - 16.0;
+            a_out[i] = 500.0 * (x - y);
+            b_out[i] = 200.0 * (y - z);
+        }
+    }
+}
+}
+
+/// Cube root of a positive float32 to full precision: a bit-level first guess, two Halley steps.
+#[inline]
+fn cbrt(x: f32) -> f32 {
+    let mut y = f32::from_bits(x.to_bits() / 3 + 709_921_077);
+    for _ in 0..2 {
+        let y3 = y * y * y;
+        y *= (y3 + 2.0 * x) / (2.0 * y3 + x);
+    }
+    y
+}
+
+fn xyz2rgb() -> [[f32; 3]; 3] {
+    let m = RGB2XYZ.map(|r| r.map(|v| v as f64));
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let (r0, r1) = ((j + 1) % 3, (j + 2) % 3);
+            let (c0, c1) = ((i + 1) % 3, (i + 2) % 3);
+            ((m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]) / det) as f32
+        })
+    })
+}
+
+fn lab_stats(pixels: &[u8], lin: &[f32; 256], lab: &mut [Vec<f32>; 3]) -> LabStats {
+    lab_planes(pixels, lin, lab);
+    std::array::from_fn(|c| mean_std(&lab[c]))
+}
+
+multiversion! {
+    /// Mean and unbiased standard deviation, two passes, 16 float32 lanes flushed to float64 per 4096.
+    fn mean_std(values: &[f32]) -> [f32; 2] {
+        let n = values.len().max(2) as f64;
+        let (mut sum, mut sq) = (0f64, 0f64);
+        for block in values.chunks(4096) {
+            sum += lane_sum(block, 0.0, false);
+        }
+        let mean = (sum / n) as f32;
+        for block in values.chunks(4096) {
+            sq += lane_sum(block, mean, true);
+        }
+        [mean, (sq / (n - 1.0)).sqrt() as f32]
+    }
+}
+
+/// The sum of `v - shift` (or of its square) over a short block, in 16 float32 lanes.
+#[inline(always)]
+fn lane_sum(block: &[f32], shift: f32, square: bool) -> f64 {
+    let mut acc = [0f32; 16];
+    let mut chunks = block.chunks_exact(16);
+    for ch in &mut chunks {
+        for l in 0..16 {
+            let d = ch[l] - shift;
+            acc[l] += if square { d * d } else { d };
+        }
+    }
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| {
+            if square {
+                ((v - shift) * (v - shift)) as f64
+            } else {
+                (v - shift) as f64
+            }
+        })
+        .sum();
+    acc.iter().map(|&v| v as f64).sum::<f64>() + rest
+}
+
+/// The LAB statistics of a target image, to normalise other patches towards.
+pub fn reinhard_fit(pixels: &[u8]) -> Result<LabStats> {
+    if pixels.len() < 6 {
+        return Err(Error::invalid(
+            "the Reinhard target needs at least two pixels",
+        ));
+    }
+    Ok(lab_stats(pixels, &linear_table(), &mut Default::default()))
+}
+
+/// Reinhard normalisation in place: each LAB channel standardised, then given the target's mean and
+/// standard deviation. A channel with no spread (a uniform patch) is moved to the target mean.
+pub fn reinhard_transform(patches: &mut [u8], pixels_per_patch: usize, target: &LabStats) {
+    let lin = linear_table();
+    let inv: [[f32; 3]; 3] = {
+        let m = xyz2rgb();
+        std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] * WHITE[j]))
+    };
+    patches.par_chunks_mut(pixels_per_patch * 3).for_each_init(
+        <[Vec<f32>; 3]>::default,
+        |lab, patch| {
+            let stats = lab_stats(patch, &lin, lab);
+            // v' = (v - mean) / std * target_std + target_mean as one multiply-add per value.
+            let (gain, offset): ([f32; 3], [f32; 3]) = {
+                let g: [f32; 3] = std::array::from_fn(|c| {
+                    if stats[c][1] > 0.0 {
+                        target[c][1] / stats[c][1]
+                    } else {
+                        0.0
+                    }
+                });
+                (
+                    g,
+                    std::array::from_fn(|c| target[c][0] - stats[c][0] * g[c]),
+                )
+            };
+            reinhard_patch(patch, lab, gain, offset, &inv);
+        },
+    );
+}
+
+multiversion! {
+    /// Writes one patch from its standardised LAB planes: v' = v gain + offset, then LAB to RGB and
+    /// the sRGB gamma, truncated to 8 bits as torchstain does.
+    fn reinhard_patch(patch: &mut [u8], lab: &[Vec<f32>; 3], gain: [f32; 3], offset: [f32; 3], inv: &[[f32; 3]; 3]) {
+        let finv = |v: f32| if v > 0.2068966 { v * v * v } else { (v - 16.0 / 116.0) * (1.0 / 7.787) };
+
+        for (start, block) in (0..lab[0].len()).step_by(BLOCK).zip(patch.chunks_mut(BLOCK * 3)) {
+            let len = block.len() / 3;
+            let (lp, ap, bp) = (&lab[0][start..start + len], &lab[1][start..start + len], &lab[2][start..start + len]);
+            let (mut r, mut g, mut bl) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+            for i in 0..len {
+                let l = lp[i] * gain[0] + offset[0];
+                let a = ap[i] * gain[1] + offset[1];
+                let b = bp[i] * gain[2] + offset[2];
+                let y = (l + 16.0) * (1.0 / 116.0);
+                let (x, y, z) = (finv(a * 0.002 + y), finv(y), finv(y - b * 0.005));
+                r[i] = inv[0][0] * x + inv[0][1] * y + inv[0][2] * z;
+                g[i] = inv[1][0] * x + inv[1][1] * y + inv[1][2] * z;
+                bl[i] = inv[2][0] * x + inv[2][1] * y + inv[2][2] * z;
+            }
+            let mut rgb = [r, g, bl];
+            // The sRGB curve over each plane, both branches computed and one selected (it vectorises).
+            for plane in rgb.iter_mut() {
+                srgb_levels(&mut plane[..len]);
+            }
+            for (i, px) in block.chunks_exact_mut(3).enumerate() {
+                px[0] = rgb[0][i] as i32 as u8;
+                px[1] = rgb[1][i] as i32 as u8;
+                px[2] = rgb[2][i] as i32 as u8;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Linear light to 8-bit sRGB levels (as floats): 255 clamp(gamma(v), 0, 1).
+    fn srgb_levels(plane: &mut [f32]) {
+        for v in plane.iter_mut() {
+            let x = *v;
+            let curve = 1.055 * exp(ln(x.max(0.0031308)) * (1.0 / 2.4)) - 0.055;
+            let value = if x > 0.0031308 { curve } else { x * 12.92 };
+            *v = 255.0 * value.clamp(0.0, 1.0);
+        }
+    }
+}
+
+/// Natural logarithm of a positive normal float32 (exponent split, atanh series on [sqrt 1/2, sqrt 2),
+/// within 2 ulp), without branches so that it vectorises.
+#[inline]
+fn ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    let big = m > std::f32::consts::SQRT_2;
+    m = if big { m * 0.5 } else { m };
+    e += i32::from(big);
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let series = 1.0 + t2 * (1.0 / 3.0 + t2 * (0.2 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0))));
+    2.0 * t * series + e as f32 * std::f32::consts::LN_2
+}
+
+/// uint8 HWC patches to float32 CHW: `(v / 255 - mean[c]) / std[c]`, per channel, through a 256-entry
+/// table per channel (bit-identical to the float32 formula).
+pub fn to_tensor(
+    patches: &[u8],
+    n: usize,
+    h: usize,
+    w: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+    out: &mut [f32],
+) {
+    let table: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
+    let plane = h * w;
+    out.par_chunks_mut(3 * plane)
+        .zip(patches.par_chunks(3 * plane))
+        .take(n)
+        .for_each(|(dst, src)| tensor_patch(src, &table, mean, std, dst));
+}
+
+/// One patch: interleaved RGB bytes to three planes, through the per-channel tables.
+fn tensor_patch(
+    src: &[u8],
+    table: &[[f32; 256]; 3],
+    mean: [f32; 3],
+    std: [f32; 3],
+    dst: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == 2 && is_x86_feature_detected!("avx512vbmi") {
+        // SAFETY: the features were checked just above.
+        return unsafe { tensor_patch_avx512(src, table, mean, std, dst) };
+    }
+    tensor_patch_portable(src, table, dst, 0);
+}
+
+fn tensor_patch_portable(src: &[u8], table: &[[f32; 256]; 3], dst: &mut [f32], from: usize) {
+    let plane = src.len() / 3;
+    let (r, rest) = dst.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for i in from..plane {
+        r[i] = table[0][src[3 * i] as usize];
+        g[i] = table[1][src[3 * i + 1] as usize];
+        b[i] = table[2][src[3 * i + 2] as usize];
+    }
+}
+
+/// 16 pixels a step: one byte permutation splits R, G and B, each widened to float32 and put through
+/// `(v / 255 - mean) / std` with true divisions (bit-identical to the table), then stored;
+/// non-temporal when the planes are 64-byte aligned (a batch of tensors does not fit in cache, and
+/// skipping the read-for-ownership nearly halves the traffic).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn tensor_patch_avx512(
+    src: &[u8],
+    table: &[[f32; 256]; 3],
+    mean: [f32; 3],
+    std: [f32; 3],
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let plane = src.len() / 3;
+    let order: [u8; 64] = std::array::from_fn(|k| {
+        if k < 48 {
+            ((k % 16) * 3 + k / 16) as u8
+        } else {
+            0
+        }
+    });
+    let idx = _mm512_loadu_si512(order.as_ptr().cast());
+    let base = dst.as_mut_ptr();
+    let aligned = (base as usize).is_multiple_of(64) && (plane * 4).is_multiple_of(64);
+    let steps = plane / 16;
+    for s in 0..steps {
+        let bytes = _mm512_maskz_loadu_epi8(0xFFFF_FFFF_FFFF, src.as_ptr().add(s * 48).cast());
+        let split = _mm512_permutexvar_epi8(idx, bytes);
+        let channels = [
+            _mm512_castsi512_si128(split),
+            _mm512_extracti32x4_epi32::<1>(split),
+            _mm512_extracti32x4_epi32::<2>(split),
+        ];
+        for (c, bytes) in channels.into_iter().enumerate() {
+            let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+            let scaled = _mm512_sub_ps(
+                _mm512_div_ps(v, _mm512_set1_ps(255.0)),
+                _mm512_set1_ps(mean[c]),
+            );
+            let values = _mm512_div_ps(scaled, _mm512_set1_ps(std[c]));
+            let at = base.add(c * plane + s * 16);
+            if aligned {
+                _mm512_stream_ps(at, values);
+            } else {
+                _mm512_storeu_ps(at, values);
+            }
+        }
+    }
+    if aligned {
+        _mm_sfence();
+    }
+    tensor_patch_portable(src, table, dst, steps * 16);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn jacobi_diagonalises() {
+        let a = [[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 1.0]];
+        let v = eigh3(a);
+        // A v = lambda v for each column, eigenvalues ascending.
+        let mut last = f64::NEG_INFINITY;
+        for col in 0..3 {
+            let x = [v[0][col], v[1][col], v[2][col]];
+            let ax: Vec<f64> = (0..3)
+                .map(|r| (0..3).map(|k| a[r][k] * x[k]).sum())
+                .collect();
+            let lambda: f64 = (0..3).map(|r| ax[r] * x[r]).sum();
+            assert!(lambda >= last);
+            last = lambda;
+            for r in 0..3 {
+                assert!((ax[r] - lambda * x[r]).abs() < 1e-9);
+            }
+        }
+    }
+
+    #[test]
+    fn cbrt_is_exact_enough() {
+        for x in [1e-3f32, 0.01, 0.5, 1.0, 1.7] {
+            assert!((cbrt(x) - x.cbrt()).abs() <= 2.0 * f32::EPSILON * x.cbrt());
+        }
+    }
+
+    #[test]
+    fn ln_is_within_two_ulp() {
+        for i in 1..=20_000 {
+            let x = i as f32 * 1e-4 + 1e-3;
+            let (got, want) = (ln(x) as f64, (x as f64).ln());
+            assert!(
+                (got - want).abs() <= 3.0 * f32::EPSILON as f64 * want.abs().max(1e-3),
+                "{x}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        for i in -8000..=600 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp(x), (x as f64).exp());
+            assert!(
+                ((got as f64) - want).abs() <= 2.5 * f32::EPSILON as f64 * want,
+                "{x}"
+            );
+        }
+    }
+
+    #[test]
+    fn pseudo_angle_orders_as_atan2() {
+        let mut pts: Vec<(f32, f32)> = (0..360)
+            .map(|d| ((d as f32 * 0.0174).sin(), (d as f32 * 0.0174).cos()))
+            .collect();
+        pts.push((0.0, -1.0));
+        let mut by_atan = pts.clone();
+        by_atan.sort_by(|a, b| a.0.atan2(a.1).total_cmp(&b.0.atan2(b.1)));
+        pts.sort_by(|a, b| pseudo_angle(a.0, a.1).total_cmp(&pseudo_angle(b.0, b.1)));
+        assert_eq!(pts, by_atan);
+    }
+
+    #[test]
+    fn a_white_patch_is_left_alone() {
+        let mut patch = vec![250u8; 16 * 16 * 3];
+        let done = macenko_transform(
+            &mut patch,
+            256,
+            &Stains::REFERENCE,
+            &MacenkoParams::default(),
+        );
+        assert_eq!(done, vec![false]);
+        assert!(patch.iter().all(|&v| v == 250));
+        let mut flat = vec![200u8; 8 * 8 * 3];
+        let target = reinhard_fit(&(0..192).map(|v| v as u8).collect::<Vec<_>>()).unwrap();
+        reinhard_transform(&mut flat, 64, &target);
+        assert!(flat.chunks_exact(3).all(|p| p == &flat[..3]));
+    }
+}

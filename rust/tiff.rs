@@ -1,0 +1,467 @@
+//! A reader for the TIFF family whole-slide images come in: classic TIFF and BigTIFF, either byte order,
+//! tiled or stripped, uncompressed / LZW / deflate / JPEG (with shared `JPEGTables`), pyramids as a chain
+//! of IFDs (pyvips, Aperio SVS) or as SubIFDs (OME-TIFF). Only the directory is parsed up front; pixels
+//! are decoded one tile (or strip) at a time, on demand, from a memory map.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+const NEW_SUBFILE_TYPE: u16 = 254;
+const IMAGE_WIDTH: u16 = 256;
+const IMAGE_LENGTH: u16 = 257;
+const BITS_PER_SAMPLE: u16 = 258;
+const COMPRESSION: u16 = 259;
+const PHOTOMETRIC: u16 = 262;
+const IMAGE_DESCRIPTION: u16 = 270;
+const STRIP_OFFSETS: u16 = 273;
+const SAMPLES_PER_PIXEL: u16 = 277;
+const ROWS_PER_STRIP: u16 = 278;
+const STRIP_BYTE_COUNTS: u16 = 279;
+const X_RESOLUTION: u16 = 282;
+const PLANAR_CONFIG: u16 = 284;
+const RESOLUTION_UNIT: u16 = 296;
+const PREDICTOR: u16 = 317;
+const TILE_WIDTH: u16 = 322;
+const TILE_LENGTH: u16 = 323;
+const TILE_OFFSETS: u16 = 324;
+const TILE_BYTE_COUNTS: u16 = 325;
+const SUB_IFDS: u16 = 330;
+const JPEG_TABLES: u16 = 347;
+
+/// How a tile's bytes are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Lzw,
+    Deflate,
+    Jpeg,
+}
+
+/// One image of the file (a pyramid level, a thumbnail, a label ...), as a grid of tiles. A stripped image
+/// is a grid one tile wide whose tiles are the strips.
+#[derive(Clone, Debug)]
+pub struct Ifd {
+    pub width: usize,
+    pub height: usize,
+    pub tile_width: usize,
+    pub tile_height: usize,
+    pub tiled: bool,
+    pub reduced: bool,
+    offsets: Vec<u64>,
+    byte_counts: Vec<u64>,
+    compression: Compression,
+    samples: usize,
+    rgb_jpeg: bool,
+    predictor: bool,
+    jpeg_tables: Option<Vec<u8>>,
+    pub description: String,
+    /// Micrometres per pixel from the resolution tags, when they carry a physical unit.
+    pub tag_um_per_px: Option<f64>,
+}
+
+impl Ifd {
+    pub fn tiles_across(&self) -> usize {
+        self.width.div_ceil(self.tile_width)
+    }
+
+    pub fn tiles_down(&self) -> usize {
+        self.height.div_ceil(self.tile_height)
+    }
+
+    /// Decodes tile `index` (row-major) into `tile_width * tile_height * 3` RGB bytes (a short last strip
+    /// is padded with white), reusing `buf`'s memory.
+    pub fn decode_tile(
+        &self,
+        data: &[u8],
+        index: usize,
+        path: &Path,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let bad = |why: String| Error::format(path, format!("tile {index}: {why}"));
+        let (offset, count) = (
+            self.offsets[index] as usize,
+            self.byte_counts[index] as usize,
+        );
+        let raw = offset
+            .checked_add(count)
+            .and_then(|end| data.get(offset..end))
+            .ok_or_else(|| bad("its bytes lie past the end of the file (truncated?)".into()))?;
+        let (tw, th) = (self.tile_width, self.tile_height);
+        // Rows actually stored: a stripped image's last strip may be short.
+        let rows = if self.tiled {
+            th
+        } else {
+            th.min(self.height - (index * th).min(self.height))
+        };
+        if self.compression == Compression::Jpeg {
+            let (w, h) = self
+                .decode_jpeg(raw, &mut buf)
+                .map_err(|e| bad(format!("bad JPEG data ({e})")))?;
+            if w != tw || h < rows {
+                return Err(bad(format!(
+                    "a {w} x {h} px JPEG in a {tw} x {rows} px tile"
+                )));
+            }
+            buf.resize(tw * th * 3, 255);
+            buf[tw * rows * 3..].fill(255);
+            return Ok(buf);
+        }
+        let samples = self.samples;
+        let want = tw * rows * samples;
+        let mut bytes = match self.compression {
+            Compression::None => raw.to_vec(),
+            Compression::Lzw => {
+                weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8)
+                    .decode(raw)
+                    .map_err(|e| bad(format!("bad LZW data ({e})")))?
+            }
+            Compression::Deflate => {
+                let mut out = Vec::with_capacity(want);
+                std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(raw), &mut out)
+                    .map_err(|e| bad(format!("bad deflate data ({e})")))?;
+                out
+            }
+            Compression::Jpeg => unreachable!(),
+        };
+        if bytes.len() < want {
+            return Err(bad(format!(
+                "{} bytes decoded, {want} expected (truncated?)",
+                bytes.len()
+            )));
+        }
+        if self.predictor {
+            for row in bytes[..want].chunks_exact_mut(tw * samples) {
+                for i in samples..row.len() {
+                    row[i] = row[i].wrapping_add(row[i - samples]);
+                }
+            }
+        }
+        buf.clear();
+        buf.resize(tw * th * 3, 255);
+        for (dst, src) in buf
+            .chunks_exact_mut(3)
+            .zip(bytes[..want].chunks_exact(samples))
+        {
+            if samples >= 3 {
+                dst.copy_from_slice(&src[..3]);
+            } else {
+                dst.fill(src[0]);
+            }
+        }
+        Ok(buf)
+    }
+
+    fn decode_jpeg(
+        &self,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+    ) -> std::result::Result<(usize, usize), String> {
+        // An abbreviated stream: splice the shared tables (without their EOI) before the tile's data
+        // (without its SOI).
+        let joined;
+        let stream = match &self.jpeg_tables {
+            Some(tables) if tables.len() >= 4 && raw.len() >= 2 => {
+                joined = [&tables[..tables.len() - 2], &raw[2..]].concat();
+                &joined[..]
+            }
+            _ => raw,
+        };
+        decode_jpeg_into(stream, self.rgb_jpeg, out)
+    }
+}
+
+/// Decodes a JPEG stream into RGB in `out` (resized to fit), returning (width, height). `raw_rgb`: the
+/// components are R, G, B already (Aperio's tiles), so the YCbCr conversion is skipped.
+pub fn decode_jpeg_into(
+    stream: &[u8],
+    raw_rgb: bool,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(usize, usize), String> {
+    use zune_jpeg::zune_core::{
+        bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions,
+    };
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(1 << 20)
+        .set_max_height(1 << 20);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(stream), options);
+    decoder.decode_headers().map_err(|e| e.to_string())?;
+    let info = decoder.info().ok_or("no JPEG header")?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    if decoder.input_colorspace() == Some(ColorSpace::Luma) {
+        let mut gray = vec![0u8; w * h];
+        decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::Luma));
+        decoder.decode_into(&mut gray).map_err(|e| e.to_string())?;
+        out.clear();
+        out.extend(gray.iter().flat_map(|&v| [v, v, v]));
+        return Ok((w, h));
+    }
+    // A stream without colour markers is taken as YCbCr; where the TIFF says RGB, keep the components
+    // as they are (libtiff does the same).
+    if raw_rgb && decoder.input_colorspace() == Some(ColorSpace::YCbCr) {
+        decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::YCbCr));
+    }
+    // Every byte is written by the decoder: reused memory needs no clearing.
+    out.resize(w * h * 3, 0);
+    decoder.decode_into(out).map_err(|e| e.to_string())?;
+    Ok((w, h))
+}
+
+/// A parsed TIFF: the memory-mapped bytes and every image in it.
+pub struct Tiff {
+    pub ifds: Vec<Ifd>,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    little: bool,
+    big: bool,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn bytes(&self, at: u64, len: usize) -> Result<&[u8]> {
+        let start = usize::try_from(at).unwrap_or(usize::MAX);
+        start
+            .checked_add(len)
+            .and_then(|end| self.data.get(start..end))
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    "the TIFF directory points past the end of the file (truncated?)",
+                )
+            })
+    }
+
+    fn uint(&self, at: u64, size: usize) -> Result<u64> {
+        let b = self.bytes(at, size)?;
+        let mut v = 0u64;
+        for i in 0..size {
+            let byte = if self.little { b[size - 1 - i] } else { b[i] };
+            v = (v << 8) | byte as u64;
+        }
+        Ok(v)
+    }
+
+    /// One directory entry: (tag, type, value size in bytes, where the values are, how many).
+    fn entry(&self, entry: u64) -> Result<(u16, u16, usize, u64, u64)> {
+        let tag = self.uint(entry, 2)? as u16;
+        let kind = self.uint(entry + 2, 2)? as u16;
+        let count = self.uint(entry + 4, if self.big { 8 } else { 4 })?;
+        let size = match kind {
+            1 | 2 | 6 | 7 => 1,
+            3 | 8 => 2,
+            4 | 9 | 11 | 13 => 4,
+            5 | 10 | 12 | 16 | 17 | 18 => 8,
+            _ => 0,
+        };
+        let inline = if self.big { 8 } else { 4 };
+        let value_at = if self.big { entry + 12 } else { entry + 8 };
+        let total = size as u64 * count;
+        let at = if total <= inline {
+            value_at
+        } else {
+            self.uint(value_at, inline as usize)?
+        };
+        Ok((tag, kind, size, at, count))
+    }
+
+    /// The values of an entry as integers (a rational as its numerator and denominator).
+    fn ints(&self, kind: u16, size: usize, at: u64, count: u64) -> Result<Vec<u64>> {
+        if count > self.data.len() as u64 {
+            return Err(Error::format(
+                self.path,
+                "a TIFF tag claims more values than the file has bytes",
+            ));
+        }
+        let size = if kind == 5 { 4 } else { size };
+        let n = if kind == 5 { count * 2 } else { count };
+        (0..n)
+            .map(|i| self.uint(at + i * size as u64, size))
+            .collect()
+    }
+
+    fn ifd(&self, offset: u64) -> Result<(Ifd, Vec<u64>, u64)> {
+        let (count_size, entry_size) = if self.big { (8, 20) } else { (2, 12) };
+        let n = self.uint(offset, count_size)?;
+        if n == 0 || n > 4096 {
+            return Err(Error::format(
+                self.path,
+                format!("a TIFF directory with {n} entries: the file is damaged"),
+            ));
+        }
+        let mut tags: std::collections::HashMap<u16, Vec<u64>> = Default::default();
+        let mut text: std::collections::HashMap<u16, Vec<u8>> = Default::default();
+        for i in 0..n {
+            let (tag, kind, size, at, count) =
+                self.entry(offset + count_size as u64 + i * entry_size)?;
+            if tag == IMAGE_DESCRIPTION || tag == JPEG_TABLES {
+                text.insert(tag, self.bytes(at, count as usize)?.to_vec());
+            } else if size > 0 && kind != 11 && kind != 12 {
+                tags.insert(tag, self.ints(kind, size, at, count)?);
+            }
+        }
+        let next = self.uint(
+            offset + count_size as u64 + n * entry_size,
+            if self.big { 8 } else { 4 },
+        )?;
+        let sub_ifds = tags.get(&SUB_IFDS).cloned().unwrap_or_default();
+        Ok((self.build(&tags, &mut text)?, sub_ifds, next))
+    }
+
+    fn build(
+        &self,
+        tags: &std::collections::HashMap<u16, Vec<u64>>,
+        text: &mut std::collections::HashMap<u16, Vec<u8>>,
+    ) -> Result<Ifd> {
+        let get = |tag: u16| tags.get(&tag).and_then(|v| v.first().copied());
+        let missing =
+            |what: &str| Error::format(self.path, format!("a TIFF image without the {what} tag"));
+        let width = get(IMAGE_WIDTH).ok_or_else(|| missing("ImageWidth"))? as usize;
+        let height = get(IMAGE_LENGTH).ok_or_else(|| missing("ImageLength"))? as usize;
+        let samples = get(SAMPLES_PER_PIXEL).unwrap_or(1) as usize;
+        let bits = tags.get(&BITS_PER_SAMPLE).cloned().unwrap_or(vec![1]);
+        let compression = match get(COMPRESSION).unwrap_or(1) {
+            1 => Compression::None,
+            5 => Compression::Lzw,
+            8 | 32946 => Compression::Deflate,
+            7 => Compression::Jpeg,
+            33003 | 33005 | 34712 => {
+                return Err(Error::format(
+                    self.path,
+                    "JPEG 2000 tiles are not read by the built-in reader: install the OpenSlide extra \
+                     (pip install 'bleep-rs[openslide]') and open the slide with backend=\"openslide\"",
+                ))
+            }
+            other => return Err(Error::format(self.path, format!("TIFF compression {other} is not supported (supported: none, LZW, deflate, JPEG); convert the slide, or use backend=\"openslide\""))),
+        };
+        let photometric = get(PHOTOMETRIC).unwrap_or(2);
+        let tiled = tags.contains_key(&TILE_OFFSETS);
+        let (tile_width, tile_height, offsets, byte_counts) = if tiled {
+            (
+                get(TILE_WIDTH).ok_or_else(|| missing("TileWidth"))? as usize,
+                get(TILE_LENGTH).ok_or_else(|| missing("TileLength"))? as usize,
+                tags[&TILE_OFFSETS].clone(),
+                tags.get(&TILE_BYTE_COUNTS)
+                    .cloned()
+                    .ok_or_else(|| missing("TileByteCounts"))?,
+            )
+        } else {
+            let rows = get(ROWS_PER_STRIP)
+                .unwrap_or(height as u64)
+                .min(height as u64) as usize;
+            (
+                width,
+                rows.max(1),
+                tags.get(&STRIP_OFFSETS)
+                    .cloned()
+                    .ok_or_else(|| missing("StripOffsets"))?,
+                tags.get(&STRIP_BYTE_COUNTS)
+                    .cloned()
+                    .ok_or_else(|| missing("StripByteCounts"))?,
+            )
+        };
+        let reduced = get(NEW_SUBFILE_TYPE).unwrap_or(0) & 1 == 1;
+        let unit = get(RESOLUTION_UNIT).unwrap_or(2);
+        let tag_um_per_px = tags.get(&X_RESOLUTION).and_then(|r| {
+            let per_unit = r[0] as f64 / r.get(1).copied().unwrap_or(1).max(1) as f64;
+            let um = match unit {
+                2 => 25_400.0 / per_unit,
+                3 => 10_000.0 / per_unit,
+                _ => return None,
+            };
+            // A screen or print default (72 dpi ...) is not a scan resolution.
+            let dpi_default = unit == 2 && [72.0, 96.0, 150.0, 300.0, 600.0].contains(&per_unit);
+            (um.is_finite() && um > 0.0 && um < 100.0 && !dpi_default).then_some(um)
+        });
+        let ifd = Ifd {
+            width,
+            height,
+            tile_width,
+            tile_height,
+            tiled,
+            reduced,
+            offsets,
+            byte_counts,
+            compression,
+            samples,
+            rgb_jpeg: photometric == 2,
+            predictor: get(PREDICTOR) == Some(2),
+            jpeg_tables: text.remove(&JPEG_TABLES),
+            description: String::from_utf8_lossy(
+                &text.remove(&IMAGE_DESCRIPTION).unwrap_or_default(),
+            )
+            .into_owned(),
+            tag_um_per_px,
+        };
+        let pixel_format_ok = bits.iter().all(|&b| b == 8)
+            && get(PLANAR_CONFIG).unwrap_or(1) == 1
+            && (samples == 1 || samples == 3 || samples == 4)
+            && (photometric == 2
+                || photometric <= 1
+                || (photometric == 6 && compression == Compression::Jpeg));
+        if !pixel_format_ok {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "a TIFF image with {samples} samples of {bits:?} bits, photometric {photometric}, planar \
+                     configuration {}: only 8-bit grey or RGB(A), interleaved, is supported",
+                    get(PLANAR_CONFIG).unwrap_or(1)
+                ),
+            ));
+        }
+        let tiles = ifd.tiles_across() * ifd.tiles_down();
+        if ifd.tile_width == 0 || ifd.offsets.len() < tiles || ifd.byte_counts.len() < tiles {
+            return Err(Error::format(
+                self.path,
+                format!("a TIFF image of {width} x {height} px lists fewer tiles than it needs"),
+            ));
+        }
+        Ok(ifd)
+    }
+}
+
+impl Tiff {
+    /// Parses the header and every directory (the IFD chain and SubIFDs) of `data`.
+    pub fn parse(data: &[u8], path: &Path) -> Result<Tiff> {
+        let not_tiff = || Error::format(path, "not a TIFF file (bad header)");
+        let little = match data.get(..2) {
+            Some(b"II") => true,
+            Some(b"MM") => false,
+            _ => return Err(not_tiff()),
+        };
+        let mut r = Reader {
+            data,
+            little,
+            big: false,
+            path,
+        };
+        let mut offset = match r.uint(2, 2)? {
+            42 => r.uint(4, 4)?,
+            43 => {
+                r.big = true;
+                r.uint(8, 8)?
+            }
+            _ => return Err(not_tiff()),
+        };
+        let mut ifds = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while offset != 0 {
+            if !seen.insert(offset) || ifds.len() > 1000 {
+                return Err(Error::format(
+                    path,
+                    "the TIFF directory chain loops: the file is damaged",
+                ));
+            }
+            let (ifd, subs, next) = r.ifd(offset)?;
+            ifds.push(ifd);
+            for sub in subs {
+                let (mut ifd, _, _) = r.ifd(sub)?;
+                ifd.reduced = true;
+                ifds.push(ifd);
+            }
+            offset = next;
+        }
+        Ok(Tiff { ifds })
+    }
+}
