@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-deps clean
+.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-deps clean
 
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
@@ -29,7 +29,7 @@ $(VENV)/.ready:
 
 # Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools ...): installed
 # on first use. `make bench` runs them all; each also runs on its own.
-bench: bench-retrieval bench-tiling bench-normalize
+bench: bench-retrieval bench-tiling bench-normalize bench-quality
 
 bench-deps: $(VENV)/.ready
 	@echo "building the Rust core with the benchmark peers (log: $(VENV)/build.log) ..."
@@ -43,6 +43,9 @@ bench-tiling: bench-deps
 
 bench-normalize: bench-deps
 	$(PY) benches/bench_normalize.py
+
+bench-quality: bench-deps
+	$(PY) benches/bench_quality.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -25,8 +25,36 @@ from bleep_rs.slide import Slide
 
 __version__ = "0.1.0"
 
+# Training needs torch: these names import it on first use, so that `import bleep_rs` never does.
+_LAZY = {
+    "TrainConfig": "bleep_rs.train",
+    "train": "bleep_rs.train",
+    "BleepModel": "bleep_rs.model",
+    "load_model": "bleep_rs.model",
+    "save_model": "bleep_rs.model",
+    "build_reference": "bleep_rs.model",
+    "Panel": "bleep_rs.expression",
+    "choose_panel": "bleep_rs.expression",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bleep_rs' has no attribute {name!r}")
+
 __all__ = [
     "BleepError",
+    "BleepModel",
+    "Panel",
+    "TrainConfig",
+    "build_reference",
+    "choose_panel",
+    "load_model",
+    "save_model",
+    "train",
     "METHODS",
     "MacenkoNormalizer",
     "Reference",

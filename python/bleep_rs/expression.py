@@ -1,0 +1,150 @@
+"""The expression side: per-section normalisation, highly variable genes, and the model's gene panel.
+
+Per section (BLEEP, method.md section 1): counts are scaled so that every spot has the section's median
+library size, then ``log1p``; the top-n highly variable genes use scanpy's "seurat" flavour. The panel is
+the union (or intersection) of the training sections' sets, or a list the user gives. The panel and every
+parameter travel with the model (:class:`Panel`), and every later section is put on that panel, missing
+genes as zeros, reported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ._core import BleepError
+
+__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression"]
+
+
+@dataclass
+class Panel:
+    """The model's gene panel and how expression is put on it."""
+
+    genes: List[str]
+    n_top_genes: int = 1000
+    flavor: str = "seurat"
+    mode: str = "union"
+    target_sum: str = "median"  # per section: the median library size
+    transform: str = "log1p"
+    sources: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Panel":
+        return cls(**d)
+
+
+def _counts(adata) -> "np.ndarray | object":
+    import scipy.sparse as sp
+
+    X = adata.X
+    return X.tocsr() if sp.issparse(X) else np.asarray(X)
+
+
+def normalise_log1p(X) -> np.ndarray:
+    """Dense float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0)."""
+    import scipy.sparse as sp
+
+    X = X.astype(np.float64) if not sp.issparse(X) else X.astype(np.float64).tocsr()
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    if X.shape[0] == 0:
+        return np.zeros(X.shape, np.float32)
+    target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+    scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
+    scaled = sp.diags(scale) @ X if sp.issparse(X) else X * scale[:, None]
+    dense = scaled.toarray() if sp.issparse(scaled) else scaled
+    return np.log1p(dense).astype(np.float32)
+
+
+def highly_variable_genes(log_expression: np.ndarray, n_top: int, n_bins: int = 20) -> np.ndarray:
+    """Boolean mask of the highly variable genes, scanpy's ``flavor="seurat"`` with ``n_top_genes``:
+    dispersions of ``expm1`` data, normalised within 20 mean bins, the top n (ties included)."""
+    import pandas as pd
+
+    X = np.expm1(log_expression.astype(np.float64))
+    mean = X.mean(0)
+    var = X.var(0, ddof=1) if X.shape[0] > 1 else np.zeros_like(mean)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    dispersion = np.log(dispersion)
+    mean = np.log1p(mean)
+    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
+    grouped = df.groupby("mean_bin", observed=False)["dispersions"]
+    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
+    single = bin_std.isnull()
+    bin_std[single] = bin_mean[single]
+    bin_mean[single] = 0
+    norm = (df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy()) / bin_std[df["mean_bin"]].to_numpy()
+    valid = np.sort(norm[~np.isnan(norm)])[::-1]
+    if len(valid) == 0:
+        return np.zeros(len(norm), bool)
+    cut = valid[min(n_top, len(valid)) - 1]
+    return np.nan_to_num(norm, nan=-np.inf) >= cut
+
+
+def choose_panel(
+    sections: Sequence,
+    *,
+    n_top_genes: int = 1000,
+    mode: str = "union",
+    genes: Optional[Sequence[str]] = None,
+) -> Panel:
+    """The gene panel of training sections: the union (``mode="union"``) or intersection of each one's
+    top ``n_top_genes`` highly variable genes, or ``genes`` as given. Order: as first seen."""
+    names = [s.uns.get("bleep", {}).get("library_id", f"section {i}") for i, s in enumerate(sections)]
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        if len(set(genes)) != len(genes):
+            raise BleepError("the gene list has duplicates")
+        return Panel(genes=genes, n_top_genes=0, mode="given", sources=names)
+    if mode not in ("union", "intersection"):
+        raise BleepError(f'panel mode must be "union" or "intersection", not {mode!r}')
+    chosen: List[List[str]] = []
+    for s, name in zip(sections, names):
+        if s.n_obs < 2:
+            raise BleepError(f"{name}: {s.n_obs} spots; a section needs at least two to choose variable genes")
+        mask = highly_variable_genes(normalise_log1p(_counts(s)), n_top_genes)
+        chosen.append([g for g, m in zip(s.var_names, mask) if m])
+    if mode == "union":
+        seen, panel = set(), []
+        for lst in chosen:
+            for g in lst:
+                if g not in seen:
+                    seen.add(g)
+                    panel.append(g)
+    else:
+        common = set(chosen[0]).intersection(*chosen[1:])
+        panel = [g for g in chosen[0] if g in common]
+    if not panel:
+        raise BleepError(f"the {mode} of the sections' variable genes is empty: use mode='union' or give genes=")
+    return Panel(genes=panel, n_top_genes=n_top_genes, mode=mode, sources=names)
+
+
+def panel_expression(adata, panel: Panel, *, warn: bool = True) -> np.ndarray:
+    """The section's normalised log expression on the panel, float32 (n_spots, n_genes). Panel genes the
+    section lacks are zeros, with a warning naming how many."""
+    if adata.n_obs == 0:
+        raise BleepError("the section has no spots")
+    log = normalise_log1p(_counts(adata))
+    index = {g: i for i, g in enumerate(adata.var_names)}
+    cols = np.array([index.get(g, -1) for g in panel.genes])
+    missing = [g for g, c in zip(panel.genes, cols) if c < 0]
+    if len(missing) == len(panel.genes):
+        raise BleepError(
+            f"none of the panel's {len(panel.genes)} genes is in this section (e.g. {panel.genes[:3]} vs "
+            f"{list(adata.var_names[:3])}): are the gene names of the same kind (symbols vs Ensembl ids)?"
+        )
+    if missing and warn:
+        warnings.warn(f"{len(missing)} of the panel's {len(panel.genes)} genes are missing from this section and set to 0 (e.g. {missing[:5]})", stacklevel=2)
+    out = np.zeros((adata.n_obs, len(panel.genes)), np.float32)
+    present = cols >= 0
+    out[:, present] = log[:, cols[present]]
+    return out

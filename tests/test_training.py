@@ -1,0 +1,227 @@
+"""Training: the losses against their formulas, a real training step, retrieval after a few epochs,
+export / load, two-process DDP on the CPU, building a reference, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bleep_rs  # noqa: E402
+from bleep_rs import BleepError  # noqa: E402
+from bleep_rs.expression import choose_panel, highly_variable_genes, normalise_log1p, panel_expression  # noqa: E402
+from bleep_rs.loss import bleep_loss, clip_loss  # noqa: E402
+from bleep_rs.model import BleepModel, ModelConfig, load_model, save_model  # noqa: E402
+from bleep_rs.train import TrainConfig, prepare_data, train  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+TINY = [str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3")]
+
+
+def np_log_softmax(a):
+    a = a - a.max(1, keepdims=True)
+    return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+
+def np_softmax(a):
+    return np.exp(np_log_softmax(a))
+
+
+def test_losses_match_their_formulas(rng):
+    for b, d, tau in [(8, 16, 1.0), (33, 5, 0.5), (2, 3, 2.0)]:
+        v, x = rng.standard_normal((b, d)), rng.standard_normal((b, d))
+        logits = x @ v.T / tau
+        t = np_softmax((v @ v.T + x @ x.T) / 2 / tau)
+        spot = -(t * np_log_softmax(logits)).sum(1)
+        image = -(t.T * np_log_softmax(logits.T)).sum(1)
+        want = ((spot + image) / 2).mean()
+        got = bleep_loss(torch.tensor(v), torch.tensor(x), tau).item()
+        assert got == pytest.approx(want, rel=1e-10)
+        scale = np.log(1 / 0.07)
+        vn, xn = v / np.linalg.norm(v, axis=1, keepdims=True), x / np.linalg.norm(x, axis=1, keepdims=True)
+        lg = np.exp(scale) * xn @ vn.T
+        ce = lambda m: -np.mean(np.diag(np_log_softmax(m)))  # noqa: E731
+        got = clip_loss(torch.tensor(v), torch.tensor(x), torch.tensor(scale)).item()
+        assert got == pytest.approx((ce(lg) + ce(lg.T)) / 2, rel=1e-10)
+
+
+def test_targets_are_not_detached():
+    v = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(4, 3)
+    bleep_loss(v, x).backward()
+    # The gradient includes the path through the soft targets (V V^T): compare with detached targets.
+    g_full = v.grad.clone()
+    v2 = v.detach().clone().requires_grad_(True)
+    logits = x @ v2.T
+    t = torch.softmax((v2 @ v2.T + x @ x.T) / 2, -1).detach()
+    loss = ((-(t * torch.log_softmax(logits, -1)).sum(1) - (t.T * torch.log_softmax(logits.T, -1)).sum(1)) / 2).mean()
+    loss.backward()
+    assert not torch.allclose(g_full, v2.grad)
+
+
+def test_hvg_and_normalisation_match_scanpy():
+    sc = pytest.importorskip("scanpy")
+    a = bleep_rs.read_section(DATA / "mob" / "MOB1")
+    b = a.copy()
+    sc.pp.normalize_total(b, target_sum=float(np.median(np.asarray(b.X.sum(1)).ravel())))
+    sc.pp.log1p(b)
+    ours = normalise_log1p(a.X)
+    assert np.abs(ours - b.X.toarray()).max() < 1e-5
+    sc.pp.highly_variable_genes(b, n_top_genes=150, flavor="seurat")
+    assert np.array_equal(highly_variable_genes(ours, 150), b.var["highly_variable"].to_numpy())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return [bleep_rs.read_section(p) for p in TINY]
+
+
+def test_panel_union_intersection_and_missing_genes(tiny):
+    u = choose_panel(tiny, n_top_genes=20)
+    i = choose_panel(tiny, n_top_genes=20, mode="intersection")
+    assert set(i.genes) <= set(u.genes) and len(u.genes) >= 20
+    panel = bleep_rs.Panel(genes=list(u.genes[:5]) + ["NOT_A_GENE"])
+    with pytest.warns(UserWarning, match="1 of the panel's 6 genes are missing"):
+        x = panel_expression(tiny[0], panel)
+    assert (x[:, -1] == 0).all()
+    with pytest.raises(BleepError, match="none of the panel"):
+        panel_expression(tiny[0], bleep_rs.Panel(genes=["ENSG0001", "ENSG0002"]))
+
+
+def test_a_training_step_lowers_the_loss(tiny):
+    """The full model (backbone fine-tuned): the loss on a fixed batch, measured in evaluation mode (the
+    backbone's stochastic depth and the heads' dropout off), falls after a few AdamW steps."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(n_top_genes=32, patch_size=112, progress=False)
+    data = prepare_data(tiny, cfg)
+    model = BleepModel(ModelConfig(panel=data.panel, patch_size=112, dropout=0.0))
+    idx = np.arange(16)
+    x = model.prepare_images(data.images[idx])
+    e = torch.from_numpy(data.expression[idx])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+
+    def loss(train):
+        model.train(train)
+        v, z = model(x, e)
+        return bleep_loss(v, z)
+
+    with torch.no_grad():
+        before = loss(False).item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss(True).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss(False).item()
+    assert after < 0.95 * before
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=64, freeze_backbone=True, val_fraction=0.0,
+                      patience=100, progress=False, patch_size=160)
+    model = train(tiny, out, cfg)
+    return out, model
+
+
+def test_training_raises_retrieval_far_above_chance(trained, tiny):
+    out, model = trained
+    from bleep_rs.sections import section_patches
+
+    patches = np.concatenate([section_patches(s, 160) for s in tiny])
+    v = model.embed_images(patches)
+    x = np.concatenate([model.embed_expression(s) for s in tiny])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    top1 = (np.argmax(v @ x.T, axis=1) == np.arange(len(v))).mean()
+    chance = 1 / len(v)
+    assert top1 > 10 * chance, top1
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_export_load_gives_identical_embeddings(trained, tiny, tmp_path):
+    out, model = trained
+    again = load_model(out)
+    from bleep_rs.sections import section_patches
+
+    p = section_patches(tiny[0], 160)
+    assert np.array_equal(model.embed_images(p), again.embed_images(p))
+    assert np.array_equal(model.embed_expression(tiny[0]), again.embed_expression(tiny[0]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backbone"] == "efficientnet-lite0" and cfg["panel"]["genes"] == list(model.config.panel.genes)
+    assert cfg["training"]["epochs"] == 40 and cfg["package_version"] == bleep_rs.__version__
+    # Saving over an existing model replaces it whole.
+    save_model(again, tmp_path / "copy")
+    save_model(again, tmp_path / "copy")
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_build_reference_and_impute(trained, tiny):
+    _, model = trained
+    ref = bleep_rs.build_reference(model, tiny, name="tiny")
+    assert ref.n_spots == 49 and ref.genes == list(model.config.panel.genes) and ref.metadata["model"] == "tiny"
+    from bleep_rs.sections import section_patches
+
+    pred = ref.impute(model.embed_images(section_patches(tiny[1], 160)), k=5)
+    assert pred.shape == (24, len(ref.genes)) and np.isfinite(pred).all()
+
+
+def test_damaged_model_directories(trained, tmp_path):
+    out, _ = trained
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BleepError, match="newer"):
+        load_model(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(bad / "model.safetensors"))
+    del state["image_head.fc.weight"]
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(BleepError, match="missing tensors"):
+        load_model(bad)
+    with pytest.raises(BleepError, match="not a bleep-rs model"):
+        load_model(tmp_path)
+
+
+def test_bad_training_input(trained, tiny):
+    _, model = trained
+    with pytest.raises(BleepError, match="on the model's gene panel"):
+        model.embed_expression(np.zeros((3, 7), np.float32))
+    with pytest.raises(BleepError, match="uint8"):
+        model.embed_images(np.zeros((2, 3), np.float32))
+    cfg = TrainConfig(n_top_genes=16, progress=False)
+    with pytest.raises(BleepError, match="different shapes"):
+        prepare_data(tiny, cfg, features=[np.zeros((25, 8)), np.zeros((24, 9))])
+    with pytest.raises(BleepError, match="0 spots"):
+        prepare_data([tiny[0][:0]], cfg, features=[np.zeros((0, 8))])
+    with pytest.raises(BleepError, match="validation sections"):
+        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4"),
+              features=[np.zeros((25, 4)), np.zeros((24, 4))])
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """torchrun with the gloo backend: two processes, each its own batch (and the gathered variant)."""
+    for extra in ([], ["--gather"]):
+        out = tmp_path / f"ddp{len(extra)}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + len(extra) + os.getpid() % 1000),
+               "-m", "bleep_rs.train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
+               "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "2 processes" in res.stdout
+        assert (out / "model.safetensors").exists() and (out / "config.json").exists()
