@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-deps clean
+.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-deps clean
 
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
@@ -29,7 +29,7 @@ $(VENV)/.ready:
 
 # Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools ...): installed
 # on first use. `make bench` runs them all; each also runs on its own.
-bench: bench-retrieval bench-tiling bench-normalize bench-quality
+bench: bench-retrieval bench-tiling bench-normalize bench-quality bench-cli
 
 bench-deps: $(VENV)/.ready
 	@echo "building the Rust core with the benchmark peers (log: $(VENV)/build.log) ..."
@@ -46,6 +46,9 @@ bench-normalize: bench-deps
 
 bench-quality: bench-deps
 	$(PY) benches/bench_quality.py
+
+bench-cli: bench-deps
+	$(PY) benches/bench_cli.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -55,7 +55,9 @@ def load_set(name, cache):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             net, spec = create_backbone("efficientnet-lite0")
             net.eval().to(device)
-            dummy = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]))).to(device)
+            # The backbone's own input constants, as training and prediction use them.
+            config = ModelConfig(panel=bleep_rs.Panel(genes=["g"]), mean=list(spec.mean), std=list(spec.std), input_size=spec.input_size)
+            dummy = BleepModel(config).to(device)
             with torch.no_grad():
                 out = [net(dummy.prepare_images(p[i : i + 64])).float().cpu().numpy() for i in range(0, len(p), 64)]
             np.save(f, np.concatenate(out).astype(np.float32))

@@ -66,26 +66,131 @@ def _run_train(args) -> None:
         print(f"model written to {args.out}")
 
 
+def _add_others(sub) -> None:
+    ref = sub.add_parser("reference", help="embed reference sections' expression with a trained model")
+    ref.add_argument("sections", nargs="+", help="section folders or .h5ad files")
+    ref.add_argument("--model", type=Path, required=True, help="model directory from bleep-rs train")
+    ref.add_argument("--out", type=Path, required=True, help="reference file to write (.safetensors)")
+    ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="expression storage")
+    ref.add_argument("--overwrite", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict expression at a section's spots or over a whole slide's tissue")
+    pr.add_argument("section", nargs="?", help="a section (its image is used; its counts are never read)")
+    pr.add_argument("--model", type=Path, required=True)
+    pr.add_argument("--reference", type=Path, required=True)
+    pr.add_argument("--slide", nargs="+", help="whole-slide image(s) to tile instead of a section")
+    pr.add_argument("--um-per-px", type=float, help="the slide's micrometres per pixel (when the file does not say)")
+    pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad, or a folder for several slides (one .h5ad each)")
+    pr.add_argument("--k", type=int, default=50, help="neighbours per prediction (default 50)")
+    pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], default="mean")
+    pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
+    pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
+    pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
+    pr.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
+    ev.add_argument("prediction", type=Path)
+    ev.add_argument("section")
+    ev.add_argument("--out", type=Path, required=True, help="REPORT.json (a .csv with one row per gene is written beside it)")
+    ev.add_argument("--markers", nargs="*", default=[], help="marker genes to average over as well")
+
+    pl = sub.add_parser("plot", help="measured and predicted expression over the H&E, and per-gene r")
+    pl.add_argument("prediction", type=Path)
+    pl.add_argument("--truth", help="the measured section, to draw beside the prediction")
+    pl.add_argument("--genes", nargs="+", required=True)
+    pl.add_argument("--out", type=Path, required=True, help="FIGURE.png")
+
+
+def _run_reference(args) -> None:
+    from bleep_rs.model import build_reference, load_model
+    from bleep_rs.sections import read_section
+
+    if args.out.exists() and not args.overwrite:
+        raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
+    model = load_model(args.model)
+    ref = build_reference(model, [read_section(s) for s in args.sections], name=str(args.model), expression_dtype=args.dtype)
+    ref.save(args.out)
+    print(f"reference of {ref.n_spots} spots x {len(ref.genes)} genes written to {args.out}")
+
+
+def _run_predict(args) -> None:
+    from bleep_rs.model import load_model
+    from bleep_rs.predict import is_complete, predict_section, predict_slide, shard, write_h5ad
+    from bleep_rs.reference import Reference
+    from bleep_rs.sections import read_section
+
+    if (args.section is None) == (args.slide is None):
+        raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
+    model, ref = load_model(args.model), Reference.load(args.reference)
+    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference))
+    if args.section is not None:
+        if args.out.exists() and not args.overwrite:
+            raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
+        write_h5ad(predict_section(model, ref, read_section(args.section), **common), args.out, overwrite=args.overwrite)
+        print(f"predictions written to {args.out}")
+        return
+    slides = shard(args.slide, args.shard)
+    several = len(args.slide) > 1
+    for slide in slides:
+        out = args.out / f"{Path(slide).stem}.h5ad" if several else args.out
+        if several and is_complete(out) and not args.overwrite:
+            print(f"{out}: complete, skipped")
+            continue
+        adata = predict_slide(model, ref, slide, um_per_px=args.um_per_px, min_tissue=args.min_tissue, **common)
+        write_h5ad(adata, out, overwrite=args.overwrite or (several and out.exists()))
+        print(f"{adata.n_obs} tiles predicted: {out}")
+
+
+def _run_evaluate(args) -> None:
+    import anndata as ad
+
+    from bleep_rs.evaluate import evaluate_prediction, write_report
+    from bleep_rs.sections import read_section
+
+    report = evaluate_prediction(ad.read_h5ad(args.prediction), read_section(args.section), markers=args.markers or None)
+    path, csv_path = write_report(report, args.out)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731  (None: every gene of the set constant)
+    print(f"mean per-gene r: HEG-50 {fmt(report['heg50'])}, HVG-50 {fmt(report['hvg50'])}, all {fmt(report['all'])}"
+          f" ({len(report['constant'])} constant genes); {path}, {csv_path}")
+
+
+def _run_plot(args) -> None:
+    import anndata as ad
+
+    from bleep_rs.plot import plot_genes
+    from bleep_rs.sections import read_section
+
+    truth = read_section(args.truth) if args.truth else None
+    print(f"figure written to {plot_genes(ad.read_h5ad(args.prediction), args.genes, args.out, truth=truth)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bleep-rs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bleep-rs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the pipeline end to end on a generated example")
+    demo = sub.add_parser("demo", help="train, build a reference, predict, evaluate and plot on a generated example")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the outputs (default: demo-out)")
     demo.add_argument("--k", type=int, default=50, help="neighbours per prediction (default: 50)")
+    demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     _add_train(sub)
+    _add_others(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from bleep_rs import demo as demo_module
 
-            demo_module.run(args.out, k=args.k, seed=args.seed)
-        elif args.command == "train":
-            _run_train(args)
+            demo_module.run(args.out, k=args.k, seed=args.seed, epochs=args.epochs)
+        else:
+            {"train": _run_train, "reference": _run_reference, "predict": _run_predict, "evaluate": _run_evaluate, "plot": _run_plot}[args.command](args)
     except BleepError as e:
         print(f"bleep-rs: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "safetensors", "efficientnet_lite_pytorch"):
+            print(f"bleep-rs: error: {args.command} needs the training extra ({e.name} is missing): pip install 'bleep-rs[train]'", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -1,107 +1,143 @@
-"""A small end-to-end example that needs no data files: generated sections, a reference, imputation of
-a held-out section, and its per-gene Pearson r (method.md, section 6).
+"""The end-to-end example (the README's first command): generated sections -> train -> reference ->
+predict a held-out section from its image alone -> evaluate -> plot. It needs no data files.
 
-The generated sections stand in for a trained model's output: every spot has a latent tissue state
-(a few tissue types laid out in space); its expression is drawn from that state, and its image and
-expression embeddings are two noisy views of the same state, as a trained BLEEP joint space would give.
+The package generates three small sections in the legacy Spatial Transcriptomics layout (counts.tsv.gz,
+spots.tsv, image.jpg, meta.json) whose expression follows their morphology: each section is a mosaic of
+four tissue types (dense nuclei, fibrous stroma, fat-like holes, loose tissue), each type with its own
+look in H&E colours and its own marker genes. BLEEP trains on two sections (heads on frozen
+EfficientNet-Lite0 features, so that a CPU does it in about a minute) and predicts the third.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bleep_rs.reference import METHODS, Reference
+TYPES = ("dense nuclei", "fibrous stroma", "fat", "loose tissue")
+#: RGB background per type, nuclei density (per px), nuclei radius (px).
+LOOK = {
+    0: ((222, 170, 205), 0.012, 3),
+    1: ((235, 150, 180), 0.0015, 2),
+    2: ((246, 236, 242), 0.0006, 2),
+    3: ((205, 175, 215), 0.004, 3),
+}
+UM_PER_PX, PITCH_PX, SIZE_PX = 2.0, 100, 1200  # legacy ST: 200 um centre to centre
 
 
-@dataclass
-class Section:
-    name: str
-    image_embeddings: np.ndarray  # spots x d
-    expression_embeddings: np.ndarray  # spots x d
-    expression: np.ndarray  # spots x genes, log1p-normalised
+def _render(types: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An H&E-like RGB image from a per-pixel tissue-type map."""
+    from scipy import ndimage
+
+    h, w = types.shape
+    img = np.zeros((h, w, 3), np.float32)
+    nuclei = np.zeros((h, w), bool)
+    for t, (colour, density, radius) in LOOK.items():
+        region = types == t
+        img[region] = colour
+        seeds = (rng.random((h, w)) < density) & region
+        nuclei |= ndimage.binary_dilation(seeds, iterations=radius)
+    stripes = (np.sin(np.arange(w)[None, :] * 0.35 + np.arange(h)[:, None] * 0.12) > 0.6) & (types == 1)
+    img[stripes] = (200, 110, 160)
+    fat = (rng.random((h, w)) < 0.002) & (types == 2)
+    img[ndimage.binary_dilation(fat, iterations=9)] = (252, 250, 252)
+    img[nuclei] = (95, 60, 140)
+    img += rng.normal(0, 8, img.shape)
+    img = ndimage.gaussian_filter(img, sigma=(1.0, 1.0, 0))
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def generate_sections(
-    n_sections: int = 4, spots: int = 1500, genes: int = 300, dim: int = 256, tissue_types: int = 6, seed: int = 0
-) -> tuple[list[Section], list[str]]:
+def generate(out: Path, n_sections: int = 3, genes: int = 64, seed: int = 0) -> list:
+    """Writes the sections under ``out`` and returns their folders."""
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
-    latent_dim = 8
-    centres = rng.standard_normal((tissue_types, latent_dim)) * 1.5
-    gene_loadings = rng.standard_normal((latent_dim, genes)) * 0.6
-    gene_base = rng.normal(0.0, 1.0, genes)
-    joint = rng.standard_normal((latent_dim, dim)) / np.sqrt(latent_dim)
-    sections = []
+    markers = rng.choice(genes, (len(TYPES), 6), replace=False)
+    base = rng.normal(1.0, 0.7, genes)
+    profile = np.tile(base, (len(TYPES), 1))
+    for t in range(len(TYPES)):
+        profile[t, markers[t]] += 2.2
+    names = [f"GENE{g:03d}" for g in range(genes)]
+    folders = []
+    yy, xx = np.mgrid[0:SIZE_PX, 0:SIZE_PX]
     for s in range(n_sections):
-        # Tissue types as spatial patches: each spot takes the type of its nearest of a few seeds.
-        xy = rng.uniform(0, 1, (spots, 2))
-        seeds = rng.uniform(0, 1, (tissue_types * 2, 2))
-        kind = np.argmin(((xy[:, None, :] - seeds[None]) ** 2).sum(-1), axis=1) % tissue_types
-        z = centres[kind] + 0.5 * rng.standard_normal((spots, latent_dim))
-        rate = np.exp(gene_base + z @ gene_loadings)
-        counts = rng.poisson(rate * rng.uniform(0.5, 1.5, (spots, 1)))
-        totals = np.maximum(counts.sum(1, keepdims=True), 1)
-        expr = np.log1p(counts / totals * np.median(totals)).astype(np.float32)
-        view = lambda noise: (z @ joint + noise * rng.standard_normal((spots, dim))).astype(np.float32)  # noqa: E731
-        sections.append(Section(f"section{s + 1}", view(0.6), view(0.3), expr))
-    return sections, [f"GENE{g:04d}" for g in range(genes)]
+        seeds = rng.uniform(0, SIZE_PX, (10, 2))
+        kinds = rng.integers(0, len(TYPES), 10)
+        nearest = np.argmin((xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2, axis=-1)
+        types = kinds[nearest]
+        image = _render(types, rng)
+        folder = out / f"section{s + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / "image.jpg", quality=92)
+        rows, counts = [], []
+        for j, y in enumerate(range(PITCH_PX // 2, SIZE_PX, PITCH_PX)):
+            for i, x in enumerate(range(PITCH_PX // 2, SIZE_PX, PITCH_PX)):
+                px, py = x + rng.normal(0, 1.5), y + rng.normal(0, 1.5)
+                # A spot (100 um = 50 px across) mixes the types under it.
+                window = types[max(0, y - 25) : y + 25, max(0, x - 25) : x + 25]
+                mix = np.bincount(window.ravel(), minlength=len(TYPES)) / window.size
+                rate = np.exp(mix @ profile) * rng.uniform(0.6, 1.4)
+                counts.append(rng.poisson(rate))
+                rows.append((f"{i}x{j}", i, j, px, py, 1))
+        with gzip.open(folder / "counts.tsv.gz", "wt") as f:
+            f.write("\t" + "\t".join(names) + "\n")
+            for (sid, *_), c in zip(rows, counts):
+                f.write(sid + "\t" + "\t".join(map(str, c)) + "\n")
+        with open(folder / "spots.tsv", "w") as f:
+            f.write("id\tx\ty\tpixel_x\tpixel_y\tselected\n")
+            for sid, i, j, px, py, sel in rows:
+                f.write(f"{sid}\t{i}\t{j}\t{px:.2f}\t{py:.2f}\t{sel}\n")
+        meta = {"um_per_px": UM_PER_PX, "spot_diameter_um": 100, "source": "generated by bleep_rs.demo", "tissue_types": list(TYPES)}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        folders.append(folder)
+    return folders
 
 
-def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-gene Pearson r across spots; NaN where either vector is constant."""
-    p = pred - pred.mean(0)
-    t = truth - truth.mean(0)
-    denom = np.sqrt((p**2).sum(0) * (t**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (p * t).sum(0) / denom, np.nan)
+def run(out: Path, *, k: int = 50, seed: int = 0, epochs: int = 40) -> dict:
+    """The whole pipeline; returns (and writes) the report."""
+    import warnings
 
+    from .evaluate import evaluate_prediction, write_report
+    from .model import build_reference
+    from .plot import plot_genes
+    from .predict import predict_section, write_h5ad
+    from .sections import read_section
+    from .train import TrainConfig, train
 
-def run(out: Path, k: int = 50, seed: int = 0) -> dict:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    sections, genes = generate_sections(seed=seed)
-    reference_sections, held_out = sections[:-1], sections[-1]
-    print(f"generated {len(sections)} sections x {len(held_out.expression)} spots, {len(genes)} genes")
-
-    ref = Reference.build(
-        np.concatenate([s.expression_embeddings for s in reference_sections]),
-        np.concatenate([s.expression for s in reference_sections]),
-        genes,
-        sections=[s.name for s in reference_sections for _ in range(len(s.expression))],
-        metadata={"source": "bleep_rs.demo", "seed": seed},
-    )
-    path = out / "reference.safetensors"
-    ref.save(path)
-    ref = Reference.load(path)
-    print(f"built and saved {ref} -> {path}")
-
-    truth = held_out.expression
-    heg = np.argsort(-truth.sum(0))[:50]
-    hvg = np.argsort(-truth.var(0))[:50]
-    report = {"held_out": held_out.name, "k": k, "methods": {}}
-    for method in METHODS:
-        t = time.perf_counter()
-        pred = ref.impute(held_out.image_embeddings, k=k, method=method, temperature=0.1)
-        seconds = time.perf_counter() - t
-        r = pearson_per_gene(pred, truth)
-        report["methods"][method] = {
-            "mean_r_HEG50": float(np.nanmean(r[heg])),
-            "mean_r_HVG50": float(np.nanmean(r[hvg])),
-            "mean_r_all": float(np.nanmean(r)),
-            "genes_without_r": int(np.isnan(r).sum()),
-            "impute_seconds": seconds,
-        }
-    report["total_seconds"] = time.perf_counter() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-
-    print(f"\nimputed {len(truth)} held-out spots ({held_out.name}) from k={k} neighbours:")
-    print(f"{'method':<10}{'HEG-50 r':>10}{'HVG-50 r':>10}{'all r':>10}{'ms':>9}")
-    for method, m in report["methods"].items():
-        print(f"{method:<10}{m['mean_r_HEG50']:>10.3f}{m['mean_r_HVG50']:>10.3f}{m['mean_r_all']:>10.3f}"
-              f"{1000 * m['impute_seconds']:>9.1f}")
-    print(f"\nreport: {out / 'report.json'}   reference: {path}")
-    return report
+    times = {}
+    t = time.perf_counter()
+    folders = generate(out / "data", seed=seed)
+    times["generate"] = time.perf_counter() - t
+    print(f"generated {len(folders)} sections in {out / 'data'}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sections = [read_section(f) for f in folders]
+    train_secs, held = sections[:-1], sections[-1]
+    t = time.perf_counter()
+    cfg = TrainConfig(epochs=epochs, batch_size=64, freeze_backbone=True, patch_size=112, n_top_genes=64, seed=seed, patience=15)
+    model = train(train_secs, out / "model", cfg)
+    times["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = build_reference(model, train_secs, name=str(out / "model"))
+    ref.save(out / "reference.safetensors")
+    times["reference"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pred = predict_section(model, ref, held, k=min(k, ref.n_spots), model_path=str(out / "model"), reference_path=str(out / "reference.safetensors"), progress=False)
+    write_h5ad(pred, out / "prediction.h5ad", overwrite=True)
+    times["predict"] = time.perf_counter() - t
+    report = evaluate_prediction(pred, held)
+    write_report(report, out / "report.json")
+    genes = report["heg50_genes"][:4]
+    figure = plot_genes(pred, genes, out / "figure.png", truth=held)
+    summary = {"heg50": report["heg50"], "hvg50": report["hvg50"], "all": report["all"], "seconds": times}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nheld-out {held.uns['bleep']['library_id']}: mean per-gene Pearson r  HEG-50 {report['heg50']:.3f}  "
+          f"HVG-50 {report['hvg50']:.3f}  all {report['all']:.3f}")
+    print(f"model      {out / 'model'}\nreference  {out / 'reference.safetensors'}\nprediction {out / 'prediction.h5ad'}\n"
+          f"report     {out / 'report.json'} (+ .csv)\nfigure     {figure}")
+    return summary

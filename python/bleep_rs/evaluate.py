@@ -12,7 +12,7 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["gene_correlations", "summarise"]
+__all__ = ["gene_correlations", "summarise", "evaluate_prediction", "write_report"]
 
 
 def gene_correlations(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -73,3 +73,47 @@ def summarise(
         out["markers"] = mean_of(found)
         out["markers_missing"] = [g for g in markers if g not in index]
     return out
+
+
+def measured_on(pred, section) -> np.ndarray:
+    """The section's measured expression, normalised as the reference's (median library size, log1p),
+    on the prediction's genes and in its spot order."""
+    from .expression import Panel, panel_expression
+
+    missing = [i for i in pred.obs_names if i not in set(section.obs_names)]
+    if missing:
+        raise BleepError(f"{len(missing)} predicted spots are not in the measured section (e.g. {missing[:3]}): evaluate a prediction against the section it was made for")
+    truth = panel_expression(section, Panel(genes=list(pred.var_names)), warn=False)
+    order = {s: i for i, s in enumerate(section.obs_names)}
+    return truth[[order[s] for s in pred.obs_names]]
+
+
+def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = None, top: int = 50) -> Dict[str, object]:
+    """:func:`summarise` of a prediction AnnData against the measured section (spots matched by id)."""
+    present = set(section.var_names)
+    if not any(g in present for g in pred.var_names):
+        raise BleepError("none of the predicted genes is in the measured section: are they the same kind of gene names?")
+    return summarise(np.asarray(pred.X), measured_on(pred, section), list(pred.var_names), markers=markers, top=top)
+
+
+def write_report(report: Dict[str, object], path, *, top: int = 50) -> tuple:
+    """Writes the report as JSON (set means + per-gene r) and, beside it, CSV (one row per gene)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heg, hvg = set(report[f"heg{top}_genes"]), set(report[f"hvg{top}_genes"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+    csv_path = path.with_suffix(".csv")
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["gene", "pearson_r", "constant", f"heg{top}", f"hvg{top}"])
+        for g, r in zip(report["genes"], report["r"]):
+            w.writerow([g, "" if r is None else f"{r:.6f}", int(r is None), int(g in heg), int(g in hvg)])
+    tmp.replace(csv_path)
+    return path, csv_path

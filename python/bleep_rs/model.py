@@ -246,8 +246,11 @@ def build_reference(model: BleepModel, sections: Sequence, *, name: Optional[str
         lib = s.uns.get("bleep", {}).get("library_id", "section")
         ids += [f"{lib}:{i}" for i in s.obs_names]
         labels += [lib] * s.n_obs
+    from .predict import model_id
+
     meta = {
         "model": name or "",
+        "model_id": model_id(model),
         "backbone": model.config.backbone,
         "loss": model.config.loss,
         "panel_size": len(model.config.panel.genes),

@@ -1,0 +1,82 @@
+"""Figures a biologist can read: for each gene, measured and predicted expression side by side over the
+H&E thumbnail, and a bar chart of the per-gene Pearson r."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ._core import BleepError
+
+__all__ = ["plot_genes"]
+
+
+def _thumbnail(adata):
+    lib = adata.uns.get("bleep", {}).get("library_id") or next(iter(adata.uns.get("spatial", {})), None)
+    entry = adata.uns.get("spatial", {}).get(lib, {}) if lib else {}
+    img = entry.get("images", {}).get("hires")
+    scale = entry.get("scalefactors", {}).get("tissue_hires_scalef", 1.0)
+    return img, float(scale)
+
+
+def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optional[float] = None) -> Path:
+    """Draws ``genes`` of a prediction AnnData (and of the measured section ``truth``, matched by spot id)
+    over the thumbnail; with ``truth`` also a bar chart of each gene's r. Writes a PNG (or PDF/SVG by
+    the suffix of ``out``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import gene_correlations, measured_on
+
+    genes = list(genes)
+    unknown = [g for g in genes if g not in set(pred.var_names)]
+    if unknown:
+        raise BleepError(f"genes {unknown} are not in the prediction's panel (e.g. {list(pred.var_names[:5])})")
+    cols = [list(pred.var_names).index(g) for g in genes]
+    predicted = np.asarray(pred.X)[:, cols]
+    measured = measured_on(pred, truth)[:, cols] if truth is not None else None
+    img, scale = _thumbnail(pred)
+    xy = np.asarray(pred.obsm["spatial"]) * scale
+    panels = 2 if measured is not None else 1
+    extra = 1 if measured is not None else 0
+    fig, axes = plt.subplots(len(genes) + extra, panels, figsize=(4.2 * panels, 3.9 * (len(genes) + extra)), squeeze=False)
+    size = point_size or max(4.0, 4000.0 / max(len(xy), 1))
+    for row, g in enumerate(genes):
+        views = ([("measured", measured[:, row])] if measured is not None else []) + [("predicted", predicted[:, row])]
+        lo = min(v.min() for _, v in views)
+        hi = max(v.max() for _, v in views)
+        for c, (title, values) in enumerate(views):
+            ax = axes[row][c]
+            if img is not None:
+                ax.imshow(img)
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, cmap="viridis", vmin=lo, vmax=hi, edgecolors="none")
+            ax.set_title(f"{g}: {title}", fontsize=11)
+            ax.set_axis_off()
+            if img is None:
+                ax.invert_yaxis()
+                ax.set_aspect("equal")
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="log normalised expression")
+    if measured is not None:
+        r = gene_correlations(predicted, measured)
+        ax = axes[-1][0]
+        labels = [f"{g}" for g in genes]
+        vals = np.nan_to_num(r, nan=0.0)
+        ax.barh(labels[::-1], vals[::-1], color=["#4c72b0" if v >= 0 else "#c44e52" for v in vals[::-1]])
+        for i, v in enumerate(r[::-1]):
+            ax.text(0.01 if np.isnan(v) or v >= 0 else v - 0.01, i, "constant" if np.isnan(v) else f"{v:.2f}", va="center", fontsize=9, ha="left" if np.isnan(v) or v >= 0 else "right")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("Pearson r (measured vs predicted, across spots)")
+        ax.set_title("per-gene correlation")
+        ax.set_xlim(min(-0.1, float(np.nanmin(r)) - 0.1) if np.isfinite(r).any() else -0.1, 1.0)
+        axes[-1][1].set_axis_off()
+    fig.suptitle(f"{pred.uns.get('bleep', {}).get('library_id', '')}: measured and predicted expression", fontsize=13)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,183 @@
+"""Prediction: a section's spots or a whole slide's tissue tiles, imputed from a reference, as AnnData that
+scanpy and squidpy open as is.
+
+The AnnData: ``X`` predicted expression (normalised log) on the reference's panel; ``obs`` spot or tile
+ids (and ``uncertainty``, the mean over genes of the neighbours' standard deviation); ``obsm["spatial"]``
+(x, y) in the slide's full-resolution pixels; ``uns["spatial"][library_id]`` with a thumbnail and scale
+factors; ``uns["bleep"]`` the provenance (model, reference, k, method, um/px, package version); with
+``neighbours=True`` also ``obsm["bleep_neighbours"]`` and ``obsm["bleep_similarities"]``.
+Files are written to a temporary name and renamed: a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ._core import BleepError
+
+__all__ = ["model_id", "check_compatible", "predict_section", "predict_slide", "write_h5ad", "shard"]
+
+
+def model_id(model) -> str:
+    """A fingerprint of a model's weights (sha256 of the expression and image heads), so that a
+    reference remembers which model embedded it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(("expression_head.", "image_head.")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_compatible(model, reference) -> None:
+    """Raises when the reference was not built with this model (other weights, panel or dimension)."""
+    if reference.dim != model.config.embedding_dim:
+        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: build the reference with this model (bleep-rs reference --model ...)")
+    if list(reference.genes) != list(model.config.panel.genes):
+        raise BleepError(
+            f"the reference's {len(reference.genes)} genes are not the model's panel of {len(model.config.panel.genes)}: "
+            "it was built with another model; rebuild it with bleep-rs reference --model MODEL"
+        )
+    built_with = reference.metadata.get("model_id")
+    if built_with and built_with != model_id(model):
+        raise BleepError(
+            f"the reference was built with another model (weights {built_with}, this model's {model_id(model)}): "
+            "rebuild it with bleep-rs reference --model MODEL"
+        )
+
+
+def _neighbour_spread(reference, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Per query: the mean over genes of the standard deviation of its neighbours' expression."""
+    expr = reference.expression
+    out = np.empty(len(idx), np.float32)
+    for s in range(0, len(idx), chunk):
+        out[s : s + chunk] = expr[idx[s : s + chunk]].std(axis=1).mean(axis=1)
+    return out
+
+
+def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, neighbours: bool):
+    import anndata as ad
+    import pandas as pd
+
+    from . import __version__
+
+    adata = ad.AnnData(
+        X=pred.astype(np.float32),
+        obs=pd.DataFrame({"uncertainty": _neighbour_spread(reference, idx)}, index=pd.Index([str(i) for i in ids], name="spot_id")),
+        var=pd.DataFrame(index=pd.Index(list(reference.genes), name="gene")),
+    )
+    adata.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
+    if neighbours:
+        adata.obsm["bleep_neighbours"] = idx.astype(np.int64)
+        adata.obsm["bleep_similarities"] = sims.astype(np.float32)
+    adata.uns["spatial"] = spatial
+    adata.uns["bleep"] = {**info, "package_version": __version__, "complete": True}
+    return adata
+
+
+def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
+    """Predicts the spots of a section from its image alone (its counts are never read)."""
+    from .sections import section_patches
+
+    import time
+
+    check_compatible(model, reference)
+    info = section.uns.get("bleep", {})
+    t0 = time.perf_counter()
+    patches = section_patches(section, model.config.patch_size, model.config.um_per_px, progress=progress)
+    t1 = time.perf_counter()
+    emb = model.embed_images(patches, progress=progress)
+    t2 = time.perf_counter()
+    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
+    seconds = {"patches": t1 - t0, "encoding": t2 - t1, "imputation": time.perf_counter() - t2}
+    lib = info.get("library_id", "section")
+    meta = {
+        "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
+        "um_per_px": float(model.config.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
+        "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
+    }
+    return _assemble(pred, idx, sims, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
+
+
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
+    """Predicts every tissue tile of a whole slide (no spatial transcriptomics needed): tiles of the
+    model's patch size at its resolution, kept where the tissue mask covers ``min_tissue``."""
+    from .slide import Slide
+
+    check_compatible(model, reference)
+    slide = Slide(path, um_per_px=um_per_px)
+    if slide.um_per_px is None:
+        raise BleepError(f"{path}: the slide does not state its pixel size: pass --um-per-px X (the scanner's micrometres per pixel)")
+    target = model.config.um_per_px or slide.um_per_px
+    mask = slide.tissue_mask()
+    coords = slide.tile_grid(model.config.patch_size, target, min_tissue=min_tissue, mask=mask)
+    if len(coords) == 0:
+        raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
+    preds, idxs, simss = [], [], []
+    for batch in slide.iter_tiles(model.config.patch_size, target, batch_size=batch_size, min_tissue=min_tissue, mask=mask, progress=progress):
+        p, i, s = reference.impute(model.embed_images(batch.patches), k=k, method=method, return_neighbors=True)
+        preds.append(p)
+        idxs.append(i)
+        simss.append(s)
+    footprint = model.config.patch_size * target / slide.um_per_px
+    centres = coords + footprint / 2
+    lib = Path(path).stem
+    thumb = slide.thumbnail(2000)
+    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(footprint)}, "metadata": {"layout": "slide"}}}
+    meta = {
+        "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
+        "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "library_id": lib, "source": str(path),
+        "mode": "tiles", "tile_px": int(model.config.patch_size), "min_tissue": float(min_tissue),
+    }
+    ids = [f"tile_{int(x)}_{int(y)}" for x, y in coords]
+    return _assemble(np.concatenate(preds), np.concatenate(idxs), np.concatenate(simss), reference, ids, centres, spatial, meta, neighbours)
+
+
+def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
+    """Writes an .h5ad atomically (temporary file beside it, then rename); an existing file is an error
+    unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def shard(items: Sequence, spec: Optional[str]) -> list:
+    """The items of shard ``I/N`` (1-based): every N-th item starting at the I-th, in sorted order."""
+    items = sorted(items)
+    if not spec:
+        return list(items)
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError as e:
+        raise BleepError(f"--shard must look like I/N (e.g. 2/8), not {spec!r}") from e
+    if not 1 <= i <= n:
+        raise BleepError(f"--shard {spec}: I must be between 1 and N")
+    return list(items[i - 1 :: n])
+
+
+def is_complete(path: Path) -> bool:
+    """Whether an output exists and was written whole (atomic writes make a present file complete;
+    a file that cannot be read or lacks the completion mark is redone)."""
+    if not path.exists():
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "bleep" in f["uns"] and "complete" in f["uns"]["bleep"]
+    except (OSError, KeyError):
+        return False

@@ -1,0 +1,123 @@
+"""The command line end to end on ../shared/data/tiny, as a user runs it, and its outputs read back."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+import anndata as ad  # noqa: E402
+
+import bleep_rs  # noqa: E402
+from bleep_rs import BleepError  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+C2, C3 = str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3")
+
+
+def cli(*args, ok=True):
+    res = subprocess.run([sys.executable, "-m", "bleep_rs", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+    if ok:
+        assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cli("train", C2, "--out", d / "model", "--epochs", "15", "--freeze-backbone", "--n-top-genes", "64",
+        "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0")
+    cli("reference", "--model", d / "model", C2, "--out", d / "ref.safetensors")
+    cli("predict", C3, "--model", d / "model", "--reference", d / "ref.safetensors", "--out", d / "pred.h5ad", "--k", "5", "--neighbours")
+    return d
+
+
+def test_prediction_anndata_fields(run):
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    section = bleep_rs.read_section(C3)
+    ref = bleep_rs.Reference.load(run / "ref.safetensors")
+    assert pred.shape == (section.n_obs, len(ref.genes)) and list(pred.var_names) == ref.genes
+    assert list(pred.obs_names) == list(section.obs_names)
+    assert np.allclose(pred.obsm["spatial"], section.obsm["spatial"])
+    lib = pred.uns["bleep"]["library_id"]
+    assert pred.uns["spatial"][lib]["images"]["hires"].ndim == 3 and "tissue_hires_scalef" in pred.uns["spatial"][lib]["scalefactors"]
+    info = pred.uns["bleep"]
+    assert info["k"] == 5 and info["method"] == "mean" and info["package_version"] == bleep_rs.__version__
+    assert pred.obsm["bleep_neighbours"].shape == (section.n_obs, 5) and (pred.obs["uncertainty"] >= 0).all()
+    # The prediction is the mean of the stored neighbours' reference expression.
+    assert np.allclose(pred.X, ref.expression[pred.obsm["bleep_neighbours"]].mean(1), atol=1e-5)
+
+
+def test_evaluate_matches_a_hand_computed_r(run):
+    cli("evaluate", run / "pred.h5ad", C3, "--out", run / "report.json")
+    report = json.loads((run / "report.json").read_text())
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    from bleep_rs.expression import Panel, panel_expression
+
+    truth = panel_expression(bleep_rs.read_section(C3), Panel(genes=list(pred.var_names)), warn=False)
+    g = next(i for i, r in enumerate(report["r"]) if r is not None)
+    a, b = np.asarray(pred.X)[:, g].astype(float), truth[:, g].astype(float)
+    by_hand = ((a - a.mean()) * (b - b.mean())).sum() / np.sqrt(((a - a.mean()) ** 2).sum() * ((b - b.mean()) ** 2).sum())
+    assert report["r"][g] == pytest.approx(by_hand, abs=1e-6)
+    rows = (run / "report.csv").read_text().splitlines()
+    assert rows[0].startswith("gene,pearson_r") and len(rows) == len(pred.var_names) + 1
+    assert set(report) >= {"heg50", "hvg50", "all", "constant"}
+
+
+def test_plot_writes_a_figure(run):
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    genes = list(pred.var_names[:2])
+    cli("plot", run / "pred.h5ad", "--truth", C3, "--genes", *genes, "--out", run / "fig.png")
+    assert (run / "fig.png").stat().st_size > 10_000
+    res = cli("plot", run / "pred.h5ad", "--genes", "NOT_A_GENE", "--out", run / "x.png", ok=False)
+    assert res.returncode == 2 and "not in the prediction's panel" in res.stderr
+
+
+def test_predict_slides_with_shards_and_reruns(run, tmp_path):
+    import shutil
+
+    slides = []
+    for name in ("C2", "C3"):
+        slides.append(tmp_path / f"{name}.jpg")
+        shutil.copyfile(DATA / "tiny" / name / "image.jpg", slides[-1])
+    out = run / "slides"
+    args = ["predict", "--model", run / "model", "--reference", run / "ref.safetensors", "--slide", *slides,
+            "--um-per-px", "1.38", "--min-tissue", "0.05", "--k", "5", "--out", out]
+    cli(*args, "--shard", "1/2")
+    assert os.listdir(out) == ["C2.h5ad"]
+    cli(*args, "--shard", "2/2")
+    assert sorted(os.listdir(out)) == ["C2.h5ad", "C3.h5ad"]
+    tiles = ad.read_h5ad(out / "C3.h5ad")
+    assert tiles.n_obs > 0 and tiles.uns["bleep"]["mode"] == "tiles" and tiles.obs_names[0].startswith("tile_")
+    assert tiles.uns["spatial"]["C3"]["images"]["hires"].ndim == 3
+    # A rerun skips what is complete; a damaged output is redone.
+    assert "complete, skipped" in cli(*args).stdout
+    (out / "C2.h5ad").write_bytes(b"half a file")
+    rerun = cli(*args)
+    assert "C2.h5ad: complete" not in rerun.stdout and ad.read_h5ad(out / "C2.h5ad").n_obs > 0
+
+
+def test_clear_errors(run, tmp_path):
+    res = cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", run / "pred.h5ad", ok=False)
+    assert res.returncode == 2 and "exists" in res.stderr
+    res = cli("predict", "--model", run / "model", "--reference", run / "ref.safetensors", "--slide", DATA / "tiny" / "C3" / "image.jpg",
+              "--out", tmp_path / "s.h5ad", ok=False)
+    assert res.returncode == 2 and "pixel size" in res.stderr
+    # A reference built with another model (same panel, other weights) and one on other genes.
+    cli("train", C2, "--out", tmp_path / "other", "--epochs", "2", "--freeze-backbone", "--n-top-genes", "64",
+        "--patch-size", "128", "--seed", "7", "--val-fraction", "0")
+    res = cli("predict", C3, "--model", tmp_path / "other", "--reference", run / "ref.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
+    assert res.returncode == 2 and "another model" in res.stderr
+    ref = bleep_rs.Reference.load(run / "ref.safetensors")
+    bleep_rs.Reference.build(ref.embeddings, ref.expression, [g + "x" for g in ref.genes]).save(tmp_path / "genes.safetensors")
+    res = cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
+    assert res.returncode == 2 and "genes" in res.stderr
+    with pytest.raises(BleepError, match="I/N"):
+        from bleep_rs.predict import shard
+
+        shard(["a"], "3")
