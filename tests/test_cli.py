@@ -121,3 +121,16 @@ def test_clear_errors(run, tmp_path):
         from bleep_rs.predict import shard
 
         shard(["a"], "3")
+
+
+def test_scanpy_draws_the_prediction_as_is(run, tmp_path):
+    sc = pytest.importorskip("scanpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    sc.pl.spatial(pred, color=list(pred.var_names[:2]), library_id=pred.uns["bleep"]["library_id"], img_key="hires", show=False)
+    plt.savefig(tmp_path / "spatial.png")
+    assert (tmp_path / "spatial.png").stat().st_size > 10_000
