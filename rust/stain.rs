@@ -383,6 +383,13 @@ pub fn macenko_fit(pixels: &[u8], p: &MacenkoParams) -> Result<Stains> {
     })
 }
 
+/// The 8-bit level of a value in [0, 255], truncated as torchstain's casts do: floor, then the integer
+/// read from the mantissa after adding 1.5 * 2^23 (no float-to-int cast, which does not vectorise).
+#[inline]
+fn level_byte(v: f32) -> u8 {
+    (v.floor() + 12_582_912.0).to_bits() as u8
+}
+
 /// e^x in float32 (Cephes' `expf`: Cody-Waite reduction, degree-6 polynomial, within 2 ulp), written
 /// without branches so that it vectorises.
 #[inline]
@@ -395,7 +402,10 @@ fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n by the exponent bits; n (an integer in [-126, 127]) is read out of the mantissa after adding
+    // 1.5 * 2^23, which vectorises where a float-to-int cast does not.
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 multiversion! {
@@ -413,9 +423,9 @@ multiversion! {
                 }
             }
             for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = out[0][i] as i32 as u8;
-                px[1] = out[1][i] as i32 as u8;
-                px[2] = out[2][i] as i32 as u8;
+                px[0] = level_byte(out[0][i]);
+                px[1] = level_byte(out[1][i]);
+                px[2] = level_byte(out[2][i]);
             }
         }
     }
@@ -642,9 +652,9 @@ multiversion! {
                 srgb_levels(&mut plane[..len]);
             }
             for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = rgb[0][i] as i32 as u8;
-                px[1] = rgb[1][i] as i32 as u8;
-                px[2] = rgb[2][i] as i32 as u8;
+                px[0] = level_byte(rgb[0][i]);
+                px[1] = level_byte(rgb[1][i]);
+                px[2] = level_byte(rgb[2][i]);
             }
         }
     }
@@ -802,6 +812,13 @@ mod tests {
             for r in 0..3 {
                 assert!((ax[r] - lambda * x[r]).abs() < 1e-9);
             }
+        }
+    }
+
+    #[test]
+    fn level_byte_truncates_like_a_cast() {
+        for v in [0.0f32, 0.5, 1.0, 1.999, 127.5, 254.99, 255.0] {
+            assert_eq!(level_byte(v), v as u8, "{v}");
         }
     }
 
