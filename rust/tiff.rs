@@ -189,7 +189,10 @@ pub fn decode_jpeg_into(
     let info = decoder.info().ok_or("no JPEG header")?;
     let (w, h) = (info.width as usize, info.height as usize);
     if decoder.input_colorspace() == Some(ColorSpace::Luma) {
-        let mut gray = vec![0u8; w * h];
+        let mut gray = Vec::new();
+        gray.try_reserve_exact(w * h)
+            .map_err(|_| format!("a {w} x {h} px JPEG is too large to decode in memory"))?;
+        gray.resize(w * h, 0);
         decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::Luma));
         decoder.decode_into(&mut gray).map_err(|e| e.to_string())?;
         out.clear();
@@ -201,8 +204,12 @@ pub fn decode_jpeg_into(
     if raw_rgb && decoder.input_colorspace() == Some(ColorSpace::YCbCr) {
         decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::YCbCr));
     }
-    // Every byte is written by the decoder: reused memory needs no clearing.
-    out.resize(w * h * 3, 0);
+    // Every byte is written by the decoder: reused memory needs no clearing. A damaged header can claim
+    // any size: an allocation that fails is an error, not an abort.
+    let need = w * h * 3;
+    out.try_reserve(need.saturating_sub(out.len()))
+        .map_err(|_| format!("a {w} x {h} px JPEG is too large to decode in memory"))?;
+    out.resize(need, 0);
     decoder.decode_into(out).map_err(|e| e.to_string())?;
     Ok((w, h))
 }
