@@ -39,7 +39,6 @@ SETS = {
 def load_set(name, cache):
     """Sections, their patches and their frozen backbone features (cached in .bench/)."""
     import bleep_rs
-    from bleep_rs.backbones import create_backbone
     from bleep_rs.model import BleepModel, ModelConfig
     from bleep_rs.sections import section_patches
 
@@ -53,13 +52,10 @@ def load_set(name, cache):
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            net, spec = create_backbone("efficientnet-lite0")
-            net.eval().to(device)
-            # The backbone's own input constants, as training and prediction use them.
-            config = ModelConfig(panel=bleep_rs.Panel(genes=["g"]), mean=list(spec.mean), std=list(spec.std), input_size=spec.input_size)
-            dummy = BleepModel(config).to(device)
+            # The frozen backbone with its own input constants, as training and prediction use it.
+            model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]))).eval().to(device)
             with torch.no_grad():
-                out = [net(dummy.prepare_images(p[i : i + 64])).float().cpu().numpy() for i in range(0, len(p), 64)]
+                out = [model.image_features(model.prepare_images(p[i : i + 64])).float().cpu().numpy() for i in range(0, len(p), 64)]
             np.save(f, np.concatenate(out).astype(np.float32))
         feats.append(np.load(f))
     return ids, sections, patches, feats
@@ -81,7 +77,7 @@ def ridge_predict(train_f, train_y, test_f):
     return model.predict(scaler.transform(test_f)).astype(np.float32)
 
 
-def bleep_predict(train_secs, train_inputs, test_input, panel, loss, args, out_dir):
+def bleep_predict(train_secs, train_inputs, train_y, test_input, panel, loss, args, out_dir):
     import bleep_rs
     from bleep_rs.train import TrainConfig, TrainingData, train
 
@@ -91,10 +87,8 @@ def bleep_predict(train_secs, train_inputs, test_input, panel, loss, args, out_d
         backbone="efficientnet-lite0" if finetune else f"features:{train_inputs[0].shape[1]}",
         val_fraction=0.2, patience=args.patience, seed=args.seed,
     )
-    from bleep_rs.expression import panel_expression
-
-    expr = [panel_expression(s, panel, warn=False) for s in train_secs]
-    data = TrainingData(np.concatenate(train_inputs), np.concatenate(expr), np.concatenate([[str(i)] * len(e) for i, e in enumerate(expr)]), panel)
+    labels = np.concatenate([[str(i)] * len(x) for i, x in enumerate(train_inputs)])
+    data = TrainingData(np.concatenate(train_inputs), train_y, labels, panel)
     model = train(train_secs, out_dir, cfg, data=data)
     ref = bleep_rs.build_reference(model, train_secs)
     return ref.impute(model.embed_images(test_input), k=50)
@@ -141,7 +135,7 @@ def main():
                 else:
                     inputs = [patches[i] for i in tr] if args.finetune else [feats[i] for i in tr]
                     test = patches[held] if args.finetune else feats[held]
-                    pred = bleep_predict([sections[i] for i in tr], inputs, test, panel, method, args, cache / f"model_{name}_{ids[held]}_{method}")
+                    pred = bleep_predict([sections[i] for i in tr], inputs, train_y, test, panel, method, args, cache / f"model_{name}_{ids[held]}_{method}")
                 s = summarise(pred, truth, panel.genes)
                 key = f"{name}/{ids[held]}/{method}"
                 results[key] = {"heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "constant": len(s["constant"]), "seconds": time.perf_counter() - t}

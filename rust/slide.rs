@@ -361,13 +361,6 @@ impl Slide {
         Ok(())
     }
 
-    /// As [`Slide::patches_into`], into a new buffer.
-    pub fn patches(&self, origins: &[(f64, f64)], size: usize, scale: f64) -> Result<Vec<u8>> {
-        let mut out = crate::memory::huge_zeroed::<u8>(origins.len() * size * size * 3, "patches")?;
-        self.patches_into(origins, size, scale, &mut out)?;
-        Ok(out)
-    }
-
     /// The whole slide shrunk so that its longer side is at most `max_side` px: (rgb, width, height).
     pub fn thumbnail(&self, max_side: usize) -> Result<(Vec<u8>, usize, usize)> {
         let (w0, h0) = (self.levels[0].width as f64, self.levels[0].height as f64);

@@ -60,6 +60,8 @@ class ModelConfig:
     loss: str = "bleep"
     patch_size: int = 224
     um_per_px: Optional[float] = None  # None: each section's native resolution
+    # The backbone's input size and constants: BleepModel sets them from the backbone (kept here so that
+    # config.json says how to feed the model).
     input_size: int = 224
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -97,6 +99,8 @@ class BleepModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained)
+        # The input constants are the backbone's own: derived here, once, for training and inference alike.
+        config.input_size, config.mean, config.std = self.spec.input_size, list(self.spec.mean), list(self.spec.std)
         self.image_head = ProjectionHead(self.spec.feature_dim, config.embedding_dim, config.dropout)
         self.expression_head = ProjectionHead(len(config.panel.genes), config.embedding_dim, config.dropout)
         # CLIP's learnable temperature, log(1 / 0.07); unused by the BLEEP loss.

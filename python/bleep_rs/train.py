@@ -324,7 +324,6 @@ def train(
     )
     model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights).to(device)
     spec = model.spec
-    mcfg.input_size, mcfg.mean, mcfg.std = spec.input_size, list(spec.mean), list(spec.std)
     if cfg.freeze_backbone and spec.takes_images:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
