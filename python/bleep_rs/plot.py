@@ -16,9 +16,13 @@ __all__ = ["plot_genes"]
 def _thumbnail(adata):
     lib = adata.uns.get("bleep", {}).get("library_id") or next(iter(adata.uns.get("spatial", {})), None)
     entry = adata.uns.get("spatial", {}).get(lib, {}) if lib else {}
-    img = entry.get("images", {}).get("hires")
-    scale = entry.get("scalefactors", {}).get("tissue_hires_scalef", 1.0)
-    return img, float(scale)
+    images = entry.get("images", {})
+    # The largest image that is not blank (a Space Ranger hires PNG can be empty).
+    for key in sorted(images, key=lambda k: -np.asarray(images[k]).shape[1]):
+        img = np.asarray(images[key])
+        if img.std() > (1.0 if img.dtype == np.uint8 else 1 / 255):
+            return img, float(entry.get("scalefactors", {}).get(f"tissue_{key}_scalef", 1.0))
+    return None, 1.0
 
 
 def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optional[float] = None) -> Path:

@@ -4,7 +4,8 @@ Coordinates are level-0 pixels (x, y) throughout; sizes pair with micrometres pe
 built-in Rust reader opens JPEG, PNG and TIFF (tiled or stripped, BigTIFF, OME-TIFF, Aperio SVS; no,
 LZW, deflate or JPEG compression), decoding only the tiles a request touches. Other formats (NDPI,
 MRXS, JPEG 2000 SVS ...) go through OpenSlide with ``backend="openslide"`` once the ``openslide`` extra is
-installed.
+installed. A folder is read as an OME-Zarr multiscale image (a SpatialData image element, with the
+``spatialdata`` extra).
 
 Border policy: pixels outside the image read as white (255, the colour of empty glass), so a patch that
 crosses the border is padded on that side, never shifted. A spot centre outside the image is an error.
@@ -75,7 +76,9 @@ class Slide:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise BleepError(f"{self.path}: no such image file")
-        if backend in ("auto", "rust"):
+        if backend == "auto" and os.path.isdir(self.path):
+            self._core = _ZarrCore(self.path)
+        elif backend in ("auto", "rust"):
             self._core = _core.SlideCore.open(self.path)
         elif backend == "openslide":
             self._core = _OpenSlideCore(self.path)
@@ -319,3 +322,106 @@ class _OpenSlideCore:
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"))
+
+
+#: Names of coordinate systems in micrometres (SpatialData stores no units; these names say it).
+MICRON_SYSTEMS = ("microns", "micron", "micrometers", "micrometres", "micrometer", "um", "µm")
+
+
+def _as_rgb8(block: np.ndarray) -> np.ndarray:
+    """(c, h, w) of any dtype -> (h, w, 3) uint8."""
+    if block.shape[0] == 1:
+        block = np.repeat(block, 3, axis=0)
+    block = block[:3]
+    if block.dtype != np.uint8:
+        if np.issubdtype(block.dtype, np.floating):
+            block = np.clip(np.nan_to_num(block) * (255.0 if block.max(initial=0) <= 1.0 else 1.0), 0, 255)
+        elif block.dtype == np.uint16:
+            block = block / 257.0
+        block = np.round(block).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(block, 0, -1))
+
+
+class _ZarrCore:
+    """An OME-Zarr multiscale image (c, y, x), as SpatialData writes its image elements."""
+
+    def __init__(self, path: str):
+        try:
+            import zarr
+        except ImportError as e:
+            raise BleepError(f"{path}: reading a Zarr image needs zarr: pip install 'bleep-rs[spatialdata]'") from e
+        try:
+            group = zarr.open_group(path, mode="r")
+        except Exception as e:  # zarr raises several kinds for a folder that is no store
+            raise BleepError(f"{path}: a folder that is not a Zarr image ({e}): pass an image file") from e
+        attrs = dict(group.attrs)
+        multiscales = (attrs.get("ome") or attrs).get("multiscales")
+        if not multiscales:
+            raise BleepError(f"{path}: a Zarr group without OME multiscales metadata: not an image element")
+        axes = [a["name"] if isinstance(a, dict) else a for a in multiscales[0]["axes"]]
+        if axes != ["c", "y", "x"]:
+            raise BleepError(f"{path}: image axes {axes}: only 2-D (c, y, x) images are read")
+        self._levels = [group[d["path"]] for d in multiscales[0]["datasets"]]
+        self.level_dimensions = [(int(a.shape[2]), int(a.shape[1])) for a in self._levels]
+        self.level_downsamples = [self.level_dimensions[0][0] / w for w, _ in self.level_dimensions]
+        self.format = "ome-zarr"
+        self.um_per_px = None
+        for t in multiscales[0].get("coordinateTransformations", []):
+            name = ((t.get("output") or {}).get("name") or "").lower()
+            if name in MICRON_SYSTEMS:
+                scale = _linear_scale(t)
+                if scale:
+                    self.um_per_px = (scale, f"the transformation to '{name}'")
+
+    def read_region(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        arr = self._levels[level]
+        W, H = self.level_dimensions[level]
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = _as_rgb8(np.asarray(arr[:, y0:y1, x0:x1]))
+        return out
+
+    def _best_level(self, scale: float) -> int:
+        return max(i for i, d in enumerate(self.level_downsamples) if d <= scale * (1 + 1e-6) or i == 0)
+
+    def patches_into(self, origins: np.ndarray, size: int, scale: float, out: np.ndarray, threads=None) -> None:
+        from PIL import Image
+
+        level = self._best_level(scale)
+        ds = self.level_downsamples[level]
+        ls = scale / ds
+        exact = abs(ls - 1.0) * size < 0.5  # as the Rust reader: pixels copied, the origin rounded
+        for i, (x, y) in enumerate(origins):
+            if exact:
+                out[i] = self.read_region(int(round(x / ds)), int(round(y / ds)), level, size, size)
+                continue
+            x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
+            extent = int(np.ceil(size * ls)) + 2
+            region = Image.fromarray(self.read_region(x0, y0, level, extent, extent))
+            box = (x / ds - x0, y / ds - y0, x / ds - x0 + size * ls, y / ds - y0 + size * ls)
+            flt = Image.BOX if ls > 1 else Image.BILINEAR
+            out[i] = np.asarray(region.resize((size, size), flt, box=box))
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        from PIL import Image
+
+        w0, h0 = self.level_dimensions[0]
+        scale = max(max(w0, h0) / max(max_side, 1), 1.0)
+        level = self._best_level(scale)
+        w, h = self.level_dimensions[level]
+        img = self.read_region(0, 0, level, w, h)
+        size = (max(1, round(w0 / scale)), max(1, round(h0 / scale)))
+        return img if size == (w, h) else np.asarray(Image.fromarray(img).resize(size, Image.BOX))
+
+
+def _linear_scale(t: dict) -> Optional[float]:
+    """Micrometres per pixel of an NGFF scale or affine transformation over (c, y, x) or (y, x)."""
+    if t.get("type") == "scale":
+        values = [float(v) for v in t["scale"]][-2:]
+        return float(np.sqrt(abs(values[0] * values[1])))
+    if t.get("type") == "affine":
+        m = np.asarray(t["affine"], dtype=float)
+        m = m[-3:-1, -3:-1] if m.shape[0] >= 3 else m
+        return float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+    return None

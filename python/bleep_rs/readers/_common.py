@@ -1,0 +1,329 @@
+"""What every reader shares: platforms, the pixel-size rule, the checks, and the one AnnData shape."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .._core import BleepError
+
+#: Centre-to-centre spot distance of each platform, micrometres (Visium HD: the bin size).
+PITCH_UM = {"visium": 100.0, "legacy-st": 200.0}
+#: The diameter behind `spot_diameter_fullres`, micrometres: Space Ranger states it for a "theoretical
+#: 65 um spot" (the 55 um spot plus margin); legacy ST spots are 100 um; a Visium HD bin is a square
+#: whose side Space Ranger gives as its diameter.
+SPOT_DIAMETER_UM = {"visium": 65.0, "legacy-st": 100.0}
+THUMBNAIL_SIDE = 2000
+#: What `platform=` accepts.
+PLATFORM_NAMES = ("visium", "legacy-st", "visium-hd")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A spot layout: ``packing`` "hex" (Visium: array columns step by 2 along a row) or "grid" (legacy
+    ST, Visium HD bins: one array step per pitch)."""
+
+    name: str
+    pitch_um: float
+    diameter_um: float
+    packing: str
+
+
+def platform(name: str, bin_um: Optional[float] = None, where: str = "") -> Platform:
+    """The :class:`Platform` called ``name``; Visium HD needs its bin size."""
+    if name == "visium":
+        return Platform("visium", PITCH_UM["visium"], SPOT_DIAMETER_UM["visium"], "hex")
+    if name == "legacy-st":
+        return Platform("legacy-st", PITCH_UM["legacy-st"], SPOT_DIAMETER_UM["legacy-st"], "grid")
+    if name == "visium-hd":
+        if not bin_um or not bin_um > 0:
+            raise BleepError(f"{where}: a Visium HD section needs its bin size (scalefactors bin_size_um)")
+        return Platform("visium-hd", float(bin_um), float(bin_um), "grid")
+    raise BleepError(f"{where}: unknown platform {name!r}: use one of {', '.join(PLATFORM_NAMES)}")
+
+
+def array_packing(array_rc: Optional[np.ndarray]) -> Optional[str]:
+    """ "hex" when every spot's array row + column has one parity (Visium's orange-crate layout), "grid"
+    when both occur, None without array coordinates."""
+    if array_rc is None or len(array_rc) < 3 or not np.any(array_rc):
+        return None
+    parity = np.unique((array_rc[:, 0].astype(np.int64) + array_rc[:, 1].astype(np.int64)) % 2)
+    return "hex" if len(parity) == 1 else "grid"
+
+
+def infer_platform(
+    where: str,
+    stated: Sequence[Tuple[Optional[str], str]],
+    array_rc: Optional[np.ndarray],
+    bin_um: Optional[float] = None,
+) -> Tuple[Platform, str]:
+    """The platform and what said so. ``stated``: (name, source) pairs, most trusted first (an explicit
+    argument, the files' metadata). Without a statement, the array coordinates tell: hexagonal packing
+    is Visium, a square grid legacy ST. A statement the array coordinates contradict is an error."""
+    packing = array_packing(array_rc)
+    for name, source in stated:
+        if not name:
+            continue
+        found = platform(name, bin_um, where)
+        if packing is not None and packing != found.packing:
+            raise BleepError(
+                f"{where}: {source} says {name}, but the array coordinates are on a "
+                f"{'hexagonal (Visium)' if packing == 'hex' else 'square'} grid: pass platform= "
+                f"({', '.join(PLATFORM_NAMES)}) to say which it is"
+            )
+        return found, source
+    if packing == "hex":
+        return platform("visium"), "the array coordinates (hexagonal packing: Visium)"
+    if packing == "grid":
+        return platform("legacy-st"), "the array coordinates (a square grid: legacy ST)"
+    raise BleepError(
+        f"{where}: cannot tell the platform (no metadata names it and there are no array_row / array_col "
+        f"to tell it by): pass platform= ({', '.join(PLATFORM_NAMES)})"
+    )
+
+
+def resolve_um_per_px(
+    explicit: Optional[float],
+    metadata: List[Tuple[float, str]],
+    estimate: Optional[Tuple[float, str]],
+    where: str,
+) -> Tuple[float, str]:
+    """The pixel size and its source: micrometres per full-resolution pixel. An explicit value wins,
+    then ``metadata`` ((value, source) pairs from the files, best first), then ``estimate`` (the spot
+    pitch). Sources more than 10 % apart are warned about; nothing to go on is an error."""
+    candidates = [(float(v), s) for v, s in metadata if v is not None and np.isfinite(v) and v > 0]
+    if estimate is not None:
+        candidates.append(estimate)
+    if explicit is not None:
+        if not (np.isfinite(explicit) and explicit > 0):
+            raise BleepError(f"{where}: um_per_px must be a positive number, not {explicit!r}")
+        for value, source in candidates:
+            if abs(value / explicit - 1) > 0.10:
+                warnings.warn(
+                    f"{where}: um_per_px={explicit} was given but {source} says {value:.4g}; using the given "
+                    "value. Check which is right: a wrong pixel size makes every patch the wrong size.",
+                    stacklevel=3,
+                )
+                break
+        return float(explicit), "given"
+    if not candidates:
+        raise BleepError(
+            f"{where}: no pixel size: no metadata states one and there are too few spots to estimate it "
+            "from their pitch. Pass um_per_px=X (the scanner's micrometres per pixel)."
+        )
+    best = candidates[0]
+    for value, source in candidates[1:]:
+        if abs(value / best[0] - 1) > 0.10:
+            warnings.warn(
+                f"{where}: {best[1]} gives {best[0]:.4g} um/px but {source} gives {value:.4g}; using the "
+                f"first. If the spots are not on the stated grid or the metadata is stale, pass um_per_px=.",
+                stacklevel=3,
+            )
+    return best
+
+
+def array_affine(array_rc: np.ndarray, pixel_xy: np.ndarray) -> Optional[np.ndarray]:
+    """The least-squares affine map (3, 2) from (col, row, 1) to pixel (x, y), or None when the array
+    positions do not span a plane."""
+    if len(array_rc) < 3:
+        return None
+    rows, cols = array_rc[:, 0].astype(float), array_rc[:, 1].astype(float)
+    design = np.column_stack([cols, rows, np.ones_like(rows)])
+    if np.linalg.matrix_rank(design) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(design, pixel_xy.astype(float), rcond=None)
+    return coef
+
+
+def spot_pitch_px(array_rc: np.ndarray, pixel_xy: np.ndarray, packing: str) -> Optional[float]:
+    """Pixels per spot pitch, from the affine fit of pixel positions on array positions. Visium's array
+    columns step by 2 per pitch along a row; grid layouts step by 1 in both directions."""
+    if packing in PITCH_UM:  # a platform name, as older callers pass
+        packing = platform(packing).packing
+    coef = array_affine(array_rc, pixel_xy)
+    if coef is None:
+        return None
+    per_col = float(np.hypot(*coef[0]))
+    return per_col * 2.0 if packing == "hex" else per_col
+
+
+def pitch_estimate(array_rc: Optional[np.ndarray], pixel_xy: np.ndarray, plat: Platform) -> Optional[Tuple[float, str]]:
+    """The pixel size the spot pitch implies, with its source, or None."""
+    if array_rc is None or not np.any(array_rc):
+        return None
+    px = spot_pitch_px(array_rc, pixel_xy, plat.packing)
+    if px is None or px <= 0:
+        return None
+    return plat.pitch_um / px, f"the spot pitch ({plat.pitch_um:g} um centre to centre, {px:.1f} px)"
+
+
+def open_image(image):
+    """A :class:`~bleep_rs.Slide` of ``image``, or None."""
+    from ..slide import Slide
+
+    return None if image is None else Slide(image)
+
+
+def image_metadata(slide) -> List[Tuple[float, str]]:
+    """The pixel size an image file states (TIFF tags, Aperio MPP, OME-XML), if any."""
+    if slide is None or slide.um_per_px is None:
+        return []
+    return [(slide.um_per_px, f"{os.path.basename(slide.path)} ({slide.um_per_px_source})")]
+
+
+def counts_problem(X) -> Optional[str]:
+    """Why ``X`` is not a matrix of raw counts (None when it is): negative or non-integer values,
+    within a rounding tolerance of 1e-3."""
+    import scipy.sparse as sp
+
+    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if values.size == 0:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return "it holds NaN or infinite values"
+    if values.min() < 0:
+        return f"it holds negative values (min {values.min():.3g})"
+    frac = np.abs(values - np.round(values))
+    if frac.max() > 1e-3:
+        example = values[np.argmax(frac)]
+        return f"it holds non-integer values (e.g. {example:.4g}): it looks normalised or log-transformed"
+    return None
+
+
+def _check_positions(pixel_xy: np.ndarray, spot_ids: Sequence[str], where: str) -> None:
+    bad = ~np.all(np.isfinite(pixel_xy), axis=1)
+    if bad.any():
+        first = [str(spot_ids[i]) for i in np.flatnonzero(bad)[:3]]
+        raise BleepError(
+            f"{where}: {int(bad.sum())} of {len(pixel_xy)} spots have no position (NaN or infinite "
+            f"coordinates, e.g. {first}): drop those spots or fix their coordinates"
+        )
+
+
+def _check_unique(names: Sequence[str], what: str, where: str, fix: str) -> None:
+    import pandas as pd
+
+    index = pd.Index(names)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()[:3].tolist()
+        raise BleepError(f"{where}: duplicated {what} ({dup} ...): {fix}")
+
+
+def _check_image_scale(image: np.ndarray, scalef: float, pixel_xy: np.ndarray, key: str, where: str) -> None:
+    """Every spot times the image's scale factor must land inside the image."""
+    h, w = image.shape[:2]
+    xy = pixel_xy * scalef
+    outside = (xy[:, 0] < -0.5) | (xy[:, 1] < -0.5) | (xy[:, 0] > w - 0.5) | (xy[:, 1] > h - 0.5)
+    if outside.any():
+        raise BleepError(
+            f"{where}: the {key} image ({w} x {h} px) with scale factor {scalef:.6g} puts {int(outside.sum())} "
+            f"of {len(xy)} spots outside it: the scale factor does not belong to this image (check "
+            f"scalefactors_json.json / uns['spatial'])"
+        )
+
+
+def build(
+    counts,
+    genes: Sequence[str],
+    spot_ids: Sequence[str],
+    array_rc: Optional[np.ndarray],
+    pixel_xy: np.ndarray,
+    in_tissue: Optional[np.ndarray],
+    *,
+    where: str,
+    layout: str,
+    library_id: str,
+    plat: Platform,
+    platform_source: str,
+    um_per_px: Tuple[float, str],
+    slide=None,
+    images: Optional[Dict[str, Tuple[np.ndarray, float]]] = None,
+    scalefactors: Optional[dict] = None,
+    metadata: Optional[dict] = None,
+    var: Optional["object"] = None,
+    duplicate_genes: str = "error",
+    check_counts: bool = True,
+    extra: Optional[dict] = None,
+):
+    """The AnnData every reader returns (see :mod:`bleep_rs.sections`), after checking spot ids, gene
+    names, positions, counts and image scale factors. ``images``: name -> (RGB array, scale factor from
+    full-resolution pixels), stored as ``uns["spatial"][lib]["images"][name]`` with
+    ``scalefactors[f"tissue_{name}_scalef"]``; without any, the slide's thumbnail becomes "hires".
+    ``duplicate_genes``: "error", or "unique" to suffix repeats (-1, -2 ...) as 10x readers do."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    spot_ids = [str(s) for s in spot_ids]
+    pixel_xy = np.asarray(pixel_xy, dtype=np.float64).reshape(-1, 2)
+    if len(spot_ids) == 0:
+        raise BleepError(f"{where}: no spots (none is both counted and under tissue)")
+    _check_unique(spot_ids, "spot ids", where, "each spot needs its own id (adata.obs_names_make_unique() if they are distinct spots)")
+    _check_positions(pixel_xy, spot_ids, where)
+    genes = [str(g) for g in genes]
+    if duplicate_genes == "unique" and len(set(genes)) < len(genes):
+        genes = list(ad.utils.make_index_unique(pd.Index(genes)))
+    _check_unique(genes, "gene names", where, "make them unique (adata.var_names_make_unique()) or drop the repeats")
+    X = sp.csr_matrix(counts, dtype=np.float32)
+    problem = counts_problem(X) if check_counts else None
+    if problem:
+        raise BleepError(f"{where}: the expression is not raw counts: {problem}. bleep-rs needs raw UMI counts")
+    image = None if slide is None else slide.path
+    if slide is not None:
+        w, h = slide.dimensions
+        outside = (pixel_xy[:, 0] < 0) | (pixel_xy[:, 1] < 0) | (pixel_xy[:, 0] >= w) | (pixel_xy[:, 1] >= h)
+        if outside.any():
+            raise BleepError(
+                f"{where}: {int(outside.sum())} of {len(pixel_xy)} spots lie outside the {w} x {h} px image "
+                f"{image} (e.g. {spot_ids[int(np.flatnonzero(outside)[0])]} at {pixel_xy[outside][0].round(1).tolist()}): "
+                "is this the full-resolution image the positions refer to?"
+            )
+    images = dict(images or {})
+    if not images and slide is not None:
+        thumb = slide.thumbnail(THUMBNAIL_SIDE)
+        images["hires"] = (thumb, thumb.shape[1] / slide.dimensions[0])
+    if array_rc is None:
+        array_rc = np.zeros((len(spot_ids), 2), dtype=np.int64)
+    obs = pd.DataFrame(
+        {
+            "in_tissue": (np.ones(len(spot_ids)) if in_tissue is None else np.asarray(in_tissue)).astype(int),
+            "array_row": np.asarray(array_rc)[:, 0].astype(int),
+            "array_col": np.asarray(array_rc)[:, 1].astype(int),
+        },
+        index=pd.Index(spot_ids, name="spot_id"),
+    )
+    var_df = pd.DataFrame(index=pd.Index(genes, name="gene"))
+    if var is not None:
+        for col in var.columns:
+            var_df[col] = np.asarray(var[col])
+    adata = ad.AnnData(X=X, obs=obs, var=var_df)
+    adata.obsm["spatial"] = pixel_xy
+    um, um_source = um_per_px
+    factors = {k: float(v) for k, v in (scalefactors or {}).items() if isinstance(v, (int, float, np.number))}
+    factors.setdefault("spot_diameter_fullres", plat.diameter_um / um)
+    entry = {"images": {}, "scalefactors": factors, "metadata": dict(metadata or {})}
+    for key, (picture, scalef) in images.items():
+        _check_image_scale(picture, float(scalef), pixel_xy, key, where)
+        entry["images"][key] = np.asarray(picture)
+        factors[f"tissue_{key}_scalef"] = float(scalef)
+    if image is not None:
+        entry["metadata"]["source_image_path"] = os.path.abspath(image)
+    adata.uns["spatial"] = {library_id: entry}
+    adata.uns["bleep"] = {
+        "um_per_px": float(um),
+        "um_per_px_source": um_source,
+        "image_path": None if image is None else os.path.abspath(image),
+        "layout": layout,
+        "library_id": library_id,
+        "platform": plat.name,
+        "platform_source": platform_source,
+        "pitch_um": plat.pitch_um,
+        "spot_diameter_um": plat.diameter_um,
+        **(extra or {}),
+    }
+    return adata

@@ -1,0 +1,168 @@
+"""10x Space Ranger ``outs/`` folders (Visium): the feature-barcode matrix, the tissue positions in any of
+their three forms, the scale factors and the hires / lowres images, as scanpy's ``read_visium`` keeps
+them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .._core import BleepError
+from ._common import build, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def read_positions(spatial: Path):
+    """Space Ranger's tissue positions in any of its three forms, recognised by content: (DataFrame
+    indexed by barcode, the file)."""
+    import pandas as pd
+
+    for candidate in ["tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv"]:
+        f = spatial / candidate
+        if not f.exists():
+            continue
+        if f.read_bytes()[:4] == b"PAR1":
+            try:
+                df = pd.read_parquet(f)
+            except ImportError as e:
+                raise BleepError(f"{f}: reading parquet positions needs pyarrow: pip install 'bleep-rs[parquet]'") from e
+        else:
+            with open(f) as fh:
+                first = fh.readline()
+            has_header = first.split(",")[0].strip().lower() == "barcode"
+            df = pd.read_csv(f, header=0 if has_header else None, names=None if has_header else POSITION_COLUMNS)
+        missing = set(POSITION_COLUMNS) - set(df.columns)
+        if missing:
+            raise BleepError(f"{f}: not Space Ranger tissue positions (missing columns {sorted(missing)})")
+        return df.set_index(df["barcode"].astype(str)), f
+    raise BleepError(f"{spatial}: no tissue_positions.parquet, tissue_positions.csv or tissue_positions_list.csv")
+
+
+def _text(value) -> str:
+    value = np.asarray(value).ravel()[0] if isinstance(value, np.ndarray) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_10x_h5(f: Path):
+    """(X spots x genes CSR, gene names, gene ids, barcodes, file attributes) of the gene-expression
+    features of a 10x feature-barcode matrix."""
+    import h5py
+    import scipy.sparse as sp
+
+    if not f.exists():
+        raise BleepError(f"{f}: no such file: a Space Ranger folder has filtered_feature_bc_matrix.h5")
+    try:
+        with h5py.File(f, "r") as h5:
+            m = h5["matrix"]
+            shape = tuple(m["shape"][()])
+            # Stored genes x barcodes, compressed by barcode (CSC of genes x spots).
+            X = sp.csc_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=shape).T.tocsr()
+            barcodes = [b.decode() for b in m["barcodes"][()]]
+            feats = m["features"]
+            names = [b.decode() for b in feats["name"][()]]
+            ids = [b.decode() for b in feats["id"][()]] if "id" in feats else names
+            kinds = [b.decode() for b in feats["feature_type"][()]] if "feature_type" in feats else ["Gene Expression"] * len(names)
+            attrs = {k: _text(v) if k != "library_ids" else [_text(x) for x in np.asarray(v).ravel()] for k, v in h5.attrs.items()}
+    except (OSError, KeyError) as e:
+        raise BleepError(f"{f}: not a readable 10x feature-barcode matrix ({e})") from e
+    genes = np.array([k == "Gene Expression" for k in kinds])
+    pick = lambda values: [v for v, g in zip(values, genes) if g]  # noqa: E731
+    return X[:, genes], pick(names), pick(ids), barcodes, attrs
+
+
+def sample_name(path: Path) -> str:
+    """The sample folder's name: the first folder above ``outs/``, ``binned_outputs/`` and ``square_*``."""
+    path = path.resolve()
+    while path.name in ("outs", "binned_outputs", "spatial") or path.name.startswith("square_"):
+        if path.parent == path:
+            break
+        path = path.parent
+    return path.name
+
+
+def library_id_of(path: Path, attrs: dict) -> str:
+    """scanpy's rule: the h5's first ``library_ids`` entry, else the sample folder's name."""
+    ids = attrs.get("library_ids") or []
+    return ids[0] if ids and ids[0] else sample_name(path)
+
+
+def read_images(spatial: Path, scalef: dict, where: str) -> Dict[str, Tuple[np.ndarray, float]]:
+    """The hires and lowres PNGs that exist, each with its own scale factor."""
+    from ..slide import Slide
+
+    images = {}
+    for key in ("hires", "lowres"):
+        f = spatial / f"tissue_{key}_image.png"
+        if not f.exists():
+            continue
+        if f"tissue_{key}_scalef" not in scalef:
+            raise BleepError(f"{where}: {f.name} exists but scalefactors_json.json has no tissue_{key}_scalef")
+        images[key] = (Slide(f).thumbnail(10**6), float(scalef[f"tissue_{key}_scalef"]))
+    return images
+
+
+def refuse_thumbnail(image, pixel_xy: np.ndarray, slide) -> None:
+    """A Space Ranger PNG given as the full-resolution image is an error, not a 10x shrunken section."""
+    w, h = slide.dimensions
+    extent = float(max(pixel_xy[:, 0].max(), pixel_xy[:, 1].max())) if len(pixel_xy) else 0.0
+    name = os.path.basename(str(image))
+    if "tissue_hires_image" in name or "tissue_lowres_image" in name or (extent > 0 and max(w, h) < 0.5 * extent):
+        raise BleepError(
+            f"{image} ({w} x {h} px) is a Space Ranger thumbnail, not the full-resolution image: the spot "
+            f"positions reach {extent:.0f} px. Pass the H&E image given to Space Ranger (often a .tif)."
+        )
+
+
+def read_counts_and_positions(path: Path):
+    """The spots of a Space Ranger folder that are counted and under tissue: (X, genes, gene ids,
+    barcodes, positions rows, positions file, h5 attributes, scale factors)."""
+    spatial = path / "spatial"
+    X, genes, gene_ids, barcodes, attrs = read_10x_h5(path / "filtered_feature_bc_matrix.h5")
+    positions, pos_file = read_positions(spatial)
+    sf_file = spatial / "scalefactors_json.json"
+    if not sf_file.exists():
+        raise BleepError(f"{sf_file}: missing: Space Ranger writes it beside the tissue positions")
+    scalef = json.loads(sf_file.read_text())
+    in_tissue = positions["in_tissue"].reindex(barcodes).to_numpy()
+    keep = np.flatnonzero(in_tissue == 1)
+    unplaced = np.isnan(in_tissue.astype(float)).sum()
+    if unplaced:
+        raise BleepError(
+            f"{path}: {unplaced} barcodes of the matrix have no row in {pos_file.name} (e.g. "
+            f"{[b for b, t in zip(barcodes, in_tissue) if t != t][:2]}): the matrix and the positions come from different runs"
+        )
+    kept = [barcodes[i] for i in keep]
+    return X[keep], genes, gene_ids, kept, positions.loc[kept], pos_file, attrs, scalef
+
+
+def read_space_ranger(path, *, image=None, um_per_px: Optional[float] = None, library_id: Optional[str] = None):
+    """A Space Ranger ``outs/`` folder: the barcodes under tissue. ``image``: the full-resolution H&E the
+    positions refer to (without it the section has the thumbnails but cannot give patches)."""
+    import pandas as pd
+
+    path = Path(path)
+    where = str(path)
+    X, genes, gene_ids, barcodes, pos, pos_file, attrs, scalef = read_counts_and_positions(path)
+    pixel_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    array_rc = pos[["array_row", "array_col"]].to_numpy()
+    slide = open_image(image)
+    if slide is not None:
+        refuse_thumbnail(image, pixel_xy, slide)
+    plat = platform("visium")
+    metadata = []
+    if "spot_diameter_fullres" in scalef:
+        metadata.append((plat.diameter_um / float(scalef["spot_diameter_fullres"]), "scalefactors_json.json (spot_diameter_fullres, 65 um per Space Ranger)"))
+    um = resolve_um_per_px(um_per_px, metadata + image_metadata(slide), pitch_estimate(array_rc, pixel_xy, plat), where)
+    meta = {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
+    return build(
+        X, genes, barcodes, array_rc, pixel_xy, pos["in_tissue"].to_numpy(),
+        where=where, layout=f"space-ranger ({pos_file.name})", library_id=library_id or library_id_of(path, attrs),
+        plat=plat, platform_source="a Space Ranger Visium folder", um_per_px=um, slide=slide,
+        images=read_images(path / "spatial", scalef, where), scalefactors=scalef, metadata=meta,
+        var=pd.DataFrame({"gene_ids": gene_ids, "feature_types": "Gene Expression"}), duplicate_genes="unique",
+    )
