@@ -175,10 +175,10 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
     st = ad.AnnData(X=section.X.copy(), obs=obs, var=pd.DataFrame(index=pd.Index(section.var_names, name=None)))
     st.obsm["spatial"] = xy
     w, h = slide.dimensions
-    factor = 1000 / max(w, h)
+    thumb = slide.thumbnail(1000)
     st.uns["spatial"] = {"ST": {
-        "images": {"downscaled_fullres": slide.thumbnail(1000)},
-        "scalefactors": {"spot_diameter_fullres": diameter / um, "tissue_downscaled_fullres_scalef": factor},
+        "images": {"downscaled_fullres": thumb},
+        "scalefactors": {"spot_diameter_fullres": diameter / um, "tissue_downscaled_fullres_scalef": thumb.shape[1] / w},
     }}
     st.write_h5ad(root / "st" / f"{sample_id}.h5ad")
     meta = {
