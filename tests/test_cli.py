@@ -134,3 +134,93 @@ def test_scanpy_draws_the_prediction_as_is(run, tmp_path):
     sc.pl.spatial(pred, color=list(pred.var_names[:2]), library_id=pred.uns["bleep"]["library_id"], img_key="hires", show=False)
     plt.savefig(tmp_path / "spatial.png")
     assert (tmp_path / "spatial.png").stat().st_size > 10_000
+
+
+def test_squidpy_draws_the_prediction_as_is(run, tmp_path):
+    sq = pytest.importorskip("squidpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    sq.pl.spatial_scatter(pred, color=list(pred.var_names[:2]), library_id=pred.uns["bleep"]["library_id"])
+    plt.savefig(tmp_path / "squidpy.png")
+    assert (tmp_path / "squidpy.png").stat().st_size > 10_000
+
+
+def test_hest_samples_through_the_command_line(run, tmp_path):
+    pytest.importorskip("tifffile")
+    from bleep_rs.readers.hest import write_hest_sample
+
+    hest = tmp_path / "hest"
+    for name, path in (("C2", C2), ("C3", C3)):
+        write_hest_sample(bleep_rs.read_section(path), hest, name, patches=False)
+    cli("train", hest, "--ids", "C2", "C3", "--out", tmp_path / "model", "--epochs", "1", "--freeze-backbone",
+        "--n-top-genes", "64", "--patch-size", "128", "--val-fraction", "0")
+    cli("reference", "--model", run / "model", hest, "--ids", "C2", "--out", tmp_path / "ref.safetensors")
+    ref = bleep_rs.Reference.load(tmp_path / "ref.safetensors")
+    assert set(ref.sections) == {"C2"} and ref.n_spots == 25
+    cli("predict", hest / "st" / "C3.h5ad", "--model", run / "model", "--reference", tmp_path / "ref.safetensors", "--out", tmp_path / "p.h5ad", "--k", "5")
+    cli("predict", hest, "--ids", "C3", "--model", run / "model", "--reference", tmp_path / "ref.safetensors", "--out", tmp_path / "p2.h5ad", "--k", "5")
+    a, b = ad.read_h5ad(tmp_path / "p.h5ad"), ad.read_h5ad(tmp_path / "p2.h5ad")
+    assert list(a.obs_names) == list(bleep_rs.read_section(C3).obs_names) and np.allclose(a.X, b.X)
+    cli("evaluate", tmp_path / "p.h5ad", hest, "--ids", "C3", "--out", tmp_path / "r.json")
+    res = cli("predict", hest, "--model", run / "model", "--reference", tmp_path / "ref.safetensors", "--out", tmp_path / "p3.h5ad", ok=False)
+    assert res.returncode == 2 and "2 samples: name one with --ids ID" in res.stderr
+    res = cli("reference", "--model", run / "model", C2, "--ids", "C2", "--out", tmp_path / "x.safetensors", ok=False)
+    assert res.returncode == 2 and "--ids names samples of a HEST folder" in res.stderr
+
+
+def test_visium_hd_through_the_command_line(run, tmp_path):
+    pytest.importorskip("pyarrow")
+    from generated import make_hd_run
+
+    hd = make_hd_run(tmp_path / "HD", DATA / "tiny" / "C3" / "image.jpg", 1.3793, genes=bleep_rs.read_section(C3).var_names)
+    b8, b16 = (hd / "outs" / "binned_outputs" / f"square_{s:03d}um" for s in (8, 16))
+    image = DATA / "tiny" / "C3" / "image.jpg"
+    # Pseudo-spots of Visium's size from the HD bins: a reference the Visium-trained model can use.
+    cli("reference", "--model", run / "model", b8, "--bin-um", "56", "--out", tmp_path / "ref.safetensors")
+    assert bleep_rs.Reference.load(tmp_path / "ref.safetensors").spot_ids[0].startswith("HD1:s_056um_")
+    cli("predict", b16, "--image", image, "--bin-um", "48", "--model", run / "model", "--reference", run / "ref.safetensors",
+        "--out", tmp_path / "spots.h5ad", "--k", "5")
+    spots = ad.read_h5ad(tmp_path / "spots.h5ad")
+    assert list(spots.obs_names) == list(bleep_rs.read_section(b16, bin_um=48).obs_names)
+    # A slide tiled on the HD run's grid at 32 um: the outputs carry Space Ranger's barcodes and the
+    # positions of the run's bins pooled to that size.
+    cli("predict", "--slide", image, "--um-per-px", "1.3793", "--bin-um", "32", "--hd-run", b8, "--model", run / "model",
+        "--reference", run / "ref.safetensors", "--out", tmp_path / "slide.h5ad", "--k", "5")
+    pred, pooled = ad.read_h5ad(tmp_path / "slide.h5ad"), bleep_rs.read_section(b8, bin_um=32)
+    assert pred.uns["bleep"]["mode"] == "bins" and pred.uns["bleep"]["bin_um"] == pytest.approx(32)
+    assert set(pooled.obs_names) <= set(pred.obs_names) and pred.obs_names[0].startswith("s_032um_")
+    assert np.abs(pred[pooled.obs_names].obsm["spatial"] - pooled.obsm["spatial"]).max() < 1e-6
+
+
+def test_predictions_as_spatialdata_drawn_by_spatialdata_plot(run, tmp_path):
+    sd = pytest.importorskip("spatialdata")
+    pytest.importorskip("spatialdata_plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "spots.zarr", "--k", "5")
+    cli("predict", "--slide", DATA / "tiny" / "C3" / "image.jpg", "--um-per-px", "1.38", "--min-tissue", "0.05",
+        "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "tiles", "--format", "zarr", "--k", "5")
+    spots, tiles = sd.read_zarr(tmp_path / "spots.zarr"), sd.read_zarr(tmp_path / "tiles")
+    assert set(spots.shapes) == {"C3_spots"} and spots.shapes["C3_spots"].geometry.geom_type.iloc[0] == "Point"
+    assert set(tiles.shapes) == {"image_tiles"} and tiles.shapes["image_tiles"].geometry.geom_type.iloc[0] == "Polygon"
+    h5 = ad.read_h5ad(run / "pred.h5ad")
+    table = spots.tables["table"]
+    assert list(table.obs_names) == list(h5.obs_names) and np.allclose(table.X, h5.X)
+    assert table.uns["spatialdata_attrs"]["region"] == "C3_spots"
+    # evaluate and plot read a store as they read an .h5ad.
+    cli("evaluate", tmp_path / "spots.zarr", C3, "--out", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["r"] == json.loads(cli("evaluate", run / "pred.h5ad", C3, "--out", tmp_path / "r2.json") and (tmp_path / "r2.json").read_text())["r"]
+    gene = str(table.var_names[0])
+    for store, shapes, name in ((spots, "C3_spots", "spots"), (tiles, "image_tiles", "tiles")):
+        fig, ax = plt.subplots()
+        store.pl.render_images().pl.render_shapes(shapes, color=gene).pl.show(ax=ax, coordinate_systems="global")
+        fig.savefig(tmp_path / f"{name}.png")
+        plt.close(fig)
+        assert (tmp_path / f"{name}.png").stat().st_size > 20_000

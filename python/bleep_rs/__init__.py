@@ -35,6 +35,10 @@ _LAZY = {
     "build_reference": "bleep_rs.model",
     "Panel": "bleep_rs.expression",
     "choose_panel": "bleep_rs.expression",
+    # Formats (anndata, spatialdata, tifffile on first use).
+    "write_hest_sample": "bleep_rs.readers.hest",
+    "to_spatialdata": "bleep_rs.sdata",
+    "write_zarr": "bleep_rs.sdata",
 }
 
 
@@ -65,6 +69,9 @@ __all__ = [
     "read_section",
     "section_patches",
     "set_num_threads",
+    "to_spatialdata",
     "to_tensor",
+    "write_hest_sample",
+    "write_zarr",
     "__version__",
 ]

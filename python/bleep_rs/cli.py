@@ -10,6 +10,35 @@ from typing import Optional, Sequence
 from bleep_rs import BleepError, __version__
 
 
+def _section_options(p, *, pooling: bool = True) -> None:
+    """What every command that reads sections accepts besides the paths."""
+    p.add_argument("--ids", nargs="+", help="HEST folder given as a section: the sample ids to read (default: all)")
+    p.add_argument("--layer", help=".h5ad / SpatialData: the matrix of raw counts (default: the 'counts' layer, else X; 'raw' for .raw)")
+    p.add_argument("--image", help="the full-resolution H&E of a Space Ranger / Visium HD section (one section only)")
+    if pooling:
+        p.add_argument("--bin-um", type=float, help="Visium HD: pool the bins into square pseudo-spots of about this many um (e.g. 55)")
+
+
+def _read_sections(paths, args, **kwargs) -> list:
+    """The sections named on the command line (a HEST folder stands for its --ids)."""
+    from bleep_rs.sections import expand_sections, read_section
+
+    for key in ("layer", "bin_um", "image"):
+        if getattr(args, key, None) is not None:
+            kwargs.setdefault(key, getattr(args, key))
+    named = expand_sections(paths, args.ids)
+    if "image" in kwargs and len(named) > 1:
+        raise BleepError("--image is the image of one section; with several, give each its own (a HEST folder, an .h5ad with uns['bleep']['image_path'], a SpatialData store)")
+    return [read_section(path, sample=sample, **kwargs) for path, sample in named]
+
+
+def _read_one(path, args, **kwargs):
+    sections = _read_sections([path], args, **kwargs)
+    if len(sections) != 1:
+        raise BleepError(f"{path}: {len(sections)} samples: name one with --ids ID")
+    return sections[0]
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -18,7 +47,8 @@ def _add_train(sub) -> None:
         "torchrun (python -m torch.distributed.run --nproc_per_node N -m bleep_rs.train ...) it trains with "
         "DistributedDataParallel.",
     )
-    p.add_argument("sections", nargs="+", help="section folders or .h5ad files")
+    p.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
+    _section_options(p)
     p.add_argument("--out", type=Path, required=True, help="model directory to write (model.safetensors + config.json)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128, help="contrastive batch per device (default 128)")
@@ -61,14 +91,15 @@ def _run_train(args) -> None:
     )
     import os
 
-    train(args.sections, args.out, cfg)
+    train(_read_sections(args.sections, args), args.out, cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {args.out}")
 
 
 def _add_others(sub) -> None:
     ref = sub.add_parser("reference", help="embed reference sections' expression with a trained model")
-    ref.add_argument("sections", nargs="+", help="section folders or .h5ad files")
+    ref.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
+    _section_options(ref)
     ref.add_argument("--model", type=Path, required=True, help="model directory from bleep-rs train")
     ref.add_argument("--out", type=Path, required=True, help="reference file to write (.safetensors)")
     ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="expression storage")
@@ -76,11 +107,15 @@ def _add_others(sub) -> None:
 
     pr = sub.add_parser("predict", help="predict expression at a section's spots or over a whole slide's tissue")
     pr.add_argument("section", nargs="?", help="a section (its image is used; its counts are never read)")
+    _section_options(pr, pooling=False)
     pr.add_argument("--model", type=Path, required=True)
     pr.add_argument("--reference", type=Path, required=True)
     pr.add_argument("--slide", nargs="+", help="whole-slide image(s) to tile instead of a section")
     pr.add_argument("--um-per-px", type=float, help="the slide's micrometres per pixel (when the file does not say)")
-    pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad, or a folder for several slides (one .h5ad each)")
+    pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad or PRED.zarr, or a folder for several slides (one file each)")
+    pr.add_argument("--format", choices=["h5ad", "zarr"], help="h5ad (default) or zarr (a SpatialData store: image, spots or tiles, table); default from --out's suffix")
+    pr.add_argument("--bin-um", type=float, help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
+    pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
     pr.add_argument("--k", type=int, default=50, help="neighbours per prediction (default 50)")
     pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], default="mean")
     pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
@@ -91,63 +126,70 @@ def _add_others(sub) -> None:
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
     ev.add_argument("prediction", type=Path)
     ev.add_argument("section")
+    _section_options(ev)
     ev.add_argument("--out", type=Path, required=True, help="REPORT.json (a .csv with one row per gene is written beside it)")
     ev.add_argument("--markers", nargs="*", default=[], help="marker genes to average over as well")
 
     pl = sub.add_parser("plot", help="measured and predicted expression over the H&E, and per-gene r")
     pl.add_argument("prediction", type=Path)
     pl.add_argument("--truth", help="the measured section, to draw beside the prediction")
+    _section_options(pl)
     pl.add_argument("--genes", nargs="+", required=True)
     pl.add_argument("--out", type=Path, required=True, help="FIGURE.png")
 
 
 def _run_reference(args) -> None:
     from bleep_rs.model import build_reference, load_model
-    from bleep_rs.sections import read_section
 
     if args.out.exists() and not args.overwrite:
         raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
     model = load_model(args.model)
-    ref = build_reference(model, [read_section(s) for s in args.sections], name=str(args.model), expression_dtype=args.dtype)
+    ref = build_reference(model, _read_sections(args.sections, args), name=str(args.model), expression_dtype=args.dtype)
     ref.save(args.out)
     print(f"reference of {ref.n_spots} spots x {len(ref.genes)} genes written to {args.out}")
 
 
 def _run_predict(args) -> None:
     from bleep_rs.model import load_model
-    from bleep_rs.predict import is_complete, predict_section, predict_slide, shard, write_h5ad
+    from bleep_rs.predict import is_complete, predict_section, predict_slide, prediction_format, shard, write_prediction
     from bleep_rs.reference import Reference
-    from bleep_rs.sections import read_section
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
+    if args.section is not None and args.hd_run:
+        raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     model, ref = load_model(args.model), Reference.load(args.reference)
     common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference))
     if args.section is not None:
         if args.out.exists() and not args.overwrite:
             raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
-        write_h5ad(predict_section(model, ref, read_section(args.section), **common), args.out, overwrite=args.overwrite)
+        section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um)
+        write_prediction(predict_section(model, ref, section, **common), args.out, fmt=args.format, overwrite=args.overwrite)
         print(f"predictions written to {args.out}")
         return
+    hd_run = None
+    if args.hd_run:
+        from bleep_rs.sections import read_section
+
+        hd_run = read_section(args.hd_run, check_counts=False)
     slides = shard(args.slide, args.shard)
     several = len(args.slide) > 1
+    fmt = args.format or ("h5ad" if several else prediction_format(args.out))
     for slide in slides:
-        out = args.out / f"{Path(slide).stem}.h5ad" if several else args.out
+        out = args.out / f"{Path(slide).stem}.{fmt}" if several else args.out
         if several and is_complete(out) and not args.overwrite:
             print(f"{out}: complete, skipped")
             continue
-        adata = predict_slide(model, ref, slide, um_per_px=args.um_per_px, min_tissue=args.min_tissue, **common)
-        write_h5ad(adata, out, overwrite=args.overwrite or (several and out.exists()))
-        print(f"{adata.n_obs} tiles predicted: {out}")
+        adata = predict_slide(model, ref, slide, um_per_px=args.um_per_px, min_tissue=args.min_tissue, bin_um=args.bin_um, hd_run=hd_run, **common)
+        write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or (several and out.exists()))
+        print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
 def _run_evaluate(args) -> None:
-    import anndata as ad
-
     from bleep_rs.evaluate import evaluate_prediction, write_report
-    from bleep_rs.sections import read_section
+    from bleep_rs.predict import read_prediction
 
-    report = evaluate_prediction(ad.read_h5ad(args.prediction), read_section(args.section), markers=args.markers or None)
+    report = evaluate_prediction(read_prediction(args.prediction), _read_one(args.section, args), markers=args.markers or None)
     path, csv_path = write_report(report, args.out)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731  (None: every gene of the set constant)
     print(f"mean per-gene r: HEG-50 {fmt(report['heg50'])}, HVG-50 {fmt(report['hvg50'])}, all {fmt(report['all'])}"
@@ -155,13 +197,11 @@ def _run_evaluate(args) -> None:
 
 
 def _run_plot(args) -> None:
-    import anndata as ad
-
     from bleep_rs.plot import plot_genes
-    from bleep_rs.sections import read_section
+    from bleep_rs.predict import read_prediction
 
-    truth = read_section(args.truth) if args.truth else None
-    print(f"figure written to {plot_genes(ad.read_h5ad(args.prediction), args.genes, args.out, truth=truth)}")
+    truth = _read_one(args.truth, args) if args.truth else None
+    print(f"figure written to {plot_genes(read_prediction(args.prediction), args.genes, args.out, truth=truth)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

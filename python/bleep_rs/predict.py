@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["model_id", "check_compatible", "predict_section", "predict_slide", "write_h5ad", "shard"]
+__all__ = ["model_id", "check_compatible", "predict_section", "predict_slide", "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard"]
 
 
 def model_id(model) -> str:
@@ -100,14 +101,63 @@ def predict_section(model, reference, section, *, k: int = 50, method: str = "me
         "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
         "um_per_px": float(model.config.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
+        "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
     return _assemble(pred, idx, sims, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
-    """Predicts every tissue tile of a whole slide (no spatial transcriptomics needed): tiles of the
-    model's patch size at its resolution, kept where the tissue mask covers ``min_tissue``."""
-    from .slide import Slide
+@dataclass(frozen=True)
+class TileGrid:
+    """Where a slide is predicted: ``centres`` (n, 2) level-0 px, ``ids``, ``side_px`` the square each
+    output stands for, ``array_rc`` (n, 2) its row and column on a bin grid (None for tiles), ``kind``
+    "tiles" or "bins"."""
+
+    centres: np.ndarray
+    ids: list
+    side_px: float
+    array_rc: Optional[np.ndarray]
+    kind: str
+
+
+def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, bin_um: Optional[float] = None, hd_run=None) -> TileGrid:
+    """The outputs of a slide's prediction. By default the non-overlapping tissue tiles of ``size`` px at
+    ``um_per_px``. With ``bin_um``: one output per square bin of that many micrometres (a tissue
+    fraction of ``min_tissue``), each predicted from the model's patch centred on it; with ``hd_run``
+    (a Visium HD section of this slide) the bins are that run's own grid at ``bin_um`` (default its bin
+    size), named with Space Ranger's barcodes, so that the output lines up bin for bin."""
+    from ._core import tissue_grid
+
+    footprint = size * um_per_px / slide.um_per_px
+    if hd_run is not None:
+        from .readers.visium_hd import block_grid
+
+        centres, ids, rc, side = block_grid(hd_run, bin_um or hd_run.uns["bleep"]["bin_um"])
+        w, h = slide.dimensions
+        outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= w) | (centres[:, 1] >= h)
+        if outside.mean() > 0.01:
+            raise BleepError(
+                f"{slide.path}: {int(outside.sum())} of {len(centres)} bins of the HD run lie outside this {w} x {h} px "
+                "image: give the full-resolution image the run was made with"
+            )
+        keep = ~outside
+        return TileGrid(centres[keep], [i for i, k in zip(ids, keep) if k], side, rc[keep], "bins")
+    if bin_um is not None:
+        if not (np.isfinite(bin_um) and bin_um > 0):
+            raise BleepError(f"--bin-um must be a positive number of micrometres, not {bin_um!r}")
+        side = bin_um / slide.um_per_px
+        w, h = slide.dimensions
+        corners = tissue_grid(np.ascontiguousarray(mask.mask), mask.scale, w, h, side, float(min_tissue))
+        rc = np.round(corners[:, ::-1] / side).astype(np.int64)
+        return TileGrid(corners + side / 2, [f"bin_{r}_{c}" for r, c in rc], side, rc, "bins")
+    coords = slide.tile_grid(size, um_per_px, min_tissue=min_tissue, mask=mask)
+    return TileGrid(coords + footprint / 2, [f"tile_{int(x)}_{int(y)}" for x, y in coords], footprint, None, "tiles")
+
+
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None):
+    """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
+    size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
+    (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`)."""
+    from .slide import Slide, _progress
 
     check_compatible(model, reference)
     slide = Slide(path, um_per_px=um_per_px)
@@ -115,27 +165,35 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
         raise BleepError(f"{path}: the slide does not state its pixel size: pass --um-per-px X (the scanner's micrometres per pixel)")
     target = model.config.um_per_px or slide.um_per_px
     mask = slide.tissue_mask()
-    coords = slide.tile_grid(model.config.patch_size, target, min_tissue=min_tissue, mask=mask)
-    if len(coords) == 0:
+    grid = slide_grid(slide, model.config.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
+    if len(grid.centres) == 0:
         raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
     preds, idxs, simss = [], [], []
-    for batch in slide.iter_tiles(model.config.patch_size, target, batch_size=batch_size, min_tissue=min_tissue, mask=mask, progress=progress):
-        p, i, s = reference.impute(model.embed_images(batch.patches), k=k, method=method, return_neighbors=True)
+    bar = _progress(len(grid.centres), grid.kind, progress)
+    for start in range(0, len(grid.centres), batch_size):
+        patches = slide.spot_patches(grid.centres[start : start + batch_size], model.config.patch_size, target)
+        p, i, s = reference.impute(model.embed_images(patches), k=k, method=method, return_neighbors=True)
         preds.append(p)
         idxs.append(i)
         simss.append(s)
-    footprint = model.config.patch_size * target / slide.um_per_px
-    centres = coords + footprint / 2
+        if bar is not None:
+            bar.update(len(patches))
+    if bar is not None:
+        bar.close()
     lib = Path(path).stem
     thumb = slide.thumbnail(2000)
-    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(footprint)}, "metadata": {"layout": "slide"}}}
+    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
-        "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "library_id": lib, "source": str(path),
-        "mode": "tiles", "tile_px": int(model.config.patch_size), "min_tissue": float(min_tissue),
+        "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
+        "library_id": lib, "source": str(path), "mode": grid.kind, "tile_px": int(model.config.patch_size),
+        "min_tissue": float(min_tissue), "shape": "square",
+        **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
     }
-    ids = [f"tile_{int(x)}_{int(y)}" for x, y in coords]
-    return _assemble(np.concatenate(preds), np.concatenate(idxs), np.concatenate(simss), reference, ids, centres, spatial, meta, neighbours)
+    adata = _assemble(np.concatenate(preds), np.concatenate(idxs), np.concatenate(simss), reference, grid.ids, grid.centres, spatial, meta, neighbours)
+    if grid.array_rc is not None:
+        adata.obs["array_row"], adata.obs["array_col"] = grid.array_rc[:, 0], grid.array_rc[:, 1]
+    return adata
 
 
 def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
@@ -169,11 +227,49 @@ def shard(items: Sequence, spec: Optional[str]) -> list:
     return list(items[i - 1 :: n])
 
 
+FORMATS = ("h5ad", "zarr")
+
+
+def prediction_format(path: "os.PathLike[str] | str", fmt: Optional[str] = None) -> str:
+    """The output format: ``fmt`` when given, else "zarr" for a path ending in .zarr, else "h5ad"."""
+    if fmt is not None and fmt not in FORMATS:
+        raise BleepError(f"--format must be one of {FORMATS}, not {fmt!r}")
+    return fmt or ("zarr" if str(path).rstrip("/").endswith(".zarr") else "h5ad")
+
+
+def write_prediction(adata, path: "os.PathLike[str] | str", *, fmt: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Writes a prediction as .h5ad or as a SpatialData zarr store (:func:`bleep_rs.sdata.write_zarr`)."""
+    if prediction_format(path, fmt) == "zarr":
+        from .sdata import write_zarr
+
+        return write_zarr(adata, path, overwrite=overwrite)
+    return write_h5ad(adata, path, overwrite=overwrite)
+
+
+def read_prediction(path: "os.PathLike[str] | str"):
+    """A prediction written by :func:`write_prediction`, as AnnData (a store's table)."""
+    path = Path(path)
+    if not path.exists():
+        raise BleepError(f"{path}: no such prediction")
+    if path.is_dir():
+        from .sdata import read_table
+
+        return read_table(path)
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # anndata raises many kinds for a damaged file
+        raise BleepError(f"{path}: not a readable .h5ad ({e})") from e
+
+
 def is_complete(path: Path) -> bool:
     """Whether an output exists and was written whole (atomic writes make a present file complete;
     a file that cannot be read or lacks the completion mark is redone)."""
     if not path.exists():
         return False
+    if path.is_dir():  # a zarr store, renamed into place once written
+        return (path / "tables" / "table").is_dir()
     try:
         import h5py
 

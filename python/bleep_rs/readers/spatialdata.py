@@ -72,6 +72,18 @@ def _spot_geometry(shapes, where: str) -> Tuple[np.ndarray, np.ndarray]:
     raise BleepError(f"{where}: shapes of kind {sorted(kinds)}: spots must be circles or polygons")
 
 
+def _without_frame(tab):
+    """The table without what refers to another pixel frame than the image's (pixel sizes, scale factors,
+    thumbnails): only the bin size, a length in micrometres, is kept."""
+    tab = tab.copy()
+    if "bleep" in tab.uns:
+        tab.uns["bleep"] = {k: v for k, v in tab.uns["bleep"].items() if k not in ("um_per_px", "image_path")}
+    for entry in (tab.uns.get("spatial") or {}).values():
+        entry.pop("images", None)
+        entry["scalefactors"] = {k: v for k, v in (entry.get("scalefactors") or {}).items() if k == "bin_size_um"}
+    return tab
+
+
 def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] = None, um_per_px: Optional[float] = None,
                      platform: Optional[str] = None, library_id: Optional[str] = None, layer: Optional[str] = None,
                      check_counts: bool = True):
@@ -109,6 +121,8 @@ def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] 
     system = "global" if "global" in shared[iname] else sorted(shared[iname])[0]
     to_image = np.linalg.inv(_affine(element, system)) @ _affine(shapes, system)
     pixel_xy = (np.column_stack([centres, np.ones(len(centres))]) @ to_image.T)[:, :2]
+    if not np.allclose(to_image, np.eye(3)):
+        tab = _without_frame(tab)
     sizes = []
     for name in sorted(_systems(element)):
         if name.lower() in MICRON_SYSTEMS:
@@ -116,7 +130,7 @@ def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] 
             sizes.append((scale, f"the transformation of {iname!r} to {name!r}"))
     adata = read_anndata(
         tab, where, image=str(path / "images" / iname), um_per_px=um_per_px, platform=platform,
-        library_id=library_id or regions[0], layer=layer, pixel_xy=pixel_xy, metadata=sizes,
+        library_id=library_id or tab.uns.get("bleep", {}).get("library_id") or regions[0], layer=layer, pixel_xy=pixel_xy, metadata=sizes,
         layout=f"spatialdata ({tname} on {regions[0]}, image {iname})", check_counts=check_counts,
         extra={"spatialdata_table": tname, "spatialdata_shapes": regions[0], "spatialdata_image": iname},
     )

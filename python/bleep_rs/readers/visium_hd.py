@@ -141,7 +141,7 @@ def pool_bins(section, bin_um: float, *, min_fraction: float = 0.5):
         where=where, layout=f"{info['layout']} pooled to {pooled:g} um", library_id=info["library_id"],
         plat=platform("visium-hd", pooled, where), platform_source=info.get("platform_source", ""),
         um_per_px=(um, info["um_per_px_source"]), slide=open_image(info.get("image_path")), images=images,
-        scalefactors=scalef, metadata=dict(entry.get("metadata", {})),
+        scalefactors=scalef, metadata=dict(entry.get("metadata", {})), var=section.var,
         extra={"bin_um": pooled, "pooled_from_um": size, "bins_per_spot": int(k * k)},
     )
 
