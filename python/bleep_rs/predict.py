@@ -80,8 +80,9 @@ def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, ne
     return adata
 
 
-def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
-    """Predicts the spots of a section from its image alone (its counts are never read)."""
+def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto"):
+    """Predicts the spots of a section from its image alone (its counts are never read). ``precision``:
+    the image encoder's (see :mod:`bleep_rs.encode`)."""
     from .sections import section_patches
 
     import time
@@ -91,7 +92,7 @@ def predict_section(model, reference, section, *, k: int = 50, method: str = "me
     t0 = time.perf_counter()
     patches = section_patches(section, model.config.patch_size, model.config.um_per_px, progress=progress)
     t1 = time.perf_counter()
-    emb = model.embed_images(patches, progress=progress)
+    emb = model.embed_images(patches, precision=precision, progress=progress)
     t2 = time.perf_counter()
     pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
     seconds = {"patches": t1 - t0, "encoding": t2 - t1, "imputation": time.perf_counter() - t2}
@@ -104,7 +105,7 @@ def predict_section(model, reference, section, *, k: int = 50, method: str = "me
     return _assemble(pred, idx, sims, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto"):
     """Predicts every tissue tile of a whole slide (no spatial transcriptomics needed): tiles of the
     model's patch size at its resolution, kept where the tissue mask covers ``min_tissue``."""
     from .slide import Slide
@@ -120,7 +121,7 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
         raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
     preds, idxs, simss = [], [], []
     for batch in slide.iter_tiles(model.config.patch_size, target, batch_size=batch_size, min_tissue=min_tissue, mask=mask, progress=progress):
-        p, i, s = reference.impute(model.embed_images(batch.patches), k=k, method=method, return_neighbors=True)
+        p, i, s = reference.impute(model.embed_images(batch.patches, precision=precision), k=k, method=method, return_neighbors=True)
         preds.append(p)
         idxs.append(i)
         simss.append(s)
