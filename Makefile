@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-deps clean
+.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-deps clean
 
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
@@ -27,9 +27,9 @@ $(VENV)/.ready:
 	$(PY) -m pip install -q "maturin>=1.7,<2"
 	touch $@
 
-# Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools ...): installed
+# Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools, OpenVINO ...): installed
 # on first use. `make bench` runs them all; each also runs on its own.
-bench: bench-retrieval bench-tiling bench-normalize bench-quality bench-cli
+bench: bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode
 
 bench-deps: $(VENV)/.ready
 	@echo "building the Rust core with the benchmark peers (log: $(VENV)/build.log) ..."
@@ -49,6 +49,9 @@ bench-quality: bench-deps
 
 bench-cli: bench-deps
 	$(PY) benches/bench_cli.py
+
+bench-encode: bench-deps
+	$(PY) benches/bench_encode.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -1,5 +1,20 @@
+import os
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def backbone_cache(tmp_path_factory):
+    """Backbones exported by bleep_rs.encode (and by the commands the tests run) go to a folder of this
+    test session, not the user's cache."""
+    old = os.environ.get("BLEEP_RS_CACHE")
+    os.environ["BLEEP_RS_CACHE"] = str(tmp_path_factory.mktemp("backbone-cache"))
+    yield os.environ["BLEEP_RS_CACHE"]
+    if old is None:
+        del os.environ["BLEEP_RS_CACHE"]
+    else:
+        os.environ["BLEEP_RS_CACHE"] = old
 
 
 @pytest.fixture

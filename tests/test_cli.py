@@ -78,6 +78,16 @@ def test_plot_writes_a_figure(run):
     assert res.returncode == 2 and "not in the prediction's panel" in res.stderr
 
 
+def test_predict_float32_precision_agrees_with_the_default(run, tmp_path):
+    cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "f32.h5ad",
+        "--k", "5", "--neighbours", "--precision", "float32")
+    auto, f32 = ad.read_h5ad(run / "pred.h5ad"), ad.read_h5ad(tmp_path / "f32.h5ad")
+    shared = [len(set(a) & set(b)) / 5 for a, b in zip(auto.obsm["bleep_neighbours"], f32.obsm["bleep_neighbours"])]
+    assert np.mean(shared) >= 0.9
+    assert cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "x.h5ad",
+               "--precision", "bf16", ok=False).returncode == 2
+
+
 def test_predict_slides_with_shards_and_reruns(run, tmp_path):
     import shutil
 

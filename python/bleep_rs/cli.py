@@ -120,6 +120,8 @@ def _add_others(sub) -> None:
     pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], default="mean")
     pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
     pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
+    pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                    help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
     pr.add_argument("--overwrite", action="store_true")
 
@@ -159,7 +161,7 @@ def _run_predict(args) -> None:
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     model, ref = load_model(args.model), Reference.load(args.reference)
-    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference))
+    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference), precision=args.precision)
     if args.section is not None:
         if args.out.exists() and not args.overwrite:
             raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")

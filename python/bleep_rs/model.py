@@ -2,7 +2,7 @@
 head on the panel's expression), saved as a directory of ``model.safetensors`` + ``config.json``.
 
     model = bleep_rs.load_model("model_dir")
-    v = model.embed_images(patches)            # uint8 (n, h, w, 3) -> float32 (n, 256)
+    v = model.embed_images(patches)            # uint8 (n, h, w, 3) -> float32 (n, 256), see bleep_rs.encode
     x = model.embed_expression(section)        # AnnData (or counts on the panel) -> float32 (n, 256)
     ref = bleep_rs.build_reference(model, [section_a, section_b])
 """
@@ -122,38 +122,26 @@ class BleepModel(nn.Module):
     def prepare_images(self, patches: np.ndarray) -> torch.Tensor:
         """uint8 (n, h, w, 3) patches to the backbone's normalised float input on the model's device,
         resized (bilinear, antialiased) to its input size when they differ."""
-        from .normalize import to_tensor
+        from .encode import to_input
 
-        x = torch.from_numpy(to_tensor(patches, self.config.mean, self.config.std))
-        size = self.config.input_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x.to(self.device)
+        return to_input(patches, self.spec, self.device)
 
     @torch.no_grad()
-    def embed_images(self, patches: np.ndarray, *, batch_size: int = 128, progress: bool = False) -> np.ndarray:
+    def embed_images(self, patches: np.ndarray, *, precision: str = "auto", batch_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
         """Image embeddings float32 (n, d) of uint8 patches (n, h, w, 3), or of precomputed features
-        (n, D) for a ``features:D`` backbone."""
+        (n, D) for a ``features:D`` backbone. ``precision``: ``"auto"`` (the fastest inference that keeps
+        the float32 answer) or ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
+        from .encode import backbone_features
+
         self.eval()
         patches = np.asarray(patches)
         if not self.spec.takes_images:
             if patches.ndim != 2 or patches.shape[1] != self.spec.feature_dim:
                 raise BleepError(f"this model takes precomputed features of dimension {self.spec.feature_dim}: got shape {patches.shape}")
-        elif patches.ndim != 4 or patches.shape[-1] != 3:
-            raise BleepError(f"patches must be uint8 (n, h, w, 3), got shape {patches.shape}")
-        out = []
-        steps = range(0, len(patches), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="embedding patches", unit="batch")
-        for start in steps:
-            block = patches[start : start + batch_size]
-            if self.spec.takes_images:
-                f = self.image_features(self.prepare_images(block))
-            else:
-                f = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
-            out.append(self.image_head(f.float()).float().cpu().numpy())
+            features = np.ascontiguousarray(patches, dtype=np.float32)
+        else:
+            features = backbone_features(self.backbone, self.spec, patches, precision=precision, batch_size=batch_size, progress=progress)
+        out = [self.image_head(torch.from_numpy(features[s : s + 4096]).to(self.device)).float().cpu().numpy() for s in range(0, len(features), 4096)]
         return np.concatenate(out) if out else np.zeros((0, self.config.embedding_dim), np.float32)
 
     @torch.no_grad()

@@ -81,8 +81,9 @@ def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, ne
     return adata
 
 
-def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True):
-    """Predicts the spots of a section from its image alone (its counts are never read)."""
+def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto"):
+    """Predicts the spots of a section from its image alone (its counts are never read). ``precision``:
+    the image encoder's (see :mod:`bleep_rs.encode`)."""
     from .sections import section_patches
 
     import time
@@ -92,7 +93,7 @@ def predict_section(model, reference, section, *, k: int = 50, method: str = "me
     t0 = time.perf_counter()
     patches = section_patches(section, model.config.patch_size, model.config.um_per_px, progress=progress)
     t1 = time.perf_counter()
-    emb = model.embed_images(patches, progress=progress)
+    emb = model.embed_images(patches, precision=precision, progress=progress)
     t2 = time.perf_counter()
     pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
     seconds = {"patches": t1 - t0, "encoding": t2 - t1, "imputation": time.perf_counter() - t2}
@@ -153,7 +154,7 @@ def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, b
     return TileGrid(coords + footprint / 2, [f"tile_{int(x)}_{int(y)}" for x, y in coords], footprint, None, "tiles")
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None):
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
     """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
     size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
     (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`)."""
@@ -172,7 +173,7 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
     bar = _progress(len(grid.centres), grid.kind, progress)
     for start in range(0, len(grid.centres), batch_size):
         patches = slide.spot_patches(grid.centres[start : start + batch_size], model.config.patch_size, target)
-        p, i, s = reference.impute(model.embed_images(patches), k=k, method=method, return_neighbors=True)
+        p, i, s = reference.impute(model.embed_images(patches, precision=precision), k=k, method=method, return_neighbors=True)
         preds.append(p)
         idxs.append(i)
         simss.append(s)

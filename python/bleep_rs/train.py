@@ -375,19 +375,12 @@ def train(
     return load_model(out, device=str(device))
 
 
-@torch.no_grad()
 def _cache_features(model: BleepModel, data: TrainingData, cfg: TrainConfig) -> TrainingData:
     """The frozen backbone's features of every patch, computed once (in eval mode, no augmentation)."""
-    model.backbone.eval()
-    out = []
-    steps = range(0, len(data.images), 64)
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    from .encode import backbone_features
 
-        steps = tqdm(steps, desc="backbone features", unit="batch", leave=False)
-    for s in steps:
-        out.append(model.image_features(model.prepare_images(data.images[s : s + 64])).float().cpu().numpy())
-    return TrainingData(np.concatenate(out), data.expression, data.sections, data.panel)
+    features = backbone_features(model.backbone, model.spec, data.images, progress=cfg.progress)
+    return TrainingData(features, data.expression, data.sections, data.panel)
 
 
 def main(argv=None):

@@ -1,0 +1,212 @@
+"""The image encoder on the CPU in one run: bleep-rs's default path against float32 eager torch of the same
+model and every candidate tried for it, on the same threads (../shared/docs/benchmarks.md, section 5).
+
+    make bench-encode        # or: .venv/bin/python benches/bench_encode.py [--patches 128] [--rounds 3] [--quick]
+
+EfficientNet-Lite0 (ImageNet weights), 224-px spot patches of HER2ST C2, C3, C4 and B4 at native
+resolution; every variant maps uint8 patches to 1280-d features in batches of 64, tensor conversion
+included, on --threads threads (2). Speed: --patches patches spread over the four sections, --rounds
+rounds with the variants interleaved (their order rotates each round); each variant's rate is its median
+over the rounds and its ratio to float32 eager the median of the per-round ratios, so that a burst of
+load from other processes on a shared machine moves both sides of a ratio alike.
+
+  float32 eager               backbone_features(precision="float32"): the backbone as it is, NCHW (reference)
+  default                     backbone_features(): what precision="auto" chose here (its engine is printed)
+  torch fast path             engine="torch": channels-last, bfloat16 autocast where the CPU has it natively,
+                              the convolutions at half the input resolution or more in float32
+  float32 channels-last       candidates, built here
+  bfloat16 autocast [channels-last]
+  torch.compile float32 / bf16   inductor with freezing (BN folded), channels-last; compile time printed
+  onnxruntime float32         engine="onnxruntime": the backbone exported to ONNX (bleep-rs's cached export)
+  openvino float32 / bf16     the same ONNX model in OpenVINO (INFERENCE_PRECISION_HINT)
+
+Agreement, over all 834 spots: each variant's features, and image embeddings (BLEEP's projection head,
+untrained, seed 0), against float32 eager: median (and least) cosine, and the mean overlap of the top-50
+neighbour sets when each section's spots search the other three sections' (the issue's rule: cosine
+>= 0.999 median, overlap >= 95 %). --quick: no torch.compile, no OpenVINO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
+SECTIONS = ["C2", "C3", "C4", "B4"]
+BATCH = 64
+
+
+def load():
+    import bleep_rs
+
+    patches, labels = [], []
+    for s in SECTIONS:
+        p = bleep_rs.section_patches(bleep_rs.read_section(DATA / "her2st" / s), 224)
+        patches.append(p)
+        labels += [s] * len(p)
+    return np.concatenate(patches), np.array(labels)
+
+
+def batched(fn):
+    """A variant over all patches: batches of 64 through ``fn`` (torch input -> features)."""
+
+    def run(patches):
+        return np.concatenate([fn(patches[i : i + BATCH]) for i in range(0, len(patches), BATCH)]).astype(np.float32)
+
+    return run
+
+
+def torch_variant(net, spec, *, channels_last: bool, bf16: bool):
+    import torch
+
+    from bleep_rs.encode import to_input
+
+    net = copy.deepcopy(net).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+
+    def fn(block):
+        x = to_input(block, spec)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return net(x).float().numpy()
+
+    return batched(fn)
+
+
+def compiled_variant(net, spec, *, bf16: bool, example):
+    """torch.compile (inductor, freezing) of the channels-last network; for bf16 the same network as the
+    torch fast path (high-resolution convolutions in float32). Returns (variant, compile seconds)."""
+    import torch
+    import torch._inductor.config as inductor
+
+    from bleep_rs.encode import _keep_high_resolution_float32, to_input
+
+    inductor.freezing = True
+    net = copy.deepcopy(net).eval()
+    if bf16:
+        _keep_high_resolution_float32(net, spec.input_size, torch.device("cpu"))
+    net = torch.compile(net.to(memory_format=torch.channels_last))
+
+    def fn(block):
+        x = to_input(block, spec).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return net(x).float().numpy()
+
+    t = time.perf_counter()
+    fn(example)  # compiles
+    return batched(fn), time.perf_counter() - t
+
+
+def openvino_variants(net, spec, threads):
+    import openvino as ov
+
+    from bleep_rs.encode import _onnx_bytes, to_input
+
+    path = ROOT / ".bench" / "encode-backbone.onnx"
+    path.write_bytes(_onnx_bytes(net, spec))
+    core, model = ov.Core(), ov.Core().read_model(str(path))
+    out = {}
+    for hint in ("f32", "bf16"):
+        request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        out[f"openvino {'float32' if hint == 'f32' else 'bf16'}"] = batched(lambda b, r=request: r.infer({0: to_input(b, spec).numpy()})[0].copy())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patches", type=int, default=128, help="patches per timed round (default 128)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="skip torch.compile and OpenVINO")
+    args = ap.parse_args()
+    import warnings
+
+    warnings.simplefilter("ignore", UserWarning)
+    import torch
+
+    import bleep_rs
+    from bleep_rs.encode import agreement, backbone_features, get_encoder, native_bf16
+    from bleep_rs.model import BleepModel, ModelConfig
+
+    torch.set_num_threads(args.threads)
+    (ROOT / ".bench").mkdir(exist_ok=True)
+    patches, sections = load()
+    timed = patches[np.linspace(0, len(patches) - 1, min(args.patches, len(patches))).astype(int)]
+    torch.manual_seed(0)
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]))).eval()
+    net, spec = model.backbone, model.spec
+    default = get_encoder(net, spec)
+    print(f"{len(patches)} HER2ST spots; timing {len(timed)} of them, {args.rounds} rounds, {args.threads} threads; "
+          f"native bf16: {native_bf16()}; default path: {default.name}")
+
+    variants = {
+        "float32 eager": lambda p: backbone_features(net, spec, p, precision="float32", batch_size=BATCH),
+        "default": lambda p: backbone_features(net, spec, p, batch_size=BATCH),
+        "torch fast path": lambda p: backbone_features(net, spec, p, engine="torch", batch_size=BATCH),
+        "float32 channels-last": torch_variant(net, spec, channels_last=True, bf16=False),
+        "bfloat16 autocast": torch_variant(net, spec, channels_last=False, bf16=True),
+        "bfloat16 autocast, channels-last": torch_variant(net, spec, channels_last=True, bf16=True),
+    }
+    try:
+        get_encoder(net, spec, engine="onnxruntime")
+        variants["onnxruntime float32"] = lambda p: backbone_features(net, spec, p, engine="onnxruntime", batch_size=BATCH)
+    except bleep_rs.BleepError as e:
+        print(f"onnxruntime: not measured ({e})")
+    setup = {}
+    if not args.quick:
+        for bf16 in (False, True):
+            name = f"torch.compile {'bf16 (high resolution float32)' if bf16 else 'float32'}, channels-last"
+            variants[name], setup[name] = compiled_variant(net, spec, bf16=bf16, example=timed[:BATCH])
+            print(f"{name}: compiled in {setup[name]:.0f} s")
+        try:
+            variants.update(openvino_variants(net, spec, args.threads))
+        except ImportError:
+            print("openvino: not installed, not measured")
+
+    names = list(variants)
+    rates = {k: [] for k in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for k in order:
+            t = time.perf_counter()
+            variants[k](timed)
+            rates[k].append(len(timed) / (time.perf_counter() - t))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {rates[k][-1]:.1f}" for k in names), flush=True)
+
+    base = np.array(rates["float32 eager"])
+    print(f"\npatches/s, median of {args.rounds} rounds; ratio = median of the per-round ratios to float32 eager")
+    print("agreement with float32 eager over all spots: cosine median (least) / top-50 overlap; features | embeddings\n")
+    reference = variants["float32 eager"](patches)
+    def embed(features):
+        with torch.no_grad():
+            return model.image_head(torch.from_numpy(features)).numpy()
+
+    ref_emb = embed(reference)
+    results = {}
+    for k in names:
+        feats = reference if k == "float32 eager" else variants[k](patches)
+        fa, ea = agreement(reference, feats, sections), agreement(ref_emb, embed(feats), sections)
+        ratio = float(np.median(np.array(rates[k]) / base))
+        ok = min(fa["cosine_median"], ea["cosine_median"]) >= 0.999 and min(fa["overlap_mean"], ea["overlap_mean"]) >= 0.95
+        results[k] = {"patches_per_s": float(np.median(rates[k])), "rounds": rates[k], "ratio": ratio, "features": fa, "embeddings": ea,
+                      "meets_accuracy_rule": ok, **({"compile_s": setup[k]} if k in setup else {})}
+        print(f"  {k:<48} {np.median(rates[k]):>6.1f}/s {ratio:>5.2f}x   "
+              f"{fa['cosine_median']:.5f} ({fa['cosine_min']:.4f}) / {fa['overlap_mean']:.1%} | "
+              f"{ea['cosine_median']:.5f} ({ea['cosine_min']:.4f}) / {ea['overlap_mean']:.1%}{'' if ok else '   fails the rule'}", flush=True)
+    print(f"\ndefault path ({default.name}): {results['default']['ratio']:.2f}x float32 eager (target 4x)")
+    out = ROOT / ".bench" / "encode.json"
+    out.write_text(json.dumps({"spots": len(patches), "timed": len(timed), "threads": args.threads, "default_engine": default.name, "results": results}, indent=1))
+    print(f"results: {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The image encoder (bleep_rs.encode): each engine that precision="auto" may choose against float32 eager
+torch on real HER2ST spots (the issue's rule, on a subset: benches/bench_encode.py checks all 834 spots
+with k = 50), and the encoder's contract: batches, resizing, the kept engine, bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bleep_rs  # noqa: E402
+from bleep_rs import BleepError  # noqa: E402
+from bleep_rs.backbones import create_backbone  # noqa: E402
+from bleep_rs.encode import agreement, backbone_features, get_encoder, native_bf16, to_input  # noqa: E402
+from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+SECTIONS = ["C2", "C3", "C4", "B4"]
+PER_SECTION = 32  # spread over each section: 128 spots, k = 10 neighbours among the other 96
+
+try:
+    import onnxruntime  # noqa: F401
+
+    HAVE_ORT = True
+except ImportError:
+    HAVE_ORT = False
+ENGINES = ["torch", pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed"))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)  # the image head is untrained: a fixed random projection of the features
+    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=[f"g{i}" for i in range(32)]))).eval()
+
+
+@pytest.fixture(scope="module")
+def her2st():
+    patches, labels = [], []
+    for s in SECTIONS:
+        p = bleep_rs.section_patches(bleep_rs.read_section(DATA / "her2st" / s), 224)
+        patches.append(p[np.linspace(0, len(p) - 1, PER_SECTION).astype(int)])
+        labels += [s] * PER_SECTION
+    return np.concatenate(patches), np.array(labels)
+
+
+def head(model, features):
+    with torch.no_grad():
+        return model.image_head(torch.from_numpy(features)).numpy()
+
+
+@pytest.fixture(scope="module")
+def float32(model, her2st):
+    f = backbone_features(model.backbone, model.spec, her2st[0], precision="float32")
+    return f, head(model, f)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_keeps_the_float32_answer(engine, model, her2st, float32):
+    patches, sections = her2st
+    feats = backbone_features(model.backbone, model.spec, patches, engine=engine)
+    assert feats.shape == float32[0].shape and feats.dtype == np.float32
+    for ours, ref in [(feats, float32[0]), (head(model, feats), float32[1])]:
+        a = agreement(ref, ours, sections, k=10)
+        assert a["cosine_median"] >= 0.999 and a["overlap_mean"] >= 0.95, (engine, a)
+
+
+def test_embed_images_runs_the_chosen_engine(model, her2st, float32):
+    patches = her2st[0][:20]
+    auto = model.embed_images(patches)
+    assert np.allclose(auto, head(model, backbone_features(model.backbone, model.spec, patches)), atol=1e-5)
+    assert np.allclose(model.embed_images(patches, precision="float32"), float32[1][:20], atol=1e-6)
+    name = get_encoder(model.backbone, model.spec).name
+    assert name == "onnxruntime float32" if HAVE_ORT else name.startswith("torch")
+
+
+def test_float32_is_the_backbone_itself(model, her2st):
+    patches = her2st[0][:6, :160, :190]  # not the input size: resized to 224
+    with torch.no_grad():
+        want = model.backbone.eval()(to_input(patches, model.spec)).numpy()
+    assert to_input(patches, model.spec).shape == (6, 3, 224, 224)
+    assert np.array_equal(backbone_features(model.backbone, model.spec, patches, precision="float32"), want)
+    auto = backbone_features(model.backbone, model.spec, patches)
+    assert agreement(want, auto, np.arange(6) % 2, k=2)["cosine_median"] > 0.999
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batch_size_does_not_change_the_answer(engine, model, her2st):
+    patches = her2st[0][:13]
+    whole = backbone_features(model.backbone, model.spec, patches, engine=engine)
+    parts = backbone_features(model.backbone, model.spec, patches, engine=engine, batch_size=5)
+    assert np.allclose(parts, whole, rtol=1e-2, atol=1e-2 * np.abs(whole).max())
+    assert backbone_features(model.backbone, model.spec, patches[:0], engine=engine).shape == (0, 1280)
+
+
+def test_the_engine_is_kept_until_the_weights_change(her2st):
+    net, spec = create_backbone("efficientnet-lite0")
+    patches = her2st[0][:4]
+    first = get_encoder(net, spec, engine="torch")
+    assert get_encoder(net, spec, engine="torch") is first
+    before = backbone_features(net, spec, patches, engine="torch")
+    with torch.no_grad():
+        net.net._conv_head.weight.mul_(1.5)  # an in-place change, as an optimiser step makes
+    assert get_encoder(net, spec, engine="torch") is not first
+    after = backbone_features(net, spec, patches, engine="torch")
+    with torch.no_grad():
+        want = net.eval()(to_input(patches, spec)).numpy()
+    assert not np.allclose(before, after, atol=1e-3)
+    assert agreement(want, after, np.arange(4) % 2, k=1)["cosine_median"] > 0.999
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed")
+def test_an_exported_backbone_is_reused_from_the_disk_cache(model, her2st, backbone_cache):
+    from pathlib import Path
+
+    get_encoder(model.backbone, model.spec, engine="onnxruntime")
+    files = {f: f.stat().st_mtime_ns for f in Path(backbone_cache).glob("efficientnet-lite0-*.onnx")}
+    assert files
+    again = copy.deepcopy(model.backbone)  # the same weights in another module: no second export
+    assert get_encoder(again, model.spec, engine="onnxruntime").name == "onnxruntime float32"
+    assert {f: f.stat().st_mtime_ns for f in Path(backbone_cache).glob("efficientnet-lite0-*.onnx")} == files
+
+
+def test_the_reference_path_leaves_the_module_as_it_was(model, her2st):
+    net = copy.deepcopy(model.backbone).train()
+    backbone_features(net, model.spec, her2st[0][:2], precision="float32")
+    assert net.training
+
+
+def test_native_bf16_detection():
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is not None for p in probes):
+        assert native_bf16("cpu") == any(p() for p in probes)
+    net, spec = create_backbone("efficientnet-lite0")
+    assert ("bfloat16" in get_encoder(net, spec, engine="torch").name) == native_bf16("cpu")
+
+
+def test_bad_input(model, her2st):
+    b, s = model.backbone, model.spec
+    with pytest.raises(BleepError, match="precision must be one of"):
+        backbone_features(b, s, her2st[0][:2], precision="bfloat16")
+    with pytest.raises(BleepError, match="precision must be one of"):
+        model.embed_images(her2st[0][:2], precision="fp16")
+    with pytest.raises(BleepError, match="engine must be one of"):
+        backbone_features(b, s, her2st[0][:2], engine="tensorrt")
+    with pytest.raises(BleepError, match="uint8"):
+        backbone_features(b, s, her2st[0][:2].astype(np.float32))
+    with pytest.raises(BleepError, match="batch_size"):
+        backbone_features(b, s, her2st[0][:2], batch_size=0)
+    net, spec = create_backbone("features:8")
+    with pytest.raises(BleepError, match="precomputed features"):
+        backbone_features(net, spec, her2st[0][:2])
