@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 # Training needs torch: these names import it on first use, so that `import bleep_rs` never does.
 _LAZY = {
-    "TrainConfig": "bleep_rs.train",
+    "TrainConfig": "bleep_rs.config",
     "train": "bleep_rs.train",
     "BleepModel": "bleep_rs.model",
     "load_model": "bleep_rs.model",

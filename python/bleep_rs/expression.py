@@ -17,7 +17,10 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression"]
+__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression", "detected_genes", "reference_genes", "MIN_SPOTS"]
+
+#: A gene is "detected" in a section when at least this many of its spots have a non-zero count.
+MIN_SPOTS = 3
 
 
 @dataclass
@@ -128,23 +131,62 @@ def choose_panel(
     return Panel(genes=panel, n_top_genes=n_top_genes, mode=mode, sources=names)
 
 
-def panel_expression(adata, panel: Panel, *, warn: bool = True) -> np.ndarray:
-    """The section's normalised log expression on the panel, float32 (n_spots, n_genes). Panel genes the
-    section lacks are zeros, with a warning naming how many."""
+def panel_expression(adata, panel: "Panel | Sequence[str]", *, warn: bool = True) -> np.ndarray:
+    """The section's normalised log expression on the panel (or on a list of genes), float32 (n_spots,
+    n_genes). Genes the section lacks are zeros, with a warning naming how many."""
+    genes = list(panel.genes) if isinstance(panel, Panel) else [str(g) for g in panel]
     if adata.n_obs == 0:
         raise BleepError("the section has no spots")
     log = normalise_log1p(_counts(adata))
     index = {g: i for i, g in enumerate(adata.var_names)}
-    cols = np.array([index.get(g, -1) for g in panel.genes])
-    missing = [g for g, c in zip(panel.genes, cols) if c < 0]
-    if len(missing) == len(panel.genes):
+    cols = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
+    missing = [g for g, c in zip(genes, cols) if c < 0]
+    if len(missing) == len(genes):
         raise BleepError(
-            f"none of the panel's {len(panel.genes)} genes is in this section (e.g. {panel.genes[:3]} vs "
+            f"none of the panel's {len(genes)} genes is in this section (e.g. {genes[:3]} vs "
             f"{list(adata.var_names[:3])}): are the gene names of the same kind (symbols vs Ensembl ids)?"
         )
     if missing and warn:
-        warnings.warn(f"{len(missing)} of the panel's {len(panel.genes)} genes are missing from this section and set to 0 (e.g. {missing[:5]})", stacklevel=2)
-    out = np.zeros((adata.n_obs, len(panel.genes)), np.float32)
+        warnings.warn(f"{len(missing)} of the panel's {len(genes)} genes are missing from this section and set to 0 (e.g. {missing[:5]})", stacklevel=2)
+    out = np.zeros((adata.n_obs, len(genes)), np.float32)
     present = cols >= 0
     out[:, present] = log[:, cols[present]]
+    return out
+
+
+def detected_genes(adata, min_spots: int = MIN_SPOTS) -> List[str]:
+    """The genes of a section with a non-zero count in at least ``min_spots`` of its spots."""
+    import scipy.sparse as sp
+
+    X = _counts(adata)
+    nonzero = np.asarray((X > 0).sum(axis=0)).ravel() if sp.issparse(X) else (X > 0).sum(axis=0)
+    return [str(g) for g, n in zip(adata.var_names, nonzero) if n >= min_spots]
+
+
+def reference_genes(sections: Sequence, genes: "str | Sequence[str]" = "all", *, panel: Optional[Panel] = None, min_spots: int = MIN_SPOTS) -> List[str]:
+    """The genes a reference stores: ``"all"`` (every gene detected, non-zero in at least ``min_spots``
+    spots, in at least one section; in first-seen order), ``"panel"`` (the model's input panel) or a list.
+    A section whose file does not list a gene is taken to have measured no counts of it (zeros)."""
+    if isinstance(genes, str):
+        if genes == "panel":
+            if panel is None:
+                raise BleepError('genes="panel" needs the model\'s panel')
+            return list(panel.genes)
+        if genes != "all":
+            raise BleepError(f'genes must be "all", "panel" or a list of gene names, not {genes!r}')
+        seen: set = set()
+        out: List[str] = []
+        for s in sections:
+            for g in detected_genes(s, min_spots):
+                if g not in seen:
+                    seen.add(g)
+                    out.append(g)
+        if not out:
+            raise BleepError(f"no gene has a non-zero count in {min_spots} spots of any reference section: are these raw counts?")
+        return out
+    out = [str(g) for g in genes]
+    if not out:
+        raise BleepError("the gene list is empty")
+    if len(set(out)) != len(out):
+        raise BleepError("the gene list has duplicates")
     return out

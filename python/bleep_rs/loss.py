@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import LOSSES
+
 __all__ = ["bleep_loss", "clip_loss", "LOSSES"]
 
 
@@ -28,5 +30,3 @@ def clip_loss(image: torch.Tensor, expression: torch.Tensor, logit_scale: torch.
     labels = torch.arange(len(v), device=v.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-
-LOSSES = ("bleep", "clip")

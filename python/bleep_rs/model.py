@@ -2,7 +2,7 @@
 head on the panel's expression), saved as a directory of ``model.safetensors`` + ``config.json``.
 
     model = bleep_rs.load_model("model_dir")
-    v = model.embed_images(patches)            # uint8 (n, h, w, 3) -> float32 (n, 256), see bleep_rs.encode
+    v = model.embed_images(patches)            # uint8 (n, h, w, 3) -> float32 (n, 256)
     x = model.embed_expression(section)        # AnnData (or counts on the panel) -> float32 (n, 256)
     ref = bleep_rs.build_reference(model, [section_a, section_b])
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -23,11 +21,13 @@ from torch import nn
 
 from ._core import BleepError
 from .backbones import BackboneSpec, create_backbone
-from .expression import Panel, panel_expression
+from .augment import N_VIEWS
+from .slide import check_fields
+from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
 
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "MODEL_FORMAT_VERSION"]
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 
 
 class ProjectionHead(nn.Module):
@@ -59,7 +59,14 @@ class ModelConfig:
     temperature: float = 1.0
     loss: str = "bleep"
     patch_size: int = 224
-    um_per_px: Optional[float] = None  # None: each section's native resolution
+    um_per_px: Optional[float] = None  # the resolution every patch is read at (training records it)
+    # Fields of view around each spot, multiples of the patch's side; each goes through the backbone and
+    # their features, each L2-normalised ("l2"; "none": as they come), are concatenated for the head.
+    fields_of_view: List[float] = field(default_factory=lambda: [1.0])
+    feature_norm: str = "l2"
+    tta: bool = False  # average the embeddings of the 8 dihedral views of each patch at inference
+    k: int = 50  # the neighbours and aggregation predict uses unless told otherwise
+    method: str = "mean"
     # The backbone's input size and constants: BleepModel sets them from the backbone (kept here so that
     # config.json says how to feed the model).
     input_size: int = 224
@@ -85,6 +92,8 @@ class ModelConfig:
         if d.get("format_version", 0) > MODEL_FORMAT_VERSION:
             raise BleepError(f"{where}: model format {d['format_version']} is newer than this bleep-rs reads ({MODEL_FORMAT_VERSION}): upgrade bleep-rs")
         d["panel"] = Panel.from_dict(d["panel"])
+        if d.get("format_version", 1) < 2:
+            d.setdefault("feature_norm", "none")  # version 1 fed the backbone's features as they came
         try:
             return cls(**d)
         except TypeError as e:
@@ -95,19 +104,41 @@ class BleepModel(nn.Module):
     """The two encoders. ``forward(images, expression)`` returns (image embeddings, expression
     embeddings), neither normalised (BLEEP trains on raw embeddings; retrieval normalises)."""
 
-    def __init__(self, config: ModelConfig, *, backbone_weights: Optional[str] = None, pretrained: bool = True):
+    def __init__(self, config: ModelConfig, *, backbone_weights: Optional[str] = None, pretrained: bool = True, random_init: bool = False):
         super().__init__()
         self.config = config
-        self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained)
+        self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained, random_init=random_init)
         # The input constants are the backbone's own: derived here, once, for training and inference alike.
         config.input_size, config.mean, config.std = self.spec.input_size, list(self.spec.mean), list(self.spec.std)
-        self.image_head = ProjectionHead(self.spec.feature_dim, config.embedding_dim, config.dropout)
+        if config.feature_norm not in ("l2", "none"):
+            raise BleepError(f'feature_norm must be "l2" or "none", not {config.feature_norm!r}')
+        if not self.spec.takes_images and len(config.fields_of_view) != 1:
+            raise BleepError(f"backbone {config.backbone} takes precomputed features: it has one field of view, not {config.fields_of_view}")
+        config.fields_of_view = list(check_fields(config.fields_of_view))
+        self.image_head = ProjectionHead(self.feature_dim, config.embedding_dim, config.dropout)
         self.expression_head = ProjectionHead(len(config.panel.genes), config.embedding_dim, config.dropout)
         # CLIP's learnable temperature, log(1 / 0.07); unused by the BLEEP loss.
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
+    @property
+    def n_fields(self) -> int:
+        return len(self.config.fields_of_view)
+
+    @property
+    def feature_dim(self) -> int:
+        """The image head's input: the fused features of every field of view."""
+        return self.n_fields * self.spec.feature_dim
+
+    def fuse(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, fields, D) backbone features -> (B, fields * D) head input."""
+        if self.config.feature_norm == "l2":
+            f = nn.functional.normalize(f, dim=-1)
+        return f.flatten(1)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        """Fused features of a normalised image batch (B, fields, 3, H, W); the backbone sees every field."""
+        b, nf = images.shape[:2]
+        return self.fuse(self.backbone(images.flatten(0, 1)).view(b, nf, -1))
 
     def forward(self, images: torch.Tensor, expression: torch.Tensor, *, features: bool = False):
         f = images if features else self.image_features(images)
@@ -120,29 +151,72 @@ class BleepModel(nn.Module):
         return next(self.parameters()).device
 
     def prepare_images(self, patches: np.ndarray) -> torch.Tensor:
-        """uint8 (n, h, w, 3) patches to the backbone's normalised float input on the model's device,
-        resized (bilinear, antialiased) to its input size when they differ."""
+        """uint8 (n, fields, h, w, 3) patches to the backbone's normalised float input (n, fields, 3, s, s)
+        on the model's device, resized (bilinear, antialiased) to its input size s when they differ."""
         from .encode import to_input
 
-        return to_input(patches, self.spec, self.device)
+        n, nf, h, w = patches.shape[:4]
+        x = to_input(patches.reshape(n * nf, h, w, 3), self.spec, self.device)
+        return x.view(n, nf, *x.shape[1:])
 
-    @torch.no_grad()
-    def embed_images(self, patches: np.ndarray, *, precision: str = "auto", batch_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
-        """Image embeddings float32 (n, d) of uint8 patches (n, h, w, 3), or of precomputed features
-        (n, D) for a ``features:D`` backbone. ``precision``: ``"auto"`` (the fastest inference that keeps
-        the float32 answer) or ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
-        from .encode import backbone_features
-
-        self.eval()
+    def check_patches(self, patches: np.ndarray) -> np.ndarray:
+        """The model's input as (n, fields, h, w, 3) uint8 (a single field may come as (n, h, w, 3)), or
+        (n, D) features for a ``features:D`` backbone; anything else is an error that says what it takes."""
         patches = np.asarray(patches)
         if not self.spec.takes_images:
             if patches.ndim != 2 or patches.shape[1] != self.spec.feature_dim:
                 raise BleepError(f"this model takes precomputed features of dimension {self.spec.feature_dim}: got shape {patches.shape}")
-            features = np.ascontiguousarray(patches, dtype=np.float32)
-        else:
-            features = backbone_features(self.backbone, self.spec, patches, precision=precision, batch_size=batch_size, progress=progress)
-        out = [self.image_head(torch.from_numpy(features[s : s + 4096]).to(self.device)).float().cpu().numpy() for s in range(0, len(features), 4096)]
-        return np.concatenate(out) if out else np.zeros((0, self.config.embedding_dim), np.float32)
+            return patches
+        if patches.ndim == 4 and self.n_fields == 1:
+            patches = patches[:, None]
+        if patches.ndim != 5 or patches.shape[1] != self.n_fields or patches.shape[-1] != 3 or patches.shape[2] != patches.shape[3]:
+            raise BleepError(
+                f"patches must be uint8 (n, {self.n_fields}, h, w, 3) with h == w: one square patch per field of view "
+                f"{self.config.fields_of_view} (bleep_rs.section_patches(..., fields=model.config.fields_of_view)); got shape {patches.shape}"
+            )
+        if patches.dtype != np.uint8:
+            raise BleepError(f"patches must be uint8, not {patches.dtype}")
+        return patches
+
+    def features(self, patches: np.ndarray, *, views: Sequence[int] = (0,), precision: str = "auto", progress: bool = False) -> np.ndarray:
+        """Fused backbone features float32 (len(views), n, fields * D) of the dihedral ``views`` (see
+        :mod:`bleep_rs.augment`) of patches (n, fields, h, w, 3); precomputed features pass through.
+        ``precision``: see :func:`bleep_rs.encode.backbone_features`."""
+        from .augment import dihedral_view
+        from .encode import backbone_features
+
+        patches = self.check_patches(patches)
+        if not self.spec.takes_images:
+            return np.ascontiguousarray(patches, dtype=np.float32)[None]
+        n, nf = patches.shape[:2]
+        flat = patches.reshape(n * nf, *patches.shape[2:])
+        out = np.empty((len(views), n, self.feature_dim), np.float32)
+        for i, v in enumerate(views):
+            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress)
+            with torch.no_grad():
+                out[i] = self.fuse(torch.from_numpy(f).view(n, nf, -1)).numpy()
+        return out
+
+    @torch.no_grad()
+    def embed_features(self, features: np.ndarray) -> np.ndarray:
+        """Image embeddings of fused features (..., n, fields * D); with a leading views axis, the mean of
+        the views' L2-normalised embeddings."""
+        self.eval()
+        f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        e = self.image_head(f).float()
+        if e.dim() == 3:
+            e = nn.functional.normalize(e, dim=-1).mean(0)
+        return e.cpu().numpy()
+
+    def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, precision: str = "auto", progress: bool = False) -> np.ndarray:
+        """Image embeddings float32 (n, d) of uint8 patches (n, fields, h, w, 3) (one field: (n, h, w, 3)
+        too), or of precomputed features (n, D) for a ``features:D`` backbone. ``tta`` (default: the
+        model's): the mean of the 8 dihedral views' embeddings. ``precision``: ``"auto"`` (the fastest
+        inference that keeps the float32 answer) or ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
+        tta = self.config.tta if tta is None else tta
+        views = tuple(range(N_VIEWS)) if tta and self.spec.takes_images else (0,)
+        f = self.features(patches, views=views, precision=precision, progress=progress)
+        return self.embed_features(f if len(views) > 1 else f[0])
 
     @torch.no_grad()
     def embed_expression(self, expression, *, batch_size: int = 4096) -> np.ndarray:
@@ -166,32 +240,24 @@ class BleepModel(nn.Module):
         return x
 
 
-def save_model(model: BleepModel, path: "os.PathLike[str] | str") -> Path:
-    """Writes the model directory (``model.safetensors`` + ``config.json``) atomically: into a temporary
-    directory beside it, then renamed over any previous one."""
+def save_model(model: BleepModel, path: "os.PathLike[str] | str", *, history: Optional[list] = None) -> Path:
+    """Writes the model directory (``model.safetensors`` + ``config.json``, and the training
+    ``history.json`` when given) atomically: into a temporary directory beside it, then renamed over any
+    previous one."""
     from safetensors.torch import save_file
 
     from . import __version__
+    from ._atomic import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.config.package_version = __version__
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "bleep-rs.model"})
         (tmp / "config.json").write_text(model.config.to_json())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if history is not None:
+            (tmp / "history.json").write_text(json.dumps(history, indent=1))
     return path
 
 
@@ -222,34 +288,47 @@ def load_model(path: "os.PathLike[str] | str", *, device: Optional[str] = None) 
     return model.to(device or "cpu")
 
 
-def build_reference(model: BleepModel, sections: Sequence, *, name: Optional[str] = None, expression_dtype: str = "float32", progress: bool = False):
-    """The :class:`~bleep_rs.Reference` of reference sections: their spots' expression embeddings, their
-    expression on the model's panel (normalised log), the panel's genes, and provenance naming the model."""
+def build_reference(
+    model: BleepModel,
+    sections: Sequence,
+    *,
+    genes: "str | Sequence[str]" = "all",
+    min_spots: int = MIN_SPOTS,
+    name: Optional[str] = None,
+    expression_dtype: str = "float32",
+    progress: bool = False,
+):
+    """The :class:`~bleep_rs.Reference` of reference sections: their spots' expression embeddings (the
+    model's expression encoder on its panel) and the expression imputation returns (normalised log), on
+    ``genes``: ``"all"`` (default: every gene with a non-zero count in at least ``min_spots`` spots of at
+    least one section; a section whose file does not list a gene counts as zeros), ``"panel"`` (the
+    model's input panel) or a list of gene names."""
     from . import __version__
+    from .predict import model_id
     from .reference import Reference
 
     if not sections:
         raise BleepError("build_reference needs at least one section")
+    out_genes = reference_genes(sections, genes, panel=model.config.panel, min_spots=min_spots)
     emb, expr, ids, labels = [], [], [], []
     for s in sections:
-        x = model.panel_expression(s)
-        emb.append(model.embed_expression(x))
-        expr.append(x)
+        emb.append(model.embed_expression(model.panel_expression(s)))
+        expr.append(panel_expression(s, out_genes, warn=not isinstance(genes, str)))
         lib = s.uns.get("bleep", {}).get("library_id", "section")
         ids += [f"{lib}:{i}" for i in s.obs_names]
         labels += [lib] * s.n_obs
-    from .predict import model_id
-
     meta = {
         "model": name or "",
         "model_id": model_id(model),
         "backbone": model.config.backbone,
         "loss": model.config.loss,
         "panel_size": len(model.config.panel.genes),
+        "genes": genes if isinstance(genes, str) else "given",
+        "min_spots": int(min_spots),
         "package_version": __version__,
         "normalisation": "per-section median library size, log1p",
     }
     return Reference.build(
-        np.concatenate(emb), np.concatenate(expr), list(model.config.panel.genes),
+        np.concatenate(emb), np.concatenate(expr), out_genes,
         spot_ids=ids, sections=labels, metadata=meta, expression_dtype=expression_dtype,
     )

@@ -36,16 +36,14 @@ def model_id(model) -> str:
 
 
 def check_compatible(model, reference) -> None:
-    """Raises when the reference was not built with this model (other weights, panel or dimension)."""
+    """Raises when the reference was not built with this model (other weights or dimension). The
+    reference's genes are its own (all it measured, by default), not the model's input panel."""
     if reference.dim != model.config.embedding_dim:
         raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: build the reference with this model (bleep-rs reference --model ...)")
-    if list(reference.genes) != list(model.config.panel.genes):
-        raise BleepError(
-            f"the reference's {len(reference.genes)} genes are not the model's panel of {len(model.config.panel.genes)}: "
-            "it was built with another model; rebuild it with bleep-rs reference --model MODEL"
-        )
     built_with = reference.metadata.get("model_id")
-    if built_with and built_with != model_id(model):
+    if not built_with:
+        raise BleepError("the reference does not say which model embedded it (no model_id in its metadata): rebuild it with bleep-rs reference --model MODEL")
+    if built_with != model_id(model):
         raise BleepError(
             f"the reference was built with another model (weights {built_with}, this model's {model_id(model)}): "
             "rebuild it with bleep-rs reference --model MODEL"
@@ -81,26 +79,71 @@ def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, ne
     return adata
 
 
-def predict_section(model, reference, section, *, k: int = 50, method: str = "mean", neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto"):
-    """Predicts the spots of a section from its image alone (its counts are never read). ``precision``:
-    the image encoder's (see :mod:`bleep_rs.encode`)."""
-    from .sections import section_patches
+def embed_batches(model, n: int, read, *, batch_size: int = 256, precision: str = "auto", progress: bool = True, desc: str = "spots") -> tuple:
+    """Image embeddings (n, d) of inputs that ``read(slice)`` returns batch by batch, the next batch read
+    in a background thread (the Rust readers release the interpreter) while the current one is encoded:
+    memory stays bounded by two batches and neither stage waits for the other. Returns the embeddings and
+    the seconds spent reading (overlapped) and encoding."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
 
+    from .slide import _progress
+
+    read_s = [0.0]
+
+    def timed(sl):
+        t = time.perf_counter()
+        out = read(sl)
+        read_s[0] += time.perf_counter() - t
+        return out
+
+    slices = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    out = np.zeros((n, model.config.embedding_dim), np.float32)
+    encode_s = 0.0
+    bar = _progress(n, desc, progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="bleep-rs-read") as pool:
+        pending = pool.submit(timed, slices[0]) if slices else None
+        for i, sl in enumerate(slices):
+            patches = pending.result()
+            pending = pool.submit(timed, slices[i + 1]) if i + 1 < len(slices) else None
+            t = time.perf_counter()
+            out[sl] = model.embed_images(patches, precision=precision)
+            encode_s += time.perf_counter() - t
+            if bar is not None:
+                bar.update(sl.stop - sl.start)
+    if bar is not None:
+        bar.close()
+    return out, {"patches": read_s[0], "encoding": encode_s}
+
+
+def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
+    """k and the aggregation: as given, else the model's recorded defaults."""
+    return int(k if k is not None else model.config.k), method or model.config.method
+
+
+def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto", batch_size: int = 256):
+    """Predicts the spots of a section from its image alone (its counts are never read), from the model's
+    fields of view at its resolution. ``k``, ``method``: default the model's. ``precision``: the image
+    encoder's (see :mod:`bleep_rs.encode`)."""
     import time
 
+    from .sections import section_patches
+
     check_compatible(model, reference)
+    k, method = _retrieval(model, k, method)
     info = section.uns.get("bleep", {})
+    cfg = model.config
     t0 = time.perf_counter()
-    patches = section_patches(section, model.config.patch_size, model.config.um_per_px, progress=progress)
-    t1 = time.perf_counter()
-    emb = model.embed_images(patches, precision=precision, progress=progress)
+    read = lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view)  # noqa: E731
+    emb, seconds = embed_batches(model, section.n_obs, read, batch_size=batch_size, precision=precision, progress=progress)
     t2 = time.perf_counter()
     pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
-    seconds = {"patches": t1 - t0, "encoding": t2 - t1, "imputation": time.perf_counter() - t2}
+    seconds.update(imputation=time.perf_counter() - t2, total=time.perf_counter() - t0)
     lib = info.get("library_id", "section")
     meta = {
-        "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
-        "um_per_px": float(model.config.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
+        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
+        "um_per_px": float(cfg.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta),
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
@@ -154,44 +197,45 @@ def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, b
     return TileGrid(coords + footprint / 2, [f"tile_{int(x)}_{int(y)}" for x, y in coords], footprint, None, "tiles")
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: int = 50, method: str = "mean", min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None, min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
     """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
     size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
-    (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`)."""
-    from .slide import Slide, _progress
+    (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
+    view around its centre."""
+    import time
+
+    from .slide import Slide
 
     check_compatible(model, reference)
+    k, method = _retrieval(model, k, method)
+    cfg = model.config
+    t0 = time.perf_counter()
     slide = Slide(path, um_per_px=um_per_px)
     if slide.um_per_px is None:
         raise BleepError(f"{path}: the slide does not state its pixel size: pass --um-per-px X (the scanner's micrometres per pixel)")
-    target = model.config.um_per_px or slide.um_per_px
+    target = cfg.um_per_px or slide.um_per_px
     mask = slide.tissue_mask()
-    grid = slide_grid(slide, model.config.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
+    grid = slide_grid(slide, cfg.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
     if len(grid.centres) == 0:
         raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
-    preds, idxs, simss = [], [], []
-    bar = _progress(len(grid.centres), grid.kind, progress)
-    for start in range(0, len(grid.centres), batch_size):
-        patches = slide.spot_patches(grid.centres[start : start + batch_size], model.config.patch_size, target)
-        p, i, s = reference.impute(model.embed_images(patches, precision=precision), k=k, method=method, return_neighbors=True)
-        preds.append(p)
-        idxs.append(i)
-        simss.append(s)
-        if bar is not None:
-            bar.update(len(patches))
-    if bar is not None:
-        bar.close()
+    t1 = time.perf_counter()
+    read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, target, fields=cfg.fields_of_view)  # noqa: E731
+    emb, seconds = embed_batches(model, len(grid.centres), read, batch_size=batch_size, precision=precision, progress=progress, desc=grid.kind)
+    t2 = time.perf_counter()
+    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
+    seconds.update(tissue=t1 - t0, imputation=time.perf_counter() - t2, total=time.perf_counter() - t0)
     lib = Path(path).stem
     thumb = slide.thumbnail(2000)
     spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}, "metadata": {"layout": "slide"}}}
     meta = {
-        "model": str(model_path), "reference": str(reference_path), "k": int(k), "method": method,
+        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
-        "library_id": lib, "source": str(path), "mode": grid.kind, "tile_px": int(model.config.patch_size),
-        "min_tissue": float(min_tissue), "shape": "square",
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta),
+        "library_id": lib, "source": str(path), "mode": grid.kind, "tile_px": int(cfg.patch_size),
+        "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
     }
-    adata = _assemble(np.concatenate(preds), np.concatenate(idxs), np.concatenate(simss), reference, grid.ids, grid.centres, spatial, meta, neighbours)
+    adata = _assemble(pred, idx, sims, reference, grid.ids, grid.centres, spatial, meta, neighbours)
     if grid.array_rc is not None:
         adata.obs["array_row"], adata.obs["array_col"] = grid.array_rc[:, 0], grid.array_rc[:, 1]
     return adata

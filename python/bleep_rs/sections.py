@@ -138,10 +138,11 @@ def expand_sections(paths: Sequence["os.PathLike[str] | str"], ids: Optional[Seq
     return out
 
 
-def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, **kwargs) -> np.ndarray:
+def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *, fields: Optional[Sequence[float]] = None, **kwargs) -> np.ndarray:
     """Spot-centred patches (n, size, size, 3) of a section read by :func:`read_section`, at ``um_per_px``
-    (default: the image's own resolution). A HEST sample's patch file is used for the spots it holds
-    when its patches are ``size`` px at that resolution; the rest are cut from the image."""
+    (default: the image's own resolution); with ``fields`` (multiples of the patch's side, see
+    :meth:`Slide.spot_patches`), (n, len(fields), size, size, 3). A HEST sample's patch file is used for
+    the spots it holds when its patches are ``size`` px at that resolution; the rest are cut from the image."""
     from .readers.hest import hest_patches
     from .slide import Slide
 
@@ -151,10 +152,11 @@ def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *
     slide = Slide(info["image_path"], um_per_px=info["um_per_px"])
     centres = np.asarray(adata.obsm["spatial"])
     h5 = info.get("patches_h5")
-    stored = hest_patches(h5, adata.obs_names, size, um_per_px or info["um_per_px"]) if h5 and os.path.exists(h5) else None
+    single = fields is None or tuple(fields) == (1,)
+    stored = hest_patches(h5, adata.obs_names, size, um_per_px or info["um_per_px"]) if single and h5 and os.path.exists(h5) else None
     if stored is None:
-        return slide.spot_patches(centres, size, um_per_px, **kwargs)
+        return slide.spot_patches(centres, size, um_per_px, fields=fields, **kwargs)
     patches, found = stored
     if not found.all():
         patches[~found] = slide.spot_patches(centres[~found], size, um_per_px, **kwargs)
-    return patches
+    return patches if fields is None else patches[:, None]

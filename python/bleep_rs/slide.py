@@ -26,6 +26,17 @@ from ._core import BleepError
 __all__ = ["Slide", "TissueMask", "TileBatch"]
 
 
+def check_fields(fields: Sequence[float]) -> Tuple[float, ...]:
+    """Fields of view: a non-empty sequence of distinct finite multiples >= 1 of the patch's side."""
+    try:
+        out = tuple(float(f) for f in fields)
+    except (TypeError, ValueError) as e:
+        raise BleepError(f"fields of view must be numbers (multiples of the patch's side), not {fields!r}") from e
+    if not out or any(not np.isfinite(f) or f < 1 for f in out) or len(set(out)) != len(out):
+        raise BleepError(f"fields of view must be distinct multiples >= 1 of the patch's side, e.g. (1, 2, 3); got {fields!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class TissueMask:
     """A binary tissue mask over a thumbnail: ``mask`` (h, w) uint8 0/1, ``scale`` level-0 px per mask px."""
@@ -197,10 +208,16 @@ class Slide:
         centres: np.ndarray,
         size: int = 224,
         um_per_px: Optional[float] = None,
+        *,
+        fields: Optional[Sequence[float]] = None,
         **kwargs,
     ) -> np.ndarray:
         """One patch per spot, centred on it: ``centres`` (n, 2) = (x, y) in level-0 px; ``size`` px at
-        ``um_per_px`` (default: the slide's own resolution, no resampling). Returns (n, size, size, 3)."""
+        ``um_per_px`` (default: the slide's own resolution, no resampling). Returns (n, size, size, 3).
+
+        ``fields``: fields of view, each a multiple of the patch's side around the same centre (e.g.
+        ``(1, 2, 3)``); field f is read as ``size`` px at ``f * um_per_px`` (f times the area, shrunk
+        by the area filter). Returns (n, len(fields), size, size, 3)."""
         centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
         w, h = self.dimensions
         outside = ~((centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h))
@@ -211,8 +228,17 @@ class Slide:
                 "check that the positions are in this image's full-resolution pixels (not a hires/lowres "
                 "thumbnail's) and in (x, y) order"
             )
-        footprint = size * self._scale(um_per_px)
-        return self.read_patches(centres - footprint / 2.0, size, um_per_px, **kwargs)
+        single = fields is None
+        fields = (1.0,) if single else check_fields(fields)
+        base = um_per_px if um_per_px is not None else self.um_per_px
+        if base is None and fields != (1.0,):
+            raise BleepError(f"{self.path}: fields of view other than 1 need the slide's pixel size: pass um_per_px=")
+        out = np.empty((len(centres), len(fields), size, size, 3), np.uint8)
+        for i, f in enumerate(fields):
+            target = um_per_px if f == 1 else base * f
+            footprint = size * self._scale(target)
+            out[:, i] = self.read_patches(centres - footprint / 2.0, size, target, **kwargs)
+        return out[:, 0] if single else out
 
     # -- whole-slide tiling ---------------------------------------------------------------------------
 

@@ -1,79 +1,58 @@
 """Training the two encoders: one readable loop (nanoGPT style: a config dataclass, eval under no_grad,
 autocast, checkpoints that carry their own state).
 
-    model = bleep_rs.train(["sec1/", "sec2/"], "model_dir", bleep_rs.TrainConfig(epochs=30))
+    model = bleep_rs.train(["sec1/", "sec2/"], "model_dir")            # the default recipe
+    model = bleep_rs.train(sections, "model_dir", bleep_rs.TrainConfig(freeze_backbone=False, epochs=30))
+
+The default recipe (chosen by ``benches/bench_quality.py``, see the README): the image side sees three
+fields of view around each spot (the spot patch and crops of 2x and 3x its side), the backbone is frozen
+and its features of the eight dihedral views of every patch are computed once (and cached on disk), the
+heads train on a random view per spot and step, and inference averages the eight views' embeddings.
 
 One GPU, several (``torchrun --nproc_per_node N -m bleep_rs.train ...``: DistributedDataParallel, the loss
 on each device's own batch as the paper did, or across all devices with ``gather=True``), or a CPU.
-With ``freeze_backbone=True`` the backbone's features are computed once per patch and only the heads
-train: fast on a CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ._core import BleepError
+from .augment import N_VIEWS, random_views
 from .expression import Panel, choose_panel, panel_expression
-from .loss import LOSSES, bleep_loss, clip_loss
+from .config import LOSSES, TrainConfig
+from .loss import bleep_loss, clip_loss
 from .model import BleepModel, ModelConfig, save_model
 
-__all__ = ["TrainConfig", "TrainingData", "prepare_data", "train", "pick_device"]
-
-
-@dataclass
-class TrainConfig:
-    """Training arguments (all saved in the model's config.json)."""
-
-    epochs: int = 30
-    batch_size: int = 128  # the contrastive batch, per device
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA, then MPS, then CPU
-    amp: bool = True  # bfloat16 autocast on GPU
-    augment: bool = True  # flips and 90-degree rotations, training only
-    color_jitter: float = 0.0  # brightness / contrast / saturation jitter amplitude, training only
-    val_fraction: float = 0.2  # random held-out spots of the training sections ...
-    val_sections: List[str] = field(default_factory=list)  # ... or these sections (library ids)
-    patience: int = 10  # epochs without a better validation loss before stopping
-    freeze_backbone: bool = False
-    loss: str = "bleep"  # or "clip"
-    gather: bool = False  # several devices: contrast against every device's batch
-    backbone: str = "efficientnet-lite0"
-    backbone_weights: Optional[str] = None
-    embedding_dim: int = 256
-    dropout: float = 0.1
-    temperature: float = 1.0
-    patch_size: int = 224
-    um_per_px: Optional[float] = None  # None: each section's native resolution
-    n_top_genes: int = 1000
-    panel_mode: str = "union"
-    genes: Optional[List[str]] = None
-    progress: bool = True
-    resume: bool = True  # continue from out_dir's checkpoint when one exists
+__all__ = ["TrainConfig", "TrainingData", "prepare_data", "train", "pick_device", "native_um_per_px"]
 
 
 @dataclass
 class TrainingData:
-    """Paired inputs: ``images`` uint8 (n, h, w, 3) patches or float32 (n, D) features, ``expression``
-    float32 (n, G) on the panel, ``sections`` the library id of each spot."""
+    """Paired inputs. ``images``: uint8 patches (n, fields, h, w, 3), or float32 backbone features
+    (views, n, fields * D) (precomputed or cached); ``expression`` float32 (n, G) on the panel;
+    ``sections`` the library id of each spot."""
 
     images: np.ndarray
     expression: np.ndarray
     sections: np.ndarray
     panel: Panel
+
+    @property
+    def are_features(self) -> bool:
+        return self.images.dtype != np.uint8
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -98,36 +77,119 @@ def _as_sections(sections: Sequence) -> list:
     return [read_section(s) if isinstance(s, (str, os.PathLike)) else s for s in sections]
 
 
+def _library(section, i: int) -> str:
+    return section.uns.get("bleep", {}).get("library_id", f"section{i}")
+
+
+def native_um_per_px(sections: Sequence) -> Optional[float]:
+    """The training sections' native resolution (the median of their pixel sizes), or None when a
+    section does not know it."""
+    values = [s.uns.get("bleep", {}).get("um_per_px") for s in sections]
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.median(values))
+
+
 def prepare_data(
     sections: Sequence,
     config: TrainConfig,
     *,
     panel: Optional[Panel] = None,
     features: Optional[Sequence[np.ndarray]] = None,
+    model: Optional[BleepModel] = None,
 ) -> TrainingData:
-    """Patches (or the given per-section features) and panel expression of every spot."""
+    """Inputs and panel expression of every spot: the patches of every field of view at the config's
+    resolution, or, given ``model`` with a frozen backbone, their (cached) backbone features; or the given
+    per-section ``features`` (n_spots, D) for a ``features:D`` backbone."""
     from .sections import section_patches
 
     sections = _as_sections(sections)
     panel = panel or choose_panel(sections, n_top_genes=config.n_top_genes, mode=config.panel_mode, genes=config.genes)
-    images, expr, labels = [], [], []
+    um = config.um_per_px or native_um_per_px(sections)
+    inputs, expr, labels = [], [], []
     for i, s in enumerate(sections):
-        lib = s.uns.get("bleep", {}).get("library_id", f"section{i}")
+        lib = _library(s, i)
         if s.n_obs == 0:
             raise BleepError(f"{lib}: the section has no spots")
         if features is not None:
             f = np.asarray(features[i], dtype=np.float32)
             if f.ndim != 2 or len(f) != s.n_obs:
                 raise BleepError(f"{lib}: features must be (n_spots, D) = ({s.n_obs}, D), got {f.shape}")
-            images.append(f)
+            inputs.append(f[None])
+        elif model is not None:
+            inputs.append(_section_features(model, s, config, um))
         else:
-            images.append(section_patches(s, config.patch_size, config.um_per_px))
+            inputs.append(section_patches(s, config.patch_size, um, fields=config.fields_of_view))
         expr.append(panel_expression(s, panel))
         labels += [lib] * s.n_obs
-    shapes = {im.shape[1:] for im in images}
+    shapes = {x.shape[2:] if x.dtype != np.uint8 else x.shape[1:] for x in inputs}
     if len(shapes) > 1:
         raise BleepError(f"the sections give inputs of different shapes {sorted(shapes)}: use one patch size (and feature model) for all")
-    return TrainingData(np.concatenate(images), np.concatenate(expr), np.array(labels), panel)
+    axis = 0 if inputs[0].dtype == np.uint8 else 1
+    return TrainingData(np.concatenate(inputs, axis=axis), np.concatenate(expr), np.array(labels), panel)
+
+
+# -- the backbone-feature cache -----------------------------------------------------------------------
+
+#: Bump when the way features are computed changes, so that no stale cache entry is reused.
+FEATURE_CACHE_VERSION = 1
+
+
+def _cache_dir(config: TrainConfig) -> Optional[Path]:
+    from .encode import cache_dir
+
+    if str(config.cache_dir).lower() == "none":
+        return None
+    return Path(config.cache_dir or cache_dir()) / "features"
+
+
+def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int) -> str:
+    """What the features of a section depend on: the backbone (name, a hash of its weights, input size
+    and constants), the fields of view, patch size and resolution, the views, the image (path, size and
+    modification time) and the spot positions."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    info = section.uns.get("bleep", {})
+    image = info.get("image_path") or ""
+    stat = os.stat(image) if image and os.path.exists(image) else None
+    desc = {
+        "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": h.hexdigest(),
+        "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
+        "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
+        "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
+        "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
+        "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
+    """The frozen backbone's fused features (views, n, fields * D) of a section's spots, from the disk
+    cache when an entry with the same key exists."""
+    from .sections import section_patches
+
+    views = N_VIEWS if config.augment else 1
+    folder = _cache_dir(config)
+    path = folder / f"{feature_cache_key(model, section, config, um_per_px, views)}.npy" if folder else None
+    if path is not None and path.exists():
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape == (views, section.n_obs, model.feature_dim):
+                return cached
+        except (OSError, ValueError):
+            pass  # a damaged entry is recomputed and replaced
+    patches = section_patches(section, config.patch_size, um_per_px, fields=config.fields_of_view)
+    feats = model.features(patches, views=tuple(range(views)), progress=config.progress)
+    if path is not None:
+        from ._atomic import atomic_path
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feats, allow_pickle=False)
+    return feats
 
 
 # -- distributed --------------------------------------------------------------------------------------
@@ -152,46 +214,61 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(dnn.all_gather(t), dim=0)
 
 
-# -- batches ------------------------------------------------------------------------------------------
+# -- the trainer --------------------------------------------------------------------------------------
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tensor:
-    """Random flips and 90-degree rotations per sample (the 8 symmetries of the square), optional
-    brightness / contrast jitter, on a float (n, 3, h, w) batch."""
-    n = x.shape[0]
-    pick = lambda: torch.rand(n, generator=gen).to(x.device)[:, None, None, None] < 0.5  # noqa: E731
-    x = torch.where(pick(), x.flip(-1), x)
-    x = torch.where(pick(), x.flip(-2), x)
-    if x.shape[-1] == x.shape[-2]:
-        x = torch.where(pick(), x.transpose(-1, -2), x)
-    if jitter > 0:
-        scale = 1 + jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
-        shift = jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * scale.to(x.device) + mean + shift.to(x.device)
-    return x
+def _jitter(x: torch.Tensor, gen: torch.Generator, amplitude: float) -> torch.Tensor:
+    """Brightness / contrast jitter per sample of a float batch (n, ...)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    scale = 1 + amplitude * (2 * torch.rand(shape, generator=gen) - 1)
+    shift = amplitude * (2 * torch.rand(shape, generator=gen) - 1)
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return (x - mean) * scale.to(x.device) + mean + shift.to(x.device)
+
+
+def _param_groups(model: BleepModel, cfg: TrainConfig) -> list:
+    """AdamW groups: the backbone at ``backbone_lr`` x lr, no weight decay on 1-D parameters (biases,
+    norm weights, the temperature)."""
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        backbone = name.startswith("backbone.")
+        decay = p.dim() > 1
+        key = (backbone, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": cfg.lr * (cfg.backbone_lr if backbone else 1.0), "weight_decay": cfg.weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    for g in groups.values():
+        g["base_lr"] = g["lr"]
+    return list(groups.values())
 
 
 class _Trainer:
     def __init__(self, model: BleepModel, data: TrainingData, config: TrainConfig, device, rank, world):
         self.model, self.data, self.cfg, self.device = model, data, config, device
         self.rank, self.world = rank, world
-        self.features = not model.spec.takes_images or config.freeze_backbone
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.features = data.are_features
+        self.opt = torch.optim.AdamW(_param_groups(model, config))
         self.net = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         self.gen = torch.Generator().manual_seed(config.seed + 1000 * rank)
+        self.step = 0
 
     def inputs(self, idx: np.ndarray, train: bool) -> torch.Tensor:
-        block = self.data.images[idx]
         if self.features:
-            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(self.device)
-        x = self.model.prepare_images(block)
-        return _augment(x, self.gen, self.cfg.color_jitter) if train and self.cfg.augment else x
+            views = self.data.images.shape[0]
+            pick = torch.randint(0, views, (len(idx),), generator=self.gen).numpy() if train and views > 1 else np.zeros(len(idx), int)
+            return torch.from_numpy(np.ascontiguousarray(self.data.images[pick, idx], dtype=np.float32)).to(self.device)
+        x = self.model.prepare_images(self.data.images[idx])
+        if train and self.cfg.augment:
+            x = random_views(x, self.gen)
+            if self.cfg.color_jitter > 0:
+                x = _jitter(x, self.gen, self.cfg.color_jitter)
+        return x
 
     def loss(self, idx: np.ndarray, train: bool) -> torch.Tensor:
         x = self.inputs(idx, train)
@@ -206,9 +283,17 @@ class _Trainer:
             return clip_loss(v, z, self.model.logit_scale)
         return bleep_loss(v, z, self.cfg.temperature)
 
+    def _warmup(self, steps_per_epoch: int) -> None:
+        """Linear warm-up of every group's learning rate over ``warmup_epochs`` (fine-tuning only)."""
+        if self.features or self.cfg.warmup_epochs <= 0:
+            return
+        f = min(1.0, (self.step + 1) / max(1.0, self.cfg.warmup_epochs * steps_per_epoch))
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+
     def epoch(self, order: np.ndarray) -> float:
         self.net.train()
-        if self.features:
+        if self.cfg.freeze_backbone:
             self.model.backbone.eval()
         # Every process takes as many spots and batches of the same sizes: collectives must match.
         mine = order[self.rank :: self.world][: len(order) // self.world]
@@ -216,15 +301,17 @@ class _Trainer:
         starts = [s for s in range(0, len(mine), bs) if len(mine[s : s + bs]) >= 2]
         total = 0.0
         bar = None
-        if self.cfg.progress and self.rank == 0:
+        if self.cfg.progress and self.rank == 0 and not self.features:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(starts), desc="  batches", unit="batch", leave=False)
         for s in starts:
+            self._warmup(len(starts))
             loss = self.loss(mine[s : s + bs], train=True)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            self.step += 1
             total += float(loss.detach())
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
@@ -259,29 +346,44 @@ def _split(data: TrainingData, cfg: TrainConfig, rng: np.random.Generator):
 # -- checkpoints (safetensors + JSON, never pickle) ---------------------------------------------------
 
 
+def _run_identity(cfg: TrainConfig, panel: Panel) -> dict:
+    """What a checkpoint must match to be resumed: every setting that changes the model or its data."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "progress", "resume", "overwrite", "device", "cache_dir")}
+    return {"config": keep, "panel": list(panel.genes)}
+
+
 def _save_checkpoint(path: Path, trainer: _Trainer, state: dict) -> None:
     from safetensors.torch import save_file
+
+    from ._atomic import atomic_path
 
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in trainer.model.state_dict().items()}
     opt = trainer.opt.state_dict()
     for pid, st in opt["state"].items():
         for key, value in st.items():
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"], "step": trainer.step}))
 
 
-def _load_checkpoint(path: Path, trainer: _Trainer) -> Optional[dict]:
+def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int) -> Optional[dict]:
+    """The saved state of an interrupted run with the same settings, or None when there is none; a
+    checkpoint of another run is an error that says how to start over."""
     from safetensors.torch import load_file
 
     if not (path / "state.json").exists():
         return None
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise BleepError(f"{path}: the checkpoint is damaged ({e}): delete it or pass --fresh") from e
+    if state.get("identity") != identity:
+        raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass --fresh to start over")
+    if state["epoch"] >= epochs:
+        raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise --epochs or pass --fresh")
     trainer.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict = {}
     for k, v in tensors.items():
@@ -289,10 +391,22 @@ def _load_checkpoint(path: Path, trainer: _Trainer) -> Optional[dict]:
             _, pid, key = k.split(".", 2)
             opt_state.setdefault(int(pid), {})[key] = v.to(trainer.device)
     trainer.opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    trainer.step = state.pop("step", 0)
     return state
 
 
 # -- the loop -----------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """Refuses to start work whose result could not be written, or would replace a model unasked."""
+    if out.exists() and not cfg.overwrite:
+        raise BleepError(f"{out} exists: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise BleepError(f"{out} exists and is not a model directory")
+    parent = out.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise BleepError(f"{parent}: not writable: choose another --out")
 
 
 def train(
@@ -305,67 +419,83 @@ def train(
 ) -> BleepModel:
     """Trains BLEEP on ``sections`` (paths or AnnData from :func:`~bleep_rs.read_section`) and writes the
     best model (lowest validation loss) to ``out_dir``. ``features``: per-section precomputed patch
-    features for a ``features:D`` backbone. Returns the best model."""
+    features for a ``features:D`` backbone; ``data``: inputs prepared already (see :func:`prepare_data`).
+    Returns the best model."""
     cfg = config or TrainConfig()
     if cfg.loss not in LOSSES:
         raise BleepError(f"loss must be one of {LOSSES}, not {cfg.loss!r}")
+    if not (np.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise BleepError(f"temperature must be a positive number, not {cfg.temperature}")
+    out = Path(out_dir)
     rank, world, local = _distributed()
+    if rank == 0:
+        _check_out(out, cfg)
     device = pick_device(cfg.device, local)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    data = data or prepare_data(sections, cfg, features=features)
+    secs = _as_sections(sections) if data is None or not data.are_features else list(sections)
+    um = cfg.um_per_px or (native_um_per_px(secs) if secs else None)
+    panel = data.panel if data is not None else choose_panel(secs, n_top_genes=cfg.n_top_genes, mode=cfg.panel_mode, genes=cfg.genes)
     from . import __version__
 
     mcfg = ModelConfig(
-        panel=data.panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
-        temperature=cfg.temperature, loss=cfg.loss, patch_size=cfg.patch_size, um_per_px=cfg.um_per_px,
+        panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
+        temperature=cfg.temperature, loss=cfg.loss, patch_size=cfg.patch_size, um_per_px=um,
+        fields_of_view=list(cfg.fields_of_view), tta=cfg.tta, k=cfg.k, method=cfg.method,
         training=asdict(cfg), package_version=__version__,
     )
-    model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights).to(device)
-    spec = model.spec
-    if cfg.freeze_backbone and spec.takes_images:
+    model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights, random_init=cfg.random_init).to(device)
+    frozen = cfg.freeze_backbone or not model.spec.takes_images
+    if frozen:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        data = _cache_features(model, data, cfg)
+    if data is None:
+        data = prepare_data(secs, cfg, panel=panel, features=features, model=model if frozen and features is None else None)
+    if not frozen and data.are_features:
+        raise BleepError("fine-tuning the backbone needs patches, not precomputed features")
     trainer = _Trainer(model, data, cfg, device, rank, world)
     train_idx, val_idx = _split(data, cfg, rng)
-    out = Path(out_dir)
     ckpt = out.with_name(f".{out.name}.checkpoint")
-    state = {"epoch": 0, "best": math.inf, "stale": 0, "history": []}
-    if cfg.resume and (loaded := _load_checkpoint(ckpt, trainer)) is not None:
+    identity = _run_identity(cfg, panel)
+    state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "identity": identity}
+    if not cfg.resume:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    elif (loaded := _load_checkpoint(ckpt, trainer, identity, cfg.epochs)) is not None:
         state = loaded
         if rank == 0:
             print(f"resuming from {ckpt} after epoch {state['epoch']}")
     log = rank == 0 and cfg.progress
     if log:
         print(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(train_idx)} spots, "
-              f"{len(val_idx)} for validation, {len(data.panel.genes)} genes, backbone {cfg.backbone}"
-              f"{' (frozen, cached features)' if trainer.features and spec.takes_images else ''}, loss {cfg.loss}")
+              f"{len(val_idx)} for validation, {len(panel.genes)} genes, backbone {cfg.backbone}"
+              f"{' (frozen, cached features)' if data.are_features and model.spec.takes_images else ''}, "
+              f"fields of view {list(cfg.fields_of_view)}, loss {cfg.loss} (tau {cfg.temperature:g})")
+    best_state = None
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         order = train_idx[np.random.default_rng(cfg.seed + epoch).permutation(len(train_idx))]
         train_loss = trainer.epoch(order)
         val_loss = trainer.evaluate(val_idx) if len(val_idx) >= 2 else train_loss
-        improved = val_loss < state["best"]
+        improved = bool(np.isfinite(val_loss) and val_loss < state["best"])
         state.update(epoch=epoch + 1, stale=0 if improved else state["stale"] + 1)
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         if improved:
             state["best"] = val_loss
-            if rank == 0:
-                save_model(model, out)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if log:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train {train_loss:.4f}  val {val_loss:.4f}"
                   f"{'  *best' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
         if rank == 0:
+            if improved:
+                _save_checkpoint(ckpt.with_name(ckpt.name + ".best"), trainer, state)
             _save_checkpoint(ckpt, trainer, state)
         if state["stale"] >= cfg.patience:
             if log:
                 print(f"no better validation loss for {cfg.patience} epochs: stopping")
             break
     if rank == 0:
-        (out / "history.json").write_text(json.dumps(state["history"], indent=1))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        _finish(model, best_state, ckpt, out, state)
     if world > 1:
         import torch.distributed as dist
 
@@ -375,12 +505,25 @@ def train(
     return load_model(out, device=str(device))
 
 
-def _cache_features(model: BleepModel, data: TrainingData, cfg: TrainConfig) -> TrainingData:
-    """The frozen backbone's features of every patch, computed once (in eval mode, no augmentation)."""
-    from .encode import backbone_features
+def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path, state: dict) -> None:
+    """Writes the best epoch's model (with its history) and removes the checkpoints; a run in which no
+    epoch gave a finite validation loss writes nothing and says why."""
+    best_ckpt = ckpt.with_name(ckpt.name + ".best")
+    if best_state is None and (best_ckpt / "state.safetensors").exists():
+        from safetensors.torch import load_file
 
-    features = backbone_features(model.backbone, model.spec, data.images, progress=cfg.progress)
-    return TrainingData(features, data.expression, data.sections, data.panel)
+        best_state = {k[6:]: v for k, v in load_file(str(best_ckpt / "state.safetensors")).items() if k.startswith("model.")}
+    if best_state is None:
+        losses = [h["val_loss"] for h in state["history"]]
+        shutil.rmtree(ckpt, ignore_errors=True)
+        raise BleepError(
+            f"training gave no model: {len(losses)} epochs ran and none had a finite validation loss (last: {losses[-1:] or 'none'}); "
+            "check the inputs for NaN, lower --lr, or raise --epochs"
+        )
+    model.load_state_dict(best_state)
+    save_model(model, out, history=state["history"])
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(best_ckpt, ignore_errors=True)
 
 
 def main(argv=None):

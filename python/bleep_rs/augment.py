@@ -1,0 +1,36 @@
+"""The eight dihedral views of a square patch (flips and 90-degree rotations): label-preserving for
+histology. Training draws one view per spot and step; inference can average the eight views' embeddings
+(test-time augmentation). One definition for NumPy patches and torch batches, so that cached features and
+live augmentation mean the same views.
+
+View ``v`` (0..7): a horizontal flip when ``v >= 4``, then ``v % 4`` quarter turns counter-clockwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["N_VIEWS", "dihedral_view", "random_views"]
+
+N_VIEWS = 8
+
+
+def dihedral_view(patches: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` of uint8 patches (..., h, w, 3), h == w (a C-contiguous copy)."""
+    if not 0 <= view < N_VIEWS:
+        raise ValueError(f"view must be 0..7, not {view}")
+    p = patches[..., ::-1, :] if view >= 4 else patches
+    return np.ascontiguousarray(np.rot90(p, view % 4, axes=(-3, -2)))
+
+
+def random_views(x, generator):
+    """A random dihedral view per sample of a torch batch (n, ..., h, w) with h == w (the same view for
+    every field of view and channel of a sample)."""
+    import torch
+
+    n = x.shape[0]
+    shape = (n,) + (1,) * (x.dim() - 1)
+    pick = lambda: (torch.rand(n, generator=generator) < 0.5).to(x.device).view(shape)  # noqa: E731
+    x = torch.where(pick(), x.flip(-1), x)
+    x = torch.where(pick(), x.flip(-2), x)
+    return torch.where(pick(), x.transpose(-1, -2), x)
