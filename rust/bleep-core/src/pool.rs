@@ -7,7 +7,8 @@
 //! older one is dropped (its threads end once its last job returns), so calls with many different
 //! thread counts never pile up threads. Pools belong to one process: a child made by `fork` (PyTorch
 //! data loaders do this) has none of its parent's worker threads, so it builds its own pools instead of
-//! waiting forever on the parent's. rayon's global pool is never used.
+//! waiting forever on the parent's. rayon's global pool is never used. [`run`] also turns a panic in the
+//! work into an error.
 
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,6 +78,25 @@ pub fn threads(threads: Option<usize>) -> Result<usize> {
 /// Run `f` on the named pool of `threads` threads (None: the default).
 pub fn install<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> Result<R> {
     Ok(pool(self::threads(threads)?)?.install(f))
+}
+
+/// [`install`] for fallible work, with a panic anywhere inside it (on any of the pool's threads) caught
+/// and returned as an error: a bug then fails one call, never the process that called it.
+pub fn run<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let work = std::panic::AssertUnwindSafe(|| install(threads, f));
+    match std::panic::catch_unwind(work) {
+        Ok(result) => result.and_then(|r| r),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::invalid(format!(
+                "internal error in bleep-rs's native code ({what}): please report it with the call that caused it"
+            )))
+        }
+    }
 }
 
 /// The pool of `n` threads of this process: a cached one, or a new one that evicts the least recently
@@ -155,6 +175,23 @@ mod tests {
         let e = install(Some(100_000), || ()).unwrap_err().to_string();
         assert!(e.contains("limit of 1024"), "{e}");
         assert!(set_default_threads(MAX_THREADS + 1).is_err());
+    }
+
+    #[test]
+    fn a_panic_in_the_work_is_an_error() {
+        use rayon::prelude::*;
+        let e = run(Some(2), || -> Result<()> { panic!("boom") }).unwrap_err();
+        assert!(e.to_string().contains("internal error") && e.to_string().contains("boom"));
+        // On a worker thread of the pool, too.
+        let e = run(Some(2), || -> Result<u32> {
+            Ok((0..1000u32)
+                .into_par_iter()
+                .map(|i| if i == 777 { panic!("at {i}") } else { i })
+                .sum())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("at 777"), "{e}");
+        assert_eq!(run(Some(2), || Ok(3)).unwrap(), 3);
     }
 
     #[test]

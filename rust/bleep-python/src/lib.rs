@@ -2,11 +2,12 @@
 //! (C-contiguous, coerced by the Python layer) and Python numbers; bleep-core and bleep-slide check
 //! them and do the work; results go back as NumPy arrays.
 //!
-//! Every call runs its work through [`native`]: the interpreter is released, the work runs on the
-//! named pool of the configured size (never rayon's global pool, which hangs in a forked child), and an
-//! error or a panic anywhere in native code comes back as `BleepError`.
+//! Every call that does native work runs it through [`native`]: the interpreter is released, the work
+//! runs on the named pool of the configured size (never rayon's global pool, which hangs in a forked
+//! child; `bleep_core::pool::run`), and an error or a panic anywhere in native code comes back as
+//! `BleepError`.
 
-use bleep_core::{pool, Dtype, Error, Matrix, Method, Reference, Table};
+use bleep_core::{pool, Dtype, Matrix, Method, Reference, Table};
 use bleep_slide::{MacenkoParams, Mask, Slide, Stains};
 use numpy::{
     PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn,
@@ -32,26 +33,8 @@ fn native<T: Send>(
     threads: Option<usize>,
     work: impl FnOnce() -> bleep_core::Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| {
-        let run = std::panic::AssertUnwindSafe(|| pool::install(threads, work));
-        match std::panic::catch_unwind(run) {
-            Ok(result) => result.and_then(|r| r),
-            Err(panic) => Err(internal(panic)),
-        }
-    })
-    .map_err(|e| BleepError::new_err(e.to_string()))
-}
-
-/// A panic as an error (it is a bug: the message asks for a report).
-fn internal(panic: Box<dyn std::any::Any + Send>) -> Error {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    Error::invalid(format!(
-        "internal error in bleep-rs's native code ({what}): please report it with the call that caused it"
-    ))
+    py.detach(|| pool::run(threads, work))
+        .map_err(|e| BleepError::new_err(e.to_string()))
 }
 
 /// The extractors `#[pyo3(from_py_with = ...)]` takes, one per whole-number argument: a Python int
