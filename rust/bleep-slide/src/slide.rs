@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 /// Positions beyond this many pixels from the origin are refused (no slide is that large, and the
 /// arithmetic of a rectangle stays far from overflow).
 const MAX_COORD: f64 = (1u64 << 48) as f64;
-/// Source rows a thumbnail band holds at least (tiles or strips are grouped up to this).
+/// Source rows of a thumbnail band: at least this many (whole rows of tiles or strips), at most 4 x.
 const BAND_ROWS: usize = 64;
 
 /// One resolution of the slide.
@@ -470,10 +470,13 @@ impl Slide {
             Taps::new(w, sw, sw as f64 / w as f64),
             Taps::new(h, sh, sh as f64 / h as f64),
         );
+        // Whole rows of tiles or strips, at least BAND_ROWS rows and at most 4 x BAND_ROWS (a tall
+        // strip stays decoded in the tile cache while the bands inside it are read).
         let band = match &lv.ifd {
             Some(ifd) => ifd.tile_height * BAND_ROWS.div_ceil(ifd.tile_height),
-            None => 4 * BAND_ROWS,
-        };
+            None => usize::MAX,
+        }
+        .min(4 * BAND_ROWS);
         // The horizontal pass of source rows first..first + rows.len(), read a band at a time.
         let (mut rows, mut first, mut next) = (VecDeque::<Vec<f32>>::new(), 0, 0);
         for (y, line) in out.chunks_exact_mut(w * 3).enumerate() {
