@@ -106,9 +106,12 @@ def test_huge_regions_are_errors_before_allocating(jpeg_slide, size, message):
         jpeg_slide.read_region((0, 0), 0, size)
 
 
-def test_patches_at_an_absurd_scale_are_an_error(jpeg_slide):
+def test_patches_at_an_absurd_scale_or_size_are_an_error(jpeg_slide):
     with pytest.raises(BleepError, match="check um_per_px"):
         jpeg_slide.read_patches(np.zeros((2, 2)), 224, um_per_px=1e6)
+    for size in (2**62, -4):
+        with pytest.raises(BleepError, match=f"patches of {size} x {size} px cannot be allocated"):
+            jpeg_slide.read_patches(np.zeros((2, 2)), size)
 
 
 def test_a_nan_origin_is_an_error(jpeg_slide):
