@@ -25,17 +25,20 @@ fn saved() -> &'static [u8] {
             labels,
         )
         .unwrap();
-        let dir = scratch();
-        let path = dir.join("base.safetensors");
+        let path = scratch("base");
         r.save(&path).unwrap();
-        std::fs::read(&path).unwrap()
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        bytes
     })
 }
 
-fn scratch() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("bleep-core-mutation-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A file name of this process in the temporary folder.
+fn scratch(case: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "bleep-core-mutation-{}-{case}.safetensors",
+        std::process::id()
+    ))
 }
 
 proptest! {
@@ -55,7 +58,7 @@ proptest! {
         if let Some(k) = keep {
             bytes.truncate(k.index(bytes.len()));
         }
-        let path = scratch().join(format!("{case}.safetensors"));
+        let path = scratch(&case.to_string());
         std::fs::write(&path, &bytes).unwrap();
         if let Ok(r) = Reference::load(&path) {
             // A reference that loads is whole: it searches and imputes.
