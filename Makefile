@@ -9,8 +9,12 @@ MATURIN := $(VENV)/bin/maturin
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
 
+# Style and lints first (cheap), then the Rust tests, the stub check of the compiled module, and pytest.
 test: build
+	cargo fmt --check
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --release
+	$(PY) -m mypy.stubtest bleep_rs._core
 	$(PY) -m pytest -q
 
 # Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The build log is

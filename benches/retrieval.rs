@@ -1,8 +1,7 @@
-//! `cargo bench`: retrieval throughput of the native core (search, and search + aggregation).
+//! `cargo bench`: retrieval throughput of bleep-core (search, and search + aggregation).
 //! Side-by-side ratios against faiss / numpy / torch come from `benches/bench_retrieval.py`.
 
-use bleep_rs::aggregate::{Dtype, Expression, Table};
-use bleep_rs::search::{normalise_rows, PackedIndex};
+use bleep_core::{normalise_rows, Dtype, Expression, PackedIndex, Table};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const D: usize = 256;
@@ -28,7 +27,7 @@ fn search(c: &mut Criterion) {
     group.sample_size(10);
     let queries = random_unit(Q, 1);
     for n in [10_000, 100_000] {
-        let index = PackedIndex::new(random_unit(n, 2), n, D);
+        let index = PackedIndex::new(random_unit(n, 2), n, D).unwrap();
         group.throughput(Throughput::Elements(Q as u64));
         group.bench_with_input(BenchmarkId::new("d256_k50", n), &n, |b, _| {
             b.iter(|| index.search(&queries, Q, K))
@@ -42,9 +41,9 @@ fn search_and_aggregate(c: &mut Criterion) {
     group.sample_size(10);
     let (n, g) = (100_000, 3_000);
     let queries = random_unit(Q, 3);
-    let index = PackedIndex::new(random_unit(n, 4), n, D);
+    let index = PackedIndex::new(random_unit(n, 4), n, D).unwrap();
     let values: Vec<f32> = (0..n * g).map(|i| (i % 97) as f32 * 0.1).collect();
-    let nb = index.search(&queries, Q, K);
+    let nb = index.search(&queries, Q, K).unwrap();
     let w = vec![1.0 / K as f32; Q * K];
     let mut out = vec![0.0f32; Q * g];
     group.throughput(Throughput::Elements(Q as u64));
@@ -57,7 +56,7 @@ fn search_and_aggregate(c: &mut Criterion) {
             BenchmarkId::new("search_and_aggregate", dtype.name()),
             |b| {
                 b.iter(|| {
-                    let nb = index.search(&queries, Q, K);
+                    let nb = index.search(&queries, Q, K).unwrap();
                     table.gather_weighted_sum(&nb.indices, &w, K, &mut out)
                 })
             },

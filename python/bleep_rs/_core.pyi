@@ -1,15 +1,34 @@
-"""Type stubs of the compiled core (checked against the module by tests/test_stubs.py)."""
+"""Type stubs of the compiled core (checked against the module by tests/test_stubs.py and by
+``python -m mypy.stubtest bleep_rs._core``, which ``make test`` runs)."""
 
 import os
-from typing import Optional
+from typing import Optional, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "BleepError",
+    "ReferenceCore",
+    "SlideCore",
+    "tissue_mask",
+    "tissue_grid",
+    "macenko_fit",
+    "macenko_transform",
+    "reinhard_fit",
+    "reinhard_transform",
+    "to_tensor_into",
+    "set_num_threads",
+    "get_num_threads",
+    "kernel_name",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION: int
 
 class BleepError(Exception): ...
 
+@final
 class ReferenceCore:
     @staticmethod
     def build(
@@ -63,9 +82,10 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_name() -> str: ...
 
-U8 = npt.NDArray[np.uint8]
-F32 = npt.NDArray[np.float32]
+_U8 = npt.NDArray[np.uint8]
+_F32 = npt.NDArray[np.float32]
 
+@final
 class SlideCore:
     @staticmethod
     def open(path: os.PathLike[str] | str) -> SlideCore: ...
@@ -77,22 +97,22 @@ class SlideCore:
     def um_per_px(self) -> Optional[tuple[float, str]]: ...
     @property
     def format(self) -> str: ...
-    def read_region(self, x: int, y: int, level: int, w: int, h: int) -> U8: ...
+    def read_region(self, x: int, y: int, level: int, w: int, h: int) -> _U8: ...
     def patches_into(
-        self, origins: npt.NDArray[np.float64], size: int, scale: float, out: U8, threads: Optional[int] = None
+        self, origins: npt.NDArray[np.float64], size: int, scale: float, out: _U8, threads: Optional[int] = None
     ) -> None: ...
-    def thumbnail(self, max_side: int) -> U8: ...
+    def thumbnail(self, max_side: int) -> _U8: ...
 
-def tissue_mask(rgb: U8, median: int, close: int) -> tuple[U8, int]: ...
+def tissue_mask(rgb: _U8, median: int, close: int) -> tuple[_U8, int]: ...
 def tissue_grid(
-    mask: U8, mask_scale: float, width: int, height: int, tile: float, min_tissue: float
+    mask: _U8, mask_scale: float, width: int, height: int, tile: float, min_tissue: float
 ) -> npt.NDArray[np.float64]: ...
-def macenko_fit(pixels: U8, io: float, alpha: float, beta: float) -> tuple[F32, list[float]]: ...
+def macenko_fit(pixels: _U8, io: float, alpha: float, beta: float) -> tuple[_F32, list[float]]: ...
 def macenko_transform(
-    patches: U8, he: F32, max_c: list[float], io: float, alpha: float, beta: float, threads: Optional[int] = None
-) -> tuple[U8, list[bool]]: ...
-def reinhard_fit(pixels: U8) -> F32: ...
-def reinhard_transform(patches: U8, stats: F32, threads: Optional[int] = None) -> U8: ...
+    patches: _U8, he: _F32, max_c: list[float], io: float, alpha: float, beta: float, threads: Optional[int] = None
+) -> tuple[_U8, list[bool]]: ...
+def reinhard_fit(pixels: _U8) -> _F32: ...
+def reinhard_transform(patches: _U8, stats: _F32, threads: Optional[int] = None) -> _U8: ...
 def to_tensor_into(
-    patches: U8, mean: list[float], std: list[float], out: F32, threads: Optional[int] = None
+    patches: _U8, mean: list[float], std: list[float], out: _F32, threads: Optional[int] = None
 ) -> None: ...

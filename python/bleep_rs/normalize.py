@@ -45,6 +45,12 @@ class MacenkoNormalizer:
 
     def __init__(self, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15):
         self.io, self.alpha, self.beta = float(io), float(alpha), float(beta)
+        if not (np.isfinite(self.io) and self.io > 0):
+            raise BleepError(f"io must be a positive intensity (torchstain uses 240), not {io!r}")
+        if not 0 <= self.alpha <= 100:
+            raise BleepError(f"alpha is a percentile and must be between 0 and 100 (torchstain uses 1), not {alpha!r}")
+        if not np.isfinite(self.beta):
+            raise BleepError(f"beta must be a finite optical density (torchstain uses 0.15), not {beta!r}")
         self.stain_matrix = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], dtype=np.float32)
         self.max_concentrations = np.array([1.9705, 1.0308], dtype=np.float32)
         self.last_skipped = np.zeros(0, dtype=bool)

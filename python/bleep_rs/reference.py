@@ -1,6 +1,6 @@
 """The reference: reference spots' embeddings and expression, searchable by cosine similarity.
 
-One file format (safetensors + JSON metadata, see ``rust/reference.rs``), one class. All numeric work
+One file format (safetensors + JSON metadata, see ``rust/bleep-core/src/reference.rs``), one class. All numeric work
 runs in the Rust core with the interpreter released.
 """
 

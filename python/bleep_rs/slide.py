@@ -192,7 +192,10 @@ class Slide:
         """Patches (n, size, size, 3) uint8 whose top-left corners are ``origins`` (n, 2) level-0 px."""
         origins = np.ascontiguousarray(np.asarray(origins, dtype=np.float64).reshape(-1, 2))
         scale = self._scale(um_per_px)
-        out = np.empty((len(origins), size, size, 3), dtype=np.uint8)
+        try:
+            out = np.empty((len(origins), size, size, 3), dtype=np.uint8)
+        except (ValueError, MemoryError, OverflowError) as e:
+            raise BleepError(f"{len(origins)} patches of {size} x {size} px cannot be allocated ({e}): ask for fewer or smaller patches") from e
         bar = _progress(len(origins), "patches", progress)
         for start in range(0, len(origins), batch_size):
             block = origins[start : start + batch_size]

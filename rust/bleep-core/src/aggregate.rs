@@ -4,8 +4,8 @@
 //! The table is walked in blocks of genes whose slice of the table fits in L3, so the rows that many
 //! queries share are read from DRAM once per block rather than once per query.
 
+use crate::cpu::Kernel;
 use crate::error::{Error, Result};
-use crate::kernel::Kernel;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -18,12 +18,16 @@ pub enum Method {
     /// BLEEP's weights: softmax of minus the squared Euclidean distance of the un-normalised embeddings.
     Weighted,
     /// Softmax of cosine / temperature.
-    Softmax { temperature: f32 },
+    Softmax {
+        /// Divides the cosines (positive: smaller is sharper).
+        temperature: f32,
+    },
     /// The single nearest spot.
     Top1,
 }
 
 impl Method {
+    /// The method called `name` ("mean", "weighted", "softmax" with its `temperature`, "top1").
     pub fn parse(name: &str, temperature: f32) -> Result<Method> {
         match name {
             "mean" => Ok(Method::Mean),
@@ -46,12 +50,12 @@ impl Method {
 ///
 /// `cos`: the neighbours' cosine similarities, best first; `query_norms` and `neighbour_norms` (the
 /// latter laid out like `cos`) are needed by [`Method::Weighted`] only.
-pub fn weights(
+pub(crate) fn weights(
     method: Method,
     k: usize,
     cos: &[f32],
-    query_norms: &[f32],
-    neighbour_norms: &[f32],
+    query_norms: &[f64],
+    neighbour_norms: &[f64],
 ) -> Vec<f32> {
     let mut w = vec![0.0f32; cos.len()];
     if k == 0 {
@@ -67,14 +71,13 @@ pub fn weights(
                 softmax_into(&logits, wq);
             }
             Method::Weighted => {
-                let a = query_norms[q] as f64;
+                // |q - r|^2 as (a - b)^2 + 2ab(1 - cos): never negative, and no difference of two
+                // huge squares (which overflows, or cancels to NaN, for large finite embeddings).
+                let a = query_norms[q];
                 let logits: Vec<f64> = c
                     .iter()
                     .zip(&neighbour_norms[q * k..(q + 1) * k])
-                    .map(|(&c, &b)| {
-                        let b = b as f64;
-                        -(a * a + b * b - 2.0 * a * b * c as f64)
-                    })
+                    .map(|(&c, &b)| -((a - b) * (a - b) + 2.0 * a * b * (1.0 - c as f64)))
                     .collect();
                 softmax_into(&logits, wq);
             }
@@ -95,12 +98,16 @@ fn softmax_into(logits: &[f64], out: &mut [f32]) {
 /// Storage type of the expression table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
+    /// float32.
     F32,
+    /// IEEE float16 (half the memory; values beyond +-65504 do not fit).
     F16,
+    /// bfloat16 (half the memory, float32's range, 8 significant bits).
     Bf16,
 }
 
 impl Dtype {
+    /// The dtype called `name`: "float32", "float16" or "bfloat16".
     pub fn parse(name: &str) -> Result<Dtype> {
         match name {
             "float32" => Ok(Dtype::F32),
@@ -112,6 +119,7 @@ impl Dtype {
         }
     }
 
+    /// The dtype's name, as [`Dtype::parse`] reads it.
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "float32",
@@ -124,12 +132,16 @@ impl Dtype {
 /// The reference expression table, n spots x g genes, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Table {
+    /// float32 values.
     F32(Vec<f32>),
+    /// float16 values.
     F16(Vec<f16>),
+    /// bfloat16 values.
     Bf16(Vec<bf16>),
 }
 
 impl Table {
+    /// `values` converted to `dtype` (rounded to nearest; float16 overflows to infinity).
     pub fn from_f32(values: &[f32], dtype: Dtype) -> Table {
         match dtype {
             Dtype::F32 => Table::F32(values.to_vec()),
@@ -138,6 +150,7 @@ impl Table {
         }
     }
 
+    /// The storage type.
     pub fn dtype(&self) -> Dtype {
         match self {
             Table::F32(_) => Dtype::F32,
@@ -146,6 +159,7 @@ impl Table {
         }
     }
 
+    /// Number of values.
     pub fn len(&self) -> usize {
         match self {
             Table::F32(v) => v.len(),
@@ -154,6 +168,7 @@ impl Table {
         }
     }
 
+    /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -177,6 +192,7 @@ impl Table {
         }
     }
 
+    /// The values as float32 (16-bit values widened exactly).
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Table::F32(v) => v.clone(),
@@ -213,7 +229,13 @@ pub struct Expression {
 impl Expression {
     /// From a row-major n x g table.
     pub fn new(row_major: &Table, n: usize, g: usize) -> Result<Expression> {
-        assert_eq!(row_major.len(), n * g);
+        if n.checked_mul(g) != Some(row_major.len()) {
+            return Err(Error::invalid(format!(
+                "an expression table of {n} spots x {g} genes needs {} values, not {}",
+                n.saturating_mul(g),
+                row_major.len()
+            )));
+        }
         let blocked = match row_major {
             Table::F32(v) => Table::F32(to_blocks(v, n, g)?),
             Table::F16(v) => Table::F16(to_blocks(v, n, g)?),
@@ -222,6 +244,7 @@ impl Expression {
         Ok(Expression { n, g, blocked })
     }
 
+    /// The storage type.
     pub fn dtype(&self) -> Dtype {
         self.blocked.dtype()
     }
@@ -238,23 +261,39 @@ impl Expression {
 
     /// `out[q, :] = sum_j w[q, j] * expression[idx[q, j], :]` for `out.len() / g` queries of `k`
     /// neighbours. Zero weights are skipped. Runs on the current rayon pool.
-    pub fn gather_weighted_sum(&self, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+    pub fn gather_weighted_sum(
+        &self,
+        idx: &[u32],
+        w: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let g = self.g;
         let nq = out.len() / g.max(1);
-        assert!(idx.len() == nq * k && w.len() == nq * k && out.len() == nq * g);
-        assert!(
-            idx.iter().all(|&i| (i as usize) < self.n),
-            "neighbour index out of range"
-        );
-        if g == 0 || nq == 0 {
-            return;
+        if k == 0 || idx.len() != nq * k || w.len() != nq * k || out.len() != nq * g {
+            return Err(Error::invalid(format!(
+                "{} indices and {} weights of k = {k} neighbours do not fit an output of {} values ({g} genes per query)",
+                idx.len(),
+                w.len(),
+                out.len()
+            )));
         }
-        let kernel = Kernel::detect();
+        if let Some(&i) = idx.iter().find(|&&i| i as usize >= self.n) {
+            return Err(Error::invalid(format!(
+                "neighbour index {i} is out of range for a table of {} spots",
+                self.n
+            )));
+        }
+        if g == 0 || nq == 0 {
+            return Ok(());
+        }
+        let kernel = crate::cpu::kernel();
         if 4 * nq * k >= self.n {
             self.stream(kernel, idx, w, k, out);
         } else {
             self.gather(kernel, idx, w, k, out);
         }
+        Ok(())
     }
 
     fn blocks(&self) -> usize {
@@ -680,9 +719,9 @@ mod tests {
                 prop_assert_eq!(expr.row_major(), table);
                 // Both strategies with every kernel this CPU has, and the automatic choice.
                 let mut chosen = vec![f32::NAN; nq * g];
-                expr.gather_weighted_sum(&idx, &w, k, &mut chosen);
+                expr.gather_weighted_sum(&idx, &w, k, &mut chosen).unwrap();
                 let mut all = vec![chosen];
-                for kernel in Kernel::available() {
+                for kernel in crate::cpu::cpu().available.clone() {
                     let mut streamed = vec![f32::NAN; nq * g];
                     let mut gathered = vec![f32::NAN; nq * g];
                     if nq > 0 {
@@ -704,8 +743,8 @@ mod tests {
     fn weights_sum_to_one_and_follow_their_formulas() {
         let k = 3;
         let cos = [0.9f32, 0.5, 0.1];
-        let qn = [2.0f32];
-        let rn = [1.0f32, 3.0, 1.0];
+        let qn = [2.0f64];
+        let rn = [1.0f64, 3.0, 1.0];
         for m in [
             Method::Mean,
             Method::Weighted,
@@ -725,7 +764,7 @@ mod tests {
         let d: Vec<f64> = cos
             .iter()
             .zip(&rn)
-            .map(|(&c, &b)| 4.0 + (b * b) as f64 - 4.0 * b as f64 * c as f64)
+            .map(|(&c, &b)| 4.0 + b * b - 4.0 * b * c as f64)
             .collect();
         let e: Vec<f64> = d.iter().map(|&x| (-(x - d[0])).exp()).collect();
         let t: f64 = e.iter().sum();

@@ -3,8 +3,14 @@
 //! of IFDs (pyvips, Aperio SVS) or as SubIFDs (OME-TIFF). Only the directory is parsed up front; pixels
 //! are decoded one tile (or strip) at a time, on demand, from a memory map.
 
-use crate::error::{Error, Result};
+use bleep_core::memory;
+use bleep_core::{Error, Result};
 use std::path::Path;
+
+/// The most bytes a compressed tile may expand to per byte of its data. Deflate reaches about 1032,
+/// LZW about 2700 (4096 bytes from one 12-bit code) and JPEG 1536 (one bit per 8 x 8 block, 3 bytes
+/// a pixel): a tile or image claiming more is damaged, and is refused before anything is allocated.
+pub const MAX_EXPANSION: usize = 4096;
 
 const NEW_SUBFILE_TYPE: u16 = 254;
 const IMAGE_WIDTH: u16 = 256;
@@ -52,6 +58,8 @@ pub struct Ifd {
     compression: Compression,
     samples: usize,
     rgb_jpeg: bool,
+    /// PhotometricInterpretation 0 (MINISWHITE): grey levels are stored inverted.
+    min_is_white: bool,
     predictor: bool,
     jpeg_tables: Option<Vec<u8>>,
     pub description: String,
@@ -79,8 +87,8 @@ impl Ifd {
     ) -> Result<Vec<u8>> {
         let bad = |why: String| Error::format(path, format!("tile {index}: {why}"));
         let (offset, count) = (
-            self.offsets[index] as usize,
-            self.byte_counts[index] as usize,
+            usize::try_from(self.offsets[index]).unwrap_or(usize::MAX),
+            usize::try_from(self.byte_counts[index]).unwrap_or(usize::MAX),
         );
         let raw = offset
             .checked_add(count)
@@ -93,35 +101,46 @@ impl Ifd {
         } else {
             th.min(self.height - (index * th).min(self.height))
         };
+        let pixels = tw * th * 3;
         if self.compression == Compression::Jpeg {
             let (w, h) = self
-                .decode_jpeg(raw, &mut buf)
+                .decode_jpeg(raw, (tw, rows), &mut buf)
                 .map_err(|e| bad(format!("bad JPEG data ({e})")))?;
             if w != tw || h < rows {
                 return Err(bad(format!(
                     "a {w} x {h} px JPEG in a {tw} x {rows} px tile"
                 )));
             }
-            buf.resize(tw * th * 3, 255);
+            resize(&mut buf, pixels, 255, path)?;
             buf[tw * rows * 3..].fill(255);
+            if self.min_is_white {
+                invert(&mut buf[..tw * rows * 3]);
+            }
             return Ok(buf);
         }
         let samples = self.samples;
         let want = tw * rows * samples;
+        if self.compression != Compression::None && want / MAX_EXPANSION > raw.len() {
+            return Err(bad(format!(
+                "{} bytes of data cannot hold a {tw} x {rows} px tile: the file is damaged",
+                raw.len()
+            )));
+        }
         let mut bytes = match self.compression {
-            Compression::None => raw.to_vec(),
-            Compression::Lzw => {
-                weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8)
-                    .decode(raw)
-                    .map_err(|e| bad(format!("bad LZW data ({e})")))?
-            }
+            Compression::None => raw.get(..want).map(<[u8]>::to_vec).unwrap_or_default(),
+            Compression::Lzw => lzw(raw, want).map_err(|e| bad(format!("bad LZW data ({e})")))?,
             Compression::Deflate => {
-                let mut out = Vec::with_capacity(want);
-                std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(raw), &mut out)
+                let mut out = memory::filled(0, 0u8, "a tile")?;
+                out.try_reserve_exact(want)
+                    .map_err(|_| bad("no memory for the tile".into()))?;
+                // At most the bytes the tile needs: a damaged stream cannot expand without bound.
+                let mut stream =
+                    std::io::Read::take(flate2::read::ZlibDecoder::new(raw), want as u64);
+                std::io::Read::read_to_end(&mut stream, &mut out)
                     .map_err(|e| bad(format!("bad deflate data ({e})")))?;
                 out
             }
-            Compression::Jpeg => unreachable!(),
+            Compression::Jpeg => unreachable!("decoded above"),
         };
         if bytes.len() < want {
             return Err(bad(format!(
@@ -137,13 +156,15 @@ impl Ifd {
             }
         }
         buf.clear();
-        buf.resize(tw * th * 3, 255);
+        resize(&mut buf, pixels, 255, path)?;
         for (dst, src) in buf
             .chunks_exact_mut(3)
             .zip(bytes[..want].chunks_exact(samples))
         {
             if samples >= 3 {
                 dst.copy_from_slice(&src[..3]);
+            } else if self.min_is_white {
+                dst.fill(255 - src[0]);
             } else {
                 dst.fill(src[0]);
             }
@@ -154,6 +175,7 @@ impl Ifd {
     fn decode_jpeg(
         &self,
         raw: &[u8],
+        (tw, rows): (usize, usize),
         out: &mut Vec<u8>,
     ) -> std::result::Result<(usize, usize), String> {
         // An abbreviated stream: splice the shared tables (without their EOI) before the tile's data
@@ -166,36 +188,98 @@ impl Ifd {
             }
             _ => raw,
         };
-        decode_jpeg_into(stream, self.rgb_jpeg, out)
+        let fits = |w: usize, h: usize| {
+            if w == tw && h >= rows && h <= self.tile_height.max(rows) {
+                Ok(())
+            } else {
+                Err(format!("a {w} x {h} px JPEG in a {tw} x {rows} px tile"))
+            }
+        };
+        decode_jpeg_into(stream, self.rgb_jpeg, out, fits)
     }
 }
 
+/// `buf` resized to `len` bytes (new ones `value`), or an error if memory is refused.
+fn resize(buf: &mut Vec<u8>, len: usize, value: u8, path: &Path) -> Result<()> {
+    buf.try_reserve(len.saturating_sub(buf.len()))
+        .map_err(|_| Error::format(path, format!("no memory for a tile of {len} bytes")))?;
+    buf.resize(len, value);
+    Ok(())
+}
+
+/// MINISWHITE grey levels to ordinary ones.
+fn invert(rgb: &mut [u8]) {
+    rgb.iter_mut().for_each(|v| *v = 255 - *v);
+}
+
+/// Decodes at most `want` bytes of a TIFF LZW stream (a stream may end without its end code once the
+/// tile is full, as libtiff allows).
+fn lzw(raw: &[u8], want: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut out = memory::filled(want, 0u8, "a tile").map_err(|e| e.to_string())?;
+    let mut decoder = weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8);
+    let (mut read, mut written) = (0, 0);
+    while written < want {
+        let step = decoder.decode_bytes(&raw[read..], &mut out[written..]);
+        read += step.consumed_in;
+        written += step.consumed_out;
+        match step.status.map_err(|e| e.to_string())? {
+            weezl::LzwStatus::Done | weezl::LzwStatus::NoProgress => break,
+            weezl::LzwStatus::Ok => {}
+        }
+    }
+    out.truncate(written);
+    Ok(out)
+}
+
 /// Decodes a JPEG stream into RGB in `out` (resized to fit), returning (width, height). `raw_rgb`: the
-/// components are R, G, B already (Aperio's tiles), so the YCbCr conversion is skipped.
+/// components are R, G, B already (Aperio's tiles), so the YCbCr conversion is skipped. `fits(w, h)`
+/// may refuse the size the header claims before anything is decoded.
+///
+/// A damaged stream is an error, never an image with grey rows: the decoder runs in strict mode (a
+/// stream that ends early is refused), and a size the data cannot hold (at least one bit per 8 x 8
+/// block) or the memory budget cannot is refused before the output is allocated.
 pub fn decode_jpeg_into(
     stream: &[u8],
     raw_rgb: bool,
     out: &mut Vec<u8>,
+    fits: impl Fn(usize, usize) -> std::result::Result<(), String>,
 ) -> std::result::Result<(usize, usize), String> {
     use zune_jpeg::zune_core::{
         bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions,
     };
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_strict_mode(true)
         .set_max_width(1 << 20)
         .set_max_height(1 << 20);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(stream), options);
     decoder.decode_headers().map_err(|e| e.to_string())?;
     let info = decoder.info().ok_or("no JPEG header")?;
     let (w, h) = (info.width as usize, info.height as usize);
+    if w == 0 || h == 0 {
+        return Err(format!("a JPEG of {w} x {h} px"));
+    }
+    fits(w, h)?;
+    let blocks = w.div_ceil(8) * h.div_ceil(8);
+    if blocks / 8 > stream.len() {
+        return Err(format!(
+            "the header claims {w} x {h} px but the stream has only {} bytes (truncated or damaged)",
+            stream.len()
+        ));
+    }
+    let need = memory::bytes(
+        &[w, h, 3],
+        &format!("a {w} x {h} px JPEG"),
+        "it is too large to decode in memory",
+    )
+    .map_err(|e| e.to_string())?;
     if decoder.input_colorspace() == Some(ColorSpace::Luma) {
-        let mut gray = Vec::new();
-        gray.try_reserve_exact(w * h)
-            .map_err(|_| format!("a {w} x {h} px JPEG is too large to decode in memory"))?;
-        gray.resize(w * h, 0);
+        let mut gray = memory::filled(w * h, 0u8, "a JPEG").map_err(|e| e.to_string())?;
         decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::Luma));
         decoder.decode_into(&mut gray).map_err(|e| e.to_string())?;
         out.clear();
+        out.try_reserve(need)
+            .map_err(|_| format!("a {w} x {h} px JPEG is too large to decode in memory"))?;
         out.extend(gray.iter().flat_map(|&v| [v, v, v]));
         return Ok((w, h));
     }
@@ -204,9 +288,7 @@ pub fn decode_jpeg_into(
     if raw_rgb && decoder.input_colorspace() == Some(ColorSpace::YCbCr) {
         decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::YCbCr));
     }
-    // Every byte is written by the decoder: reused memory needs no clearing. A damaged header can claim
-    // any size: an allocation that fails is an error, not an abort.
-    let need = w * h * 3;
+    // Every byte is written by the decoder: reused memory needs no clearing.
     out.try_reserve(need.saturating_sub(out.len()))
         .map_err(|_| format!("a {w} x {h} px JPEG is too large to decode in memory"))?;
     out.resize(need, 0);
@@ -253,8 +335,8 @@ impl Reader<'_> {
     /// One directory entry: (tag, type, value size in bytes, where the values are, how many).
     fn entry(&self, entry: u64) -> Result<(u16, u16, usize, u64, u64)> {
         let tag = self.uint(entry, 2)? as u16;
-        let kind = self.uint(entry + 2, 2)? as u16;
-        let count = self.uint(entry + 4, if self.big { 8 } else { 4 })?;
+        let kind = self.uint(entry.saturating_add(2), 2)? as u16;
+        let count = self.uint(entry.saturating_add(4), if self.big { 8 } else { 4 })?;
         let size = match kind {
             1 | 2 | 6 | 7 => 1,
             3 | 8 => 2,
@@ -263,8 +345,8 @@ impl Reader<'_> {
             _ => 0,
         };
         let inline = if self.big { 8 } else { 4 };
-        let value_at = if self.big { entry + 12 } else { entry + 8 };
-        let total = size as u64 * count;
+        let value_at = entry.saturating_add(if self.big { 12 } else { 8 });
+        let total = (size as u64).saturating_mul(count);
         let at = if total <= inline {
             value_at
         } else {
@@ -284,7 +366,7 @@ impl Reader<'_> {
         let size = if kind == 5 { 4 } else { size };
         let n = if kind == 5 { count * 2 } else { count };
         (0..n)
-            .map(|i| self.uint(at + i * size as u64, size))
+            .map(|i| self.uint(at.saturating_add(i * size as u64), size))
             .collect()
     }
 
@@ -301,15 +383,16 @@ impl Reader<'_> {
         let mut text: std::collections::HashMap<u16, Vec<u8>> = Default::default();
         for i in 0..n {
             let (tag, kind, size, at, count) =
-                self.entry(offset + count_size as u64 + i * entry_size)?;
+                self.entry(offset.saturating_add(count_size as u64 + i * entry_size))?;
             if tag == IMAGE_DESCRIPTION || tag == JPEG_TABLES {
-                text.insert(tag, self.bytes(at, count as usize)?.to_vec());
+                let count = usize::try_from(count).unwrap_or(usize::MAX);
+                text.insert(tag, self.bytes(at, count)?.to_vec());
             } else if size > 0 && kind != 11 && kind != 12 {
                 tags.insert(tag, self.ints(kind, size, at, count)?);
             }
         }
         let next = self.uint(
-            offset + count_size as u64 + n * entry_size,
+            offset.saturating_add(count_size as u64 + n * entry_size),
             if self.big { 8 } else { 4 },
         )?;
         let sub_ifds = tags.get(&SUB_IFDS).cloned().unwrap_or_default();
@@ -368,10 +451,20 @@ impl Reader<'_> {
                     .ok_or_else(|| missing("StripByteCounts"))?,
             )
         };
+        if width == 0 || height == 0 || tile_width == 0 || tile_height == 0 {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "a TIFF image of {width} x {height} px in {} of {tile_width} x {tile_height} px: \
+                     a size is zero, the file is damaged",
+                    if tiled { "tiles" } else { "strips" }
+                ),
+            ));
+        }
         let reduced = get(NEW_SUBFILE_TYPE).unwrap_or(0) & 1 == 1;
         let unit = get(RESOLUTION_UNIT).unwrap_or(2);
         let tag_um_per_px = tags.get(&X_RESOLUTION).and_then(|r| {
-            let per_unit = r[0] as f64 / r.get(1).copied().unwrap_or(1).max(1) as f64;
+            let per_unit = *r.first()? as f64 / r.get(1).copied().unwrap_or(1).max(1) as f64;
             let um = match unit {
                 2 => 25_400.0 / per_unit,
                 3 => 10_000.0 / per_unit,
@@ -393,6 +486,7 @@ impl Reader<'_> {
             compression,
             samples,
             rgb_jpeg: photometric == 2,
+            min_is_white: photometric == 0,
             predictor: get(PREDICTOR) == Some(2),
             jpeg_tables: text.remove(&JPEG_TABLES),
             description: String::from_utf8_lossy(
@@ -417,13 +511,20 @@ impl Reader<'_> {
                 ),
             ));
         }
-        let tiles = ifd.tiles_across() * ifd.tiles_down();
-        if ifd.tile_width == 0 || ifd.offsets.len() < tiles || ifd.byte_counts.len() < tiles {
+        let tiles = ifd.tiles_across().checked_mul(ifd.tiles_down());
+        if tiles.is_none_or(|t| ifd.offsets.len() < t || ifd.byte_counts.len() < t) {
             return Err(Error::format(
                 self.path,
                 format!("a TIFF image of {width} x {height} px lists fewer tiles than it needs"),
             ));
         }
+        // One decoded tile (at most 4 samples a pixel) must fit the memory budget.
+        memory::bytes(
+            &[tile_width, tile_height, 4],
+            &format!("a tile of {tile_width} x {tile_height} px"),
+            "the file is damaged, or convert it to a tiled TIFF",
+        )
+        .map_err(|e| Error::format(self.path, e.to_string()))?;
         Ok(ifd)
     }
 }
@@ -470,5 +571,72 @@ impl Tiff {
             offset = next;
         }
         Ok(Tiff { ifds })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{set_tag, tiff, Image, TempFile};
+    use crate::Slide;
+
+    fn open(bytes: &[u8]) -> bleep_core::Result<(Slide, TempFile)> {
+        let file = TempFile::new("t.tif", bytes);
+        Ok((Slide::open(&file.path)?, file))
+    }
+
+    #[test]
+    fn zero_sizes_are_errors() {
+        let tiled = tiff(&[Image {
+            tile: Some((16, 16)),
+            ..Image::pattern(40, 30, 3)
+        }]);
+        let stripped = tiff(&[Image::pattern(40, 30, 3)]);
+        for (bytes, tag) in [
+            (&tiled, 256),
+            (&tiled, 257),
+            (&tiled, 322),
+            (&tiled, 323),
+            (&stripped, 256),
+            (&stripped, 257),
+        ] {
+            let e = open(&set_tag(bytes.clone(), tag, 0))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("a size is zero"), "tag {tag}: {e}");
+        }
+        assert!(open(&tiled).is_ok() && open(&stripped).is_ok());
+    }
+
+    #[test]
+    fn miniswhite_grey_is_read_inverted_back() {
+        for compression in [1, 5, 8] {
+            let img = Image {
+                photometric: 0,
+                compression,
+                rows_per_strip: 4,
+                ..Image::pattern(20, 10, 1)
+            };
+            let (slide, _file) = open(&tiff(std::slice::from_ref(&img))).unwrap();
+            let rgb = slide.read_region(0, 0, 0, 20, 10).unwrap();
+            for (px, &stored) in rgb.chunks_exact(3).zip(&img.pixels) {
+                assert_eq!(px, [255 - stored; 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tile_claiming_more_than_its_bytes_can_hold_is_refused_before_decoding() {
+        let img = Image {
+            tile: Some((16, 16)),
+            compression: 8,
+            ..Image::pattern(32, 32, 3)
+        };
+        // A tile of 4,000 px square (48 MB) from a few hundred bytes of deflate data.
+        let bytes = set_tag(set_tag(tiff(&[img]), 322, 4000), 323, 4000);
+        let bytes = set_tag(set_tag(bytes, 256, 4000), 257, 4000);
+        let (slide, _file) = open(&bytes).unwrap();
+        let e = slide.read_region(0, 0, 0, 8, 8).unwrap_err().to_string();
+        assert!(e.contains("cannot hold"), "{e}");
     }
 }

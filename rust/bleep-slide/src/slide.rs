@@ -5,18 +5,30 @@
 //!
 //! Coordinates are level-0 pixels unless a function says otherwise; pixels outside the image read as
 //! white (255), the colour of glass, so a patch that crosses the border is padded, never shifted.
+//!
+//! Every size is checked before it is allocated ([`bleep_core::memory`]): a region, a patch footprint
+//! or a thumbnail the memory budget cannot hold is an error, and a thumbnail is read band by band (one
+//! row of tiles or strips at a time), so its memory does not grow with the slide.
 
-use crate::error::{Error, Result};
-use crate::resample::{footprint, resample, resample_into};
-use crate::tiff::{decode_jpeg_into, Ifd, Tiff};
+use crate::resample::{footprint, resample_into, Taps};
+use crate::tiff::{decode_jpeg_into, Ifd, Tiff, MAX_EXPANSION};
+use bleep_core::{memory, Error, Matrix, Result};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// Positions beyond this many pixels from the origin are refused (no slide is that large, and the
+/// arithmetic of a rectangle stays far from overflow).
+const MAX_COORD: f64 = (1u64 << 48) as f64;
+/// Source rows of a thumbnail band: at least this many (whole rows of tiles or strips), at most 4 x.
+const BAND_ROWS: usize = 64;
+
 /// One resolution of the slide.
 pub struct Level {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
     /// Level-0 pixels per pixel of this level.
     pub downsample: f64,
@@ -30,19 +42,22 @@ enum Pixels {
 
 /// A rectangle in a level's pixels (may extend past the level's edges).
 #[derive(Clone, Copy, Debug)]
-pub struct Rect {
-    pub x: i64,
-    pub y: i64,
-    pub w: usize,
-    pub h: usize,
+struct Rect {
+    x: i64,
+    y: i64,
+    w: usize,
+    h: usize,
 }
 
+/// A whole-slide image (a pyramid of levels) or a plain image, read on demand.
 pub struct Slide {
     path: PathBuf,
+    /// The levels, level 0 (full resolution) first.
     pub levels: Vec<Level>,
     pixels: Pixels,
     /// Micrometres per level-0 pixel and where the value came from, when the file says.
     pub um_per_px: Option<(f64, String)>,
+    /// "tiff", "svs", "ome-tiff", "jpeg" or "png".
     pub format: &'static str,
     cache: Mutex<TileCache>,
 }
@@ -70,7 +85,7 @@ impl Slide {
             Self::open_tiff(path, data)
         } else if head.starts_with(&[0xFF, 0xD8]) {
             let mut rgb = Vec::new();
-            let (w, h) = decode_jpeg_into(&data, false, &mut rgb)
+            let (w, h) = decode_jpeg_into(&data, false, &mut rgb, |_, _| Ok(()))
                 .map_err(|e| Error::format(path, format!("bad JPEG ({e})")))?;
             Ok(Self::raster(path, rgb, w, h, "jpeg"))
         } else if head.starts_with(b"\x89PNG") {
@@ -181,9 +196,48 @@ impl Slide {
             .unwrap_or(0)
     }
 
+    /// OpenSlide's `read_region`: `w x h` px of `level` whose top-left corner is `(x, y)` in level-0
+    /// px (rounded to the level's grid), as RGB bytes (`w * h * 3`); outside the image is white.
+    pub fn read_region(&self, x: i64, y: i64, level: usize, w: usize, h: usize) -> Result<Vec<u8>> {
+        let lv = self.level(level)?;
+        let at = |v: i64| -> Result<i64> {
+            let v = (v as f64 / lv.downsample).round();
+            if v.abs() > MAX_COORD {
+                return Err(Error::invalid(format!(
+                    "the region's corner ({x}, {y}) lies beyond any slide: check the location"
+                )));
+            }
+            Ok(v as i64)
+        };
+        let rect = Rect {
+            x: at(x)?,
+            y: at(y)?,
+            w,
+            h,
+        };
+        Ok(self.read_regions(level, &[rect])?.pop().unwrap_or_default())
+    }
+
+    fn level(&self, level: usize) -> Result<&Level> {
+        self.levels.get(level).ok_or_else(|| {
+            Error::invalid(format!(
+                "level {level} does not exist: the slide has {} levels",
+                self.levels.len()
+            ))
+        })
+    }
+
     /// Reads rectangles of one level as RGB bytes (`w * h * 3` each).
-    pub fn read_regions(&self, level: usize, rects: &[Rect]) -> Result<Vec<Vec<u8>>> {
-        let mut out: Vec<Vec<u8>> = rects.iter().map(|r| vec![0u8; r.w * r.h * 3]).collect();
+    fn read_regions(&self, level: usize, rects: &[Rect]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(rects.len());
+        for r in rects {
+            let bytes = memory::bytes(
+                &[r.w, r.h, 3],
+                &format!("a {} x {} px region", r.w, r.h),
+                "read it in smaller pieces",
+            )?;
+            out.push(memory::filled(bytes, 0u8, "a region")?);
+        }
         let mut dsts: Vec<&mut [u8]> = out.iter_mut().map(|v| &mut v[..]).collect();
         self.paint_regions(level, rects, &mut dsts, None::<fn(&Rect, &mut [u8], &[u8])>)?;
         Ok(out)
@@ -201,12 +255,7 @@ impl Slide {
     where
         F: Fn(&Rect, &mut [u8], &[u8]) + Sync,
     {
-        let lv = self.levels.get(level).ok_or_else(|| {
-            Error::invalid(format!(
-                "level {level} does not exist: the slide has {} levels",
-                self.levels.len()
-            ))
-        })?;
+        let lv = self.level(level)?;
         match (&self.pixels, &lv.ifd) {
             (Pixels::Raster(rgb), _) => {
                 paint_all(
@@ -307,27 +356,50 @@ impl Slide {
     }
 
     /// Writes patches of `size x size` px, `scale` level-0 px per output px, with their top-left corners
-    /// at `origins` (level-0 px), into `out` (`origins.len() * size * size * 3` bytes). Read from the best
-    /// level and resampled (area filter when shrinking), in batches that bound the tiles held at once.
+    /// at `origins` (n x 2: x, y in level-0 px), into `out` (`n * size * size * 3` bytes). Read from the
+    /// best level and resampled (area filter when shrinking), in batches that bound the tiles held at
+    /// once.
     pub fn patches_into(
         &self,
-        origins: &[(f64, f64)],
+        origins: Matrix<'_, f64>,
         size: usize,
         scale: f64,
         out: &mut [u8],
     ) -> Result<()> {
+        let xy = origins.check("origins")?;
+        if origins.cols != 2 {
+            return Err(Error::invalid(format!(
+                "origins must be an (n, 2) array of (x, y), not (n, {})",
+                origins.cols
+            )));
+        }
+        if let Some(p) = xy
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_COORD)
+        {
+            return Err(Error::invalid(format!(
+                "origin row {} is ({}, {}): every corner must be a finite position on the slide",
+                p / 2,
+                xy[p / 2 * 2],
+                xy[p / 2 * 2 + 1]
+            )));
+        }
         if size == 0 || !(scale.is_finite() && scale > 0.0) {
             return Err(Error::invalid(format!(
                 "patch size {size} px at {scale} level-0 px per px: both must be positive"
             )));
         }
-        let patch = size * size * 3;
-        if out.len() != origins.len() * patch {
+        let patch = memory::bytes(
+            &[size, size, 3],
+            &format!("a {size} x {size} px patch"),
+            "ask for smaller patches",
+        )?;
+        if Some(out.len()) != origins.rows.checked_mul(patch) {
             return Err(Error::invalid(format!(
                 "the output holds {} bytes, {} patches need {}",
                 out.len(),
-                origins.len(),
-                origins.len() * patch
+                origins.rows,
+                origins.rows.saturating_mul(patch)
             )));
         }
         let level = self.best_level(scale);
@@ -337,12 +409,26 @@ impl Slide {
         // it is when the drift across the patch stays under half a pixel.
         let exact = (ls - 1.0).abs() * (size as f64) < 0.5;
         let ls = if exact { 1.0 } else { ls };
-        let extent = footprint(size, ls);
-        let rects: Vec<Rect> = origins
-            .iter()
-            .map(|&(x, y)| Rect {
-                x: (x / lv.downsample).round() as i64,
-                y: (y / lv.downsample).round() as i64,
+        // Each thread holds one footprint while it shrinks it.
+        let too_large = || {
+            Error::invalid(format!(
+                "a {size} px patch at {scale:.4} level-0 px per px spans more of level {level} than any \
+                 slide holds: check um_per_px and the size"
+            ))
+        };
+        let extent = footprint(size, ls).ok_or_else(too_large)?;
+        memory::bytes(
+            &[extent, extent, 3, rayon::current_num_threads()],
+            &format!(
+                "{size} px patches at {scale:.4} level-0 px per px (each reads {extent} x {extent} px of level {level}, one per thread)"
+            ),
+            "check um_per_px and the size",
+        )?;
+        let rects: Vec<Rect> = xy
+            .chunks_exact(2)
+            .map(|p| Rect {
+                x: (p[0] / lv.downsample).round() as i64,
+                y: (p[1] / lv.downsample).round() as i64,
                 w: extent,
                 h: extent,
             })
@@ -362,27 +448,63 @@ impl Slide {
     }
 
     /// The whole slide shrunk so that its longer side is at most `max_side` px: (rgb, width, height).
+    ///
+    /// Read from the best level band by band (a row of tiles or strips at a time), each band resampled
+    /// as it arrives: memory stays within a band and the thumbnail, whatever the size of the slide.
     pub fn thumbnail(&self, max_side: usize) -> Result<(Vec<u8>, usize, usize)> {
+        if max_side == 0 {
+            return Err(Error::invalid("max_side must be at least 1 px"));
+        }
         let (w0, h0) = (self.levels[0].width as f64, self.levels[0].height as f64);
-        let scale = (w0.max(h0) / max_side.max(1) as f64).max(1.0);
+        let scale = (w0.max(h0) / max_side as f64).max(1.0);
         let (w, h) = (
             ((w0 / scale).round() as usize).max(1),
             ((h0 / scale).round() as usize).max(1),
         );
+        let bytes = memory::bytes(&[w, h, 3], "the thumbnail", "ask for a smaller max_side")?;
+        let mut out = memory::filled(bytes, 0u8, "the thumbnail")?;
         let level = self.best_level(scale);
         let lv = &self.levels[level];
-        let rect = Rect {
-            x: 0,
-            y: 0,
-            w: lv.width,
-            h: lv.height,
-        };
-        let region = self
-            .read_regions(level, &[rect])?
-            .pop()
-            .expect("one region");
-        let (sx, sy) = (lv.width as f64 / w as f64, lv.height as f64 / h as f64);
-        Ok((resample(&region, lv.width, lv.height, w, h, sx, sy), w, h))
+        let (sw, sh) = (lv.width, lv.height);
+        let (tx, ty) = (
+            Taps::new(w, sw, sw as f64 / w as f64),
+            Taps::new(h, sh, sh as f64 / h as f64),
+        );
+        // Whole rows of tiles or strips, at least BAND_ROWS rows and at most 4 x BAND_ROWS (a tall
+        // strip stays decoded in the tile cache while the bands inside it are read).
+        let band = match &lv.ifd {
+            Some(ifd) => ifd.tile_height * BAND_ROWS.div_ceil(ifd.tile_height),
+            None => usize::MAX,
+        }
+        .min(4 * BAND_ROWS);
+        // The horizontal pass of source rows first..first + rows.len(), read a band at a time.
+        let (mut rows, mut first, mut next) = (VecDeque::<Vec<f32>>::new(), 0, 0);
+        for (y, line) in out.chunks_exact_mut(w * 3).enumerate() {
+            let (need_from, need_to) = ty.span(y);
+            while first + rows.len() <= need_to {
+                let height = band.min(sh - next);
+                let rect = Rect {
+                    x: 0,
+                    y: next as i64,
+                    w: sw,
+                    h: height,
+                };
+                let pixels = self.read_regions(level, &[rect])?.pop().unwrap_or_default();
+                let mut passed: Vec<Vec<f32>> = (0..height).map(|_| vec![0f32; w * 3]).collect();
+                passed
+                    .par_iter_mut()
+                    .zip(pixels.par_chunks_exact(sw * 3))
+                    .for_each(|(dst, src)| tx.row(src, dst));
+                rows.extend(passed);
+                next += height;
+            }
+            while first < need_from {
+                rows.pop_front();
+                first += 1;
+            }
+            ty.column(y, |r| &rows[r - first], line);
+        }
+        Ok((out, w, h))
     }
 }
 
@@ -485,12 +607,25 @@ fn physical_size(base: &Ifd) -> Option<(f64, String)> {
 }
 
 fn decode_png(data: &[u8]) -> std::result::Result<(Vec<u8>, usize, usize), String> {
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(data));
+    let limits = png::Limits {
+        bytes: memory::budget(),
+    };
+    let mut decoder = png::Decoder::new_with_limits(std::io::Cursor::new(data), limits);
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
-    let mut buf = vec![0; reader.output_buffer_size().ok_or("image too large")?];
+    let size = reader.output_buffer_size().ok_or("image too large")?;
+    if size / MAX_EXPANSION > data.len() {
+        return Err(format!(
+            "the header claims {size} bytes of pixels from a {} byte file (truncated or damaged)",
+            data.len()
+        ));
+    }
+    let mut buf = memory::filled(size, 0u8, "a PNG").map_err(|e| e.to_string())?;
     let info = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
     let (w, h) = (info.width as usize, info.height as usize);
+    if w == 0 || h == 0 {
+        return Err(format!("a PNG of {w} x {h} px"));
+    }
     let channels = info.color_type.samples();
     let rgb = buf[..w * h * channels]
         .chunks_exact(channels)
@@ -503,4 +638,54 @@ fn decode_png(data: &[u8]) -> std::result::Result<(Vec<u8>, usize, usize), Strin
         })
         .collect();
     Ok((rgb, w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{tiff, Image, TempFile};
+
+    /// The thumbnail read band by band equals the whole level resampled at once.
+    #[test]
+    fn thumbnails_by_band_equal_the_whole_image_resampled() {
+        for (tile, rows) in [(Some((16, 16)), 0), (None, 3), (None, 50)] {
+            let img = Image {
+                tile,
+                rows_per_strip: rows.max(1),
+                ..Image::pattern(150, 110, 3)
+            };
+            let file = TempFile::new("t.tif", &tiff(std::slice::from_ref(&img)));
+            let slide = Slide::open(&file.path).unwrap();
+            for max_side in [7, 64, 97, 150, 400] {
+                let (got, w, h) = slide.thumbnail(max_side).unwrap();
+                let mut want = vec![0u8; w * h * 3];
+                let (sx, sy) = (150.0 / w as f64, 110.0 / h as f64);
+                resample_into(&img.pixels, 150, 110, w, h, sx, sy, &mut want);
+                assert_eq!(got, want, "{tile:?} {rows} {max_side}");
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_regions_and_patches_are_errors() {
+        let file = TempFile::new("t.tif", &tiff(&[Image::pattern(40, 30, 3)]));
+        let slide = Slide::open(&file.path).unwrap();
+        let message = |r: Result<Vec<u8>>| r.unwrap_err().to_string();
+        assert!(message(slide.read_region(0, 0, 0, 1 << 62, 4)).contains("too large to address"));
+        assert!(message(slide.read_region(0, 0, 0, 1 << 20, 1 << 20)).contains("memory budget"));
+        assert!(message(slide.read_region(i64::MAX, 0, 0, 4, 4)).contains("beyond any slide"));
+        assert!(message(slide.read_region(0, 0, 3, 4, 4)).contains("level 3 does not exist"));
+        let mut out = vec![0u8; 2 * 8 * 8 * 3];
+        let patches = |origins: &[f64], scale: f64, out: &mut [u8]| {
+            slide
+                .patches_into(Matrix::new(origins, 2, 2), 8, scale, out)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(patches(&[0.0, 0.0, f64::NAN, 1.0], 1.0, &mut out).contains("origin row 1"));
+        assert!(patches(&[0.0; 4], 1e12, &mut out).contains("check um_per_px"));
+        assert!(patches(&[0.0; 4], 0.0, &mut out).contains("must be positive"));
+        assert!(patches(&[0.0; 4], 1.0, &mut out[1..]).contains("the output holds"));
+        assert!(slide.thumbnail(0).is_err());
+    }
 }

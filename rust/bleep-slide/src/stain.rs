@@ -4,16 +4,45 @@
 //!
 //! Patches are `n` contiguous `h x w x 3` uint8 images; every function works on a batch in parallel.
 
-use crate::error::{Error, Result};
+use crate::shape;
 use crate::simd::multiversion;
+use bleep_core::{Error, Matrix, Result};
 use rayon::prelude::*;
 
 /// Macenko's parameters (torchstain's defaults: `Io = 240`, `alpha = 1`, `beta = 0.15`).
 #[derive(Clone, Copy, Debug)]
 pub struct MacenkoParams {
+    /// The transmitted light intensity (white), positive.
     pub io: f32,
+    /// The percentile (0 to 100) of the stain angles taken as the extreme stain vectors.
     pub alpha: f32,
+    /// The optical density below which (in any channel) a pixel counts as unstained.
     pub beta: f32,
+}
+
+impl MacenkoParams {
+    /// The parameters, or an error naming the one out of range.
+    pub fn check(self) -> Result<Self> {
+        if !(self.io.is_finite() && self.io > 0.0) {
+            return Err(Error::invalid(format!(
+                "io must be a positive intensity (torchstain uses 240), not {}",
+                self.io
+            )));
+        }
+        if !(0.0..=100.0).contains(&self.alpha) {
+            return Err(Error::invalid(format!(
+                "alpha is a percentile and must be between 0 and 100 (torchstain uses 1), not {}",
+                self.alpha
+            )));
+        }
+        if !self.beta.is_finite() {
+            return Err(Error::invalid(format!(
+                "beta must be a finite optical density (torchstain uses 0.15), not {}",
+                self.beta
+            )));
+        }
+        Ok(self)
+    }
 }
 
 impl Default for MacenkoParams {
@@ -29,11 +58,35 @@ impl Default for MacenkoParams {
 /// A stain basis: the H and E optical-density vectors (columns) and their 99th-percentile concentrations.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stains {
+    /// Rows R, G, B; columns H, E.
     pub he: [[f32; 2]; 3],
+    /// The 99th-percentile concentration of H and of E.
     pub max_c: [f32; 2],
 }
 
 impl Stains {
+    /// A basis given as a (3, 2) matrix and 2 maximum concentrations, all finite.
+    pub fn from_parts(he: Matrix<'_, f32>, max_c: &[f32]) -> Result<Stains> {
+        let values = he.check("the stain matrix")?;
+        if (he.rows, he.cols) != (3, 2) || max_c.len() != 2 {
+            return Err(Error::invalid(format!(
+                "a stain basis is a (3, 2) matrix and 2 maximum concentrations, not ({}, {}) and {}",
+                he.rows,
+                he.cols,
+                max_c.len()
+            )));
+        }
+        if !values.iter().chain(max_c).all(|v| v.is_finite()) {
+            return Err(Error::invalid(
+                "the stain basis holds a NaN or infinite value: fit the normaliser again",
+            ));
+        }
+        Ok(Stains {
+            he: std::array::from_fn(|r| [values[2 * r], values[2 * r + 1]]),
+            max_c: [max_c[0], max_c[1]],
+        })
+    }
+
     /// torchstain's reference (its default target before `fit`).
     pub const REFERENCE: Stains = Stains {
         he: [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]],
@@ -376,9 +429,12 @@ fn dot3(a: &[f32; 3], b: &[f32; 3]) -> f32 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
-/// The stain basis of a target image (its pixels pooled), to normalise other patches towards.
-pub fn macenko_fit(pixels: &[u8], p: &MacenkoParams) -> Result<Stains> {
-    estimate(pixels, p, &od_table(p.io), &mut Scratch::default()).ok_or_else(|| {
+/// The stain basis of a target image of shape `(..., 3)` (its pixels pooled), to normalise other
+/// patches towards.
+pub fn macenko_fit(pixels: &[u8], shape: &[usize], p: &MacenkoParams) -> Result<Stains> {
+    shape::rgb_pixels(shape, pixels.len(), "the target")?;
+    let p = p.check()?;
+    estimate(pixels, &p, &od_table(p.io), &mut Scratch::default()).ok_or_else(|| {
         Error::invalid("the Macenko target has too few stained pixels (at least 1% must have optical density >= beta in every channel): fit on a patch with tissue")
     })
 }
@@ -431,19 +487,24 @@ multiversion! {
     }
 }
 
-/// Normalises each `h x w x 3` patch of `patches` to `target` in place. Returns, per patch, whether it was
-/// normalised: a patch without enough stained pixels is left as it was.
+/// Normalises each patch of `patches` (shape `(n, h, w, 3)`) to `target` in place. Returns, per patch,
+/// whether it was normalised: a patch without enough stained pixels is left as it was.
 pub fn macenko_transform(
     patches: &mut [u8],
-    pixels_per_patch: usize,
+    shape: &[usize],
     target: &Stains,
     p: &MacenkoParams,
-) -> Vec<bool> {
+) -> Result<Vec<bool>> {
+    let (n, h, w) = shape::patches(shape, patches.len(), "patches")?;
+    let p = p.check()?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let table = od_table(p.io);
-    patches
-        .par_chunks_mut(pixels_per_patch * 3)
+    Ok(patches
+        .par_chunks_mut(h * w * 3)
         .map_init(Scratch::default, |s, patch| {
-            let Some(source) = estimate(patch, p, &table, s) else {
+            let Some(source) = estimate(patch, &p, &table, s) else {
                 return false;
             };
             let scale = [
@@ -453,7 +514,7 @@ pub fn macenko_transform(
             remix(patch, &s.c, scale, &target.he, p.io);
             true
         })
-        .collect()
+        .collect())
 }
 
 /// Mean and (unbiased) standard deviation of each LAB channel, in torchstain's units
@@ -585,8 +646,9 @@ fn lane_sum(block: &[f32], shift: f32, square: bool) -> f64 {
     acc.iter().map(|&v| v as f64).sum::<f64>() + rest
 }
 
-/// The LAB statistics of a target image, to normalise other patches towards.
-pub fn reinhard_fit(pixels: &[u8]) -> Result<LabStats> {
+/// The LAB statistics of a target image of shape `(..., 3)`, to normalise other patches towards.
+pub fn reinhard_fit(pixels: &[u8], shape: &[usize]) -> Result<LabStats> {
+    shape::rgb_pixels(shape, pixels.len(), "the target")?;
     if pixels.len() < 6 {
         return Err(Error::invalid(
             "the Reinhard target needs at least two pixels",
@@ -595,17 +657,34 @@ pub fn reinhard_fit(pixels: &[u8]) -> Result<LabStats> {
     Ok(lab_stats(pixels, &linear_table(), &mut Default::default()))
 }
 
-/// Reinhard normalisation in place: each LAB channel standardised, then given the target's mean and
-/// standard deviation. A channel with no spread (a uniform patch) is moved to the target mean.
-pub fn reinhard_transform(patches: &mut [u8], pixels_per_patch: usize, target: &LabStats) {
+/// Reinhard normalisation of `patches` (shape `(n, h, w, 3)`) in place: each LAB channel standardised,
+/// then given the target's mean and standard deviation (`target`: a (3, 2) matrix, rows L, a, b). A
+/// channel with no spread (a uniform patch) is moved to the target mean.
+pub fn reinhard_transform(
+    patches: &mut [u8],
+    shape: &[usize],
+    target: Matrix<'_, f32>,
+) -> Result<()> {
+    let (n, h, w) = shape::patches(shape, patches.len(), "patches")?;
+    let values = target.check("the Reinhard statistics")?;
+    if (target.rows, target.cols) != (3, 2) || !values.iter().all(|v| v.is_finite()) {
+        return Err(Error::invalid(format!(
+            "the Reinhard statistics must be a finite (3, 2) matrix, not ({}, {})",
+            target.rows, target.cols
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let target: LabStats = std::array::from_fn(|c| [values[2 * c], values[2 * c + 1]]);
     let lin = linear_table();
     let inv: [[f32; 3]; 3] = {
         let m = xyz2rgb();
         std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] * WHITE[j]))
     };
-    patches.par_chunks_mut(pixels_per_patch * 3).for_each_init(
-        <[Vec<f32>; 3]>::default,
-        |lab, patch| {
+    patches
+        .par_chunks_mut(h * w * 3)
+        .for_each_init(<[Vec<f32>; 3]>::default, |lab, patch| {
             let stats = lab_stats(patch, &lin, lab);
             // v' = (v - mean) / std * target_std + target_mean as one multiply-add per value.
             let (gain, offset): ([f32; 3], [f32; 3]) = {
@@ -622,8 +701,8 @@ pub fn reinhard_transform(patches: &mut [u8], pixels_per_patch: usize, target: &
                 )
             };
             reinhard_patch(patch, lab, gain, offset, &inv);
-        },
-    );
+        });
+    Ok(())
 }
 
 multiversion! {
@@ -688,17 +767,31 @@ fn ln(x: f32) -> f32 {
     2.0 * t * series + e as f32 * std::f32::consts::LN_2
 }
 
-/// uint8 HWC patches to float32 CHW: `(v / 255 - mean[c]) / std[c]`, per channel, through a 256-entry
-/// table per channel (bit-identical to the float32 formula).
+/// uint8 HWC patches (shape `(n, h, w, 3)`) to float32 CHW in `out` (shape `out_shape`, which must be
+/// `(n, 3, h, w)`): `(v / 255 - mean[c]) / std[c]`, per channel, through a 256-entry table per channel
+/// (bit-identical to the float32 formula).
 pub fn to_tensor(
     patches: &[u8],
-    n: usize,
-    h: usize,
-    w: usize,
+    shape: &[usize],
     mean: [f32; 3],
     std: [f32; 3],
     out: &mut [f32],
-) {
+    out_shape: &[usize],
+) -> Result<()> {
+    let (n, h, w) = shape::patches(shape, patches.len(), "patches")?;
+    if std.iter().any(|&s| !(s.is_finite() && s > 0.0)) || mean.iter().any(|m| !m.is_finite()) {
+        return Err(Error::invalid(format!(
+            "every std must be positive and every mean finite, got mean {mean:?} and std {std:?}"
+        )));
+    }
+    if out_shape != [n, 3, h, w] || out.len() != n * 3 * h * w {
+        return Err(Error::invalid(format!(
+            "out must have shape ({n}, 3, {h}, {w}), not {out_shape:?}"
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
     let table: [[f32; 256]; 3] =
         std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     let plane = h * w;
@@ -706,6 +799,7 @@ pub fn to_tensor(
         .zip(patches.par_chunks(3 * plane))
         .take(n)
         .for_each(|(dst, src)| tensor_patch(src, &table, mean, std, dst));
+    Ok(())
 }
 
 /// One patch: interleaved RGB bytes to three planes, through the per-channel tables.
@@ -717,8 +811,8 @@ fn tensor_patch(
     dst: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::level() == 2 && is_x86_feature_detected!("avx512vbmi") {
-        // SAFETY: the features were checked just above.
+    if bleep_core::cpu::cpu().avx512vbmi {
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI (and their use was not turned off).
         return unsafe { tensor_patch_avx512(src, table, mean, std, dst) };
     }
     tensor_patch_portable(src, table, dst, 0);
@@ -870,15 +964,61 @@ mod tests {
         let mut patch = vec![250u8; 16 * 16 * 3];
         let done = macenko_transform(
             &mut patch,
-            256,
+            &[1, 16, 16, 3],
             &Stains::REFERENCE,
             &MacenkoParams::default(),
-        );
+        )
+        .unwrap();
         assert_eq!(done, vec![false]);
         assert!(patch.iter().all(|&v| v == 250));
         let mut flat = vec![200u8; 8 * 8 * 3];
-        let target = reinhard_fit(&(0..192).map(|v| v as u8).collect::<Vec<_>>()).unwrap();
-        reinhard_transform(&mut flat, 64, &target);
+        let target =
+            reinhard_fit(&(0..192).map(|v| v as u8).collect::<Vec<_>>(), &[64, 3]).unwrap();
+        let stats: Vec<f32> = target.iter().flatten().copied().collect();
+        reinhard_transform(&mut flat, &[1, 8, 8, 3], Matrix::new(&stats, 3, 2)).unwrap();
         assert!(flat.chunks_exact(3).all(|p| p == &flat[..3]));
+    }
+
+    #[test]
+    fn zero_size_patches_and_bad_parameters_are_errors() {
+        let p = MacenkoParams::default();
+        let message = |r: Result<()>| r.unwrap_err().to_string();
+        let mut none: Vec<u8> = Vec::new();
+        let zero = [2, 0, 0, 3];
+        assert!(
+            message(macenko_transform(&mut none, &zero, &Stains::REFERENCE, &p).map(|_| ()))
+                .contains("no pixels")
+        );
+        let stats = [50.0, 10.0, 0.0, 5.0, 0.0, 5.0];
+        assert!(message(reinhard_transform(
+            &mut none,
+            &zero,
+            Matrix::new(&stats, 3, 2)
+        ))
+        .contains("no pixels"));
+        let mut out: Vec<f32> = Vec::new();
+        assert!(message(to_tensor(
+            &none,
+            &zero,
+            [0.5; 3],
+            [0.2; 3],
+            &mut out,
+            &[2, 3, 0, 0]
+        ))
+        .contains("no pixels"));
+        // An empty batch is fine.
+        assert_eq!(
+            macenko_transform(&mut none, &[0, 4, 4, 3], &Stains::REFERENCE, &p).unwrap(),
+            Vec::<bool>::new()
+        );
+        let mut patch = vec![100u8; 4 * 4 * 3];
+        for alpha in [-5.0, 150.0, f32::NAN] {
+            let bad = MacenkoParams { alpha, ..p };
+            let e = macenko_transform(&mut patch, &[1, 4, 4, 3], &Stains::REFERENCE, &bad);
+            assert!(message(e.map(|_| ())).contains("alpha"));
+            assert!(macenko_fit(&patch, &[4, 4, 3], &bad).is_err());
+        }
+        let io = MacenkoParams { io: 0.0, ..p };
+        assert!(message(macenko_fit(&patch, &[4, 4, 3], &io).map(|_| ())).contains("io must"));
     }
 }

@@ -8,21 +8,26 @@
 
 use crate::aggregate::{weights, Dtype, Expression, Method, Table};
 use crate::error::{Error, Result};
+use crate::matrix::Matrix;
 use crate::search::{normalise_rows, Neighbours, PackedIndex};
 use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// The `format` entry of a reference file's metadata.
 pub const FORMAT: &str = "bleep-rs.reference";
+/// The reference file format this version writes (and the newest it reads).
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Reference spots: their embeddings (searchable by cosine similarity), their expression on a gene
+/// panel, and their labels.
 pub struct Reference {
     n: usize,
     dim: usize,
     /// As given (un-normalised): saved to file, and their norms drive the "weighted" aggregation.
     embeddings: Vec<f32>,
-    norms: Vec<f32>,
+    norms: Vec<f64>,
     index: PackedIndex,
     expression: Expression,
     genes: Vec<String>,
@@ -34,9 +39,11 @@ pub struct Reference {
 /// What `Reference::build` takes besides the numbers.
 #[derive(Default, Clone)]
 pub struct Labels {
+    /// One name per expression column, unique.
     pub genes: Vec<String>,
-    /// Default: "0", "1", ...
+    /// One id per spot. Default: "0", "1", ...
     pub spot_ids: Option<Vec<String>>,
+    /// The section each spot comes from, if known.
     pub sections: Option<Vec<String>>,
     /// A JSON object (model, date, anything); default `{}`.
     pub provenance: Option<String>,
@@ -46,27 +53,62 @@ pub struct Labels {
 pub struct Imputation {
     /// nq x G, row-major.
     pub expression: Vec<f32>,
+    /// The neighbours each prediction aggregates.
     pub neighbours: Neighbours,
 }
 
 impl Reference {
-    /// Validate and index. `embeddings`: n x dim; `expression`: n x genes.len(), both row-major.
+    /// Validate and index. `embeddings`: spots x dim; `expression`: spots x genes, stored as `dtype`.
     pub fn build(
+        embeddings: Matrix<'_, f32>,
+        expression: Matrix<'_, f32>,
+        dtype: Dtype,
+        labels: Labels,
+    ) -> Result<Reference> {
+        let (emb, expr) = (
+            embeddings.check("embeddings")?,
+            expression.check("expression")?,
+        );
+        let (n, g) = (embeddings.rows, expression.cols);
+        if expression.rows != n {
+            return Err(Error::invalid(format!(
+                "embeddings have {n} rows but expression has {}: give one row per reference spot in both",
+                expression.rows
+            )));
+        }
+        if g != labels.genes.len() {
+            return Err(Error::invalid(format!(
+                "expression has {g} columns but {} gene names were given: one name per column",
+                labels.genes.len()
+            )));
+        }
+        let table = Table::from_f32(expr, dtype);
+        Reference::from_parts(emb.to_vec(), n, embeddings.cols, table, labels)
+    }
+
+    /// Validate and index: `embeddings` n x dim and `expression` n x genes, row-major.
+    fn from_parts(
         embeddings: Vec<f32>,
+        n: usize,
         dim: usize,
         expression: Table,
         labels: Labels,
     ) -> Result<Reference> {
+        if n == 0 {
+            return Err(Error::invalid(
+                "the reference is empty: it needs at least one spot",
+            ));
+        }
         if dim == 0 {
             return Err(Error::invalid(
                 "embeddings have 0 columns: the embedding dimension must be at least 1",
             ));
         }
-        let n = embeddings.len() / dim;
-        if n == 0 {
-            return Err(Error::invalid(
-                "the reference is empty: it needs at least one spot",
-            ));
+        if embeddings.len() != n * dim {
+            return Err(Error::invalid(format!(
+                "embeddings have {} values, not {n} spots x {dim} dimensions",
+                embeddings.len()
+            )));
         }
         let g = labels.genes.len();
         if g == 0 {
@@ -113,7 +155,7 @@ impl Reference {
         Ok(Reference {
             n,
             dim,
-            index: PackedIndex::new(unit, n, dim),
+            index: PackedIndex::new(unit, n, dim)?,
             embeddings,
             norms,
             expression: Expression::new(&expression, n, g)?,
@@ -124,24 +166,31 @@ impl Reference {
         })
     }
 
+    /// Number of reference spots.
     pub fn n_spots(&self) -> usize {
         self.n
     }
+    /// Embedding dimension.
     pub fn dim(&self) -> usize {
         self.dim
     }
+    /// The gene names, one per expression column.
     pub fn genes(&self) -> &[String] {
         &self.genes
     }
+    /// The spot ids.
     pub fn spot_ids(&self) -> &[String] {
         &self.spot_ids
     }
+    /// Each spot's section, when given.
     pub fn sections(&self) -> Option<&[String]> {
         self.sections.as_deref()
     }
+    /// The provenance, a JSON object.
     pub fn provenance(&self) -> &str {
         &self.provenance
     }
+    /// The embeddings as given (not normalised), spots x dim, row-major.
     pub fn embeddings(&self) -> &[f32] {
         &self.embeddings
     }
@@ -150,72 +199,90 @@ impl Reference {
         self.expression.row_major()
     }
 
+    /// The storage type of the expression table.
     pub fn expression_dtype(&self) -> Dtype {
         self.expression.dtype()
     }
 
-    /// The min(k, n) most cosine-similar reference spots of each query (nq x dim, row-major).
-    pub fn search(&self, queries: &[f32], k: usize) -> Result<Neighbours> {
+    /// The min(k, n) most cosine-similar reference spots of each query (queries x dim).
+    pub fn search(&self, queries: Matrix<'_, f32>, k: usize) -> Result<Neighbours> {
         Ok(self.search_with_norms(queries, k)?.0)
     }
 
-    fn search_with_norms(&self, queries: &[f32], k: usize) -> Result<(Neighbours, Vec<f32>)> {
+    fn search_with_norms(
+        &self,
+        queries: Matrix<'_, f32>,
+        k: usize,
+    ) -> Result<(Neighbours, Vec<f64>)> {
+        let values = queries.check("queries")?;
+        if queries.cols != self.dim {
+            return Err(Error::invalid(format!(
+                "queries have {} columns but the reference embeddings have {}: embed the queries with the model that built this reference",
+                queries.cols, self.dim
+            )));
+        }
         if k == 0 {
             return Err(Error::invalid("k must be at least 1"));
         }
-        if !queries.len().is_multiple_of(self.dim) {
-            return Err(Error::invalid(format!(
-                "queries do not have the reference's embedding dimension {}",
-                self.dim
-            )));
-        }
-        check_finite(queries, self.dim, "queries")?;
-        let mut unit = queries.to_vec();
+        check_finite(values, self.dim, "queries")?;
+        let mut unit = values.to_vec();
         let norms = normalise_rows(&mut unit, self.dim);
         check_nonzero(&norms, "queries")?;
-        Ok((self.index.search(&unit, norms.len(), k), norms))
+        Ok((self.index.search(&unit, norms.len(), k)?, norms))
     }
 
-    /// Predicted expression (nq x G) of each query from its k nearest reference spots.
-    pub fn impute(&self, queries: &[f32], k: usize, method: Method) -> Result<Imputation> {
+    /// Predicted expression (queries x genes) of each query from its k nearest reference spots.
+    pub fn impute(&self, queries: Matrix<'_, f32>, k: usize, method: Method) -> Result<Imputation> {
         let (nb, qnorms) = self.search_with_norms(queries, k)?;
         let nq = qnorms.len();
-        let nnorms: Vec<f32> = nb.indices.iter().map(|&i| self.norms[i as usize]).collect();
+        let nnorms: Vec<f64> = nb.indices.iter().map(|&i| self.norms[i as usize]).collect();
         let w = weights(method, nb.k, &nb.scores, &qnorms, &nnorms);
         let g = self.genes.len();
         let mut out =
             crate::memory::huge_zeroed::<f32>(nq * g, "the prediction (queries x genes, float32)")?;
         self.expression
-            .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out);
+            .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out)?;
         Ok(Imputation {
             expression: out,
             neighbours: nb,
         })
     }
 
-    /// `out[q, :] = sum_j weights[q, j] * expression[indices[q, j], :]` for neighbour lists of length k:
-    /// the aggregation step alone, for neighbours and weights chosen elsewhere.
-    pub fn aggregate(&self, indices: &[u32], weights: &[f32], k: usize) -> Result<Vec<f32>> {
-        if k == 0 || indices.len() != weights.len() || !indices.len().is_multiple_of(k) {
-            return Err(Error::invalid(
-                "indices and weights must have the same shape (queries x k), k >= 1",
-            ));
-        }
-        if let Some(p) = indices.iter().position(|&i| i as usize >= self.n) {
+    /// `out[q, :] = sum_j weights[q, j] * expression[indices[q, j], :]` (both queries x k): the
+    /// aggregation step alone, for neighbours and weights chosen elsewhere. Returns queries x genes.
+    pub fn aggregate(
+        &self,
+        indices: Matrix<'_, i64>,
+        weights: Matrix<'_, f32>,
+    ) -> Result<Vec<f32>> {
+        let (idx, w) = (indices.check("indices")?, weights.check("weights")?);
+        if (indices.rows, indices.cols) != (weights.rows, weights.cols) {
             return Err(Error::invalid(format!(
-                "indices row {} holds {}, but the reference has {} spots",
-                p / k,
-                indices[p],
-                self.n
+                "indices ({}, {}) and weights ({}, {}) must have the same shape (queries x k)",
+                indices.rows, indices.cols, weights.rows, weights.cols
             )));
         }
-        check_finite(weights, k, "weights")?;
+        let k = indices.cols;
+        if k == 0 {
+            return Err(Error::invalid(
+                "indices must have at least one column (k >= 1)",
+            ));
+        }
+        let n = self.n as i64;
+        if let Some(p) = idx.iter().position(|&i| i < 0 || i >= n) {
+            return Err(Error::invalid(format!(
+                "index {} (row {} of indices) is out of range for a reference of {n} spots",
+                idx[p],
+                p / k
+            )));
+        }
+        check_finite(w, k, "weights")?;
+        let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
         let mut out = crate::memory::huge_zeroed::<f32>(
-            indices.len() / k * self.genes.len(),
+            indices.rows * self.genes.len(),
             "the aggregate (queries x genes, float32)",
         )?;
-        self.expression
-            .gather_weighted_sum(indices, weights, k, &mut out);
+        self.expression.gather_weighted_sum(&idx, w, k, &mut out)?;
         Ok(out)
     }
 
@@ -372,8 +439,7 @@ impl Reference {
             provenance: meta.get("provenance").cloned(),
         };
         let embeddings = from_le(emb.data(), f32::from_le_bytes);
-        let dim = if n == 0 { dim.max(1) } else { dim };
-        Reference::build(embeddings, dim, table, labels).map_err(|e| bad(e.to_string()))
+        Reference::from_parts(embeddings, n, dim, table, labels).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -449,18 +515,13 @@ fn check_finite_table(t: &Table, g: usize) -> Result<()> {
     }
 }
 
-fn check_nonzero(norms: &[f32], what: &str) -> Result<()> {
+fn check_nonzero(norms: &[f64], what: &str) -> Result<()> {
     match norms.iter().position(|&n| n == 0.0) {
         None => Ok(()),
         Some(r) => Err(Error::invalid(format!(
             "{what} row {r} is all zeros: cosine similarity is undefined for a zero vector"
         ))),
     }
-}
-
-/// The expression dtype named by `name`, converting `values` (n x g f32) to it.
-pub fn table_from_f32(values: &[f32], name: &str) -> Result<Table> {
-    Ok(Table::from_f32(values, Dtype::parse(name)?))
 }
 
 #[cfg(test)]
@@ -476,7 +537,13 @@ mod tests {
             provenance: Some(r#"{"model": "test"}"#.into()),
             ..Default::default()
         };
-        Reference::build(emb, 2, Table::from_f32(&expr, dtype), labels).unwrap()
+        Reference::build(
+            Matrix::new(&emb, 3, 2),
+            Matrix::new(&expr, 3, 2),
+            dtype,
+            labels,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -530,56 +597,99 @@ mod tests {
     fn impute_mean_of_neighbours() {
         let r = small(Dtype::F32);
         // Query along x: nearest by cosine are row 0 (cos 1) then row 2 (cos 0.707).
-        let out = r.impute(&[5.0, 0.0], 2, Method::Mean).unwrap();
+        let out = r
+            .impute(Matrix::new(&[5.0, 0.0], 1, 2), 2, Method::Mean)
+            .unwrap();
         assert_eq!(out.neighbours.indices, vec![0, 2]);
         assert_eq!(out.expression, vec![3.0, 4.0]);
     }
 
     #[test]
+    fn weighted_imputation_of_huge_finite_embeddings_is_finite() {
+        // Norms beyond the float32 range: the squared distances must not become inf - inf.
+        let big = 3e38f32;
+        let emb = vec![big, big, big, -big, -big, big];
+        let labels = Labels {
+            genes: vec!["A".into()],
+            ..Default::default()
+        };
+        let r = Reference::build(
+            Matrix::new(&emb, 3, 2),
+            Matrix::new(&[1.0, 2.0, 3.0], 3, 1),
+            Dtype::F32,
+            labels,
+        )
+        .unwrap();
+        let out = r
+            .impute(Matrix::new(&[big, big * 0.9], 1, 2), 3, Method::Weighted)
+            .unwrap();
+        // The nearest row (0) takes all the weight: the others are astronomically farther.
+        assert_eq!(out.expression, vec![1.0]);
+    }
+
+    #[test]
     fn bad_inputs_are_named() {
-        let err = |r: Result<Reference>| r.err().unwrap().to_string();
         let labels = |g: &[&str]| Labels {
             genes: g.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        let t = |v: &[f32]| Table::from_f32(v, Dtype::F32);
-        assert!(err(Reference::build(vec![], 2, t(&[]), labels(&["A"]))).contains("empty"));
-        assert!(err(Reference::build(
-            vec![1.0, 1.0],
-            2,
-            t(&[1.0]),
-            labels(&["A", "B"])
-        ))
-        .contains("expression has 1 values"));
-        assert!(err(Reference::build(
-            vec![1.0, f32::NAN],
-            2,
-            t(&[1.0]),
-            labels(&["A"])
-        ))
-        .contains("NaN"));
-        assert!(err(Reference::build(
-            vec![0.0, 0.0],
-            2,
-            t(&[1.0]),
-            labels(&["A"])
-        ))
-        .contains("all zeros"));
-        assert!(err(Reference::build(
-            vec![1.0, 0.0],
-            2,
-            t(&[1.0, 2.0]),
-            labels(&["A", "A"])
-        ))
-        .contains("more than once"));
+        let build = |emb: &[f32], expr: &[f32], rows: [usize; 2], genes: &[&str]| {
+            let cols = [emb.len() / rows[0].max(1), expr.len() / rows[1].max(1)];
+            Reference::build(
+                Matrix::new(emb, rows[0], cols[0]),
+                Matrix::new(expr, rows[1], cols[1]),
+                Dtype::F32,
+                labels(genes),
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        };
+        assert!(build(&[], &[], [0, 0], &[]).contains("empty"));
+        assert!(build(&[1.0, 1.0], &[1.0], [1, 1], &["A", "B"])
+            .contains("expression has 1 columns but 2 gene names"));
+        assert!(build(&[1.0, 1.0], &[1.0, 2.0], [1, 2], &["A"])
+            .contains("embeddings have 1 rows but expression has 2"));
+        assert!(build(&[1.0, f32::NAN], &[1.0], [1, 1], &["A"]).contains("NaN"));
+        assert!(build(&[0.0, 0.0], &[1.0], [1, 1], &["A"]).contains("all zeros"));
+        assert!(build(&[1.0, 0.0], &[1.0, 2.0], [1, 1], &["A", "A"]).contains("more than once"));
+        let claims = Reference::build(
+            Matrix::new(&[1.0, 0.0], 2, 2),
+            Matrix::new(&[1.0], 1, 1),
+            Dtype::F32,
+            labels(&["A"]),
+        );
+        assert!(claims.err().unwrap().to_string().contains("claims 2 x 2"));
         let r = small(Dtype::F32);
-        assert!(r.search(&[1.0, 0.0, 1.0], 1).is_err());
-        assert!(r.search(&[1.0, 0.0], 0).is_err());
+        let q = |v: &'static [f32], rows| Matrix::new(v, rows, v.len() / rows);
         assert!(r
-            .search(&[0.0, 0.0], 1)
+            .search(q(&[1.0, 0.0, 1.0], 1), 1)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("queries have 3 columns"));
+        assert!(r.search(q(&[1.0, 0.0], 1), 0).is_err());
+        assert!(r
+            .search(q(&[0.0, 0.0], 1), 1)
             .err()
             .unwrap()
             .to_string()
             .contains("queries row 0"));
+        let agg = |idx: &[i64], w: &[f32], rows| {
+            r.aggregate(
+                Matrix::new(idx, rows, idx.len() / rows),
+                Matrix::new(w, rows, w.len() / rows),
+            )
+        };
+        assert_eq!(agg(&[2, 0], &[1.0, 0.5], 1).unwrap(), vec![5.5, 7.0]);
+        for (idx, w, message) in [
+            (&[3i64, 0][..], &[1.0f32, 1.0][..], "out of range"),
+            (&[-1, 0], &[1.0, 1.0], "out of range"),
+            (&[0, 0], &[1.0], "same shape"),
+            (&[0, 0], &[1.0, f32::NAN], "NaN"),
+        ] {
+            let e = agg(idx, w, 1).err().unwrap().to_string();
+            assert!(e.contains(message), "{e}");
+        }
     }
 }

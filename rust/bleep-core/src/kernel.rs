@@ -11,86 +11,15 @@ pub const MR: usize = 24;
 /// Reference rows per panel (one 16-lane vector).
 pub const NR: usize = 16;
 
-/// Which implementation of the tile runs; chosen at run time from the CPU's features.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernel {
-    /// bf16 inputs, fp32 accumulation (`vdpbf16ps`, twice the fp32 FMA rate): a filter whose scores are
-    /// within [`bf16_margin`] of the exact ones; the search rescores its survivors in fp32.
-    Avx512Bf16,
-    Avx512,
-    Avx2,
-    Portable,
-}
+use crate::cpu::Kernel;
 
 impl Kernel {
-    /// The fastest kernel this CPU supports. `BLEEP_RS_KERNEL=portable|avx2|avx512|avx512bf16` asks for
-    /// one (tests use it to check every path against the same oracle); one the CPU lacks is not used.
-    pub fn detect() -> Kernel {
-        let available = Self::available();
-        let wanted = std::env::var("BLEEP_RS_KERNEL").ok();
-        available
-            .iter()
-            .copied()
-            .find(|k| wanted.as_deref() == Some(k.name()))
-            .unwrap_or(available[0])
-    }
-
-    fn best_supported() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
-                return Kernel::Avx512Bf16;
-            }
-            if is_x86_feature_detected!("avx512f") {
-                return Kernel::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Kernel::Avx2;
-            }
-        }
-        Kernel::Portable
-    }
-
-    /// Every kernel this CPU can run, best first.
-    pub fn available() -> Vec<Kernel> {
-        match Self::best_supported() {
-            Kernel::Avx512Bf16 => vec![
-                Kernel::Avx512Bf16,
-                Kernel::Avx512,
-                Kernel::Avx2,
-                Kernel::Portable,
-            ],
-            Kernel::Avx512 => vec![Kernel::Avx512, Kernel::Avx2, Kernel::Portable],
-            Kernel::Avx2 => vec![Kernel::Avx2, Kernel::Portable],
-            Kernel::Portable => vec![Kernel::Portable],
-        }
-    }
-
-    /// Whether this CPU path has AVX-512F (the aggregation kernels need nothing more).
-    pub fn has_avx512(self) -> bool {
-        matches!(self, Kernel::Avx512 | Kernel::Avx512Bf16)
-    }
-
-    /// Whether this kernel scores in bf16 (queries and panels packed by the `_bf16` functions).
-    pub fn is_bf16(self) -> bool {
-        self == Kernel::Avx512Bf16
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Avx512Bf16 => "avx512bf16",
-            Kernel::Avx512 => "avx512",
-            Kernel::Avx2 => "avx2",
-            Kernel::Portable => "portable",
-        }
-    }
-
     /// Scores of MR queries (`q`, packed dimension-major as d x MR by [`pack_tile`]) against one packed
     /// panel (d x NR). Returns, per
     /// query, the bit mask of panel columns whose score is strictly above `thr[i]`; those scores are
     /// written to `scores[i]` (other rows of `scores` are left as they were).
     #[inline]
-    pub fn tile(
+    pub(crate) fn tile(
         self,
         q: &[f32],
         d: usize,
@@ -125,8 +54,8 @@ pub fn tile_bf16(
 ) -> [u32; MR] {
     assert!(q.len() >= MR * dp && panel.len() >= dp * NR);
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f") {
-        // SAFETY: features checked just above; lengths checked above.
+    if crate::cpu::cpu().available[0] == Kernel::Avx512Bf16 {
+        // SAFETY: the CPU has AVX512-BF16 (the best kernel it runs); lengths checked above.
         return unsafe { x86::tile_avx512bf16(q, dp, panel, thr, scores) };
     }
     unreachable!("the bf16 kernel runs only where the CPU has AVX512-BF16")
@@ -135,6 +64,7 @@ pub fn tile_bf16(
 /// A bound on |bf16 score - exact score| for unit vectors of dimension d: each product of two values
 /// rounded to bf16 (8 significant bits, unit roundoff u = 2^-8) is off by at most (2u + u^2) |q_i r_i|,
 /// the sum of |q_i r_i| is at most 1 (Cauchy-Schwarz), plus fp32 accumulation over d terms.
+#[cfg(test)]
 pub fn bf16_margin(d: usize) -> f32 {
     let u = 2f64.powi(-8);
     (2.0 * u + u * u + d as f64 * 2f64.powi(-23) + 1e-6) as f32
@@ -408,7 +338,7 @@ mod tests {
         let mut qt = vec![0.0; MR * d];
         pack_tile(&q, d, &mut qt);
         let thr = [f32::NEG_INFINITY; MR];
-        for kernel in Kernel::available() {
+        for kernel in crate::cpu::cpu().available.clone() {
             let mut scores = [[0.0; NR]; MR];
             let masks = kernel.tile(&qt, d, &panel, &thr, &mut scores);
             for i in 0..MR {
@@ -423,7 +353,7 @@ mod tests {
 
     #[test]
     fn bf16_kernel_is_within_its_margin() {
-        if !Kernel::available().contains(&Kernel::Avx512Bf16) {
+        if !crate::cpu::cpu().available.contains(&Kernel::Avx512Bf16) {
             return;
         }
         let d = 75;
@@ -466,7 +396,7 @@ mod tests {
 
     #[test]
     fn bf16_bound_holds_when_every_rounding_error_adds_up() {
-        if !Kernel::available().contains(&Kernel::Avx512Bf16) {
+        if !crate::cpu::cpu().available.contains(&Kernel::Avx512Bf16) {
             return;
         }
         // Every value just below a bf16 midpoint: all round down, and all products err the same way,
@@ -499,7 +429,7 @@ mod tests {
         let mut thr = [1.0; MR];
         thr[5] = 2.0; // strictly greater: row 3 does not pass for query 5
         let mut scores = [[0.0; NR]; MR];
-        let masks = Kernel::detect().tile(&q, d, &panel, &thr, &mut scores);
+        let masks = crate::cpu::kernel().tile(&q, d, &panel, &thr, &mut scores);
         for (i, &m) in masks.iter().enumerate() {
             assert_eq!(m, if i == 5 { 0 } else { 1 << 3 });
         }

@@ -10,9 +10,11 @@
 //! within twice the bf16 error bound of the k-th best; the survivors are rescored in fp32, so the result
 //! is the exact fp32 top k all the same.
 
+use crate::cpu::Kernel;
+use crate::error::{Error, Result};
 use crate::kernel::{
     bf16_query_margin, pack_panels, pack_panels_bf16, pack_tile, pack_tile_bf16, tile_bf16,
-    Bf16Rounding, Kernel, MR, NR,
+    Bf16Rounding, MR, NR,
 };
 use crate::topk::TopK;
 use rayon::prelude::*;
@@ -27,7 +29,8 @@ const TASKS_PER_THREAD: usize = 8;
 /// Bytes of packed reference a task keeps hot while every tile row of its block passes over them.
 const L2_CHUNK_BYTES: usize = 384 * 1024;
 
-/// The normalised reference embeddings, and their panels for each kind of kernel (packed on first use).
+/// The normalised reference embeddings, and their panels for each kind of kernel (packed on first use):
+/// the search structure of a [`Reference`](crate::Reference), usable alone.
 pub struct PackedIndex {
     n: usize,
     d: usize,
@@ -39,8 +42,11 @@ pub struct PackedIndex {
 /// Search results: `indices[q * k + j]` is query q's j-th best reference row, `scores` their cosines.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Neighbours {
+    /// Neighbours per query: min(k asked, reference rows).
     pub k: usize,
+    /// Reference rows, `queries x k`, best first (ties: lower row first).
     pub indices: Vec<u32>,
+    /// Their cosine similarities, laid out as `indices`.
     pub scores: Vec<f32>,
 }
 
@@ -60,9 +66,14 @@ struct Scan<'a, T> {
 }
 
 impl PackedIndex {
-    /// `normalised`: n x d row-major, each row of unit L2 norm.
-    pub fn new(normalised: Vec<f32>, n: usize, d: usize) -> Self {
-        assert_eq!(normalised.len(), n * d);
+    /// `normalised`: n x d row-major, each row of unit L2 norm (see [`normalise_rows`]).
+    pub fn new(normalised: Vec<f32>, n: usize, d: usize) -> Result<Self> {
+        if n.checked_mul(d) != Some(normalised.len()) || d == 0 || n > u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "an index of {n} rows x {d} dimensions (at least 1, at most 2^32 rows) cannot hold {} values",
+                normalised.len()
+            )));
+        }
         let index = PackedIndex {
             n,
             d,
@@ -71,12 +82,12 @@ impl PackedIndex {
             panels_bf16: OnceLock::new(),
         };
         // Pack for the kernel this CPU will use now, so the first search pays nothing.
-        if Kernel::detect().is_bf16() {
+        if crate::cpu::kernel().is_bf16() {
             index.bf16_panels();
         } else {
             index.f32_panels();
         }
-        index
+        Ok(index)
     }
 
     fn f32_panels(&self) -> &[f32] {
@@ -89,26 +100,42 @@ impl PackedIndex {
             .get_or_init(|| pack_panels_bf16(&self.unit, self.n, self.d))
     }
 
+    /// Reference rows.
     pub fn len(&self) -> usize {
         self.n
     }
 
+    /// Whether there are no reference rows.
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
 
+    /// Embedding dimension.
     pub fn dim(&self) -> usize {
         self.d
     }
 
     /// The min(k, n) best reference rows of each of the `nq` normalised queries (nq x d, row-major), best
     /// first (ties: lower index first). Runs on the current rayon pool.
-    pub fn search(&self, queries: &[f32], nq: usize, k: usize) -> Neighbours {
-        self.search_with(Kernel::detect(), queries, nq, k)
+    pub fn search(&self, queries: &[f32], nq: usize, k: usize) -> Result<Neighbours> {
+        if nq.checked_mul(self.d) != Some(queries.len()) {
+            return Err(Error::invalid(format!(
+                "{} query values are not {nq} queries of dimension {}",
+                queries.len(),
+                self.d
+            )));
+        }
+        Ok(self.search_with(crate::cpu::kernel(), queries, nq, k))
     }
 
-    /// [`PackedIndex::search`] with a given score kernel (tests run every kernel the CPU has).
-    pub fn search_with(&self, kernel: Kernel, queries: &[f32], nq: usize, k: usize) -> Neighbours {
+    /// [`PackedIndex::search`] with a given score kernel, one the CPU has (tests run each of them).
+    pub(crate) fn search_with(
+        &self,
+        kernel: Kernel,
+        queries: &[f32],
+        nq: usize,
+        k: usize,
+    ) -> Neighbours {
         assert_eq!(queries.len(), nq * self.d);
         let k = k.min(self.n);
         if nq == 0 || k == 0 {
@@ -303,8 +330,8 @@ impl PackedIndex {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: feature checked; equal lengths checked.
+    if crate::cpu::cpu().available.contains(&Kernel::Avx512) {
+        // SAFETY: the CPU has AVX-512F; equal lengths checked.
         return unsafe { dot_avx512(a, b) };
     }
     dot_portable(a, b)
@@ -359,8 +386,9 @@ fn valid_columns(n: usize, p: usize) -> u32 {
     }
 }
 
-/// L2-normalise rows in place and return their norms (accumulated in f64).
-pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f32> {
+/// L2-normalise rows of `d` values in place and return their norms (in f64, which holds the norm of
+/// any finite float32 row). A zero row is left as it is.
+pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f64> {
     rows.par_chunks_mut(d.max(1))
         .map(|row| {
             let norm = row
@@ -372,7 +400,7 @@ pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f32> {
                 let inv = 1.0 / norm;
                 row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
             }
-            norm as f32
+            norm
         })
         .collect()
 }
@@ -433,12 +461,14 @@ mod tests {
 
     /// The search with every kernel this CPU has.
     fn run(r: &[f32], q: &[f32], d: usize, k: usize, threads: usize) -> Vec<Neighbours> {
-        let index = PackedIndex::new(r.to_vec(), r.len() / d, d);
+        let index = PackedIndex::new(r.to_vec(), r.len() / d, d).unwrap();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        Kernel::available()
+        crate::cpu::cpu()
+            .available
+            .clone()
             .into_iter()
             .map(|kern| pool.install(|| index.search_with(kern, q, q.len() / d, k)))
             .collect()

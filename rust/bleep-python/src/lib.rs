@@ -1,0 +1,552 @@
+//! The PyO3 binding: the `bleep_rs._core` module. Marshalling only: arguments arrive as NumPy arrays
+//! (C-contiguous, coerced by the Python layer) and Python numbers; bleep-core and bleep-slide check
+//! them and do the work; results go back as NumPy arrays.
+//!
+//! Every call that does native work runs it through [`native`]: the interpreter is released, the work
+//! runs on the named pool of the configured size (never rayon's global pool, which hangs in a forked
+//! child; `bleep_core::pool::run`), and an error or a panic anywhere in native code comes back as
+//! `BleepError`.
+
+use bleep_core::{pool, Dtype, Matrix, Method, Reference, Table};
+use bleep_slide::{MacenkoParams, Mask, Slide, Stains};
+use numpy::{
+    PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyInt;
+use std::path::PathBuf;
+
+create_exception!(
+    _core,
+    BleepError,
+    PyException,
+    "The error bleep-rs raises for bad input and unreadable files; the message says what to fix."
+);
+
+/// Runs `work` with the interpreter released, on the named pool of `threads` threads (None: the
+/// configured default). Its error, or a panic anywhere inside it, becomes `BleepError`.
+fn native<T: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    work: impl FnOnce() -> bleep_core::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| pool::run(threads, work))
+        .map_err(|e| BleepError::new_err(e.to_string()))
+}
+
+/// The extractors `#[pyo3(from_py_with = ...)]` takes, one per whole-number argument: a Python int
+/// that does not fit (a negative count, 2**64 and above) is a `BleepError` naming the argument, rather
+/// than PyO3's bare OverflowError.
+macro_rules! whole_numbers {
+    ($($f:ident: $t:ty = $name:literal),* $(,)?) => {$(
+        fn $f(v: &Bound<'_, PyAny>) -> PyResult<$t> {
+            match v.extract::<$t>() {
+                Err(_) if v.is_instance_of::<PyInt>() => Err(BleepError::new_err(format!(
+                    "{}={v} is out of range: it must be a whole number from {} to {}",
+                    $name,
+                    <$t>::MIN,
+                    <$t>::MAX
+                ))),
+                other => Ok(other?),
+            }
+        }
+    )*};
+}
+
+whole_numbers!(
+    k_arg: usize = "k",
+    n_arg: usize = "n",
+    threads_count: usize = "threads",
+    level_arg: usize = "level",
+    w_arg: usize = "w",
+    h_arg: usize = "h",
+    size_arg: usize = "size",
+    max_side_arg: usize = "max_side",
+    median_arg: usize = "median",
+    close_arg: usize = "close",
+    width_arg: usize = "width",
+    height_arg: usize = "height",
+    x_arg: i64 = "x",
+    y_arg: i64 = "y",
+);
+
+/// `threads=`: None (the default pool) or a count.
+fn threads_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    if v.is_none() {
+        return Ok(None);
+    }
+    threads_count(v).map(Some)
+}
+
+/// The values of a C-contiguous array.
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| BleepError::new_err(format!("{what} must be C-contiguous")))
+}
+
+/// A 2-D array as a core matrix.
+fn matrix_of<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray2<'_, T>,
+    what: &str,
+) -> PyResult<Matrix<'a, T>> {
+    Ok(Matrix::new(
+        contiguous(a, what)?,
+        a.shape()[0],
+        a.shape()[1],
+    ))
+}
+
+/// An array of `shape` holding `values`.
+fn array<'py, T: numpy::Element>(
+    py: Python<'py>,
+    values: Vec<T>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    PyArray1::from_vec(py, values).reshape(shape.to_vec())
+}
+
+fn matrix<'py, T: numpy::Element>(
+    py: Python<'py>,
+    values: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    PyArray1::from_vec(py, values).reshape([rows, cols])
+}
+
+/// (indices, similarities) as NumPy arrays.
+type NeighbourArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
+fn neighbour_arrays<'py>(
+    py: Python<'py>,
+    nb: bleep_core::Neighbours,
+    nq: usize,
+) -> PyResult<NeighbourArrays<'py>> {
+    let idx: Vec<i64> = nb.indices.iter().map(|&i| i as i64).collect();
+    Ok((matrix(py, idx, nq, nb.k)?, matrix(py, nb.scores, nq, nb.k)?))
+}
+
+/// The native reference: embeddings, expression and labels, with exact search and imputation.
+#[pyclass(name = "ReferenceCore", module = "bleep_rs._core", frozen)]
+struct PyReference {
+    inner: Reference,
+}
+
+#[pymethods]
+impl PyReference {
+    #[staticmethod]
+    #[pyo3(signature = (embeddings, expression, genes, spot_ids=None, sections=None, provenance=None, expression_dtype="float32", threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        py: Python<'_>,
+        embeddings: PyReadonlyArray2<'_, f32>,
+        expression: PyReadonlyArray2<'_, f32>,
+        genes: Vec<String>,
+        spot_ids: Option<Vec<String>>,
+        sections: Option<Vec<String>>,
+        provenance: Option<String>,
+        expression_dtype: &str,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let (emb, expr) = (
+            matrix_of(&embeddings, "embeddings")?,
+            matrix_of(&expression, "expression")?,
+        );
+        let labels = bleep_core::Labels {
+            genes,
+            spot_ids,
+            sections,
+            provenance,
+        };
+        let inner = native(py, threads, || {
+            Reference::build(emb, expr, Dtype::parse(expression_dtype)?, labels)
+        })?;
+        Ok(PyReference { inner })
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, threads=None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let inner = native(py, threads, || Reference::load(&path))?;
+        Ok(PyReference { inner })
+    }
+
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        native(py, None, || self.inner.save(&path))
+    }
+
+    /// (indices int64 Q x k', cosine similarities float32 Q x k'), k' = min(k, n_spots), best first.
+    #[pyo3(signature = (queries, k, threads=None))]
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        #[pyo3(from_py_with = k_arg)] k: usize,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<NeighbourArrays<'py>> {
+        let q = matrix_of(&queries, "queries")?;
+        let nb = native(py, threads, || self.inner.search(q, k))?;
+        neighbour_arrays(py, nb, q.rows)
+    }
+
+    /// (prediction float32 Q x G, indices int64 Q x k', similarities float32 Q x k').
+    #[pyo3(signature = (queries, k, method="mean", temperature=0.1, threads=None))]
+    #[allow(clippy::type_complexity)]
+    fn impute<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        #[pyo3(from_py_with = k_arg)] k: usize,
+        method: &str,
+        temperature: f32,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<(
+        Bound<'py, PyArray2<f32>>,
+        Bound<'py, PyArray2<i64>>,
+        Bound<'py, PyArray2<f32>>,
+    )> {
+        let q = matrix_of(&queries, "queries")?;
+        let out = native(py, threads, || {
+            self.inner.impute(q, k, Method::parse(method, temperature)?)
+        })?;
+        let (idx, sims) = neighbour_arrays(py, out.neighbours, q.rows)?;
+        let g = self.inner.genes().len();
+        Ok((matrix(py, out.expression, q.rows, g)?, idx, sims))
+    }
+
+    /// Weighted sums of expression rows: (Q x k int64 indices, Q x k float32 weights) -> Q x G.
+    #[pyo3(signature = (indices, weights, threads=None))]
+    fn aggregate<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray2<'py, i64>,
+        weights: PyReadonlyArray2<'py, f32>,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (idx, w) = (
+            matrix_of(&indices, "indices")?,
+            matrix_of(&weights, "weights")?,
+        );
+        let out = native(py, threads, || self.inner.aggregate(idx, w))?;
+        matrix(py, out, idx.rows, self.inner.genes().len())
+    }
+
+    #[getter]
+    fn n_spots(&self) -> usize {
+        self.inner.n_spots()
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    #[getter]
+    fn genes(&self) -> Vec<String> {
+        self.inner.genes().to_vec()
+    }
+    #[getter]
+    fn spot_ids(&self) -> Vec<String> {
+        self.inner.spot_ids().to_vec()
+    }
+    #[getter]
+    fn sections(&self) -> Option<Vec<String>> {
+        self.inner.sections().map(<[String]>::to_vec)
+    }
+    #[getter]
+    fn provenance(&self) -> String {
+        self.inner.provenance().to_string()
+    }
+    #[getter]
+    fn expression_dtype(&self) -> &'static str {
+        self.inner.expression_dtype().name()
+    }
+
+    /// The reference embeddings as given (not normalised), a float32 copy.
+    fn embeddings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let r = &self.inner;
+        let values = native(py, None, || Ok(r.embeddings().to_vec()))?;
+        matrix(py, values, r.n_spots(), r.dim())
+    }
+
+    /// The expression table as float32 (16-bit tables are widened), a copy.
+    fn expression<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let r = &self.inner;
+        let values = native(py, None, || {
+            Ok(match r.expression() {
+                Table::F32(v) => v,
+                other => other.to_f32(),
+            })
+        })?;
+        matrix(py, values, r.n_spots(), r.genes().len())
+    }
+}
+
+/// A whole-slide image or plain image, read tile by tile.
+#[pyclass(name = "SlideCore", module = "bleep_rs._core", frozen)]
+struct PySlide {
+    inner: Slide,
+}
+
+#[pymethods]
+impl PySlide {
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = native(py, None, || Slide::open(&path))?;
+        Ok(PySlide { inner })
+    }
+
+    /// (width, height) of each level.
+    #[getter]
+    fn level_dimensions(&self) -> Vec<(usize, usize)> {
+        self.inner
+            .levels
+            .iter()
+            .map(|l| (l.width, l.height))
+            .collect()
+    }
+
+    #[getter]
+    fn level_downsamples(&self) -> Vec<f64> {
+        self.inner.levels.iter().map(|l| l.downsample).collect()
+    }
+
+    /// (micrometres per level-0 pixel, where it came from), or None when the file does not say.
+    #[getter]
+    fn um_per_px(&self) -> Option<(f64, String)> {
+        self.inner.um_per_px.clone()
+    }
+
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.inner.format
+    }
+
+    /// OpenSlide's `read_region`: top-left `(x, y)` in level-0 px, `(w, h)` in the level's px; RGB (h, w, 3).
+    fn read_region<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = x_arg)] x: i64,
+        #[pyo3(from_py_with = y_arg)] y: i64,
+        #[pyo3(from_py_with = level_arg)] level: usize,
+        #[pyo3(from_py_with = w_arg)] w: usize,
+        #[pyo3(from_py_with = h_arg)] h: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+        let rgb = native(py, None, || self.inner.read_region(x, y, level, w, h))?;
+        array(py, rgb, &[h, w, 3])
+    }
+
+    /// Writes patches into `out` (n, size, size, 3) uint8: top-left corners `origins` (n x 2, level-0
+    /// px), `scale` level-0 px per px.
+    #[pyo3(signature = (origins, size, scale, out, threads=None))]
+    fn patches_into(
+        &self,
+        py: Python<'_>,
+        origins: PyReadonlyArray2<'_, f64>,
+        #[pyo3(from_py_with = size_arg)] size: usize,
+        scale: f64,
+        mut out: PyReadwriteArrayDyn<'_, u8>,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<()> {
+        let xy = matrix_of(&origins, "origins")?;
+        let dst = out
+            .as_slice_mut()
+            .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+        native(py, threads, || {
+            self.inner.patches_into(xy, size, scale, dst)
+        })
+    }
+
+    /// The whole slide with its longer side at most `max_side` px: RGB (h, w, 3).
+    fn thumbnail<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = max_side_arg)] max_side: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+        let (rgb, w, h) = native(py, None, || self.inner.thumbnail(max_side))?;
+        array(py, rgb, &[h, w, 3])
+    }
+}
+
+/// (mask (h, w) uint8 of 0/1, Otsu threshold) of an RGB thumbnail.
+#[pyfunction]
+fn tissue_mask<'py>(
+    py: Python<'py>,
+    rgb: PyReadonlyArrayDyn<'py, u8>,
+    #[pyo3(from_py_with = median_arg)] median: usize,
+    #[pyo3(from_py_with = close_arg)] close: usize,
+) -> PyResult<(Bound<'py, PyArrayDyn<u8>>, u8)> {
+    let (data, shape) = (contiguous(&rgb, "the thumbnail")?, rgb.shape());
+    let mask = native(py, None, || {
+        bleep_slide::tissue_mask(data, shape, median, close)
+    })?;
+    Ok((
+        array(py, mask.pixels, &[mask.height, mask.width])?,
+        mask.threshold,
+    ))
+}
+
+/// Top-left corners (n, 2) of the grid tiles with enough tissue.
+#[pyfunction]
+fn tissue_grid<'py>(
+    py: Python<'py>,
+    mask: PyReadonlyArrayDyn<'py, u8>,
+    mask_scale: f64,
+    #[pyo3(from_py_with = width_arg)] width: usize,
+    #[pyo3(from_py_with = height_arg)] height: usize,
+    tile: f64,
+    min_tissue: f64,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let (pixels, shape) = (contiguous(&mask, "mask")?, mask.shape());
+    let xy = native(py, None, || {
+        let mask = Mask::from_shape(pixels, shape)?;
+        bleep_slide::tissue_grid(&mask, mask_scale, width, height, tile, min_tissue)
+    })?;
+    let n = xy.len();
+    matrix(py, xy.into_iter().flat_map(|(x, y)| [x, y]).collect(), n, 2)
+}
+
+/// Macenko's stain basis of the target pixels: (HE (3, 2), max concentrations (2,)).
+#[pyfunction]
+fn macenko_fit<'py>(
+    py: Python<'py>,
+    pixels: PyReadonlyArrayDyn<'py, u8>,
+    io: f32,
+    alpha: f32,
+    beta: f32,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Vec<f32>)> {
+    let (data, shape) = (contiguous(&pixels, "the target")?, pixels.shape());
+    let params = MacenkoParams { io, alpha, beta };
+    let s = native(py, None, || bleep_slide::macenko_fit(data, shape, &params))?;
+    Ok((
+        matrix(py, s.he.iter().flatten().copied().collect(), 3, 2)?,
+        s.max_c.to_vec(),
+    ))
+}
+
+/// Macenko-normalised copies of patches (n, h, w, 3), and whether each had enough stain to normalise.
+#[pyfunction]
+#[pyo3(signature = (patches, he, max_c, io, alpha, beta, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn macenko_transform<'py>(
+    py: Python<'py>,
+    patches: PyReadonlyArrayDyn<'py, u8>,
+    he: PyReadonlyArray2<'py, f32>,
+    max_c: Vec<f32>,
+    io: f32,
+    alpha: f32,
+    beta: f32,
+    #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyArrayDyn<u8>>, Vec<bool>)> {
+    let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
+    let he = matrix_of(&he, "the stain matrix")?;
+    let params = MacenkoParams { io, alpha, beta };
+    let (out, done) = native(py, threads, || {
+        let target = Stains::from_parts(he, &max_c)?;
+        let mut out = data.to_vec();
+        let done = bleep_slide::macenko_transform(&mut out, shape, &target, &params)?;
+        Ok((out, done))
+    })?;
+    Ok((array(py, out, shape)?, done))
+}
+
+/// Reinhard target statistics (3, 2): mean and standard deviation of L, a, b.
+#[pyfunction]
+fn reinhard_fit<'py>(
+    py: Python<'py>,
+    pixels: PyReadonlyArrayDyn<'py, u8>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (data, shape) = (contiguous(&pixels, "the target")?, pixels.shape());
+    let stats = native(py, None, || bleep_slide::reinhard_fit(data, shape))?;
+    matrix(py, stats.iter().flatten().copied().collect(), 3, 2)
+}
+
+/// Reinhard-normalised copies of patches (n, h, w, 3).
+#[pyfunction]
+#[pyo3(signature = (patches, stats, threads=None))]
+fn reinhard_transform<'py>(
+    py: Python<'py>,
+    patches: PyReadonlyArrayDyn<'py, u8>,
+    stats: PyReadonlyArray2<'py, f32>,
+    #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
+    let target = matrix_of(&stats, "the Reinhard statistics")?;
+    let out = native(py, threads, || {
+        let mut out = data.to_vec();
+        bleep_slide::reinhard_transform(&mut out, shape, target)?;
+        Ok(out)
+    })?;
+    array(py, out, shape)
+}
+
+/// Writes float32 (n, 3, h, w) tensors `(v / 255 - mean) / std` of uint8 patches (n, h, w, 3) into `out`.
+#[pyfunction]
+#[pyo3(signature = (patches, mean, std, out, threads=None))]
+fn to_tensor_into(
+    py: Python<'_>,
+    patches: PyReadonlyArrayDyn<'_, u8>,
+    mean: [f32; 3],
+    std: [f32; 3],
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+    #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+) -> PyResult<()> {
+    let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
+    let out_shape = out.shape().to_vec();
+    let dst = out
+        .as_slice_mut()
+        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    native(py, threads, || {
+        bleep_slide::to_tensor(data, shape, mean, std, dst, &out_shape)
+    })
+}
+
+/// Set the default number of threads for native work (0: automatic, from BLEEP_RS_NUM_THREADS or the
+/// number of CPUs).
+#[pyfunction]
+fn set_num_threads(#[pyo3(from_py_with = n_arg)] n: usize) -> PyResult<()> {
+    pool::set_default_threads(n).map_err(|e| BleepError::new_err(e.to_string()))
+}
+
+/// The number of threads native work uses by default.
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    pool::default_threads().map_err(|e| BleepError::new_err(e.to_string()))
+}
+
+/// The score kernel this CPU runs ("avx512bf16", "avx512", "avx2" or "portable").
+#[pyfunction]
+fn kernel_name() -> &'static str {
+    bleep_core::cpu::kernel().name()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("BleepError", m.py().get_type::<BleepError>())?;
+    m.add_class::<PyReference>()?;
+    m.add_class::<PySlide>()?;
+    for f in [
+        wrap_pyfunction!(tissue_mask, m)?,
+        wrap_pyfunction!(tissue_grid, m)?,
+        wrap_pyfunction!(macenko_fit, m)?,
+        wrap_pyfunction!(macenko_transform, m)?,
+        wrap_pyfunction!(reinhard_fit, m)?,
+        wrap_pyfunction!(reinhard_transform, m)?,
+        wrap_pyfunction!(to_tensor_into, m)?,
+        wrap_pyfunction!(set_num_threads, m)?,
+        wrap_pyfunction!(get_num_threads, m)?,
+        wrap_pyfunction!(kernel_name, m)?,
+    ] {
+        m.add_function(f)?;
+    }
+    m.add("FORMAT_VERSION", bleep_core::FORMAT_VERSION)?;
+    Ok(())
+}

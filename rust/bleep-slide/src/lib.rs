@@ -1,0 +1,37 @@
+//! bleep-slide: the images of bleep-rs.
+//!
+//! * [`Slide`]: a whole-slide image read tile by tile (tiled or stripped TIFF, BigTIFF, OME-TIFF, Aperio
+//!   SVS; with `tiff`, the TIFF reader) or a plain image decoded once (JPEG, PNG); regions, patches at any
+//!   pixel size (with `resample`), thumbnails read band by band in bounded memory.
+//! * [`tissue_mask`] and [`tissue_grid`]: CLAM's tissue detection on a thumbnail, and the grid of tiles
+//!   that hold tissue.
+//! * [`macenko_fit`] / [`macenko_transform`], [`reinhard_fit`] / [`reinhard_transform`]: stain
+//!   normalisation as torchstain does it; [`to_tensor`]: uint8 patches to normalised float32 tensors.
+//! * `simd`: loops compiled for AVX-512, AVX2 and the baseline, picked at run time from
+//!   [`bleep_core::cpu`].
+//!
+//! Every input is checked here, and every size computed from a file or an argument is checked against
+//! [`bleep_core::memory::budget`] before anything is allocated: a damaged file or an absurd argument is
+//! an [`Error`], never a panic, an abort or a hang. Functions run on their caller's rayon pool: run them
+//! inside [`bleep_core::pool::install`].
+#![deny(missing_docs)]
+
+#[cfg(test)]
+mod mutation;
+mod resample;
+mod shape;
+mod simd;
+mod slide;
+mod stain;
+#[cfg(test)]
+mod testing;
+mod tiff;
+mod tissue;
+
+pub use bleep_core::{Error, Result};
+pub use slide::{Level, Slide};
+pub use stain::{
+    macenko_fit, macenko_transform, reinhard_fit, reinhard_transform, to_tensor, LabStats,
+    MacenkoParams, Stains,
+};
+pub use tissue::{tissue_grid, tissue_mask, Mask};
