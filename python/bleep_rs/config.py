@@ -38,7 +38,7 @@ class TrainConfig:
     color_jitter: float = _opt(0.0, "brightness / contrast jitter amplitude (fine-tuning only)")
     # The heads and the loss.
     loss: str = _opt("bleep", "bleep (soft targets, method.md section 3) or clip", choices=list(LOSSES))
-    temperature: float = _opt(1.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)")
+    temperature: float = _opt(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)")
     embedding_dim: int = _opt(256, "embedding dimension")
     dropout: float = _opt(0.1, "dropout in the projection heads")
     # Optimisation.

@@ -191,10 +191,20 @@ class BleepModel(nn.Module):
         n, nf = patches.shape[:2]
         flat = patches.reshape(n * nf, *patches.shape[2:])
         out = np.empty((len(views), n, self.feature_dim), np.float32)
+        several = len(views) > 1
+        bar = None
+        if progress and several:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
         for i, v in enumerate(views):
-            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress)
+            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
             with torch.no_grad():
                 out[i] = self.fuse(torch.from_numpy(f).view(n, nf, -1)).numpy()
+            if bar is not None:
+                bar.update(n * nf)
+        if bar is not None:
+            bar.close()
         return out
 
     @torch.no_grad()
