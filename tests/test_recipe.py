@@ -4,6 +4,7 @@ training run ends (an existing output, no usable epoch, a checkpoint of another 
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,9 @@ def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_pat
     none = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir="none", progress=False, augment=False)
     assert np.array_equal(_section_features(model, tiny[1], none, None), _section_features(model, tiny[1], cfg, None))
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    default = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], progress=False, augment=False)  # $BLEEP_RS_CACHE (conftest)
+    _section_features(model, tiny[1], default, None)
+    assert len(list((Path(os.environ["BLEEP_RS_CACHE"]) / "features").glob("*.npy"))) >= 1
 
 
 def _quick(tmp_path, **kw):

@@ -53,7 +53,7 @@ class TrainConfig:
     amp: bool = _opt(True, "bfloat16 autocast on GPU")
     gather: bool = _opt(False, "several devices: contrast across every device's batch")
     # Validation and early stopping.
-    val_fraction: float = _opt(0.2, "random spots held out for validation (model selection)")
+    val_fraction: float = _opt(0.0, "random spots held out for validation, to select the epoch and stop early (default 0: all spots train, the last best training loss is kept)")
     val_sections: List[str] = _opt([], "hold out these sections (library ids) instead")
     patience: int = _opt(15, "early stopping: epochs without a better validation loss")
     # The gene panel the expression encoder reads.

@@ -138,7 +138,7 @@ FEATURE_CACHE_VERSION = 1
 def _cache_dir(config: TrainConfig) -> Optional[Path]:
     from .encode import cache_dir
 
-    if str(config.cache_dir).lower() == "none":
+    if config.cache_dir is not None and str(config.cache_dir).lower() == "none":
         return None
     return Path(config.cache_dir or cache_dir()) / "features"
 
