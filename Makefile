@@ -10,6 +10,7 @@ demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
 
 test: build
+	$(VENV)/bin/ruff check python tests benches
 	cargo test --release
 	$(PY) -m pytest -q
 

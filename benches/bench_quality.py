@@ -139,7 +139,8 @@ def main():
                 s = summarise(pred, truth, panel.genes)
                 key = f"{name}/{ids[held]}/{method}"
                 results[key] = {"heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "constant": len(s["constant"]), "seconds": time.perf_counter() - t}
-                print(f"{key:<22} HEG-50 {s['heg50']:.3f}  HVG-50 {s['hvg50']:.3f}  all {s['all']:.3f}  ({len(panel.genes)} genes, {time.perf_counter() - t:.1f} s)", flush=True)
+                print(f"{key:<22} HEG-50 {s['heg50']:.3f}  HVG-50 {s['hvg50']:.3f}  all {s['all']:.3f}  "
+                      f"({len(panel.genes)} genes, {time.perf_counter() - t:.1f} s)", flush=True)
     print("\nmean over folds (HEG-50 / HVG-50 / all genes)")
     summary = {}
     for name in args.sets:

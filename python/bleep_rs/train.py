@@ -3,7 +3,7 @@ autocast, checkpoints that carry their own state).
 
     model = bleep_rs.train(["sec1/", "sec2/"], "model_dir", bleep_rs.TrainConfig(epochs=30))
 
-One GPU, several (``torchrun --nproc_per_node N -m bleep_rs.train ...``: DistributedDataParallel, the loss
+One GPU, several (``torchrun --nproc_per_node N -m bleep_rs train ...``: DistributedDataParallel, the loss
 on each device's own batch as the paper did, or across all devices with ``gather=True``), or a CPU.
 With ``freeze_backbone=True`` the backbone's features are computed once per patch and only the heads
 train: fast on a CPU.
@@ -389,13 +389,3 @@ def _cache_features(model: BleepModel, data: TrainingData, cfg: TrainConfig) -> 
         out.append(model.image_features(model.prepare_images(data.images[s : s + 64])).float().cpu().numpy())
     return TrainingData(np.concatenate(out), data.expression, data.sections, data.panel)
 
-
-def main(argv=None):
-    """``python -m bleep_rs.train SECTION ... --out DIR`` (what ``torchrun`` launches)."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    main()
