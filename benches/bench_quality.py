@@ -174,7 +174,9 @@ def main():
                           f"HVG-50 {s['hvg50']:.3f}  all {s['all']:.3f}  ({len(genes)} genes, {row['seconds']:.1f} s)", flush=True)
     summary = summarise_runs(results, args)
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"rows": results, "summary": summary, "timing": timing, "recipe": {**base}, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    args.out.write_text(json.dumps(
+        {"rows": results, "summary": summary, "timing": timing, "recipe": {**base}, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1
+    ))
     print(f"results: {args.out}")
 
 
@@ -198,7 +200,8 @@ def summarise_runs(rows, args) -> dict:
             cross = [r for r in mine if r["cross_patient"]]
             out[f"{name}/{method}"] = {"loso": stats, "folds": sorted({r["held_out"] for r in loso}),
                                        "cross_patient": {q: float(np.mean([r[q] for r in cross])) for q in ("heg50", "hvg50")} if cross else None}
-            fmt = lambda m, s: f"{m:.3f} ± {s:.3f}" if len(seeds) > 1 else f"{m:.3f}        "  # noqa: E731
+            several = len(seeds) > 1
+            fmt = lambda m, s, several=several: f"{m:.3f} ± {s:.3f}" if several else f"{m:.3f}        "  # noqa: E731
             ratio = f"{stats['heg50'][0] / floor:.2f}x" if floor else ""
             line = f"{name:<7} {method:<8} {fmt(*stats['heg50']):>14} {fmt(*stats['hvg50']):>14} {fmt(*stats['all']):>14}  {ratio:>7}"
             if cross:

@@ -181,7 +181,7 @@ def test_no_usable_epoch_is_an_error_and_writes_nothing(tiny, tmp_path):
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
-    from bleep_rs.train import _Trainer, _run_identity, _save_checkpoint, prepare_data
+    from bleep_rs.train import _run_identity, _save_checkpoint, _Trainer, prepare_data
 
     cfg = _quick(tmp_path, epochs=3)
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), fields_of_view=[1.0], patch_size=64))

@@ -238,7 +238,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     for extra in ([], ["--gather"]):
         out = tmp_path / f"ddp{len(extra)}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + len(extra) + os.getpid() % 1000),
-               "-m", "bleep_rs.train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
+               "-m", "bleep_rs", "train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
                "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", "--fields-of-view", "1", "--no-augment", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

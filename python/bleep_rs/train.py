@@ -9,7 +9,7 @@ fields of view around each spot (the spot patch and crops of 2x and 3x its side)
 and its features of the eight dihedral views of every patch are computed once (and cached on disk), the
 heads train on a random view per spot and step, and inference averages the eight views' embeddings.
 
-One GPU, several (``torchrun --nproc_per_node N -m bleep_rs.train ...``: DistributedDataParallel, the loss
+One GPU, several (``torchrun --nproc_per_node N -m bleep_rs train ...``: DistributedDataParallel, the loss
 on each device's own batch as the paper did, or across all devices with ``gather=True``), or a CPU.
 """
 
@@ -31,8 +31,8 @@ import torch
 
 from ._core import BleepError
 from .augment import N_VIEWS, random_views
-from .expression import Panel, choose_panel, panel_expression
 from .config import LOSSES, TrainConfig
+from .expression import Panel, choose_panel, panel_expression
 from .loss import bleep_loss, clip_loss
 from .model import BleepModel, ModelConfig, save_model
 
@@ -186,9 +186,8 @@ def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px
         from ._atomic import atomic_path
 
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feats, allow_pickle=False)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, feats, allow_pickle=False)
     return feats
 
 
@@ -525,13 +524,3 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(best_ckpt, ignore_errors=True)
 
-
-def main(argv=None):
-    """``python -m bleep_rs.train SECTION ... --out DIR`` (what ``torchrun`` launches)."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    main()
