@@ -128,10 +128,15 @@ def test_clear_errors(run, tmp_path):
         "--patch-size", "128", "--seed", "7", "--val-fraction", "0")
     res = cli("predict", C3, "--model", tmp_path / "other", "--reference", run / "ref.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
     assert res.returncode == 2 and "another model" in res.stderr
+    # A reference that does not name its model is refused; its genes are its own (not the model's panel).
     ref = bleep_rs.Reference.load(run / "ref.safetensors")
-    bleep_rs.Reference.build(ref.embeddings, ref.expression, [g + "x" for g in ref.genes]).save(tmp_path / "genes.safetensors")
-    res = cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
-    assert res.returncode == 2 and "genes" in res.stderr
+    renamed = [g + "x" for g in ref.genes]
+    bleep_rs.Reference.build(ref.embeddings, ref.expression, renamed).save(tmp_path / "anon.safetensors")
+    res = cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "anon.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
+    assert res.returncode == 2 and "which model" in res.stderr
+    bleep_rs.Reference.build(ref.embeddings, ref.expression, renamed, metadata=ref.metadata).save(tmp_path / "genes.safetensors")
+    cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad")
+    assert list(ad.read_h5ad(tmp_path / "p.h5ad").var_names) == renamed
     with pytest.raises(BleepError, match="I/N"):
         from bleep_rs.predict import shard
 

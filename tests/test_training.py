@@ -127,7 +127,8 @@ def test_a_training_step_lowers_the_loss(tiny):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("models") / "tiny"
-    cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=64, freeze_backbone=True, val_fraction=0.0,
+    # 32 of the 64 genes of the tiny sections: the reference's "all" genes then reach beyond the panel.
+    cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=32, freeze_backbone=True, val_fraction=0.0,
                       patience=100, progress=False, patch_size=160, fields_of_view=[1.0, 2.0])
     model = train(tiny, out, cfg)
     return out, model
@@ -187,8 +188,16 @@ def test_build_reference_and_impute(trained, tiny):
     assert np.array_equal(panel_ref.embeddings, ref.embeddings)
     few = bleep_rs.build_reference(model, tiny, genes=["ERBB2", "NOT_MEASURED"])
     assert few.genes == ["ERBB2", "NOT_MEASURED"] and (few.expression[:, 1] == 0).all()
-    strict = bleep_rs.build_reference(model, tiny, min_spots=20)
-    assert set(strict.genes) < set(ref.genes)
+    # A gene non-zero in only 2 spots of one section and in none of the other is not "detected" at 3.
+    rare = [s.copy() for s in tiny]
+    gene = ref.genes[-1]
+    for s, keep in zip(rare, (2, 0)):
+        col = s.var_names.get_loc(gene)
+        x = s.X.toarray() if hasattr(s.X, "toarray") else np.array(s.X)
+        x[keep:, col] = 0
+        s.X = x
+    assert gene not in bleep_rs.build_reference(model, rare).genes
+    assert gene in bleep_rs.build_reference(model, rare, min_spots=2).genes
     with pytest.raises(BleepError, match='"all", "panel"'):
         bleep_rs.build_reference(model, tiny, genes="everything")
 
@@ -229,7 +238,7 @@ def test_bad_training_input(trained, tiny):
     with pytest.raises(BleepError, match="0 spots"):
         prepare_data([tiny[0][:0]], cfg, features=[np.zeros((0, 8))])
     with pytest.raises(BleepError, match="validation sections"):
-        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4"),
+        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4", fields_of_view=[1.0]),
               features=[np.zeros((25, 4)), np.zeros((24, 4))])
 
 

@@ -476,7 +476,9 @@ def train(
         order = train_idx[np.random.default_rng(cfg.seed + epoch).permutation(len(train_idx))]
         train_loss = trainer.epoch(order)
         val_loss = trainer.evaluate(val_idx) if len(val_idx) >= 2 else train_loss
-        improved = bool(np.isfinite(val_loss) and val_loss < state["best"])
+        # Without a validation split the loss is the one measured during the epoch's updates, before its
+        # last step: weights that step made non-finite must not count as an improvement.
+        improved = bool(np.isfinite(val_loss) and val_loss < state["best"] and _finite_weights(model))
         state.update(epoch=epoch + 1, stale=0 if improved else state["stale"] + 1)
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         if improved:
@@ -504,6 +506,10 @@ def train(
     return load_model(out, device=str(device))
 
 
+def _finite_weights(model: BleepModel) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
 def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path, state: dict) -> None:
     """Writes the best epoch's model (with its history) and removes the checkpoints; a run in which no
     epoch gave a finite validation loss writes nothing and says why."""
@@ -516,7 +522,7 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
         losses = [h["val_loss"] for h in state["history"]]
         shutil.rmtree(ckpt, ignore_errors=True)
         raise BleepError(
-            f"training gave no model: {len(losses)} epochs ran and none had a finite validation loss (last: {losses[-1:] or 'none'}); "
+            f"training gave no model: {len(losses)} epochs ran and none ended with a finite loss and finite weights (losses: {losses[-3:] or 'none'}); "
             "check the inputs for NaN, lower --lr, or raise --epochs"
         )
     model.load_state_dict(best_state)
