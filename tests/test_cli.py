@@ -30,7 +30,8 @@ def cli(*args, ok=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    cli("train", C2, "--out", d / "model", "--epochs", "15", "--freeze-backbone", "--n-top-genes", "64",
+    # A panel of 16 of the tiny sections' 64 genes: the reference and the prediction carry all 64.
+    cli("train", C2, "--out", d / "model", "--epochs", "15", "--freeze-backbone", "--n-top-genes", "16",
         "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0")
     cli("reference", "--model", d / "model", C2, "--out", d / "ref.safetensors")
     cli("predict", C3, "--model", d / "model", "--reference", d / "ref.safetensors", "--out", d / "pred.h5ad", "--k", "5", "--neighbours")
@@ -76,6 +77,22 @@ def test_plot_writes_a_figure(run):
     assert (run / "fig.png").stat().st_size > 10_000
     res = cli("plot", run / "pred.h5ad", "--genes", "NOT_A_GENE", "--out", run / "x.png", ok=False)
     assert res.returncode == 2 and "not in the prediction's panel" in res.stderr
+
+
+def test_every_detected_gene_is_predicted_evaluated_and_drawn(run, tmp_path):
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    panel = json.loads((run / "model" / "config.json").read_text())["panel"]["genes"]
+    extra = [g for g in pred.var_names if g not in panel]
+    assert len(panel) < 64 and pred.n_vars == 64 and "ERBB2" in pred.var_names, (len(panel), pred.n_vars)
+    cli("evaluate", run / "pred.h5ad", C3, "--out", tmp_path / "r.json", "--markers", extra[0], "ERBB2")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert np.isfinite(report["markers"]) and len(report["r"]) == 64
+    cli("plot", run / "pred.h5ad", "--truth", C3, "--genes", extra[0], "ERBB2", "--out", tmp_path / "erbb2.png")
+    assert (tmp_path / "erbb2.png").stat().st_size > 10_000
+    panel_ref = tmp_path / "panel.safetensors"
+    cli("reference", "--model", run / "model", C2, "--out", panel_ref, "--genes", "panel", "--dtype", "bfloat16")
+    ref = bleep_rs.Reference.load(panel_ref)
+    assert ref.genes == panel and ref.expression_dtype == "bfloat16"
 
 
 def test_predict_float32_precision_agrees_with_the_default(run, tmp_path):

@@ -84,9 +84,12 @@ def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):
     assert key != feature_cache_key(model, tiny[0], TrainConfig(patch_size=96, fields_of_view=[1.0, 2.0]), 1.38, 8)
     other = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[1.0, 3.0], patch_size=64))
     assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
+    # A fresh model of the same backbone (another process, another run) finds the same entry: nothing
+    # random (the unused ImageNet classifier was) enters the key.
+    other.config.fields_of_view = [1.0, 2.0]
+    assert key == feature_cache_key(other, tiny[0], cfg, 1.38, 8)
     with torch.no_grad():
         other.backbone.net._conv_stem.weight.mul_(1.01)
-    other.config.fields_of_view = [1.0, 2.0]
     assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
 
 
@@ -218,3 +221,46 @@ def test_weights_that_do_not_fit_are_an_error_listing_the_keys(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(BleepError, match="not a readable weights file"):
         BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"])), backbone_weights=str(tmp_path / "junk.pth"))
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+    """Killed after its last checkpoint (simulated: the final write fails), a rerun continues from the
+    epoch the checkpoint reached; frozen backbone weights are not part of the checkpoint."""
+    from safetensors.torch import load_file
+
+    import bleep_rs.train as tr
+
+    monkeypatch.setattr(tr, "CHECKPOINT_SECONDS", 0.0)
+    real_finish = tr._finish
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "_finish", killed)
+    cfg = _quick(tmp_path, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny, tmp_path / "out", cfg)
+    ckpt = tmp_path / ".out.checkpoint"
+    saved = load_file(str(ckpt / "state.safetensors"))
+    assert saved and not [k for k in saved if k.startswith("model.backbone.")]
+    first = json.loads((ckpt / "state.json").read_text())["history"]
+    monkeypatch.setattr(tr, "_finish", real_finish)
+    train(tiny, tmp_path / "out", _quick(tmp_path, epochs=4))
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[:2] == first
+    assert not ckpt.exists()
+
+
+def test_a_model_file_with_the_old_classifier_still_loads(model, tmp_path):
+    """Models saved while the backbone kept EfficientNet's unused ImageNet classifier load as before."""
+    from safetensors.torch import load_file, save_file
+
+    from bleep_rs.model import load_model, save_model
+
+    save_model(model, tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not [k for k in state if "_fc." in k]
+    state.update({"backbone.net._fc.weight": torch.zeros(1000, 1280), "backbone.net._fc.bias": torch.zeros(1000)})
+    save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "bleep-rs.model"})
+    again = load_model(tmp_path / "m")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())

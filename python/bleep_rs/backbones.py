@@ -83,6 +83,9 @@ class _EfficientNetLite(object):
             if not os.path.exists(weights):
                 raise BleepError(f"{weights}: no such weights file")
             _load_strict(net, _load_state(weights), weights, "_fc.")
+        # The ImageNet classifier is never used for features; without it the backbone's state is its
+        # weights alone, so that digests of it (feature cache, exported ONNX) are stable across runs.
+        net._fc = nn.Identity()
 
         class Features(nn.Module):
             def __init__(self, net):

@@ -354,12 +354,18 @@ def load_model(path: "os.PathLike[str] | str", *, device: Optional[str] = None) 
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise BleepError(f"{weights}: unreadable ({e})") from e
+    # Models saved before the backbone dropped its unused classifier carry it: not needed, not an error.
+    state = {k: v for k, v in state.items() if not k.startswith(UNUSED_KEYS)}
     problem = _weights_problem(state, model.state_dict())
     if problem:
         raise BleepError(f"{weights}: {problem}: the file is damaged or from another model")
     model.load_state_dict(state)
     model.eval()
     return model.to(device or "cpu")
+
+
+#: Tensors of older model files that this version does not use (EfficientNet's ImageNet classifier).
+UNUSED_KEYS = ("backbone.net._fc.",)
 
 
 def _weights_problem(state: dict, expected: dict) -> Optional[str]:

@@ -133,6 +133,8 @@ def prepare_data(
 
 #: Bump when the way features are computed changes, so that no stale cache entry is reused.
 FEATURE_CACHE_VERSION = 1
+#: Seconds between checkpoints of a training run (see train()).
+CHECKPOINT_SECONDS = 30.0
 
 
 def _cache_dir(config: TrainConfig) -> Optional[Path]:
@@ -351,12 +353,15 @@ def _run_identity(cfg: TrainConfig, panel: Panel) -> dict:
     return {"config": keep, "panel": list(panel.genes)}
 
 
-def _save_checkpoint(path: Path, trainer: _Trainer, state: dict) -> None:
+def _save_checkpoint(path: Path, trainer: _Trainer, state: dict, model_state: Optional[dict] = None) -> None:
+    """The run's state (``model_state``: the model's own, by default its current one), optimizer and
+    progress, written atomically."""
     from safetensors.torch import save_file
 
     from ._atomic import atomic_path
 
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in trainer.model.state_dict().items()}
+    own = _own_state(trainer.model) if model_state is None else model_state
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in own.items()}
     opt = trainer.opt.state_dict()
     for pid, st in opt["state"].items():
         for key, value in st.items():
@@ -365,6 +370,17 @@ def _save_checkpoint(path: Path, trainer: _Trainer, state: dict) -> None:
         tmp.mkdir()
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"], "step": trainer.step}))
+
+
+def _own_state(model: BleepModel) -> dict:
+    """The part of the model's state a run changes: all of it but a frozen backbone (whose weights are
+    the pretrained ones), so that checkpoints and the kept best epoch stay small."""
+    frozen = not any(p.requires_grad for p in model.backbone.parameters())
+    return {k: v for k, v in model.state_dict().items() if not (frozen and k.startswith("backbone."))}
+
+
+def _load_own_state(model: BleepModel, state: dict) -> None:
+    model.load_state_dict({**model.state_dict(), **state})
 
 
 def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int) -> Optional[dict]:
@@ -383,7 +399,7 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
         raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass --fresh to start over")
     if state["epoch"] >= epochs:
         raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise --epochs or pass --fresh")
-    trainer.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_own_state(trainer.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -470,7 +486,7 @@ def train(
               f"{len(val_idx)} for validation, {len(panel.genes)} genes, backbone {cfg.backbone}"
               f"{' (frozen, cached features)' if data.are_features and model.spec.takes_images else ''}, "
               f"fields of view {list(cfg.fields_of_view)}, loss {cfg.loss} (tau {cfg.temperature:g})")
-    best_state = None
+    best_state, best_saved, last_save = None, True, time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         order = train_idx[np.random.default_rng(cfg.seed + epoch).permutation(len(train_idx))]
@@ -483,14 +499,18 @@ def train(
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         if improved:
             state["best"] = val_loss
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state, best_saved = {k: v.detach().clone() for k, v in _own_state(model).items()}, False
         if log:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train {train_loss:.4f}  val {val_loss:.4f}"
                   f"{'  *best' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
-        if rank == 0:
-            if improved:
-                _save_checkpoint(ckpt.with_name(ckpt.name + ".best"), trainer, state)
+        # A checkpoint (and the best epoch's, when it changed) at most every CHECKPOINT_SECONDS: epochs on
+        # cached features take a fraction of a second, and a kill loses at most that much work.
+        if rank == 0 and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+            if not best_saved:
+                _save_checkpoint(ckpt.with_name(ckpt.name + ".best"), trainer, state, best_state)
+                best_saved = True
             _save_checkpoint(ckpt, trainer, state)
+            last_save = time.perf_counter()
         if state["stale"] >= cfg.patience:
             if log:
                 print(f"no better validation loss for {cfg.patience} epochs: stopping")
@@ -525,7 +545,7 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
             f"training gave no model: {len(losses)} epochs ran and none ended with a finite loss and finite weights (losses: {losses[-3:] or 'none'}); "
             "check the inputs for NaN, lower --lr, or raise --epochs"
         )
-    model.load_state_dict(best_state)
+    _load_own_state(model, best_state)
     save_model(model, out, history=state["history"])
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(best_ckpt, ignore_errors=True)
