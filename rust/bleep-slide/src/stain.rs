@@ -159,9 +159,8 @@ fn pseudo_angle(y: f32, x: f32) -> f32 {
 #[derive(Default)]
 struct Scratch {
     od: [Vec<f32>; 3],
-    /// Pseudo-angles of the stained pixels, and their coordinates in the eigenvector plane.
+    /// Pseudo-angles of the pixels (see [`project`]).
     phi: Vec<f32>,
-    xy: Vec<[f32; 2]>,
     c: [Vec<f32>; 2],
     ranks: RankScratch,
 }
@@ -217,7 +216,7 @@ fn ranks_in_windows<const R: usize>(
     s.sample
         .extend((0..SAMPLE).map(|i| values[i * (m / SAMPLE)]));
     s.sample.sort_unstable_by(f32::total_cmp);
-    let windows: [(f32, f32); R] = wanted.map(|k| {
+    let bounds: [(f32, f32); R] = wanted.map(|k| {
         let p = k as f64 / m as f64 * SAMPLE as f64;
         let spread = SPREAD * (p * (1.0 - p / SAMPLE as f64)).max(0.0).sqrt() + 2.0;
         let (lo, hi) = ((p - spread).floor(), (p + spread).ceil());
@@ -234,58 +233,110 @@ fn ranks_in_windows<const R: usize>(
             },
         )
     });
-    if windows.windows(2).any(|w| w[1].0 <= w[0].1)
-        || windows
+    if bounds.windows(2).any(|w| w[1].0 <= w[0].1)
+        || bounds
             .iter()
             .any(|w| w.0.is_nan() || w.1.is_nan() || w.0 > w.1)
     {
         return None;
     }
-    s.candidates
-        .resize_with(R.max(s.candidates.len()), Vec::new);
-    let (mut below, mut hits) = ([0usize; R], [0usize; R]);
-    collect_windows(
-        values,
-        &windows,
-        &mut s.candidates[..R],
-        &mut below,
-        &mut hits,
-    );
+    s.windows
+        .resize_with(R.max(s.windows.len()), Window::default);
+    for (w, &(lo, hi)) in s.windows.iter_mut().zip(&bounds) {
+        (w.lo, w.hi) = (lo, hi);
+    }
+    collect_windows(values, &mut s.windows[..R]);
     let mut out = [(0f32, 0usize); R];
     for r in 0..R {
-        let (k, c) = (wanted[r], &mut s.candidates[r][..hits[r]]);
-        if k < below[r] || k - below[r] >= c.len() {
+        let (k, w) = (wanted[r], &mut s.windows[r]);
+        if k < w.below || k - w.below >= w.hits {
             return None;
         }
-        let v = c
-            .select_nth_unstable_by(k - below[r], |a, b| a.0.total_cmp(&b.0))
-            .1
-             .0;
-        let first = c.iter().filter(|x| x.0 == v).map(|x| x.1).min()?;
-        out[r] = (v, first as usize);
+        // Selected on a copy: the candidates stay in index order, so the first equal one is the first.
+        s.selected.clear();
+        s.selected.extend_from_slice(&w.values[..w.hits]);
+        let v = *s
+            .selected
+            .select_nth_unstable_by(k - w.below, f32::total_cmp)
+            .1;
+        let at = w.values[..w.hits].iter().position(|&x| x == v)?;
+        out[r] = (v, w.indices[at] as usize);
     }
     Some(out)
 }
 
-multiversion! {
-    /// Per window (lo, hi): how many values lie below lo, and the values (with their indices) within
-    /// [lo, hi] (the first `hits` of `out`), compacted without branches (every value is written, the
-    /// count advances on a hit).
-    fn collect_windows(values: &[f32], windows: &[(f32, f32)], out: &mut [Vec<(f32, u32)>], below: &mut [usize], hits: &mut [usize]) {
-        for (((&(lo, hi), kept), below), hits) in windows.iter().zip(out.iter_mut()).zip(below.iter_mut()).zip(hits.iter_mut()) {
-            if kept.len() <= values.len() {
-                kept.resize(values.len() + 1, (0.0, 0));
-            }
-            let (mut k, mut n) = (0usize, 0usize);
-            for (i, &v) in values.iter().enumerate() {
-                kept[k] = (v, i as u32);
-                k += usize::from(lo <= v && v <= hi);
-                n += usize::from(v < lo);
-            }
-            *below = n;
-            *hits = k;
+/// One rank's window [lo, hi], and what a pass over the values finds: how many lie below it, and
+/// those within it (the first `hits` of `values`) with their indices, in index order.
+#[derive(Default)]
+struct Window {
+    lo: f32,
+    hi: f32,
+    below: usize,
+    hits: usize,
+    values: Vec<f32>,
+    indices: Vec<u32>,
+}
+
+/// Fills each window from one pass over the values.
+fn collect_windows(values: &[f32], windows: &mut [Window]) {
+    for w in windows.iter_mut() {
+        (w.below, w.hits) = (0, 0);
+        if w.values.len() < values.len() + 16 {
+            w.values.resize(values.len() + 16, 0.0);
+            w.indices.resize(values.len() + 16, 0);
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if bleep_core::cpu::cpu().simd == bleep_core::cpu::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (and its use was not turned off).
+        return unsafe { collect_windows_avx512(values, windows) };
+    }
+    collect_from(values, windows, 0);
+}
+
+/// The windows' pass from value `from` on, one value at a time, compacted without branches (every
+/// value is written, the count advances on a hit).
+fn collect_from(values: &[f32], windows: &mut [Window], from: usize) {
+    for w in windows.iter_mut() {
+        for (i, &v) in values.iter().enumerate().skip(from) {
+            w.values[w.hits] = v;
+            w.indices[w.hits] = i as u32;
+            w.hits += usize::from(w.lo <= v && v <= w.hi);
+            w.below += usize::from(v < w.lo);
+        }
+    }
+}
+
+/// 16 values a step: two compares give the window's and the below mask, the hits are compressed in
+/// registers and stored unaligned (a compressing store to memory is slow on Zen 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn collect_windows_avx512(values: &[f32], windows: &mut [Window]) {
+    use std::arch::x86_64::*;
+    let full = values.len() / 16 * 16;
+    for w in windows.iter_mut() {
+        let (lo, hi) = (_mm512_set1_ps(w.lo), _mm512_set1_ps(w.hi));
+        let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let (vp, ip) = (w.values.as_mut_ptr(), w.indices.as_mut_ptr());
+        let (mut hits, mut below) = (0usize, 0usize);
+        for start in (0..full).step_by(16) {
+            let v = _mm512_loadu_ps(values.as_ptr().add(start));
+            let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo);
+            let inside =
+                _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, lo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, hi);
+            // hits <= start, so the 16 stored lanes end within the buffers (values.len() + 16 long).
+            _mm512_storeu_ps(vp.add(hits), _mm512_maskz_compress_ps(inside, v));
+            _mm512_storeu_si512(
+                ip.add(hits).cast(),
+                _mm512_maskz_compress_epi32(inside, index),
+            );
+            hits += inside.count_ones() as usize;
+            below += under.count_ones() as usize;
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+        }
+        (w.hits, w.below) = (hits, below);
+    }
+    collect_from(values, windows, full);
 }
 
 /// Values of the given ranks (0-based) of `values`, exactly: a histogram between the minimum and
@@ -331,7 +382,8 @@ struct RankScratch {
     counts: Vec<u32>,
     bucket: Vec<f32>,
     sample: Vec<f32>,
-    candidates: Vec<Vec<(f32, u32)>>,
+    windows: Vec<Window>,
+    selected: Vec<f32>,
 }
 
 multiversion! {
@@ -379,35 +431,28 @@ multiversion! {
     /// stained pixels' optical densities, in one pass: each chunk of 4096 pixels is looked up, then
     /// summed while it is in cache, in 16 float32 lanes per accumulator flushed to float64.
     fn od_moments(pixels: &[u8], table: &[f32; 256], beta: f32, od: &mut [Vec<f32>; 3]) -> [f64; 10] {
+        let n = pixels.len() / 3;
         let mut total = [0f64; 10];
         for plane in od.iter_mut() {
-            plane.clear();
+            plane.resize(n, 0.0);
         }
-        for (start, chunk) in (0..).step_by(4096).zip(pixels.chunks(4096 * 3)) {
-            for (c, plane) in od.iter_mut().enumerate() {
-                plane.extend(chunk.chunks_exact(3).map(|px| table[px[c] as usize]));
+        let [a, b, c] = od;
+        let planes = a.chunks_mut(4096).zip(b.chunks_mut(4096)).zip(c.chunks_mut(4096));
+        for (((a, b), c), chunk) in planes.zip(pixels.chunks(4096 * 3)) {
+            for (((x, y), z), px) in a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(chunk.chunks_exact(3)) {
+                (*x, *y, *z) = (table[px[0] as usize], table[px[1] as usize], table[px[2] as usize]);
             }
-            let end = od[0].len();
             let mut acc = [[0f32; 16]; 10];
-            let (a, b, c) = (&od[0][start..end], &od[1][start..end], &od[2][start..end]);
-            let full = a.len() / 16 * 16;
-            for i in (0..full).step_by(16) {
+            // Fixed-size blocks: no bounds checks, so the lanes vectorise.
+            let (ab, bb, cb) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
+            let rest = (ab.remainder(), bb.remainder(), cb.remainder());
+            for ((x, y), z) in ab.zip(bb).zip(cb) {
                 for l in 0..16 {
-                    let (x, y, z) = (a[i + l], b[i + l], c[i + l]);
-                    let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
-                    let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
-                    for (t, v) in terms.iter().enumerate() {
-                        acc[t][l] += v;
-                    }
+                    add_moments(&mut acc, l, x[l], y[l], z[l], beta);
                 }
             }
-            for i in full..a.len() {
-                let (x, y, z) = (a[i], b[i], c[i]);
-                let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
-                let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
-                for (t, v) in terms.iter().enumerate() {
-                    acc[t][0] += v;
-                }
+            for ((&x, &y), &z) in rest.0.iter().zip(rest.1).zip(rest.2) {
+                add_moments(&mut acc, 0, x, y, z, beta);
             }
             for (t, lanes) in acc.iter().enumerate() {
                 total[t] += lanes.iter().map(|&v| v as f64).sum::<f64>();
@@ -417,35 +462,53 @@ multiversion! {
     }
 }
 
+/// Adds one pixel's count, sums and products (when all three optical densities are >= beta) to lane l.
+#[inline(always)]
+fn add_moments(acc: &mut [[f32; 16]; 10], l: usize, x: f32, y: f32, z: f32, beta: f32) {
+    let m = if x >= beta && y >= beta && z >= beta {
+        1.0
+    } else {
+        0.0
+    };
+    let (mx, my, mz) = (m * x, m * y, m * z);
+    acc[0][l] += m;
+    acc[1][l] += mx;
+    acc[2][l] += my;
+    acc[3][l] += mz;
+    acc[4][l] += mx * x;
+    acc[5][l] += mx * y;
+    acc[6][l] += mx * z;
+    acc[7][l] += my * y;
+    acc[8][l] += my * z;
+    acc[9][l] += mz * z;
+}
+
 multiversion! {
-    /// Pseudo-angles and plane coordinates of the stained pixels (computed for all, then compacted
-    /// without branches).
-    fn project(od: &[Vec<f32>; 3], ev: &[[f32; 2]; 3], beta: f32, phi: &mut Vec<f32>, xy: &mut Vec<[f32; 2]>) -> usize {
-        let n = od[0].len();
-        // Only grown: every slot the compaction reads back is written first.
-        if phi.len() <= n {
-            phi.resize(n + 1, 0.0);
-            xy.resize(n + 1, [0.0; 2]);
-        }
+    /// Pseudo-angles of the pixels, [`UNSTAINED`] for those with an optical density below beta (so the
+    /// stained ones sort first, in pixel order, and need no compaction); returns how many are stained.
+    fn project(od: &[Vec<f32>; 3], ev: &[[f32; 2]; 3], beta: f32, phi: &mut Vec<f32>) -> usize {
+        phi.resize(od[0].len(), 0.0);
         let mut kept = 0;
-        for start in (0..n).step_by(BLOCK) {
-            let len = BLOCK.min(n - start);
-            let (mut t0, mut t1, mut pa, mut m) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [false; BLOCK]);
-            for i in 0..len {
-                let (x, y, z) = (od[0][start + i], od[1][start + i], od[2][start + i]);
-                t0[i] = x * ev[0][0] + y * ev[1][0] + z * ev[2][0];
-                t1[i] = x * ev[0][1] + y * ev[1][1] + z * ev[2][1];
-                pa[i] = pseudo_angle(t1[i], t0[i]);
-                m[i] = x >= beta && y >= beta && z >= beta;
-            }
-            for i in 0..len {
-                phi[kept] = pa[i];
-                xy[kept] = [t0[i], t1[i]];
-                kept += usize::from(m[i]);
-            }
+        for (((p, &x), &y), &z) in phi.iter_mut().zip(&od[0]).zip(&od[1]).zip(&od[2]) {
+            let (t0, t1) = plane_xy(x, y, z, ev);
+            let stained = x >= beta && y >= beta && z >= beta;
+            *p = if stained { pseudo_angle(t1, t0) } else { UNSTAINED };
+            kept += usize::from(stained);
         }
         kept
     }
+}
+
+/// The pseudo-angle of a pixel without stain: above every angle.
+const UNSTAINED: f32 = 4.0;
+
+/// A pixel's coordinates in the plane of the two leading eigenvectors.
+#[inline(always)]
+fn plane_xy(x: f32, y: f32, z: f32, ev: &[[f32; 2]; 3]) -> (f32, f32) {
+    (
+        x * ev[0][0] + y * ev[1][0] + z * ev[2][0],
+        x * ev[0][1] + y * ev[1][1] + z * ev[2][1],
+    )
 }
 
 multiversion! {
@@ -490,13 +553,16 @@ fn estimate(
     let ev: [[f32; 2]; 3] = std::array::from_fn(|r| [e[r][1] as f32, e[r][2] as f32]);
     // The angle percentiles are taken on a pseudo-angle (same order, no atan2 per pixel); the two
     // chosen points' true angles are computed from their coordinates.
-    let kept = project(&s.od, &ev, p.beta, &mut s.phi, &mut s.xy);
+    let kept = project(&s.od, &ev, p.beta, &mut s.phi);
     let wanted = [
         percentile_rank(kept, p.alpha),
         percentile_rank(kept, 100.0 - p.alpha),
     ];
-    let picked = ranks(&s.phi[..kept], wanted, &mut s.ranks);
-    let angle_of = |(_, i): (f32, usize)| -> f32 { s.xy[i][1].atan2(s.xy[i][0]) };
+    let picked = ranks(&s.phi, wanted, &mut s.ranks);
+    let angle_of = |(_, i): (f32, usize)| -> f32 {
+        let (t0, t1) = plane_xy(s.od[0][i], s.od[1][i], s.od[2][i], &ev);
+        t1.atan2(t0)
+    };
     let (min_phi, max_phi) = (angle_of(picked[0]), angle_of(picked[1]));
     let dir = |phi: f32| -> [f32; 3] {
         std::array::from_fn(|r| ev[r][0] * phi.cos() + ev[r][1] * phi.sin())
