@@ -623,6 +623,22 @@ fn level_byte(v: f32) -> u8 {
     (v.floor() + 12_582_912.0).to_bits() as u8
 }
 
+/// Writes a block of pixels (at most [`BLOCK`]) from three planes of levels: each plane truncated to
+/// bytes in one vector pass, then the three interleaved (converting as it interleaves does not vectorise).
+#[inline(always)]
+fn store_levels(block: &mut [u8], planes: &[[f32; BLOCK]; 3]) {
+    let mut bytes = [[0u8; BLOCK]; 3];
+    for (b, p) in bytes.iter_mut().zip(planes) {
+        for (b, &v) in b.iter_mut().zip(p) {
+            *b = level_byte(v);
+        }
+    }
+    let [r, g, b] = &bytes;
+    for (((px, &r), &g), &b) in block.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+        px.copy_from_slice(&[r, g, b]);
+    }
+}
+
 /// e^x in float32 (Cephes' `expf`: Cody-Waite reduction, degree-6 polynomial, within 2 ulp), written
 /// without branches so that it vectorises.
 #[inline]
@@ -655,11 +671,7 @@ multiversion! {
                     plane[i] = (io * exp(-(h0 * c0[i] + h1 * c1[i]))).min(255.0);
                 }
             }
-            for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = level_byte(out[0][i]);
-                px[1] = level_byte(out[1][i]);
-                px[2] = level_byte(out[2][i]);
-            }
+            store_levels(block, &out);
         }
     }
 }
@@ -907,11 +919,7 @@ multiversion! {
             for plane in rgb.iter_mut() {
                 srgb_levels(&mut plane[..len]);
             }
-            for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = level_byte(rgb[0][i]);
-                px[1] = level_byte(rgb[1][i]);
-                px[2] = level_byte(rgb[2][i]);
-            }
+            store_levels(block, &rgb);
         }
     }
 }
