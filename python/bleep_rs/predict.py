@@ -21,7 +21,10 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["model_id", "check_compatible", "predict_section", "predict_slide", "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard"]
+__all__ = [
+    "model_id", "check_compatible", "predict_section", "predict_slide", "slide_grid", "write_h5ad", "write_prediction", "read_prediction",
+    "shard", "output_state", "slide_outputs",
+]
 
 
 def model_id(model) -> str:
@@ -39,7 +42,8 @@ def check_compatible(model, reference) -> None:
     """Raises when the reference was not built with this model (other weights or dimension). The
     reference's genes are its own (all it measured, by default), not the model's input panel."""
     if reference.dim != model.config.embedding_dim:
-        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: build the reference with this model (bleep-rs reference --model ...)")
+        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: "
+                         "build the reference with this model (bleep-rs reference --model ...)")
     built_with = reference.metadata.get("model_id")
     if not built_with:
         raise BleepError("the reference does not say which model embedded it (no model_id in its metadata): rebuild it with bleep-rs reference --model MODEL")
@@ -121,7 +125,8 @@ def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
     return int(k if k is not None else model.config.k), method or model.config.method
 
 
-def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto", batch_size: int = 256):
+def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False,
+                    model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto", batch_size: int = 256):
     """Predicts the spots of a section from its image alone (its counts are never read), from the model's
     fields of view at its resolution. ``k``, ``method``: default the model's. ``precision``: the image
     encoder's (see :mod:`bleep_rs.encode`)."""
@@ -197,7 +202,9 @@ def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, b
     return TileGrid(coords + footprint / 2, [f"tile_{int(x)}_{int(y)}" for x, y in coords], footprint, None, "tiles")
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None, min_tissue: float = 0.5, batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
+def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None, min_tissue: float = 0.5,
+                  batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True,
+                  bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
     """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
     size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
     (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
@@ -226,7 +233,8 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
     seconds.update(tissue=t1 - t0, imputation=time.perf_counter() - t2, total=time.perf_counter() - t0)
     lib = Path(path).stem
     thumb = slide.thumbnail(2000)
-    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}, "metadata": {"layout": "slide"}}}
+    factors = {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}
+    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
@@ -244,17 +252,13 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
 def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
     """Writes an .h5ad atomically (temporary file beside it, then rename); an existing file is an error
     unless ``overwrite``."""
+    from ._atomic import atomic_path
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -276,10 +280,19 @@ FORMATS = ("h5ad", "zarr")
 
 
 def prediction_format(path: "os.PathLike[str] | str", fmt: Optional[str] = None) -> str:
-    """The output format: ``fmt`` when given, else "zarr" for a path ending in .zarr, else "h5ad"."""
+    """The format of a prediction file: its suffix, "h5ad" (PRED.h5ad) or "zarr" (PRED.zarr, a
+    SpatialData store), which ``fmt`` must agree with when given; ``fmt`` names the format of a name
+    without a suffix. Any other suffix is an error."""
     if fmt is not None and fmt not in FORMATS:
         raise BleepError(f"--format must be one of {FORMATS}, not {fmt!r}")
-    return fmt or ("zarr" if str(path).rstrip("/").endswith(".zarr") else "h5ad")
+    suffix = Path(str(path).rstrip("/")).suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        if fmt is not None and fmt != suffix:
+            raise BleepError(f"--format {fmt} but --out {path} ends in .{suffix}: drop --format or rename --out")
+        return suffix
+    if fmt is not None and not suffix:
+        return fmt
+    raise BleepError(f"--out {path}: name the prediction PRED.h5ad or PRED.zarr (a SpatialData store), or give --format with a name without suffix")
 
 
 def write_prediction(adata, path: "os.PathLike[str] | str", *, fmt: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -308,17 +321,43 @@ def read_prediction(path: "os.PathLike[str] | str"):
         raise BleepError(f"{path}: not a readable .h5ad ({e})") from e
 
 
-def is_complete(path: Path) -> bool:
-    """Whether an output exists and was written whole (atomic writes make a present file complete;
-    a file that cannot be read or lacks the completion mark is redone)."""
+def output_state(path: Path) -> str:
+    """What is at an output path: "absent"; "complete" or "incomplete" for a prediction bleep-rs wrote
+    (with or without its completion mark); "foreign" for anything else (a file bleep-rs did not write,
+    or one it cannot read), which only ``--overwrite`` may replace."""
     if not path.exists():
-        return False
+        return "absent"
     if path.is_dir():  # a zarr store, renamed into place once written
-        return (path / "tables" / "table").is_dir()
+        bleep = path / "tables" / "table" / "uns" / "bleep"
+        if not (bleep / "mode").exists():
+            return "foreign"
+        return "complete" if (bleep / "complete").exists() else "incomplete"
     try:
         import h5py
 
         with h5py.File(path, "r") as f:
-            return "bleep" in f["uns"] and "complete" in f["uns"]["bleep"]
-    except (OSError, KeyError):
-        return False
+            bleep = f.get("uns/bleep")
+            if bleep is None or "mode" not in bleep:
+                return "foreign"
+            return "complete" if "complete" in bleep else "incomplete"
+    except (OSError, KeyError, TypeError):
+        return "foreign"
+
+
+def slide_outputs(slides: Sequence, out: Path, fmt: str, *, overwrite: bool) -> dict:
+    """The output of each of several slides, ``out/STEM.FMT``, checked before any work: two slides of one
+    file name are an error naming both, and so is an existing file that bleep-rs did not write (unless
+    ``overwrite``)."""
+    if out.suffix.lower() in (".h5ad", ".zarr") or (out.exists() and not out.is_dir()):
+        raise BleepError(f"--out {out}: with several slides --out is a folder (one STEM.{fmt} per slide in it)")
+    outputs: dict = {}
+    for slide in slides:
+        target = out / f"{Path(slide).stem}.{fmt}"
+        if target in outputs.values():
+            first = next(s for s, t in outputs.items() if t == target)
+            raise BleepError(f"slides {first} and {slide} would both be written to {target}: outputs are named by the slide's file name; rename or link one")
+        outputs[slide] = target
+    foreign = [str(t) for t in outputs.values() if output_state(t) == "foreign"]
+    if foreign and not overwrite:
+        raise BleepError(f"{len(foreign)} outputs exist and are not bleep-rs predictions ({foreign[:3]}): move them, choose another --out, or pass --overwrite")
+    return outputs
