@@ -115,6 +115,30 @@ def test_patches_at_other_resolutions(tmp_path, tiny_image):
     assert up.min() >= src.min() and up.max() <= src.max()
 
 
+@pytest.mark.parametrize("compression", ["jpeg", "lzw"])
+def test_fields_of_view_in_one_pass_equal_the_per_field_loop(tmp_path, tiny_image, compression):
+    write_pyramid(tmp_path / "p.tif", tiny_image, compression=compression, resolution=(1e4 / 0.5, 1e4 / 0.5))
+    s = Slide(tmp_path / "p.tif")
+    rng = np.random.default_rng(3)
+    w, h = s.dimensions
+    centres = np.column_stack([rng.uniform(0, w, 40), rng.uniform(0, h, 40)])
+    for base, fields in [(0.5, (1, 2, 3)), (0.8, (1, 1.5, 4)), (None, (2,))]:
+        got = s.spot_patches(centres, 48, base, fields=fields, batch_size=7)
+        assert got.shape == (40, len(fields), 48, 48, 3)
+        target = s.um_per_px if base is None else base
+        for i, f in enumerate(fields):
+            um = base if f == 1 else target * f
+            footprint = 48 * um / s.um_per_px
+            want = s.read_patches(centres - footprint / 2.0, 48, um)
+            assert np.array_equal(got[:, i], want), (base, f)
+    # The reader orders its work by tiles, never its output: shuffled requests, same patches.
+    origins = centres - 24
+    perm = rng.permutation(len(origins))
+    assert np.array_equal(s.read_patches(origins[perm], 48, batch_size=5), s.read_patches(origins, 48)[perm])
+    one = np.stack([s.read_patches(o[None], 48)[0] for o in origins[:5]])
+    assert np.array_equal(one, s.read_patches(origins[:5], 48, progress=True, batch_size=2))
+
+
 def test_tissue_mask_and_tiles(tmp_path):
     s = Slide(DATA / "her2st" / "C2" / "image.jpg", um_per_px=0.6888)
     mask = s.tissue_mask(1024)

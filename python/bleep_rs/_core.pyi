@@ -18,6 +18,7 @@ __all__ = [
     "reinhard_fit",
     "reinhard_transform",
     "to_tensor_into",
+    "patch_array",
     "set_num_threads",
     "get_num_threads",
     "kernel_name",
@@ -99,10 +100,26 @@ class SlideCore:
     def format(self) -> str: ...
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> _U8: ...
     def patches_into(
-        self, origins: npt.NDArray[np.float64], size: int, scale: float, out: _U8, threads: Optional[int] = None
+        self,
+        origins: npt.NDArray[np.float64],
+        size: int,
+        scale: float,
+        out: _U8,
+        threads: Optional[int] = None,
+        batch: int = 256,
+    ) -> None: ...
+    def fields_into(
+        self,
+        origins: npt.NDArray[np.float64],
+        size: int,
+        scales: list[float],
+        out: _U8,
+        threads: Optional[int] = None,
+        batch: int = 256,
     ) -> None: ...
     def thumbnail(self, max_side: int) -> _U8: ...
 
+def patch_array(shape: list[int]) -> _U8: ...
 def tissue_mask(rgb: _U8, median: int, close: int) -> tuple[_U8, int]: ...
 def tissue_grid(
     mask: _U8, mask_scale: float, width: int, height: int, tile: float, min_tissue: float

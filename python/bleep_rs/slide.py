@@ -189,19 +189,40 @@ class Slide:
         progress: bool = False,
         threads: Optional[int] = None,
     ) -> np.ndarray:
-        """Patches (n, size, size, 3) uint8 whose top-left corners are ``origins`` (n, 2) level-0 px."""
+        """Patches (n, size, size, 3) uint8 whose top-left corners are ``origins`` (n, 2) level-0 px.
+
+        ``batch_size`` patches are read together (the tiles they touch decoded once each, memory bounded
+        by a batch); the built-in reader takes them in the order of the slide's tiles, whatever the
+        order of ``origins``, and returns them in the order asked."""
         origins = np.ascontiguousarray(np.asarray(origins, dtype=np.float64).reshape(-1, 2))
-        scale = self._scale(um_per_px)
+        return self._read_fields(origins, size, [self._scale(um_per_px)], batch_size, progress, threads)[:, 0]
+
+    def _read_fields(self, origins: np.ndarray, size: int, scales: Sequence[float], batch_size: int, progress: bool,
+                     threads: Optional[int]) -> np.ndarray:
+        """(n, len(scales), size, size, 3): field f of row i at ``origins[i, 2f:2f + 2]``, ``scales[f]``."""
+        n, fields = len(origins), len(scales)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise BleepError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         try:
-            out = np.empty((len(origins), size, size, 3), dtype=np.uint8)
-        except (ValueError, MemoryError, OverflowError) as e:
-            raise BleepError(f"{len(origins)} patches of {size} x {size} px cannot be allocated ({e}): ask for fewer or smaller patches") from e
-        bar = _progress(len(origins), "patches", progress)
-        for start in range(0, len(origins), batch_size):
-            block = origins[start : start + batch_size]
-            self._core.patches_into(block, int(size), scale, out[start : start + len(block)], threads)
+            out = _core.patch_array([n, fields, int(size), int(size), 3])
+        except (TypeError, OverflowError, BleepError) as e:
+            raise BleepError(f"{n} patches of {size} x {size} px cannot be allocated ({e}): ask for fewer or smaller patches") from e
+        native = isinstance(self._core, _core.SlideCore)
+        bar = _progress(n * fields, "patches", progress)
+        # Without a progress bar the built-in reader gets the whole request (and orders it by tiles).
+        step = batch_size if bar is not None or not native else max(n, 1)
+        for start in range(0, n, step):
+            block = origins[start : start + step]
+            dst = out[start : start + len(block)]
+            if native:
+                self._core.fields_into(block, int(size), [float(s) for s in scales], dst, threads, int(batch_size))
+            else:
+                for f, scale in enumerate(scales):
+                    part = np.empty((len(block), size, size, 3), np.uint8)
+                    self._core.patches_into(np.ascontiguousarray(block[:, 2 * f : 2 * f + 2]), int(size), scale, part, threads)
+                    dst[:, f] = part
             if bar is not None:
-                bar.update(len(block))
+                bar.update(len(block) * fields)
         if bar is not None:
             bar.close()
         return out
@@ -213,14 +234,17 @@ class Slide:
         um_per_px: Optional[float] = None,
         *,
         fields: Optional[Sequence[float]] = None,
-        **kwargs,
+        batch_size: int = 1024,
+        progress: bool = False,
+        threads: Optional[int] = None,
     ) -> np.ndarray:
         """One patch per spot, centred on it: ``centres`` (n, 2) = (x, y) in level-0 px; ``size`` px at
         ``um_per_px`` (default: the slide's own resolution, no resampling). Returns (n, size, size, 3).
 
         ``fields``: fields of view, each a multiple of the patch's side around the same centre (e.g.
         ``(1, 2, 3)``); field f is read as ``size`` px at ``f * um_per_px`` (f times the area, shrunk
-        by the area filter). Returns (n, len(fields), size, size, 3)."""
+        by the area filter), each from the best pyramid level for its scale, all in one pass over the
+        slide's tiles. Returns (n, len(fields), size, size, 3)."""
         centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
         w, h = self.dimensions
         outside = ~((centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h))
@@ -236,11 +260,9 @@ class Slide:
         base = um_per_px if um_per_px is not None else self.um_per_px
         if base is None and fields != (1.0,):
             raise BleepError(f"{self.path}: fields of view other than 1 need the slide's pixel size: pass um_per_px=")
-        out = np.empty((len(centres), len(fields), size, size, 3), np.uint8)
-        for i, f in enumerate(fields):
-            target = um_per_px if f == 1 else base * f
-            footprint = size * self._scale(target)
-            out[:, i] = self.read_patches(centres - footprint / 2.0, size, target, **kwargs)
+        scales = [self._scale(um_per_px if f == 1 else base * f) for f in fields]
+        origins = np.ascontiguousarray(np.concatenate([centres - size * s / 2.0 for s in scales], axis=1))
+        out = self._read_fields(origins, size, scales, batch_size, progress, threads)
         return out[:, 0] if single else out
 
     # -- whole-slide tiling ---------------------------------------------------------------------------

@@ -127,27 +127,29 @@ pub fn bf16_query_margin(query: &[f32], rows: &Bf16Rounding) -> f32 {
 }
 
 /// [`pack_panels`] for the bf16 kernel: panels of NR rows as `[dp][NR]` words of dimension pairs,
-/// and the rounding statistics of the rows.
-pub fn pack_panels_bf16(rows: &[f32], n: usize, d: usize) -> (Vec<u32>, Bf16Rounding) {
+/// and the rounding statistics of the unit rows.
+pub fn pack_panels_bf16(rows: &[f32], norms: &[f64], d: usize) -> (Vec<u32>, Bf16Rounding) {
     use rayon::prelude::*;
-    let dp = d.div_ceil(2);
+    let (n, dp) = (norms.len(), d.div_ceil(2));
     let mut out = vec![0u32; n.div_ceil(NR) * dp * NR];
-    out.par_chunks_mut(dp * NR)
+    let (max_rounded_norm, max_residual) = out
+        .par_chunks_mut(dp * NR)
         .enumerate()
-        .for_each(|(p, panel)| {
-            let first = p * NR;
-            for (r, row) in rows[first * d..(first + NR).min(n) * d]
-                .chunks_exact(d)
-                .enumerate()
-            {
-                for j in 0..dp {
-                    panel[j * NR + r] = pair(row, j);
+        .map_init(
+            || vec![0.0f32; d],
+            |unit, (p, panel)| {
+                let mut most = (0.0f64, 0.0f64);
+                for (r, i) in (p * NR..((p + 1) * NR).min(n)).enumerate() {
+                    unit_row(&rows[i * d..(i + 1) * d], norms[i], unit);
+                    for j in 0..dp {
+                        panel[j * NR + r] = pair(unit, j);
+                    }
+                    let (rounded, residual) = rounding_norms(unit);
+                    most = (most.0.max(rounded), most.1.max(residual));
                 }
-            }
-        });
-    let (max_rounded_norm, max_residual) = rows
-        .par_chunks(d.max(1))
-        .map(rounding_norms)
+                most
+            },
+        )
         .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
     (
         out,
@@ -170,24 +172,34 @@ pub fn pack_tile(rows: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
-/// Pack row-major rows (n x d) into zero-padded panels of NR rows, each stored as `[d][NR]`.
-pub fn pack_panels(rows: &[f32], n: usize, d: usize) -> Vec<f32> {
+/// Pack row-major rows (n x d), each divided by its norm (one per row) as it is copied, into
+/// zero-padded panels of NR rows, each stored as `[d][NR]`.
+pub fn pack_panels(rows: &[f32], norms: &[f64], d: usize) -> Vec<f32> {
     use rayon::prelude::*;
+    let n = norms.len();
     let mut out = vec![0.0f32; n.div_ceil(NR) * d * NR];
-    out.par_chunks_mut(d * NR)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let first = p * NR;
-            for (j, row) in rows[first * d..(first + NR).min(n) * d]
-                .chunks_exact(d)
-                .enumerate()
-            {
-                for (k, &v) in row.iter().enumerate() {
+    out.par_chunks_mut(d * NR).enumerate().for_each_init(
+        || vec![0.0f32; d],
+        |unit, (p, panel)| {
+            for (j, i) in (p * NR..((p + 1) * NR).min(n)).enumerate() {
+                unit_row(&rows[i * d..(i + 1) * d], norms[i], unit);
+                for (k, &v) in unit.iter().enumerate() {
                     panel[k * NR + j] = v;
                 }
             }
-        });
+        },
+    );
     out
+}
+
+/// A row divided by its norm, in f64 then rounded (a zero norm leaves the row as it is): what
+/// [`crate::normalise_rows`] does in place.
+#[inline]
+pub fn unit_row(row: &[f32], norm: f64, out: &mut [f32]) {
+    let inv = if norm > 0.0 { 1.0 / norm } else { 1.0 };
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o = (v as f64 * inv) as f32;
+    }
 }
 
 #[inline(always)]
@@ -334,7 +346,7 @@ mod tests {
         let mut seed = 7;
         let q: Vec<f32> = (0..MR * d).map(|_| lcg(&mut seed)).collect();
         let rows: Vec<f32> = (0..NR * d).map(|_| lcg(&mut seed)).collect();
-        let panel = pack_panels(&rows, NR, d);
+        let panel = pack_panels(&rows, &[1.0; NR], d);
         let mut qt = vec![0.0; MR * d];
         pack_tile(&q, d, &mut qt);
         let thr = [f32::NEG_INFINITY; MR];
@@ -368,7 +380,7 @@ mod tests {
         let rows: Vec<f32> = (0..NR)
             .flat_map(|_| unit((0..d).map(|_| lcg(&mut seed)).collect()))
             .collect();
-        let (panel, rounding) = pack_panels_bf16(&rows, NR, d);
+        let (panel, rounding) = pack_panels_bf16(&rows, &[1.0; NR], d);
         let mut qt = vec![0; MR * d.div_ceil(2)];
         pack_tile_bf16(&q, d, &mut qt);
         let mut scores = [[0.0; NR]; MR];
@@ -405,7 +417,7 @@ mod tests {
         let x = 0.125f32 * (1.0 + 0.99 * 2f32.powi(-8));
         let q = vec![x; MR * d];
         let rows = vec![x; NR * d];
-        let (panel, rounding) = pack_panels_bf16(&rows, NR, d);
+        let (panel, rounding) = pack_panels_bf16(&rows, &[1.0; NR], d);
         let mut qt = vec![0; MR * d.div_ceil(2)];
         pack_tile_bf16(&q, d, &mut qt);
         let mut scores = [[0.0; NR]; MR];
@@ -425,7 +437,7 @@ mod tests {
         let q = vec![1.0f32; MR * d];
         let mut rows = vec![0.0f32; NR * d];
         rows[3 * d] = 2.0; // row 3 scores 2.0 for every query
-        let panel = pack_panels(&rows, NR, d);
+        let panel = pack_panels(&rows, &[1.0; NR], d);
         let mut thr = [1.0; MR];
         thr[5] = 2.0; // strictly greater: row 3 does not pass for query 5
         let mut scores = [[0.0; NR]; MR];

@@ -9,7 +9,7 @@
 use crate::aggregate::{weights, Dtype, Expression, Method, Table};
 use crate::error::{Error, Result};
 use crate::matrix::Matrix;
-use crate::search::{normalise_rows, Neighbours, PackedIndex};
+use crate::search::{normalise_rows, row_norms, Neighbours, PackedIndex};
 use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{HashMap, HashSet};
@@ -25,9 +25,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct Reference {
     n: usize,
     dim: usize,
-    /// As given (un-normalised): saved to file, and their norms drive the "weighted" aggregation.
-    embeddings: Vec<f32>,
-    norms: Vec<f64>,
+    /// The embeddings as given (un-normalised, saved to file; their norms drive the "weighted"
+    /// aggregation), and their search panels.
     index: PackedIndex,
     expression: Expression,
     genes: Vec<String>,
@@ -149,15 +148,11 @@ impl Reference {
             Ok(serde_json::Value::Object(_)) => {}
             _ => return Err(Error::invalid("provenance must be a JSON object")),
         }
-        let mut unit = embeddings.clone();
-        let norms = normalise_rows(&mut unit, dim);
-        check_nonzero(&norms, "reference embeddings")?;
+        check_nonzero(&row_norms(&embeddings, dim), "reference embeddings")?;
         Ok(Reference {
             n,
             dim,
-            index: PackedIndex::new(unit, n, dim)?,
-            embeddings,
-            norms,
+            index: PackedIndex::new(embeddings, n, dim)?,
             expression: Expression::new(&expression, n, g)?,
             genes: labels.genes,
             spot_ids,
@@ -192,7 +187,7 @@ impl Reference {
     }
     /// The embeddings as given (not normalised), spots x dim, row-major.
     pub fn embeddings(&self) -> &[f32] {
-        &self.embeddings
+        self.index.rows()
     }
     /// The expression table, row-major (a copy: the reference keeps it in gene blocks).
     pub fn expression(&self) -> Table {
@@ -235,7 +230,11 @@ impl Reference {
     pub fn impute(&self, queries: Matrix<'_, f32>, k: usize, method: Method) -> Result<Imputation> {
         let (nb, qnorms) = self.search_with_norms(queries, k)?;
         let nq = qnorms.len();
-        let nnorms: Vec<f64> = nb.indices.iter().map(|&i| self.norms[i as usize]).collect();
+        let nnorms: Vec<f64> = nb
+            .indices
+            .iter()
+            .map(|&i| self.index.norms()[i as usize])
+            .collect();
         let w = weights(method, nb.k, &nb.scores, &qnorms, &nnorms);
         let g = self.genes.len();
         let mut out =
@@ -305,7 +304,7 @@ impl Reference {
                 view(
                     StDtype::F32,
                     vec![self.n, self.dim],
-                    as_bytes(&self.embeddings),
+                    as_bytes(self.index.rows()),
                 )?,
             ),
             ("expression", view(dtype, vec![self.n, g], bytes)?),

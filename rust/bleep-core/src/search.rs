@@ -7,8 +7,9 @@
 //! score matrix is ever stored.
 //!
 //! On CPUs with AVX512-BF16 the scan scores in bf16 (twice the fp32 rate) and keeps every candidate
-//! within twice the bf16 error bound of the k-th best; the survivors are rescored in fp32, so the result
-//! is the exact fp32 top k all the same.
+//! within twice the bf16 error bound of the k-th best; the survivors are rescored exactly (f64, from the
+//! rows as given and their norms: no normalised copy is kept), so the result is the exact top k all the
+//! same.
 
 use crate::cpu::Kernel;
 use crate::error::{Error, Result};
@@ -29,12 +30,15 @@ const TASKS_PER_THREAD: usize = 8;
 /// Bytes of packed reference a task keeps hot while every tile row of its block passes over them.
 const L2_CHUNK_BYTES: usize = 384 * 1024;
 
-/// The normalised reference embeddings, and their panels for each kind of kernel (packed on first use):
-/// the search structure of a [`Reference`](crate::Reference), usable alone.
+/// The reference embeddings as given, their norms, and their panels (the rows normalised) for each kind
+/// of kernel (packed on first use): the search structure of a [`Reference`](crate::Reference), usable
+/// alone. No normalised copy of the rows is kept: panels are packed and candidates rescored from the
+/// rows and their norms.
 pub struct PackedIndex {
     n: usize,
     d: usize,
-    unit: Vec<f32>,
+    rows: Vec<f32>,
+    norms: Vec<f64>,
     panels_f32: OnceLock<Vec<f32>>,
     panels_bf16: OnceLock<(Vec<u32>, Bf16Rounding)>,
 }
@@ -66,18 +70,19 @@ struct Scan<'a, T> {
 }
 
 impl PackedIndex {
-    /// `normalised`: n x d row-major, each row of unit L2 norm (see [`normalise_rows`]).
-    pub fn new(normalised: Vec<f32>, n: usize, d: usize) -> Result<Self> {
-        if n.checked_mul(d) != Some(normalised.len()) || d == 0 || n > u32::MAX as usize {
+    /// `rows`: n x d row-major, any norm (a zero row scores 0 against every query).
+    pub fn new(rows: Vec<f32>, n: usize, d: usize) -> Result<Self> {
+        if n.checked_mul(d) != Some(rows.len()) || d == 0 || n > u32::MAX as usize {
             return Err(Error::invalid(format!(
                 "an index of {n} rows x {d} dimensions (at least 1, at most 2^32 rows) cannot hold {} values",
-                normalised.len()
+                rows.len()
             )));
         }
         let index = PackedIndex {
             n,
             d,
-            unit: normalised,
+            norms: row_norms(&rows, d),
+            rows,
             panels_f32: OnceLock::new(),
             panels_bf16: OnceLock::new(),
         };
@@ -92,12 +97,12 @@ impl PackedIndex {
 
     fn f32_panels(&self) -> &[f32] {
         self.panels_f32
-            .get_or_init(|| pack_panels(&self.unit, self.n, self.d))
+            .get_or_init(|| pack_panels(&self.rows, &self.norms, self.d))
     }
 
     fn bf16_panels(&self) -> &(Vec<u32>, Bf16Rounding) {
         self.panels_bf16
-            .get_or_init(|| pack_panels_bf16(&self.unit, self.n, self.d))
+            .get_or_init(|| pack_panels_bf16(&self.rows, &self.norms, self.d))
     }
 
     /// Reference rows.
@@ -113,6 +118,28 @@ impl PackedIndex {
     /// Embedding dimension.
     pub fn dim(&self) -> usize {
         self.d
+    }
+
+    /// The rows as given, n x d row-major.
+    pub fn rows(&self) -> &[f32] {
+        &self.rows
+    }
+
+    /// The L2 norm of each row (in f64, which holds the norm of any finite float32 row).
+    pub fn norms(&self) -> &[f64] {
+        &self.norms
+    }
+
+    /// The cosine of a unit query with row i, from the row as given and its norm: f64 throughout, so
+    /// huge rows do not overflow and the score is as exact as float32 holds it.
+    fn cosine(&self, query: &[f32], i: u32) -> f32 {
+        let (i, d) = (i as usize, self.d);
+        let norm = self.norms[i];
+        if norm > 0.0 {
+            (dot_f64(query, &self.rows[i * d..(i + 1) * d]) / norm) as f32
+        } else {
+            0.0
+        }
     }
 
     /// The min(k, n) best reference rows of each of the `nq` normalised queries (nq x d, row-major), best
@@ -197,14 +224,13 @@ impl PackedIndex {
         out
     }
 
-    /// Exact fp32 cosines of the candidates the bf16 scan kept; the best k, best first.
+    /// Exact cosines of the candidates the bf16 scan kept; the best k, best first.
     ///
     /// The k best by approximate score are rescored first; their worst exact score E bounds the final
     /// k-th from below, so any other candidate needs an approximate score of at least E - margin (the
     /// query's bf16 error bound) to have a chance, and the rest are never rescored.
     fn rescore(&self, query: &[f32], kept: TopK, k: usize, margin: f32) -> Vec<(f32, u32)> {
-        let d = self.d;
-        let exact_of = |i: u32| dot(query, &self.unit[i as usize * d..(i as usize + 1) * d]);
+        let exact_of = |i: u32| self.cosine(query, i);
         let mut items = kept.into_items();
         items.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
         let mut exact = TopK::new(k);
@@ -325,54 +351,56 @@ impl PackedIndex {
     }
 }
 
-/// fp32 dot product: AVX-512 where the CPU has it (always, on the bf16 path that rescores), else 16
+/// Dot product in f64: AVX-512 where the CPU has it (always, on the bf16 path that rescores), else 8
 /// partial sums that the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::cpu().available.contains(&Kernel::Avx512) {
         // SAFETY: the CPU has AVX-512F; equal lengths checked.
-        return unsafe { dot_avx512(a, b) };
+        return unsafe { dot_f64_avx512(a, b) };
     }
-    dot_portable(a, b)
+    dot_f64_portable(a, b)
 }
 
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
+fn dot_f64_portable(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x as f64 * y as f64)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+        for i in 0..8 {
+            acc[i] += x[i] as f64 * y[i] as f64;
         }
     }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot_f64_avx512(a: &[f32], b: &[f32]) -> f64 {
     use std::arch::x86_64::*;
-    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let whole = a.len() / 32 * 32;
-    for i in (0..whole).step_by(32) {
-        s0 = _mm512_fmadd_ps(
+    let (mut s0, mut s1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let whole = a.len() / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let (x, y) = (
             _mm512_loadu_ps(a.as_ptr().add(i)),
             _mm512_loadu_ps(b.as_ptr().add(i)),
-            s0,
         );
-        s1 = _mm512_fmadd_ps(
-            _mm512_loadu_ps(a.as_ptr().add(i + 16)),
-            _mm512_loadu_ps(b.as_ptr().add(i + 16)),
-            s1,
-        );
+        let lo = |v: __m512| _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        let hi = |v: __m512| {
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            )))
+        };
+        s0 = _mm512_fmadd_pd(lo(x), lo(y), s0);
+        s1 = _mm512_fmadd_pd(hi(x), hi(y), s1);
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) + dot_portable(&a[whole..], &b[whole..])
+    _mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) + dot_f64_portable(&a[whole..], &b[whole..])
 }
 
 /// Bit mask of the columns of panel `p` that are real rows (the last panel is zero-padded).
@@ -391,11 +419,7 @@ fn valid_columns(n: usize, p: usize) -> u32 {
 pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f64> {
     rows.par_chunks_mut(d.max(1))
         .map(|row| {
-            let norm = row
-                .iter()
-                .map(|&v| (v as f64) * (v as f64))
-                .sum::<f64>()
-                .sqrt();
+            let norm = norm(row);
             if norm > 0.0 {
                 let inv = 1.0 / norm;
                 row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
@@ -403,6 +427,18 @@ pub fn normalise_rows(rows: &mut [f32], d: usize) -> Vec<f64> {
             norm
         })
         .collect()
+}
+
+/// The L2 norm of each row of `d` values, in f64.
+pub fn row_norms(rows: &[f32], d: usize) -> Vec<f64> {
+    rows.par_chunks(d.max(1)).map(norm).collect()
+}
+
+fn norm(row: &[f32]) -> f64 {
+    row.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[cfg(test)]

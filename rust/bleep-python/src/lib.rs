@@ -64,6 +64,7 @@ whole_numbers!(
     w_arg: usize = "w",
     h_arg: usize = "h",
     size_arg: usize = "size",
+    batch_arg: usize = "batch_size",
     max_side_arg: usize = "max_side",
     median_arg: usize = "median",
     close_arg: usize = "close",
@@ -290,6 +291,8 @@ impl PyReference {
     }
 }
 
+const _: () = assert!(bleep_slide::BATCH == 256, "the batch=256 defaults below");
+
 /// A whole-slide image or plain image, read tile by tile.
 #[pyclass(name = "SlideCore", module = "bleep_rs._core", frozen)]
 struct PySlide {
@@ -345,23 +348,44 @@ impl PySlide {
     }
 
     /// Writes patches into `out` (n, size, size, 3) uint8: top-left corners `origins` (n x 2, level-0
-    /// px), `scale` level-0 px per px.
-    #[pyo3(signature = (origins, size, scale, out, threads=None))]
+    /// px), `scale` level-0 px per px; the tiles of `batch` patches decoded together.
+    // batch=256: bleep_slide::BATCH (a signature default must be a literal to show in Python).
+    #[pyo3(signature = (origins, size, scale, out, threads=None, batch=256))]
+    #[allow(clippy::too_many_arguments)]
     fn patches_into(
         &self,
         py: Python<'_>,
         origins: PyReadonlyArray2<'_, f64>,
         #[pyo3(from_py_with = size_arg)] size: usize,
         scale: f64,
+        out: PyReadwriteArrayDyn<'_, u8>,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+        #[pyo3(from_py_with = batch_arg)] batch: usize,
+    ) -> PyResult<()> {
+        self.fields_into(py, origins, size, vec![scale], out, threads, batch)
+    }
+
+    /// Writes several fields of view per location into `out` (n, F, size, size, 3) uint8 in one pass:
+    /// field f of row i has its top-left corner at `origins[i, 2f:2f + 2]` (n x 2F, level-0 px) and
+    /// `scales[f]` level-0 px per px.
+    #[pyo3(signature = (origins, size, scales, out, threads=None, batch=256))]
+    #[allow(clippy::too_many_arguments)]
+    fn fields_into(
+        &self,
+        py: Python<'_>,
+        origins: PyReadonlyArray2<'_, f64>,
+        #[pyo3(from_py_with = size_arg)] size: usize,
+        scales: Vec<f64>,
         mut out: PyReadwriteArrayDyn<'_, u8>,
         #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+        #[pyo3(from_py_with = batch_arg)] batch: usize,
     ) -> PyResult<()> {
         let xy = matrix_of(&origins, "origins")?;
         let dst = out
             .as_slice_mut()
             .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
         native(py, threads, || {
-            self.inner.patches_into(xy, size, scale, dst)
+            self.inner.fields_into(xy, size, &scales, batch, dst)
         })
     }
 
@@ -374,6 +398,39 @@ impl PySlide {
         let (rgb, w, h) = native(py, None, || self.inner.thumbnail(max_side))?;
         array(py, rgb, &[h, w, 3])
     }
+}
+
+/// The memory behind an array from [`patch_array`]: handed back to bleep-core's pool when NumPy
+/// releases the array, for the next batch to reuse.
+#[pyclass(module = "bleep_rs._core", frozen)]
+struct Recycled {
+    array: Option<numpy::ndarray::ArrayD<u8>>,
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        if let Some(a) = self.array.take() {
+            bleep_core::memory::recycle(a.into_raw_vec_and_offset().0);
+        }
+    }
+}
+
+/// An uninitialised uint8 array of `shape` for outputs written whole (patches): the memory of a
+/// released one when there is one (no page faults, no clearing by the kernel), else fresh.
+#[pyfunction]
+fn patch_array(py: Python<'_>, shape: Vec<usize>) -> PyResult<Bound<'_, PyArrayDyn<u8>>> {
+    let what = format!("a patch array of shape {shape:?}");
+    let len = bleep_core::memory::bytes(&shape, &what, "ask for fewer or smaller patches")
+        .map_err(|e| BleepError::new_err(e.to_string()))?;
+    let buf =
+        bleep_core::memory::recycled(len, &what).map_err(|e| BleepError::new_err(e.to_string()))?;
+    let array = numpy::ndarray::ArrayD::from_shape_vec(shape, buf)
+        .map_err(|e| BleepError::new_err(format!("{what}: {e}")))?;
+    let owner = Bound::new(py, Recycled { array: Some(array) })?;
+    let view = owner.get().array.as_ref().expect("set above");
+    // SAFETY: `owner` becomes the array's base object, so the memory lives as long as the array;
+    // it is never reallocated (the pyclass is frozen and its Drop runs only after the array is gone).
+    Ok(unsafe { PyArrayDyn::borrow_from_array(view, owner.clone().into_any()) })
 }
 
 /// (mask (h, w) uint8 of 0/1, Otsu threshold) of an RGB thumbnail.
@@ -544,6 +601,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(kernel_name, m)?,
+        wrap_pyfunction!(patch_array, m)?,
     ] {
         m.add_function(f)?;
     }

@@ -29,7 +29,7 @@ mod tiff;
 mod tissue;
 
 pub use bleep_core::{Error, Result};
-pub use slide::{Level, Slide};
+pub use slide::{Level, Slide, BATCH};
 pub use stain::{
     macenko_fit, macenko_transform, reinhard_fit, reinhard_transform, to_tensor, LabStats,
     MacenkoParams, Stains,

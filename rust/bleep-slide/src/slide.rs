@@ -24,6 +24,19 @@ const MAX_COORD: f64 = (1u64 << 48) as f64;
 /// Source rows of a thumbnail band: at least this many (whole rows of tiles or strips), at most 4 x.
 const BAND_ROWS: usize = 64;
 
+/// Patches read together by [`Slide::patches_into`]: the tiles of a batch are held at once.
+pub const BATCH: usize = 256;
+
+/// How one field of view is read: its level, the scale within that level, whether it is a plain copy,
+/// and the side of the level's pixels it reads.
+#[derive(Clone, Copy)]
+struct Plan {
+    level: usize,
+    ls: f64,
+    exact: bool,
+    extent: usize,
+}
+
 /// One resolution of the slide.
 pub struct Level {
     /// Width in pixels.
@@ -229,6 +242,7 @@ impl Slide {
 
     /// Reads rectangles of one level as RGB bytes (`w * h * 3` each).
     fn read_regions(&self, level: usize, rects: &[Rect]) -> Result<Vec<Vec<u8>>> {
+        self.level(level)?;
         let mut out = Vec::with_capacity(rects.len());
         for r in rects {
             let bytes = memory::bytes(
@@ -239,96 +253,84 @@ impl Slide {
             out.push(memory::filled(bytes, 0u8, "a region")?);
         }
         let mut dsts: Vec<&mut [u8]> = out.iter_mut().map(|v| &mut v[..]).collect();
-        self.paint_regions(level, rects, &mut dsts, None::<fn(&Rect, &mut [u8], &[u8])>)?;
+        let cache = self.decode_tiles(&[(level, rects)])?;
+        self.paint(
+            level,
+            rects,
+            &mut dsts,
+            &cache,
+            None::<fn(&mut [u8], &[u8])>,
+        );
         Ok(out)
     }
 
-    /// Paints each rectangle and hands it to `finish(rect, dst, region)` with its destination, in
-    /// parallel. For a tiled level the tiles the rectangles touch are decoded first, each once.
-    fn paint_regions<F>(
+    /// Paints each rectangle of `level` (its tiles already in `cache`) and hands it to
+    /// `finish(dst, region)` with its destination, in parallel; without `finish`, paints straight into
+    /// the destination.
+    fn paint<F>(
         &self,
         level: usize,
         rects: &[Rect],
         dsts: &mut [&mut [u8]],
+        cache: &TileCache,
         finish: Option<F>,
-    ) -> Result<()>
-    where
-        F: Fn(&Rect, &mut [u8], &[u8]) + Sync,
+    ) where
+        F: Fn(&mut [u8], &[u8]) + Sync,
     {
-        let lv = self.level(level)?;
+        let lv = &self.levels[level];
         match (&self.pixels, &lv.ifd) {
-            (Pixels::Raster(rgb), _) => {
-                paint_all(
-                    lv,
-                    rects,
-                    dsts,
-                    &|_, _| Some((&rgb[..], 0, 0, lv.width)),
-                    finish.as_ref(),
-                );
-                Ok(())
-            }
-            (Pixels::Tiff(data), Some(ifd)) => {
+            (Pixels::Raster(rgb), _) => paint_all(
+                lv,
+                rects,
+                dsts,
+                &|_, _| Some((&rgb[..], 0, 0, lv.width)),
+                finish.as_ref(),
+            ),
+            (Pixels::Tiff(_), Some(ifd)) => {
                 let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
-                let cache = self.decode_tiles(level, lv, ifd, data, rects)?;
-                let tiles = &cache.tiles;
                 let locate = |x: usize, y: usize| {
                     let (tx, ty) = (x / tw, y / th);
-                    tiles
+                    cache
+                        .tiles
                         .get(&(level, ty * across + tx))
                         .map(|px| (&px[..], tx * tw, ty * th, tw))
                 };
                 paint_all(lv, rects, dsts, &locate, finish.as_ref());
-                Ok(())
             }
             (Pixels::Tiff(_), None) => unreachable!("every TIFF level has its directory"),
         }
     }
 
-    /// Makes the cache hold exactly the tiles `rects` touch (reusing those already there), decoding
-    /// the missing ones in parallel.
+    /// Makes the cache hold exactly the tiles the rectangles touch (each group is one level's),
+    /// reusing those already there and decoding the missing ones in parallel, each once.
     fn decode_tiles(
         &self,
-        level: usize,
-        lv: &Level,
-        ifd: &Ifd,
-        data: &[u8],
-        rects: &[Rect],
+        groups: &[(usize, &[Rect])],
     ) -> Result<std::sync::MutexGuard<'_, TileCache>> {
-        let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
-        let mut needed: Vec<usize> = rects
-            .iter()
-            .flat_map(|r| {
-                let (x0, x1) = (
-                    r.x.max(0) as usize,
-                    ((r.x + r.w as i64).min(lv.width as i64)).max(0) as usize,
+        let mut needed: Vec<(usize, usize)> = Vec::new();
+        for &(level, rects) in groups {
+            let lv = &self.levels[level];
+            if let Some(ifd) = &lv.ifd {
+                needed.extend(
+                    rects
+                        .iter()
+                        .flat_map(|r| touched(lv, ifd, r).map(move |t| (level, t))),
                 );
-                let (y0, y1) = (
-                    r.y.max(0) as usize,
-                    ((r.y + r.h as i64).min(lv.height as i64)).max(0) as usize,
-                );
-                let cols = if x1 > x0 {
-                    x0 / tw..x1.div_ceil(tw)
-                } else {
-                    0..0
-                };
-                let rows = if y1 > y0 {
-                    y0 / th..y1.div_ceil(th)
-                } else {
-                    0..0
-                };
-                rows.flat_map(move |ty| cols.clone().map(move |tx| ty * across + tx))
-            })
-            .collect();
+            }
+        }
         needed.sort_unstable();
         needed.dedup();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let Pixels::Tiff(data) = &self.pixels else {
+            return Ok(cache);
+        };
         let cache_ref = &mut *cache;
         // Keep what this batch uses (the next batch of a row-major grid reuses its lower tiles); recycle
         // the rest.
         let mut kept = HashMap::with_capacity(needed.len());
-        for &t in &needed {
-            if let Some(px) = cache_ref.tiles.remove(&(level, t)) {
-                kept.insert((level, t), px);
+        for key in &needed {
+            if let Some(px) = cache_ref.tiles.remove(key) {
+                kept.insert(*key, px);
             }
         }
         for (_, px) in cache_ref.tiles.drain() {
@@ -336,70 +338,31 @@ impl Slide {
                 cache_ref.free.push(buf);
             }
         }
-        let missing: Vec<(usize, Vec<u8>)> = needed
+        let missing: Vec<((usize, usize), Vec<u8>)> = needed
             .iter()
-            .filter(|t| !kept.contains_key(&(level, **t)))
-            .map(|&t| (t, cache_ref.free.pop().unwrap_or_default()))
+            .filter(|key| !kept.contains_key(*key))
+            .map(|&key| (key, cache_ref.free.pop().unwrap_or_default()))
             .collect();
-        let decoded: Vec<(usize, Vec<u8>)> = missing
+        let decoded: Vec<((usize, usize), Vec<u8>)> = missing
             .into_par_iter()
-            .map(|(t, buf)| ifd.decode_tile(data, t, &self.path, buf).map(|px| (t, px)))
+            .map(|((level, t), buf)| {
+                let ifd = self.levels[level].ifd.as_ref().expect("a TIFF level");
+                ifd.decode_tile(data, t, &self.path, buf)
+                    .map(|px| ((level, t), px))
+            })
             .collect::<Result<_>>()?;
-        kept.extend(
-            decoded
-                .into_iter()
-                .map(|(t, px)| ((level, t), Arc::new(px))),
-        );
+        kept.extend(decoded.into_iter().map(|(key, px)| (key, Arc::new(px))));
         cache_ref.tiles = kept;
         cache_ref.free.truncate(256);
         Ok(cache)
     }
 
-    /// Writes patches of `size x size` px, `scale` level-0 px per output px, with their top-left corners
-    /// at `origins` (n x 2: x, y in level-0 px), into `out` (`n * size * size * 3` bytes). Read from the
-    /// best level and resampled (area filter when shrinking), in batches that bound the tiles held at
-    /// once.
-    pub fn patches_into(
-        &self,
-        origins: Matrix<'_, f64>,
-        size: usize,
-        scale: f64,
-        out: &mut [u8],
-    ) -> Result<()> {
-        let xy = origins.check("origins")?;
-        if origins.cols != 2 {
-            return Err(Error::invalid(format!(
-                "origins must be an (n, 2) array of (x, y), not (n, {})",
-                origins.cols
-            )));
-        }
-        if let Some(p) = xy
-            .iter()
-            .position(|v| !v.is_finite() || v.abs() > MAX_COORD)
-        {
-            return Err(Error::invalid(format!(
-                "origin row {} is ({}, {}): every corner must be a finite position on the slide",
-                p / 2,
-                xy[p / 2 * 2],
-                xy[p / 2 * 2 + 1]
-            )));
-        }
+    /// How patches of `size` px at `scale` level-0 px per px are read: from the best level, copied
+    /// when its scale is 1 (within half a pixel across the patch), else resampled from a footprint.
+    fn plan(&self, size: usize, scale: f64) -> Result<Plan> {
         if size == 0 || !(scale.is_finite() && scale > 0.0) {
             return Err(Error::invalid(format!(
                 "patch size {size} px at {scale} level-0 px per px: both must be positive"
-            )));
-        }
-        let patch = memory::bytes(
-            &[size, size, 3],
-            &format!("a {size} x {size} px patch"),
-            "ask for smaller patches",
-        )?;
-        if Some(out.len()) != origins.rows.checked_mul(patch) {
-            return Err(Error::invalid(format!(
-                "the output holds {} bytes, {} patches need {}",
-                out.len(),
-                origins.rows,
-                origins.rows.saturating_mul(patch)
             )));
         }
         let level = self.best_level(scale);
@@ -409,7 +372,6 @@ impl Slide {
         // it is when the drift across the patch stays under half a pixel.
         let exact = (ls - 1.0).abs() * (size as f64) < 0.5;
         let ls = if exact { 1.0 } else { ls };
-        // Each thread holds one footprint while it shrinks it.
         let too_large = || {
             Error::invalid(format!(
                 "a {size} px patch at {scale:.4} level-0 px per px spans more of level {level} than any \
@@ -417,6 +379,7 @@ impl Slide {
             ))
         };
         let extent = footprint(size, ls).ok_or_else(too_large)?;
+        // Each thread holds one footprint while it shrinks it.
         memory::bytes(
             &[extent, extent, 3, rayon::current_num_threads()],
             &format!(
@@ -424,24 +387,135 @@ impl Slide {
             ),
             "check um_per_px and the size",
         )?;
-        let rects: Vec<Rect> = xy
-            .chunks_exact(2)
-            .map(|p| Rect {
-                x: (p[0] / lv.downsample).round() as i64,
-                y: (p[1] / lv.downsample).round() as i64,
-                w: extent,
-                h: extent,
-            })
-            .collect();
-        for (rects, out) in rects.chunks(256).zip(out.chunks_mut(256 * patch)) {
-            let mut dsts: Vec<&mut [u8]> = out.chunks_mut(patch).collect();
-            if exact {
-                self.paint_regions(level, rects, &mut dsts, None::<fn(&Rect, &mut [u8], &[u8])>)?;
-            } else {
-                let shrink = |_: &Rect, dst: &mut [u8], region: &[u8]| {
-                    resample_into(region, extent, extent, size, size, ls, ls, dst)
-                };
-                self.paint_regions(level, rects, &mut dsts, Some(shrink))?;
+        Ok(Plan {
+            level,
+            ls,
+            exact,
+            extent,
+        })
+    }
+
+    /// Writes patches of `size x size` px, `scale` level-0 px per output px, with their top-left corners
+    /// at `origins` (n x 2: x, y in level-0 px), into `out` (`n * size * size * 3` bytes). Read from the
+    /// best level and resampled (area filter when shrinking); see [`Slide::fields_into`].
+    pub fn patches_into(
+        &self,
+        origins: Matrix<'_, f64>,
+        size: usize,
+        scale: f64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.fields_into(origins, size, &[scale], BATCH, out)
+    }
+
+    /// Several fields of view per location in one pass: field f of row i is a `size` px patch at
+    /// `scales[f]` level-0 px per px whose top-left corner is `origins[i, 2f..2f + 2]` (n x 2F, level-0
+    /// px), written to `out` as (n, F, size, size, 3). Each field is read from the best level for its
+    /// scale, exactly as [`Slide::patches_into`] reads it alone.
+    ///
+    /// The locations are taken `batch` at a time in the order of the tiles they start in (not the
+    /// order given), so that a batch touches few tiles whatever the order of the request; the tiles a
+    /// batch touches, at every level its fields read, are decoded once each, in parallel, and kept
+    /// while the next batch may reuse them.
+    pub fn fields_into(
+        &self,
+        origins: Matrix<'_, f64>,
+        size: usize,
+        scales: &[f64],
+        batch: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let xy = origins.check("origins")?;
+        let fields = scales.len();
+        if fields == 0 || origins.cols != 2 * fields {
+            return Err(Error::invalid(format!(
+                "origins must be an (n, {}) array of (x, y) per field of view, not (n, {})",
+                2 * fields.max(1),
+                origins.cols
+            )));
+        }
+        if let Some(p) = xy
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_COORD)
+        {
+            return Err(Error::invalid(format!(
+                "origin row {} holds {}: every corner must be a finite position on the slide",
+                p / origins.cols,
+                xy[p]
+            )));
+        }
+        let plans = scales
+            .iter()
+            .map(|&s| self.plan(size, s))
+            .collect::<Result<Vec<Plan>>>()?;
+        let patch = memory::bytes(
+            &[size, size, 3],
+            &format!("a {size} x {size} px patch"),
+            "ask for smaller patches",
+        )?;
+        let n = origins.rows;
+        if Some(out.len()) != n.checked_mul(fields).and_then(|v| v.checked_mul(patch)) {
+            return Err(Error::invalid(format!(
+                "the output holds {} bytes, {n} x {fields} patches need {}",
+                out.len(),
+                n.saturating_mul(fields).saturating_mul(patch)
+            )));
+        }
+        let rect = |i: usize, f: usize| {
+            let ds = self.levels[plans[f].level].downsample;
+            let (x, y) = (xy[i * 2 * fields + 2 * f], xy[i * 2 * fields + 2 * f + 1]);
+            Rect {
+                x: (x / ds).round() as i64,
+                y: (y / ds).round() as i64,
+                w: plans[f].extent,
+                h: plans[f].extent,
+            }
+        };
+        // Locations in the order of the tile row, then column, of their first field.
+        let band = self.levels[plans[0].level]
+            .ifd
+            .as_ref()
+            .map_or(256, |ifd| ifd.tile_height) as i64;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| {
+            let r = rect(i, 0);
+            (r.y.div_euclid(band), r.x)
+        });
+        let mut slots: Vec<Option<&mut [u8]>> = out.chunks_mut(patch).map(Some).collect();
+        for chunk in order.chunks(batch.max(1)) {
+            let rects: Vec<Vec<Rect>> = (0..fields)
+                .map(|f| chunk.iter().map(|&i| rect(i, f)).collect())
+                .collect();
+            let groups: Vec<(usize, &[Rect])> = plans
+                .iter()
+                .zip(&rects)
+                .map(|(p, r)| (p.level, &r[..]))
+                .collect();
+            let cache = self.decode_tiles(&groups)?;
+            for (f, (plan, rects)) in plans.iter().zip(&rects).enumerate() {
+                let mut dsts: Vec<&mut [u8]> = chunk
+                    .iter()
+                    .map(|&i| {
+                        slots[i * fields + f]
+                            .take()
+                            .expect("each slot written once")
+                    })
+                    .collect();
+                let Plan { ls, extent, .. } = *plan;
+                if plan.exact {
+                    self.paint(
+                        plan.level,
+                        rects,
+                        &mut dsts,
+                        &cache,
+                        None::<fn(&mut [u8], &[u8])>,
+                    );
+                } else {
+                    let shrink = |dst: &mut [u8], region: &[u8]| {
+                        resample_into(region, extent, extent, size, size, ls, ls, dst)
+                    };
+                    self.paint(plan.level, rects, &mut dsts, &cache, Some(shrink));
+                }
             }
         }
         Ok(())
@@ -508,6 +582,25 @@ impl Slide {
     }
 }
 
+/// The tiles (row-major indices) of a level that a rectangle touches.
+fn touched(lv: &Level, ifd: &Ifd, r: &Rect) -> impl Iterator<Item = usize> {
+    let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
+    let clip = |v: i64, len: usize| v.clamp(0, len as i64) as usize;
+    let (x0, x1) = (clip(r.x, lv.width), clip(r.x + r.w as i64, lv.width));
+    let (y0, y1) = (clip(r.y, lv.height), clip(r.y + r.h as i64, lv.height));
+    let cols = if x1 > x0 {
+        x0 / tw..x1.div_ceil(tw)
+    } else {
+        0..0
+    };
+    let rows = if y1 > y0 {
+        y0 / th..y1.div_ceil(th)
+    } else {
+        0..0
+    };
+    rows.flat_map(move |ty| cols.clone().map(move |tx| ty * across + tx))
+}
+
 /// Where a level-0 pixel's bytes are: (buffer, its x and y origin, its row width), if anywhere.
 type Locate<'a> = dyn Fn(usize, usize) -> Option<(&'a [u8], usize, usize, usize)> + Sync + 'a;
 
@@ -520,7 +613,7 @@ fn paint_all<'a, F>(
     locate: &Locate<'a>,
     finish: Option<&F>,
 ) where
-    F: Fn(&Rect, &mut [u8], &[u8]) + Sync,
+    F: Fn(&mut [u8], &[u8]) + Sync,
 {
     rects
         .par_iter()
@@ -541,7 +634,7 @@ fn paint_all<'a, F>(
                     region.clear();
                     region.resize(r.w * r.h * 3, 255);
                     copy_region(r, lv.width, lv.height, region, locate);
-                    finish(r, dst, region);
+                    finish(dst, region);
                 }
             }
         })
@@ -666,6 +759,61 @@ mod tests {
         }
     }
 
+    /// A three-level tiled pyramid (LZW), the source of the field tests.
+    fn pyramid() -> (TempFile, Slide) {
+        let levels: Vec<Image> = [(300, 240), (150, 120), (75, 60)]
+            .into_iter()
+            .map(|(w, h)| Image {
+                tile: Some((32, 32)),
+                compression: 5,
+                ..Image::pattern(w, h, 3)
+            })
+            .collect();
+        let file = TempFile::new("p.tif", &tiff(&levels));
+        let slide = Slide::open(&file.path).unwrap();
+        assert_eq!(slide.levels.len(), 3);
+        (file, slide)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(40))]
+        /// All fields in one pass equal each field read alone, whatever the order of the locations and
+        /// the batch size (the reader reorders its work, never its output).
+        #[test]
+        fn fields_in_one_pass_equal_each_field_alone(
+            spots in proptest::collection::vec((-20.0f64..320.0, -20.0f64..260.0), 1..24),
+            size in 1usize..40,
+            base in proptest::sample::select(vec![0.6, 1.0, 1.3, 2.0]),
+            fields in proptest::sample::subsequence(vec![1.0, 1.5, 2.0, 3.0, 4.5], 1..5),
+            batch in 1usize..9,
+        ) {
+            let (_file, slide) = pyramid();
+            let scales: Vec<f64> = fields.iter().map(|f| f * base).collect();
+            let (n, nf, patch) = (spots.len(), scales.len(), size * size * 3);
+            let origins: Vec<f64> = spots
+                .iter()
+                .flat_map(|&(x, y)| scales.iter().flat_map(move |s| [x - size as f64 * s / 2.0, y - size as f64 * s / 2.0]))
+                .collect();
+            let mut together = vec![0u8; n * nf * patch];
+            slide.fields_into(Matrix::new(&origins, n, 2 * nf), size, &scales, batch, &mut together).unwrap();
+            for (f, &scale) in scales.iter().enumerate() {
+                let alone_xy: Vec<f64> = (0..n).flat_map(|i| [origins[i * 2 * nf + 2 * f], origins[i * 2 * nf + 2 * f + 1]]).collect();
+                let mut alone = vec![0u8; n * patch];
+                slide.patches_into(Matrix::new(&alone_xy, n, 2), size, scale, &mut alone).unwrap();
+                for i in 0..n {
+                    let got = &together[(i * nf + f) * patch..][..patch];
+                    proptest::prop_assert_eq!(got, &alone[i * patch..][..patch], "spot {} field {}", i, f);
+                }
+                // One at a time, in reverse order: the same patches.
+                for i in (0..n).rev() {
+                    let mut one = vec![0u8; patch];
+                    slide.patches_into(Matrix::new(&alone_xy[2 * i..2 * i + 2], 1, 2), size, scale, &mut one).unwrap();
+                    proptest::prop_assert_eq!(&one[..], &alone[i * patch..][..patch]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn absurd_regions_and_patches_are_errors() {
         let file = TempFile::new("t.tif", &tiff(&[Image::pattern(40, 30, 3)]));
@@ -686,6 +834,22 @@ mod tests {
         assert!(patches(&[0.0; 4], 1e12, &mut out).contains("check um_per_px"));
         assert!(patches(&[0.0; 4], 0.0, &mut out).contains("must be positive"));
         assert!(patches(&[0.0; 4], 1.0, &mut out[1..]).contains("the output holds"));
+        let fields = |cols: usize, scales: &[f64]| {
+            let mut out = vec![0u8; 4 * 8 * 8 * 3];
+            slide
+                .fields_into(
+                    Matrix::new(&[0.0; 8], 8 / cols, cols),
+                    8,
+                    scales,
+                    4,
+                    &mut out,
+                )
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(fields(4, &[1.0]).contains("(n, 2) array"));
+        assert!(fields(2, &[]).contains("(n, 2) array"));
+        assert!(fields(4, &[1.0, f64::INFINITY]).contains("must be positive"));
         assert!(slide.thumbnail(0).is_err());
     }
 }

@@ -159,9 +159,8 @@ fn pseudo_angle(y: f32, x: f32) -> f32 {
 #[derive(Default)]
 struct Scratch {
     od: [Vec<f32>; 3],
-    /// Pseudo-angles of the stained pixels, and their coordinates in the eigenvector plane.
+    /// Pseudo-angles of the pixels (see [`project`]).
     phi: Vec<f32>,
-    xy: Vec<[f32; 2]>,
     c: [Vec<f32>; 2],
     ranks: RankScratch,
 }
@@ -171,9 +170,182 @@ fn od_table(io: f32) -> [f32; 256] {
     std::array::from_fn(|v| -((v as f32 + 1.0) / io).ln())
 }
 
+/// Values of the given ranks (0-based, ascending) of `values`, exactly, with the index of the first
+/// value equal to each.
+///
+/// Each rank is looked for among the values lying between two order statistics of a sample that
+/// bracket it (a few per cent of the values, found in one pass that a vector compare skips through
+/// where a block holds none), then selected there. When the sample misleads (the rank falls outside its
+/// window, or the windows overlap) the histogram method finds it instead: the answer is exact either way.
+fn ranks<const R: usize>(
+    values: &[f32],
+    wanted: [usize; R],
+    s: &mut RankScratch,
+) -> [(f32, usize); R] {
+    let m = values.len();
+    if let Some(found) = ranks_in_windows(values, wanted, s) {
+        return found;
+    }
+    let picked = ranks_by_histogram(values, wanted, s);
+    picked.map(|v| {
+        (
+            v,
+            values
+                .iter()
+                .position(|&x| x == v)
+                .unwrap_or(m.saturating_sub(1)),
+        )
+    })
+}
+
+/// Values sampled per selection, and the spread (in standard deviations of a sample quantile) of the
+/// window kept around each rank.
+const SAMPLE: usize = 256;
+const SPREAD: f64 = 4.0;
+
+fn ranks_in_windows<const R: usize>(
+    values: &[f32],
+    wanted: [usize; R],
+    s: &mut RankScratch,
+) -> Option<[(f32, usize); R]> {
+    let m = values.len();
+    if m < 8 * SAMPLE {
+        return None;
+    }
+    s.sample.clear();
+    s.sample
+        .extend((0..SAMPLE).map(|i| values[i * (m / SAMPLE)]));
+    s.sample.sort_unstable_by(f32::total_cmp);
+    let bounds: [(f32, f32); R] = wanted.map(|k| {
+        let p = k as f64 / m as f64 * SAMPLE as f64;
+        let spread = SPREAD * (p * (1.0 - p / SAMPLE as f64)).max(0.0).sqrt() + 2.0;
+        let (lo, hi) = ((p - spread).floor(), (p + spread).ceil());
+        (
+            if lo < 0.0 {
+                f32::NEG_INFINITY
+            } else {
+                s.sample[lo as usize]
+            },
+            if hi >= (SAMPLE - 1) as f64 {
+                f32::INFINITY
+            } else {
+                s.sample[hi as usize]
+            },
+        )
+    });
+    if bounds.windows(2).any(|w| w[1].0 <= w[0].1)
+        || bounds
+            .iter()
+            .any(|w| w.0.is_nan() || w.1.is_nan() || w.0 > w.1)
+    {
+        return None;
+    }
+    s.windows
+        .resize_with(R.max(s.windows.len()), Window::default);
+    for (w, &(lo, hi)) in s.windows.iter_mut().zip(&bounds) {
+        (w.lo, w.hi) = (lo, hi);
+    }
+    collect_windows(values, &mut s.windows[..R]);
+    let mut out = [(0f32, 0usize); R];
+    for r in 0..R {
+        let (k, w) = (wanted[r], &mut s.windows[r]);
+        if k < w.below || k - w.below >= w.hits {
+            return None;
+        }
+        // Selected on a copy: the candidates stay in index order, so the first equal one is the first.
+        s.selected.clear();
+        s.selected.extend_from_slice(&w.values[..w.hits]);
+        let v = *s
+            .selected
+            .select_nth_unstable_by(k - w.below, f32::total_cmp)
+            .1;
+        let at = w.values[..w.hits].iter().position(|&x| x == v)?;
+        out[r] = (v, w.indices[at] as usize);
+    }
+    Some(out)
+}
+
+/// One rank's window [lo, hi], and what a pass over the values finds: how many lie below it, and
+/// those within it (the first `hits` of `values`) with their indices, in index order.
+#[derive(Default)]
+struct Window {
+    lo: f32,
+    hi: f32,
+    below: usize,
+    hits: usize,
+    values: Vec<f32>,
+    indices: Vec<u32>,
+}
+
+/// Fills each window from one pass over the values.
+fn collect_windows(values: &[f32], windows: &mut [Window]) {
+    for w in windows.iter_mut() {
+        (w.below, w.hits) = (0, 0);
+        if w.values.len() < values.len() + 16 {
+            w.values.resize(values.len() + 16, 0.0);
+            w.indices.resize(values.len() + 16, 0);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if bleep_core::cpu::cpu().simd == bleep_core::cpu::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (and its use was not turned off).
+        return unsafe { collect_windows_avx512(values, windows) };
+    }
+    collect_from(values, windows, 0);
+}
+
+/// The windows' pass from value `from` on, one value at a time, compacted without branches (every
+/// value is written, the count advances on a hit).
+fn collect_from(values: &[f32], windows: &mut [Window], from: usize) {
+    for w in windows.iter_mut() {
+        for (i, &v) in values.iter().enumerate().skip(from) {
+            w.values[w.hits] = v;
+            w.indices[w.hits] = i as u32;
+            w.hits += usize::from(w.lo <= v && v <= w.hi);
+            w.below += usize::from(v < w.lo);
+        }
+    }
+}
+
+/// 16 values a step: two compares give the window's and the below mask, the hits are compressed in
+/// registers and stored unaligned (a compressing store to memory is slow on Zen 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn collect_windows_avx512(values: &[f32], windows: &mut [Window]) {
+    use std::arch::x86_64::*;
+    let full = values.len() / 16 * 16;
+    for w in windows.iter_mut() {
+        let (lo, hi) = (_mm512_set1_ps(w.lo), _mm512_set1_ps(w.hi));
+        let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let (vp, ip) = (w.values.as_mut_ptr(), w.indices.as_mut_ptr());
+        let (mut hits, mut below) = (0usize, 0usize);
+        for start in (0..full).step_by(16) {
+            let v = _mm512_loadu_ps(values.as_ptr().add(start));
+            let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo);
+            let inside =
+                _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, lo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, hi);
+            // hits <= start, so the 16 stored lanes end within the buffers (values.len() + 16 long).
+            _mm512_storeu_ps(vp.add(hits), _mm512_maskz_compress_ps(inside, v));
+            _mm512_storeu_si512(
+                ip.add(hits).cast(),
+                _mm512_maskz_compress_epi32(inside, index),
+            );
+            hits += inside.count_ones() as usize;
+            below += under.count_ones() as usize;
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+        }
+        (w.hits, w.below) = (hits, below);
+    }
+    collect_from(values, windows, full);
+}
+
 /// Values of the given ranks (0-based) of `values`, exactly: a histogram between the minimum and
 /// the maximum finds each rank's bucket, then a selection within the bucket.
-fn ranks<const R: usize>(values: &[f32], wanted: [usize; R], s: &mut RankScratch) -> [f32; R] {
+fn ranks_by_histogram<const R: usize>(
+    values: &[f32],
+    wanted: [usize; R],
+    s: &mut RankScratch,
+) -> [f32; R] {
     let (lo, hi) = min_max(values);
     if hi.is_nan() || lo.is_nan() || hi <= lo {
         return [lo; R];
@@ -209,6 +381,9 @@ struct RankScratch {
     index: Vec<u16>,
     counts: Vec<u32>,
     bucket: Vec<f32>,
+    sample: Vec<f32>,
+    windows: Vec<Window>,
+    selected: Vec<f32>,
 }
 
 multiversion! {
@@ -252,43 +427,32 @@ multiversion! {
 }
 
 multiversion! {
-    /// Optical-density planes of the pixels.
-    fn od_planes(pixels: &[u8], table: &[f32; 256], od: &mut [Vec<f32>; 3]) {
-        for (c, plane) in od.iter_mut().enumerate() {
-            plane.clear();
-            plane.extend(pixels.chunks_exact(3).map(|px| table[px[c] as usize]));
-        }
-    }
-}
-
-multiversion! {
-    /// Count, sums and products (upper triangle) of the stained pixels' optical densities: 16 float32
-    /// lanes per accumulator, flushed to float64 every 4096 pixels.
-    fn stained_moments(od: &[Vec<f32>; 3], beta: f32) -> [f64; 10] {
+    /// Optical-density planes of the pixels, and the count, sums and products (upper triangle) of the
+    /// stained pixels' optical densities, in one pass: each chunk of 4096 pixels is looked up, then
+    /// summed while it is in cache, in 16 float32 lanes per accumulator flushed to float64.
+    fn od_moments(pixels: &[u8], table: &[f32; 256], beta: f32, od: &mut [Vec<f32>; 3]) -> [f64; 10] {
+        let n = pixels.len() / 3;
         let mut total = [0f64; 10];
-        let n = od[0].len();
-        for start in (0..n).step_by(4096) {
-            let end = (start + 4096).min(n);
+        for plane in od.iter_mut() {
+            plane.resize(n, 0.0);
+        }
+        let [a, b, c] = od;
+        let planes = a.chunks_mut(4096).zip(b.chunks_mut(4096)).zip(c.chunks_mut(4096));
+        for (((a, b), c), chunk) in planes.zip(pixels.chunks(4096 * 3)) {
+            for (((x, y), z), px) in a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(chunk.chunks_exact(3)) {
+                (*x, *y, *z) = (table[px[0] as usize], table[px[1] as usize], table[px[2] as usize]);
+            }
             let mut acc = [[0f32; 16]; 10];
-            let (a, b, c) = (&od[0][start..end], &od[1][start..end], &od[2][start..end]);
-            let full = a.len() / 16 * 16;
-            for i in (0..full).step_by(16) {
+            // Fixed-size blocks: no bounds checks, so the lanes vectorise.
+            let (ab, bb, cb) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
+            let rest = (ab.remainder(), bb.remainder(), cb.remainder());
+            for ((x, y), z) in ab.zip(bb).zip(cb) {
                 for l in 0..16 {
-                    let (x, y, z) = (a[i + l], b[i + l], c[i + l]);
-                    let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
-                    let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
-                    for (t, v) in terms.iter().enumerate() {
-                        acc[t][l] += v;
-                    }
+                    add_moments(&mut acc, l, x[l], y[l], z[l], beta);
                 }
             }
-            for i in full..a.len() {
-                let (x, y, z) = (a[i], b[i], c[i]);
-                let m = if x >= beta && y >= beta && z >= beta { 1.0 } else { 0.0 };
-                let terms = [m, m * x, m * y, m * z, m * x * x, m * x * y, m * x * z, m * y * y, m * y * z, m * z * z];
-                for (t, v) in terms.iter().enumerate() {
-                    acc[t][0] += v;
-                }
+            for ((&x, &y), &z) in rest.0.iter().zip(rest.1).zip(rest.2) {
+                add_moments(&mut acc, 0, x, y, z, beta);
             }
             for (t, lanes) in acc.iter().enumerate() {
                 total[t] += lanes.iter().map(|&v| v as f64).sum::<f64>();
@@ -298,35 +462,53 @@ multiversion! {
     }
 }
 
+/// Adds one pixel's count, sums and products (when all three optical densities are >= beta) to lane l.
+#[inline(always)]
+fn add_moments(acc: &mut [[f32; 16]; 10], l: usize, x: f32, y: f32, z: f32, beta: f32) {
+    let m = if x >= beta && y >= beta && z >= beta {
+        1.0
+    } else {
+        0.0
+    };
+    let (mx, my, mz) = (m * x, m * y, m * z);
+    acc[0][l] += m;
+    acc[1][l] += mx;
+    acc[2][l] += my;
+    acc[3][l] += mz;
+    acc[4][l] += mx * x;
+    acc[5][l] += mx * y;
+    acc[6][l] += mx * z;
+    acc[7][l] += my * y;
+    acc[8][l] += my * z;
+    acc[9][l] += mz * z;
+}
+
 multiversion! {
-    /// Pseudo-angles and plane coordinates of the stained pixels (computed for all, then compacted
-    /// without branches).
-    fn project(od: &[Vec<f32>; 3], ev: &[[f32; 2]; 3], beta: f32, phi: &mut Vec<f32>, xy: &mut Vec<[f32; 2]>) {
-        let n = od[0].len();
-        phi.clear();
-        phi.resize(n + 1, 0.0);
-        xy.clear();
-        xy.resize(n + 1, [0.0; 2]);
+    /// Pseudo-angles of the pixels, [`UNSTAINED`] for those with an optical density below beta (so the
+    /// stained ones sort first, in pixel order, and need no compaction); returns how many are stained.
+    fn project(od: &[Vec<f32>; 3], ev: &[[f32; 2]; 3], beta: f32, phi: &mut Vec<f32>) -> usize {
+        phi.resize(od[0].len(), 0.0);
         let mut kept = 0;
-        for start in (0..n).step_by(BLOCK) {
-            let len = BLOCK.min(n - start);
-            let (mut t0, mut t1, mut pa, mut m) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [false; BLOCK]);
-            for i in 0..len {
-                let (x, y, z) = (od[0][start + i], od[1][start + i], od[2][start + i]);
-                t0[i] = x * ev[0][0] + y * ev[1][0] + z * ev[2][0];
-                t1[i] = x * ev[0][1] + y * ev[1][1] + z * ev[2][1];
-                pa[i] = pseudo_angle(t1[i], t0[i]);
-                m[i] = x >= beta && y >= beta && z >= beta;
-            }
-            for i in 0..len {
-                phi[kept] = pa[i];
-                xy[kept] = [t0[i], t1[i]];
-                kept += usize::from(m[i]);
-            }
+        for (((p, &x), &y), &z) in phi.iter_mut().zip(&od[0]).zip(&od[1]).zip(&od[2]) {
+            let (t0, t1) = plane_xy(x, y, z, ev);
+            let stained = x >= beta && y >= beta && z >= beta;
+            *p = if stained { pseudo_angle(t1, t0) } else { UNSTAINED };
+            kept += usize::from(stained);
         }
-        phi.truncate(kept);
-        xy.truncate(kept);
+        kept
     }
+}
+
+/// The pseudo-angle of a pixel without stain: above every angle.
+const UNSTAINED: f32 = 4.0;
+
+/// A pixel's coordinates in the plane of the two leading eigenvectors.
+#[inline(always)]
+fn plane_xy(x: f32, y: f32, z: f32, ev: &[[f32; 2]; 3]) -> (f32, f32) {
+    (
+        x * ev[0][0] + y * ev[1][0] + z * ev[2][0],
+        x * ev[0][1] + y * ev[1][1] + z * ev[2][1],
+    )
 }
 
 multiversion! {
@@ -354,9 +536,8 @@ fn estimate(
     s: &mut Scratch,
 ) -> Option<Stains> {
     let n = pixels.len() / 3;
-    od_planes(pixels, table, &mut s.od);
     // Covariance of the stained pixels (all three ODs >= beta).
-    let m = stained_moments(&s.od, p.beta);
+    let m = od_moments(pixels, table, p.beta, &mut s.od);
     let count = m[0] as usize;
     if count < 10.max(n / 100) {
         return None;
@@ -372,19 +553,15 @@ fn estimate(
     let ev: [[f32; 2]; 3] = std::array::from_fn(|r| [e[r][1] as f32, e[r][2] as f32]);
     // The angle percentiles are taken on a pseudo-angle (same order, no atan2 per pixel); the two
     // chosen points' true angles are computed from their coordinates.
-    project(&s.od, &ev, p.beta, &mut s.phi, &mut s.xy);
+    let kept = project(&s.od, &ev, p.beta, &mut s.phi);
     let wanted = [
-        percentile_rank(s.phi.len(), p.alpha),
-        percentile_rank(s.phi.len(), 100.0 - p.alpha),
+        percentile_rank(kept, p.alpha),
+        percentile_rank(kept, 100.0 - p.alpha),
     ];
     let picked = ranks(&s.phi, wanted, &mut s.ranks);
-    let angle_of = |pseudo: f32| -> f32 {
-        let i = s
-            .phi
-            .iter()
-            .position(|&v| v == pseudo)
-            .expect("a selected value is one of the keys");
-        s.xy[i][1].atan2(s.xy[i][0])
+    let angle_of = |(_, i): (f32, usize)| -> f32 {
+        let (t0, t1) = plane_xy(s.od[0][i], s.od[1][i], s.od[2][i], &ev);
+        t1.atan2(t0)
     };
     let (min_phi, max_phi) = (angle_of(picked[0]), angle_of(picked[1]));
     let dir = |phi: f32| -> [f32; 3] {
@@ -419,8 +596,8 @@ fn estimate(
     concentrations(&s.od, &pinv, &mut s.c);
     let k = [percentile_rank(n, 99.0)];
     let max_c = [
-        ranks(&s.c[0], k, &mut s.ranks)[0],
-        ranks(&s.c[1], k, &mut s.ranks)[0],
+        ranks(&s.c[0], k, &mut s.ranks)[0].0,
+        ranks(&s.c[1], k, &mut s.ranks)[0].0,
     ];
     Some(Stains { he, max_c })
 }
@@ -444,6 +621,22 @@ pub fn macenko_fit(pixels: &[u8], shape: &[usize], p: &MacenkoParams) -> Result<
 #[inline]
 fn level_byte(v: f32) -> u8 {
     (v.floor() + 12_582_912.0).to_bits() as u8
+}
+
+/// Writes a block of pixels (at most [`BLOCK`]) from three planes of levels: each plane truncated to
+/// bytes in one vector pass, then the three interleaved (converting as it interleaves does not vectorise).
+#[inline(always)]
+fn store_levels(block: &mut [u8], planes: &[[f32; BLOCK]; 3]) {
+    let mut bytes = [[0u8; BLOCK]; 3];
+    for (b, p) in bytes.iter_mut().zip(planes) {
+        for (b, &v) in b.iter_mut().zip(p) {
+            *b = level_byte(v);
+        }
+    }
+    let [r, g, b] = &bytes;
+    for (((px, &r), &g), &b) in block.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+        px.copy_from_slice(&[r, g, b]);
+    }
 }
 
 /// e^x in float32 (Cephes' `expf`: Cody-Waite reduction, degree-6 polynomial, within 2 ulp), written
@@ -478,11 +671,7 @@ multiversion! {
                     plane[i] = (io * exp(-(h0 * c0[i] + h1 * c1[i]))).min(255.0);
                 }
             }
-            for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = level_byte(out[0][i]);
-                px[1] = level_byte(out[1][i]);
-                px[2] = level_byte(out[2][i]);
-            }
+            store_levels(block, &out);
         }
     }
 }
@@ -730,11 +919,7 @@ multiversion! {
             for plane in rgb.iter_mut() {
                 srgb_levels(&mut plane[..len]);
             }
-            for (i, px) in block.chunks_exact_mut(3).enumerate() {
-                px[0] = level_byte(rgb[0][i]);
-                px[1] = level_byte(rgb[1][i]);
-                px[2] = level_byte(rgb[2][i]);
-            }
+            store_levels(block, &rgb);
         }
     }
 }
@@ -907,6 +1092,56 @@ mod tests {
                 assert!((ax[r] - lambda * x[r]).abs() < 1e-9);
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Both selections give the sorted order's values (and the first index of each), on values with
+        /// many ties or none, near the ends and in the middle.
+        #[test]
+        fn ranks_equal_the_sorted_values(
+            n in 1usize..9000,
+            levels in proptest::sample::select(vec![3u32, 50, 4000, u32::MAX]),
+            q in proptest::collection::vec(0.0f64..=1.0, 2),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x >> 32) as u32 % levels) as f32 * 0.37 - 11.0
+                })
+                .collect();
+            let mut sorted = values.clone();
+            sorted.sort_unstable_by(f32::total_cmp);
+            let mut k = [(q[0] * (n - 1) as f64) as usize, (q[1] * (n - 1) as f64) as usize];
+            k.sort_unstable();
+            let mut s = RankScratch::default();
+            let got = ranks(&values, k, &mut s);
+            let hist = ranks_by_histogram(&values, k, &mut s);
+            for r in 0..2 {
+                proptest::prop_assert_eq!(got[r].0, sorted[k[r]]);
+                proptest::prop_assert_eq!(hist[r], sorted[k[r]]);
+                proptest::prop_assert_eq!(got[r].1, values.iter().position(|&v| v == sorted[k[r]]).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn the_windows_find_percentiles_of_a_patch_without_the_histogram() {
+        // A patch's worth of values, skewed: the 1st / 99th percentiles come out of the windows.
+        let values: Vec<f32> = (0..50_176u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) as f32).sqrt())
+            .collect();
+        let n = values.len();
+        let k = [percentile_rank(n, 1.0), percentile_rank(n, 99.0)];
+        let found = ranks_in_windows(&values, k, &mut RankScratch::default())
+            .expect("windows hold the ranks");
+        let mut sorted = values.clone();
+        sorted.sort_unstable_by(f32::total_cmp);
+        assert_eq!([found[0].0, found[1].0], [sorted[k[0]], sorted[k[1]]]);
     }
 
     #[test]
