@@ -144,6 +144,9 @@ def _add_others(sub) -> None:
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
                     help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
+    pr.add_argument("--device", default="auto", help="where the image encoder runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
+    pr.add_argument("--batch-size", type=int, help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
+    pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
 
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
@@ -183,16 +186,20 @@ def _run_reference(args) -> None:
 
 
 def _run_predict(args) -> None:
+    import contextlib
+
     from bleep_rs.model import load_model
-    from bleep_rs.predict import is_complete, predict_section, predict_slide, prediction_format, shard, write_prediction
+    from bleep_rs.predict import is_complete, predict_section, predict_slides, prediction_format, shard, write_prediction
     from bleep_rs.reference import Reference
+    from bleep_rs.train import pick_device
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
-    model, ref = load_model(args.model), Reference.load(args.reference)
-    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference), precision=args.precision)
+    model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
+    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
+                  precision=args.precision, batch_size=args.batch_size, queue_depth=args.queue_depth)
     if args.section is not None:
         if args.out.exists() and not args.overwrite:
             raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
@@ -205,17 +212,26 @@ def _run_predict(args) -> None:
         from bleep_rs.sections import read_section
 
         hd_run = read_section(args.hd_run, check_counts=False)
-    slides = shard(args.slide, args.shard)
     several = len(args.slide) > 1
+    if several and args.out.exists() and not args.out.is_dir():
+        raise BleepError(f"{args.out} is a file: with several slides, --out is a folder (one prediction per slide)")
     fmt = args.format or ("h5ad" if several else prediction_format(args.out))
-    for slide in slides:
+    todo = []
+    for slide in shard(args.slide, args.shard):
         out = args.out / f"{Path(slide).stem}.{fmt}" if several else args.out
         if several and is_complete(out) and not args.overwrite:
             print(f"{out}: complete, skipped")
-            continue
-        adata = predict_slide(model, ref, slide, um_per_px=args.um_per_px, min_tissue=args.min_tissue, bin_um=args.bin_um, hd_run=hd_run, **common)
-        write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or (several and out.exists()))
-        print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
+        elif not several and out.exists() and not args.overwrite:
+            raise BleepError(f"{out} exists: choose another --out or pass --overwrite")
+        else:
+            todo.append((slide, out))
+    # One pipeline over the slides: the next one is opened and read while this one is written.
+    steps = predict_slides(model, ref, [slide for slide, _ in todo], um_per_px=args.um_per_px, min_tissue=args.min_tissue,
+                           bin_um=args.bin_um, hd_run=hd_run, **common)
+    with contextlib.closing(steps):
+        for (_, out), adata in zip(todo, steps):
+            write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or (several and out.exists()))
+            print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
 def _run_evaluate(args) -> None:
