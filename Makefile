@@ -13,6 +13,7 @@ demo: build
 test: build
 	cargo fmt --check
 	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
 	cargo test --release
 	$(PY) -m mypy.stubtest bleep_rs._core
 	$(PY) -m pytest -q

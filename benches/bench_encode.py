@@ -116,7 +116,9 @@ def openvino_variants(net, spec, threads):
     core, model = ov.Core(), ov.Core().read_model(str(path))
     out = {}
     for hint in ("f32", "bf16"):
-        request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        request = core.compile_model(
+            model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        ).create_infer_request()
         out[f"openvino {'float32' if hint == 'f32' else 'bf16'}"] = batched(lambda b, r=request: r.infer({0: to_input(b, spec).numpy()})[0].copy())
     return out
 
@@ -204,7 +206,9 @@ def main():
               f"{ea['cosine_median']:.5f} ({ea['cosine_min']:.4f}) / {ea['overlap_mean']:.1%}{'' if ok else '   fails the rule'}", flush=True)
     print(f"\ndefault path ({default.name}): {results['default']['ratio']:.2f}x float32 eager (target 4x)")
     out = ROOT / ".bench" / "encode.json"
-    out.write_text(json.dumps({"spots": len(patches), "timed": len(timed), "threads": args.threads, "default_engine": default.name, "results": results}, indent=1))
+    out.write_text(json.dumps(
+        {"spots": len(patches), "timed": len(timed), "threads": args.threads, "default_engine": default.name, "results": results}, indent=1
+    ))
     print(f"results: {out.relative_to(ROOT)}")
 
 

@@ -1,21 +1,26 @@
-"""Prediction quality, leave one section out, all methods in one run (../shared/docs/benchmarks.md, section 4).
+"""Prediction quality on held-out sections, every method in one run (../shared/docs/benchmarks.md, section 4).
 
-    make bench-quality               # or: .venv/bin/python benches/bench_quality.py [--sets mob her2st]
-    .venv/bin/python benches/bench_quality.py --finetune --device cuda      # GPU: backbone fine-tuned too
+    make bench-quality                       # or: .venv/bin/python benches/bench_quality.py [--sets mob her2st] [--seeds 0 1 2]
 
-For each fold (MOB1-4: 4 folds; HER2ST C2-C4: 3 folds) the model and the reference are built on the other
-sections and the held-out section's spots are predicted from its image alone. Methods:
+Folds: leave one section out on MOB1-4 (4 folds) and HER2ST C2-C4 (3 folds), and HER2ST C2-C4 -> B4 (another
+patient, reported on its own). In each fold the model, the reference and the baselines see only the training
+sections; the held-out section is predicted from its image alone. Every method predicts the same genes: all
+genes detected in the training sections (the reference's default), and each is scored per section (never
+pooled) by the mean Pearson r over HEG-50 and HVG-50 (chosen on the held-out section's measured expression)
+and over all genes.
 
-  bleep   BLEEP trained by bleep-rs (its loss, method.md section 3); on a CPU the heads train on frozen
-          EfficientNet-Lite0 features (--finetune: the whole image encoder, for a GPU)
-  clip    the same with the CLIP loss
-  knn     kNN-50 on the frozen backbone features (mean of the 50 most similar training spots, cosine)
-  ridge   ridge regression from the frozen features (standardised) to the panel, alpha by generalised CV
+Methods (all on the same frozen EfficientNet-Lite0 features, computed by the package's own path and cached):
 
-Each prints and saves (.bench/quality.json) the mean per-gene Pearson r on the held-out section over
-HEG-50, HVG-50 and the whole panel (panel = union of the training sections' top-1000 HVGs). Patches:
-HER2ST 224 px at native resolution (0.69 um/px, 154 um); MOB 224 px at 1 um/px (224 um, upsampled from
-8.75 um/px: a spot there is 23 px).
+  default   `bleep_rs.train` with its default recipe (TrainConfig()), reference with build_reference, predict
+            as `bleep-rs predict` does (the model's fields of view, TTA, k and aggregation); one run per seed
+  knn1      kNN-50 on the single-scale features (the spot patch only): the floor
+  knn3      kNN-50 on the same multi-scale features as the default recipe (each field L2-normalised,
+            concatenated; the query averaged over the 8 dihedral views as the default recipe does)
+  probe     HEST's linear probe on the single-scale features: PCA to 256, ridge, alpha chosen by leave one
+            section out among the training sections
+  probe3    the same probe on the multi-scale features
+
+Patches: HER2ST 224 px at native resolution (about 0.69 um/px); MOB 224 px at 1 um/px (upsampled from 8.75).
 """
 
 from __future__ import annotations
@@ -24,133 +29,185 @@ import argparse
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
-SETS = {
-    "mob": (["MOB1", "MOB2", "MOB3", "MOB4"], 1.0),
-    "her2st": (["C2", "C3", "C4"], None),
-}
+SETS = {"mob": (["MOB1", "MOB2", "MOB3", "MOB4"], 1.0, None), "her2st": (["C2", "C3", "C4"], None, "B4")}
+ALPHAS = np.logspace(-3, 4, 8)
 
 
-def load_set(name, cache):
-    """Sections, their patches and their frozen backbone features (cached in .bench/)."""
+def load_set(name: str, config):
+    """Sections (the extra cross-patient one last) and their cached multi-scale, 8-view features."""
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
-    from bleep_rs.sections import section_patches
+    from bleep_rs.train import _section_features, native_um_per_px
 
-    ids, um = SETS[name]
+    ids, um, extra = SETS[name]
+    ids = ids + ([extra] if extra else [])
     sections = [bleep_rs.read_section(DATA / name / s) for s in ids]
-    patches = [section_patches(s, 224, um) for s in sections]
-    feats = []
-    for sid, p in zip(ids, patches):
-        f = cache / f"features_{name}_{sid}.npy"
-        if not f.exists():
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            # The frozen backbone with its own input constants, as training and prediction use it.
-            model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]))).eval().to(device)
-            with torch.no_grad():
-                out = [model.image_features(model.prepare_images(p[i : i + 64])).float().cpu().numpy() for i in range(0, len(p), 64)]
-            np.save(f, np.concatenate(out).astype(np.float32))
-        feats.append(np.load(f))
-    return ids, sections, patches, feats
+    um = um or native_um_per_px(sections[: len(SETS[name][0])])
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=list(config.fields_of_view)))
+    feats = [_section_features(model, s, config, um) for s in sections]
+    return ids, sections, feats, um, model.spec.feature_dim
 
 
-def knn_predict(train_f, train_y, test_f, k=50):
+def _l2(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def knn(train_f, train_y, test_f, k=50):
     import bleep_rs
 
     ref = bleep_rs.Reference.build(train_f, train_y, [f"g{i}" for i in range(train_y.shape[1])])
     return ref.impute(test_f, k=k)
 
 
-def ridge_predict(train_f, train_y, test_f):
-    from sklearn.linear_model import RidgeCV
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_f)
-    model = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(scaler.transform(train_f), train_y)
-    return model.predict(scaler.transform(test_f)).astype(np.float32)
+def _pca(x, dims=256):
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    w = vt[:dims].T
+    return lambda z: (z - mean) @ w
 
 
-def bleep_predict(train_secs, train_inputs, train_y, test_input, panel, loss, args, out_dir):
+def _ridge(x, y, z, alphas):
+    """Ridge predictions (with intercept) of z for several alphas, through one SVD of the inputs."""
+    xm, ym = x.mean(0), y.mean(0)
+    u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
+    uty = u.T @ (y - ym)
+    zt = (z - xm) @ vt.T
+    return [((zt * (s / (s**2 + a))) @ uty + ym).astype(np.float32) for a in alphas]
+
+
+def probe(train_fs, train_ys, test_f):
+    """HEST's linear probe: PCA to 256 dimensions, then ridge; alpha by leave one section out."""
+    from bleep_rs.evaluate import gene_correlations
+
+    score = np.zeros(len(ALPHAS))
+    for i in range(len(train_fs)):
+        x = np.concatenate([f for j, f in enumerate(train_fs) if j != i])
+        y = np.concatenate([t for j, t in enumerate(train_ys) if j != i])
+        pca = _pca(x)
+        for a, p in enumerate(_ridge(pca(x), y, pca(train_fs[i]), ALPHAS)):
+            score[a] += np.nanmean(gene_correlations(p, train_ys[i]))
+    x, y = np.concatenate(train_fs), np.concatenate(train_ys)
+    pca = _pca(x)
+    return _ridge(pca(x), y, pca(test_f), [ALPHAS[int(np.argmax(score))]])[0]
+
+
+def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, base, um):
+    """bleep_rs.train with the default recipe (its inputs: the cached features), then the reference and the
+    prediction as the CLI makes them."""
     import bleep_rs
-    from bleep_rs.train import TrainConfig, TrainingData, train
+    from bleep_rs.expression import panel_expression
+    from bleep_rs.train import TrainingData, train
 
-    finetune = args.finetune
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, loss=loss, device=args.device, progress=False, lr=args.lr,
-        backbone="efficientnet-lite0" if finetune else f"features:{train_inputs[0].shape[1]}",
-        val_fraction=0.2, patience=args.patience, seed=args.seed,
-    )
-    labels = np.concatenate([[str(i)] * len(x) for i, x in enumerate(train_inputs)])
-    data = TrainingData(np.concatenate(train_inputs), train_y, labels, panel)
+    cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "um_per_px": um, "progress": False, "overwrite": True, "resume": False})
+    expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])
+    labels = np.concatenate([[str(i)] * s.n_obs for i, s in enumerate(train_secs)])
+    data = TrainingData(np.concatenate(train_feats, axis=1), expr, labels, panel)
     model = train(train_secs, out_dir, cfg, data=data)
     ref = bleep_rs.build_reference(model, train_secs)
-    return ref.impute(model.embed_images(test_input), k=50)
+    emb = model.embed_features(test_feats if model.config.tta else test_feats[0])
+    return ref.impute(emb, k=model.config.k, method=model.config.method), ref.genes
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", nargs="+", default=["mob", "her2st"], choices=list(SETS))
-    ap.add_argument("--methods", nargs="+", default=["bleep", "clip", "knn", "ridge"])
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the paper's 1e-3 by default)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--patience", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--finetune", action="store_true", help="train the whole image encoder (a GPU job)")
-    ap.add_argument("--folds", type=int, default=0, help="run only the first N folds of each set (0: all)")
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["default", "knn1", "knn3", "probe", "probe3"])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a TrainConfig field of the default recipe, e.g. --set temperature=4 (repeatable)")
+    ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "quality.json")
     args = ap.parse_args()
-    import warnings
-
     warnings.simplefilter("ignore", UserWarning)
+    import bleep_rs
     from bleep_rs.evaluate import summarise
-    from bleep_rs.expression import choose_panel, panel_expression
+    from bleep_rs.expression import choose_panel, panel_expression, reference_genes
 
-    cache = ROOT / ".bench"
-    cache.mkdir(exist_ok=True)
-    results, timing = {}, {}
+    base = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        base[key] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
+    config = bleep_rs.TrainConfig(**base)
+    work = ROOT / ".bench" / "quality-models"
+    results, timing = [], {}
     for name in args.sets:
         t = time.perf_counter()
-        ids, sections, patches, feats = load_set(name, cache)
-        timing[f"{name}: patches + frozen features"] = time.perf_counter() - t
-        for held in range(args.folds or len(ids)):
-            tr = [i for i in range(len(ids)) if i != held]
-            panel = choose_panel([sections[i] for i in tr], n_top_genes=1000)
-            truth = panel_expression(sections[held], panel, warn=False)
-            train_y = np.concatenate([panel_expression(sections[i], panel, warn=False) for i in tr])
-            train_f = np.concatenate([feats[i] for i in tr])
+        ids, sections, feats, um, dim = load_set(name, config)
+        timing[f"{name}: patches and features (cached after the first run)"] = time.perf_counter() - t
+        n_loso = len(SETS[name][0])
+        folds = [([j for j in range(n_loso) if j != i], i) for i in range(n_loso)]
+        if SETS[name][2]:
+            folds.append((list(range(n_loso)), n_loso))
+        for tr, held in folds:
+            train_secs = [sections[i] for i in tr]
+            panel = choose_panel(train_secs, n_top_genes=config.n_top_genes)
+            genes = reference_genes(train_secs, "all")
+            train_y = [panel_expression(s, genes, warn=False) for s in train_secs]
+            truth = panel_expression(sections[held], genes, warn=False)
+            single = [f[0, :, :dim] for f in feats]  # field 1, view 0
+            multi = [f[0] for f in feats]
             for method in args.methods:
-                t = time.perf_counter()
-                if method == "knn":
-                    pred = knn_predict(train_f, train_y, feats[held])
-                elif method == "ridge":
-                    pred = ridge_predict(train_f, train_y, feats[held])
-                else:
-                    inputs = [patches[i] for i in tr] if args.finetune else [feats[i] for i in tr]
-                    test = patches[held] if args.finetune else feats[held]
-                    pred = bleep_predict([sections[i] for i in tr], inputs, train_y, test, panel, method, args, cache / f"model_{name}_{ids[held]}_{method}")
-                s = summarise(pred, truth, panel.genes)
-                key = f"{name}/{ids[held]}/{method}"
-                results[key] = {"heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "constant": len(s["constant"]), "seconds": time.perf_counter() - t}
-                print(f"{key:<22} HEG-50 {s['heg50']:.3f}  HVG-50 {s['hvg50']:.3f}  all {s['all']:.3f}  ({len(panel.genes)} genes, {time.perf_counter() - t:.1f} s)", flush=True)
-    print("\nmean over folds (HEG-50 / HVG-50 / all genes)")
-    summary = {}
+                for seed in args.seeds if method == "default" else [None]:
+                    t = time.perf_counter()
+                    if method == "knn1":
+                        pred = knn(np.concatenate([single[i] for i in tr]), np.concatenate(train_y), single[held])
+                    elif method == "knn3":
+                        pred = knn(np.concatenate([multi[i] for i in tr]), np.concatenate(train_y), _l2(feats[held]).mean(0))
+                    elif method == "probe":
+                        pred = probe([single[i] for i in tr], train_y, single[held])
+                    elif method == "probe3":
+                        pred = probe([multi[i] for i in tr], train_y, multi[held])
+                    else:
+                        pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
+                        assert list(ref_genes) == list(genes)
+                    s = summarise(pred, truth, genes)
+                    row = {"set": name, "held_out": ids[held], "cross_patient": held >= n_loso, "method": method, "seed": seed,
+                           "heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "genes": len(genes), "seconds": time.perf_counter() - t}
+                    results.append(row)
+                    print(f"{name}/{ids[held]:<5} {method:<8} seed {seed if seed is not None else '-'}  HEG-50 {s['heg50']:.3f}  "
+                          f"HVG-50 {s['hvg50']:.3f}  all {s['all']:.3f}  ({len(genes)} genes, {row['seconds']:.1f} s)", flush=True)
+    summary = summarise_runs(results, args)
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(
+        {"rows": results, "summary": summary, "timing": timing, "recipe": {**base}, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1
+    ))
+    print(f"results: {args.out}")
+
+
+def summarise_runs(rows, args) -> dict:
+    """Per set and method: the mean over the leave-one-out folds of each score (the default recipe's per
+    seed, then mean and spread over seeds), the ratio of HEG-50 to the kNN-50 floor, and the cross-patient fold."""
+    print("\nmean over the leave-one-section-out folds, per-section r (default: mean ± sd over seeds)")
+    print(f"{'set':<7} {'method':<8} {'HEG-50':>14} {'HVG-50':>14} {'all':>14}  {'/ floor':>7}   cross-patient HEG-50 / HVG-50")
+    out = {}
     for name in args.sets:
+        knn1 = [r["heg50"] for r in rows if r["set"] == name and r["method"] == "knn1" and not r["cross_patient"]]
+        floor = float(np.mean(knn1)) if knn1 else None
         for method in args.methods:
-            rows = [v for k, v in results.items() if k.startswith(name + "/") and k.endswith("/" + method)]
-            m = {q: float(np.mean([r[q] for r in rows])) for q in ("heg50", "hvg50", "all")}
-            summary[f"{name}/{method}"] = m
-            print(f"  {name:<7} {method:<6} {m['heg50']:.3f} / {m['hvg50']:.3f} / {m['all']:.3f}   ({sum(r['seconds'] for r in rows):.0f} s in all)")
-    out = cache / ("quality_finetune.json" if args.finetune else "quality.json")
-    out.write_text(json.dumps({"folds": results, "summary": summary, "timing": timing, "args": vars(args)}, indent=1))
-    print(f"results: {out.relative_to(ROOT)}")
+            mine = [r for r in rows if r["set"] == name and r["method"] == method]
+            loso = [r for r in mine if not r["cross_patient"]]
+            seeds = sorted({r["seed"] for r in loso}, key=lambda s: -1 if s is None else s)
+            stats = {}
+            for q in ("heg50", "hvg50", "all"):
+                per_seed = [np.mean([r[q] for r in loso if r["seed"] == s]) for s in seeds]
+                stats[q] = (float(np.mean(per_seed)), float(np.std(per_seed)))
+            cross = [r for r in mine if r["cross_patient"]]
+            out[f"{name}/{method}"] = {"loso": stats, "folds": sorted({r["held_out"] for r in loso}),
+                                       "cross_patient": {q: float(np.mean([r[q] for r in cross])) for q in ("heg50", "hvg50")} if cross else None}
+            several = len(seeds) > 1
+            fmt = lambda m, s, several=several: f"{m:.3f} ± {s:.3f}" if several else f"{m:.3f}        "  # noqa: E731
+            ratio = f"{stats['heg50'][0] / floor:.2f}x" if floor else ""
+            line = f"{name:<7} {method:<8} {fmt(*stats['heg50']):>14} {fmt(*stats['hvg50']):>14} {fmt(*stats['all']):>14}  {ratio:>7}"
+            if cross:
+                line += f"   {out[f'{name}/{method}']['cross_patient']['heg50']:.3f} / {out[f'{name}/{method}']['cross_patient']['hvg50']:.3f}"
+            print(line)
+    return out
 
 
 if __name__ == "__main__":

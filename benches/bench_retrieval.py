@@ -366,12 +366,12 @@ def main():
             results["aggregate"] = res
             table("aggregate: N = 100,000, G = 3,000, Q = 10,000, k = 50  [queries per second]", res, 10_000,
                   ["bleep-rs, float32 table", "bleep-rs, bfloat16 table"],
-                  lambda l, r: f"max rel. err {r['max_rel_err']:.1e}" + (f", gene block {r['gene_block']}" if "gene_block" in r else ""))
+                  lambda _, r: f"max rel. err {r['max_rel_err']:.1e}" + (f", gene block {r['gene_block']}" if "gene_block" in r else ""))
         if "paper" in only:
             res = bench_paper(data, 5, 1 if args.quick else 2, rng)
             results["paper"] = res
             table("paper scale: N = 6,992, Q = 2,277, G = 3,467, k = 50, search + mean  [queries per second]", res,
-                  2277, ["bleep-rs impute"], lambda l, r: f"max |diff| vs bleep-rs {r['max_abs_diff']:.1e}")
+                  2277, ["bleep-rs impute"], lambda _, r: f"max |diff| vs bleep-rs {r['max_abs_diff']:.1e}")
             for label, r in res.items():
                 stages = ""
                 if "search_seconds" in r:

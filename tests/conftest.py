@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +30,6 @@ def random_reference(rng, n=200, d=32, g=12):
     return emb, expr, genes
 
 
-from pathlib import Path
-
 #: The real data beside the repository (../shared/data); never copied into it.
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -55,3 +54,13 @@ def writable_copy(src, dst):
             os.chmod(os.path.join(root, name), 0o755)
     os.chmod(dst, 0o755)
     return dst
+
+
+def tiny_slides(folder):
+    """The tiny sections' images as whole slides to tile: ``folder/C2.jpg`` and ``folder/C3.jpg``."""
+    import shutil
+
+    slides = [folder / f"{name}.jpg" for name in ("C2", "C3")]
+    for slide in slides:
+        shutil.copyfile(DATA / "tiny" / slide.stem / "image.jpg", slide)
+    return slides

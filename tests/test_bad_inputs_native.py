@@ -2,7 +2,6 @@
 message names the problem, or a correct result; never a panic, an abort, a hang or a wrong answer."""
 
 import multiprocessing as mp
-import os
 import struct
 import subprocess
 import sys

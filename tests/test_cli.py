@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-import anndata as ad  # noqa: E402
+import anndata as ad
 
-import bleep_rs  # noqa: E402
-from bleep_rs import BleepError  # noqa: E402
+import bleep_rs
+from bleep_rs import BleepError
 
-from conftest import DATA  # noqa: E402
+from conftest import DATA, tiny_slides
 
 C2, C3 = str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3")
 
@@ -89,12 +89,7 @@ def test_predict_float32_precision_agrees_with_the_default(run, tmp_path):
 
 
 def test_predict_slides_with_shards_and_reruns(run, tmp_path):
-    import shutil
-
-    slides = []
-    for name in ("C2", "C3"):
-        slides.append(tmp_path / f"{name}.jpg")
-        shutil.copyfile(DATA / "tiny" / name / "image.jpg", slides[-1])
+    slides = tiny_slides(tmp_path)
     out = run / "slides"
     args = ["predict", "--model", run / "model", "--reference", run / "ref.safetensors", "--slide", *slides,
             "--um-per-px", "1.38", "--min-tissue", "0.05", "--k", "5", "--out", out]
@@ -105,11 +100,21 @@ def test_predict_slides_with_shards_and_reruns(run, tmp_path):
     tiles = ad.read_h5ad(out / "C3.h5ad")
     assert tiles.n_obs > 0 and tiles.uns["bleep"]["mode"] == "tiles" and tiles.obs_names[0].startswith("tile_")
     assert tiles.uns["spatial"]["C3"]["images"]["hires"].ndim == 3
-    # A rerun skips what is complete; a damaged output is redone.
+    # A rerun skips what is complete and redoes an output of its own without the completion mark; a file
+    # bleep-rs did not write is replaced only with --overwrite.
     assert "complete, skipped" in cli(*args).stdout
-    (out / "C2.h5ad").write_bytes(b"half a file")
+    import h5py
+
+    with h5py.File(out / "C2.h5ad", "r+") as f:
+        del f["uns/bleep/complete"]
     rerun = cli(*args)
-    assert "C2.h5ad: complete" not in rerun.stdout and ad.read_h5ad(out / "C2.h5ad").n_obs > 0
+    assert "C2.h5ad: complete" not in rerun.stdout and "C3.h5ad: complete, skipped" in rerun.stdout
+    assert ad.read_h5ad(out / "C2.h5ad").uns["bleep"]["complete"]
+    (out / "C2.h5ad").write_bytes(b"half a file")
+    res = cli(*args, ok=False)
+    assert res.returncode == 2 and "not bleep-rs predictions" in res.stderr and (out / "C2.h5ad").read_bytes() == b"half a file"
+    cli(*args, "--overwrite")
+    assert ad.read_h5ad(out / "C2.h5ad").n_obs > 0
 
 
 def test_clear_errors(run, tmp_path):
@@ -123,10 +128,15 @@ def test_clear_errors(run, tmp_path):
         "--patch-size", "128", "--seed", "7", "--val-fraction", "0")
     res = cli("predict", C3, "--model", tmp_path / "other", "--reference", run / "ref.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
     assert res.returncode == 2 and "another model" in res.stderr
+    # A reference that does not name its model is refused; its genes are its own (not the model's panel).
     ref = bleep_rs.Reference.load(run / "ref.safetensors")
-    bleep_rs.Reference.build(ref.embeddings, ref.expression, [g + "x" for g in ref.genes]).save(tmp_path / "genes.safetensors")
-    res = cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
-    assert res.returncode == 2 and "genes" in res.stderr
+    renamed = [g + "x" for g in ref.genes]
+    bleep_rs.Reference.build(ref.embeddings, ref.expression, renamed).save(tmp_path / "anon.safetensors")
+    res = cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "anon.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
+    assert res.returncode == 2 and "which model" in res.stderr
+    bleep_rs.Reference.build(ref.embeddings, ref.expression, renamed, metadata=ref.metadata).save(tmp_path / "genes.safetensors")
+    cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad")
+    assert list(ad.read_h5ad(tmp_path / "p.h5ad").var_names) == renamed
     with pytest.raises(BleepError, match="I/N"):
         from bleep_rs.predict import shard
 
@@ -226,7 +236,8 @@ def test_predictions_as_spatialdata_drawn_by_spatialdata_plot(run, tmp_path):
     assert table.uns["spatialdata_attrs"]["region"] == "C3_spots"
     # evaluate and plot read a store as they read an .h5ad.
     cli("evaluate", tmp_path / "spots.zarr", C3, "--out", tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["r"] == json.loads(cli("evaluate", run / "pred.h5ad", C3, "--out", tmp_path / "r2.json") and (tmp_path / "r2.json").read_text())["r"]
+    cli("evaluate", run / "pred.h5ad", C3, "--out", tmp_path / "r2.json")
+    assert json.loads((tmp_path / "r.json").read_text())["r"] == json.loads((tmp_path / "r2.json").read_text())["r"]
     gene = str(table.var_names[0])
     for store, shapes, name in ((spots, "C3_spots", "spots"), (tiles, "image_tiles", "tiles")):
         fig, ax = plt.subplots()

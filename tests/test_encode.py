@@ -32,7 +32,9 @@ ENGINES = ["torch", pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAV
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)  # the image head is untrained: a fixed random projection of the features
-    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=[f"g{i}" for i in range(32)]))).eval()
+    # feature_norm "none": the head sees the backbone's features as they come, so that head(features) is
+    # the embedding and each engine's features are compared through it.
+    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=[f"g{i}" for i in range(32)]), feature_norm="none")).eval()
 
 
 @pytest.fixture(scope="module")

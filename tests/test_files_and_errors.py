@@ -7,6 +7,7 @@ import pytest
 
 import bleep_rs
 from bleep_rs import BleepError, Reference
+
 from conftest import random_reference
 
 

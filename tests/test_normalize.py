@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from bleep_rs import BleepError, MacenkoNormalizer, ReinhardNormalizer, Slide, to_tensor
-from bleep_rs import _oracle
+from bleep_rs import BleepError, MacenkoNormalizer, ReinhardNormalizer, Slide, _oracle, to_tensor
 
 from conftest import DATA
 

@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-import bleep_rs  # noqa: E402
-from bleep_rs import BleepError  # noqa: E402
-from bleep_rs.predict import embed_batches, predict_section, predict_slide, predict_slides, read_prediction, slide_grid  # noqa: E402
-from bleep_rs.sections import section_patches  # noqa: E402
+import bleep_rs
+from bleep_rs import BleepError
+from bleep_rs.predict import embed_batches, predict_section, predict_slide, predict_slides, read_prediction, slide_grid
+from bleep_rs.sections import section_patches
 
-from conftest import DATA  # noqa: E402
+from conftest import DATA
 
 UM = 1.3873  # the tiny images' um/px
 STAGES_SLIDE = {"tissue", "engine", "read", "encode", "wait", "impute", "total"}
@@ -149,7 +149,7 @@ def test_empty_inputs(trained, tmp_path):
     assert readers_left() == []
 
 
-def test_a_read_error_in_the_reader_thread_is_raised_as_it_was(trained, slides):
+def test_a_read_error_in_the_reader_thread_is_a_bleep_error_naming_the_input(trained, slides, tmp_path):
     model, ref, section = trained
     bad = section.copy()
     bad.obsm["spatial"] = bad.obsm["spatial"].copy()
@@ -158,15 +158,34 @@ def test_a_read_error_in_the_reader_thread_is_raised_as_it_was(trained, slides):
         section_reader(model, bad)(slice(20, 24))
     with pytest.raises(BleepError) as piped:
         finishes(lambda: predict_section(model, ref, bad, k=5, batch_size=4, progress=False))
-    assert type(piped.value) is BleepError and str(piped.value) == str(direct.value) and "outside" in str(piped.value)
+    image = section.uns["bleep"]["image_path"]
+    assert str(direct.value) in str(piped.value) and "outside" in str(piped.value) and str(image) in str(piped.value)
     assert readers_left() == []
-    # A slide that cannot be opened, after one that can: the first prediction comes, then the error.
-    steps = predict_slides(model, ref, [slides[0], slides[0].with_name("missing.jpg")], um_per_px=UM, k=5, min_tissue=0.05, progress=False)
-    first = finishes(lambda: next(steps))
-    assert first.n_obs > 0
-    with pytest.raises(BleepError, match="no such image file"):
-        finishes(lambda: next(steps))
+
+    # Any other exception of a reader: a BleepError naming the input, the original as its cause.
+    def broken(sl):
+        if sl.start >= 8:
+            raise OSError("disk gone")
+        return section_reader(model, section)(sl)
+
+    with pytest.raises(BleepError, match=r"^scan_7\.tif: reading failed \(OSError: disk gone\)") as err:
+        finishes(lambda: embed_batches(model, section.n_obs, broken, name="scan_7.tif", batch_size=4, progress=False))
+    assert isinstance(err.value.__cause__, OSError)
     assert readers_left() == []
+
+    # A slide that cannot be opened, or whose image is cut short, after one that can: the first
+    # prediction comes, then the error, naming the slide that failed.
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(slides[1].read_bytes()[:5000])
+    for failing in (slides[0].with_name("missing.jpg"), cut):
+        steps = predict_slides(model, ref, [slides[0], failing], um_per_px=UM, k=5, min_tissue=0.05, progress=False)
+        first = finishes(lambda steps=steps: next(steps))
+        assert first.n_obs > 0
+        with pytest.raises(BleepError) as err:
+            finishes(lambda steps=steps: next(steps))
+        assert str(failing) in str(err.value)
+        steps.close()
+        assert readers_left() == []
 
 
 class Encoder:

@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import bleep_rs
 from bleep_rs import Reference, _oracle
+
 from conftest import random_reference
 
 

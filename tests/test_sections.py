@@ -107,10 +107,9 @@ def test_spots_outside_the_image_are_an_error(tmp_path):
     spots = pd.read_csv(sec / "spots.tsv", sep="\t")
     spots.loc[0, "pixel_x"] = 5000.0
     spots.to_csv(sec / "spots.tsv", sep="\t", index=False)
-    with pytest.raises(BleepError, match="outside the 748 x 749 px image"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            read_section(sec)
+    with pytest.raises(BleepError, match="outside the 748 x 749 px image"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_section(sec)
 
 
 def test_unknown_layouts(tmp_path):

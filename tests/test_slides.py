@@ -1,14 +1,11 @@
 """Slides: every TIFF flavour the built-in reader claims, pixels equal to OpenSlide's and to the decoded
 image, patches at native and other resolutions, tissue tiling, and bad input."""
 
-import warnings
-
 import numpy as np
 import pytest
 import tifffile
 
-from bleep_rs import BleepError, Slide
-from bleep_rs import _oracle
+from bleep_rs import BleepError, Slide, _oracle
 
 from conftest import DATA
 
@@ -73,7 +70,8 @@ def test_pixel_size_from_files(tmp_path, tiny_image):
     write_pyramid(tmp_path / "a.svs", tiny_image, compression="jpeg", description=svs)
     s = Slide(tmp_path / "a.svs")
     assert (s.um_per_px, s.format) == (pytest.approx(0.499), "svs")
-    ome = '<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels PhysicalSizeX="0.25" PhysicalSizeXUnit="um" PhysicalSizeY="0.25" SizeX="748"/></Image></OME>'
+    ome = ('<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0">'
+           '<Pixels PhysicalSizeX="0.25" PhysicalSizeXUnit="um" PhysicalSizeY="0.25" SizeX="748"/></Image></OME>')
     write_pyramid(tmp_path / "o.ome.tif", tiny_image, compression="zlib", description=ome, subifds=True)
     s = Slide(tmp_path / "o.ome.tif")
     assert (s.um_per_px, s.format, s.level_count) == (pytest.approx(0.25), "ome-tiff", 3)

@@ -97,9 +97,10 @@ def test_a_training_step_lowers_the_loss(tiny):
     """The full model (backbone fine-tuned): with the backbone's stochastic depth and the heads' dropout
     off, every forward pass is deterministic, and the loss on a fixed batch falls after a few AdamW steps."""
     torch.manual_seed(0)
-    cfg = TrainConfig(n_top_genes=32, patch_size=112, progress=False)
+    cfg = TrainConfig(n_top_genes=32, patch_size=112, progress=False, fields_of_view=[1.0])
     data = prepare_data(tiny, cfg)
     model = BleepModel(ModelConfig(panel=data.panel, patch_size=112, dropout=0.0))
+    assert data.images.shape[1:] == (1, 112, 112, 3) and data.images.dtype == np.uint8
     net = model.backbone.net
     net._global_params = net._global_params._replace(drop_connect_rate=0.0)
     idx = np.arange(16)
@@ -126,8 +127,9 @@ def test_a_training_step_lowers_the_loss(tiny):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("models") / "tiny"
-    cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=64, freeze_backbone=True, val_fraction=0.0,
-                      patience=100, progress=False, patch_size=160)
+    # 32 of the 64 genes of the tiny sections: the reference's "all" genes then reach beyond the panel.
+    cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=32, freeze_backbone=True, val_fraction=0.0,
+                      patience=100, progress=False, patch_size=160, fields_of_view=[1.0, 2.0])
     model = train(tiny, out, cfg)
     return out, model
 
@@ -136,7 +138,8 @@ def test_training_raises_retrieval_far_above_chance(trained, tiny):
     out, model = trained
     from bleep_rs.sections import section_patches
 
-    patches = np.concatenate([section_patches(s, 160) for s in tiny])
+    patches = np.concatenate([section_patches(s, 160, fields=model.config.fields_of_view) for s in tiny])
+    assert patches.shape[1:] == (2, 160, 160, 3)
     v = model.embed_images(patches)
     x = np.concatenate([model.embed_expression(s) for s in tiny])
     v /= np.linalg.norm(v, axis=1, keepdims=True)
@@ -153,7 +156,7 @@ def test_export_load_gives_identical_embeddings(trained, tiny, tmp_path):
     again = load_model(out)
     from bleep_rs.sections import section_patches
 
-    p = section_patches(tiny[0], 160)
+    p = section_patches(tiny[0], 160, fields=model.config.fields_of_view)
     assert np.array_equal(model.embed_images(p), again.embed_images(p))
     assert np.array_equal(model.embed_expression(tiny[0]), again.embed_expression(tiny[0]))
     cfg = json.loads((out / "config.json").read_text())
@@ -167,12 +170,36 @@ def test_export_load_gives_identical_embeddings(trained, tiny, tmp_path):
 
 def test_build_reference_and_impute(trained, tiny):
     _, model = trained
-    ref = bleep_rs.build_reference(model, tiny, name="tiny")
-    assert ref.n_spots == 49 and ref.genes == list(model.config.panel.genes) and ref.metadata["model"] == "tiny"
+    from bleep_rs.expression import detected_genes, reference_genes
     from bleep_rs.sections import section_patches
 
-    pred = ref.impute(model.embed_images(section_patches(tiny[1], 160)), k=5)
+    ref = bleep_rs.build_reference(model, tiny, name="tiny")
+    # Every gene non-zero in 3 spots of a section, not only the encoder's panel.
+    detected = set(detected_genes(tiny[0])) | set(detected_genes(tiny[1]))
+    assert ref.n_spots == 49 and set(ref.genes) == detected and ref.metadata["model"] == "tiny"
+    assert set(ref.genes) - set(model.config.panel.genes), "the reference adds genes beyond the panel"
+    assert ref.genes == reference_genes(tiny, "all")
+    x = panel_expression(tiny[0], ref.genes, warn=False)
+    assert np.allclose(ref.expression[:25], x)
+    pred = ref.impute(model.embed_images(section_patches(tiny[1], 160, fields=model.config.fields_of_view)), k=5)
     assert pred.shape == (24, len(ref.genes)) and np.isfinite(pred).all()
+    panel_ref = bleep_rs.build_reference(model, tiny, genes="panel")
+    assert panel_ref.genes == list(model.config.panel.genes)
+    assert np.array_equal(panel_ref.embeddings, ref.embeddings)
+    few = bleep_rs.build_reference(model, tiny, genes=["ERBB2", "NOT_MEASURED"])
+    assert few.genes == ["ERBB2", "NOT_MEASURED"] and (few.expression[:, 1] == 0).all()
+    # A gene non-zero in only 2 spots of one section and in none of the other is not "detected" at 3.
+    rare = [s.copy() for s in tiny]
+    gene = ref.genes[-1]
+    for s, keep in zip(rare, (2, 0)):
+        col = s.var_names.get_loc(gene)
+        x = s.X.toarray() if hasattr(s.X, "toarray") else np.array(s.X)
+        x[keep:, col] = 0
+        s.X = x
+    assert gene not in bleep_rs.build_reference(model, rare).genes
+    assert gene in bleep_rs.build_reference(model, rare, min_spots=2).genes
+    with pytest.raises(BleepError, match='"all", "panel"'):
+        bleep_rs.build_reference(model, tiny, genes="everything")
 
 
 def test_damaged_model_directories(trained, tmp_path):
@@ -211,7 +238,7 @@ def test_bad_training_input(trained, tiny):
     with pytest.raises(BleepError, match="0 spots"):
         prepare_data([tiny[0][:0]], cfg, features=[np.zeros((0, 8))])
     with pytest.raises(BleepError, match="validation sections"):
-        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4"),
+        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4", fields_of_view=[1.0]),
               features=[np.zeros((25, 4)), np.zeros((24, 4))])
 
 
@@ -220,8 +247,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     for extra in ([], ["--gather"]):
         out = tmp_path / f"ddp{len(extra)}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + len(extra) + os.getpid() % 1000),
-               "-m", "bleep_rs.train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
-               "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", *extra]
+               "-m", "bleep_rs", "train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
+               "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", "--fields-of-view", "1", "--no-augment", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]

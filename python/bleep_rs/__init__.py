@@ -23,7 +23,18 @@ from bleep_rs.reference import METHODS, Reference
 from bleep_rs.sections import read_section, section_patches
 from bleep_rs.slide import Slide
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml's ``version`` is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bleep-rs")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "0+unknown"
+
+
+__version__ = _version()
 
 # Training needs torch: these names import it on first use, so that `import bleep_rs` never does.
 _LAZY = {

@@ -28,7 +28,8 @@ def _read_sections(paths, args, **kwargs) -> list:
             kwargs.setdefault(key, getattr(args, key))
     named = expand_sections(paths, args.ids)
     if "image" in kwargs and len(named) > 1:
-        raise BleepError("--image is the image of one section; with several, give each its own (a HEST folder, an .h5ad with uns['bleep']['image_path'], a SpatialData store)")
+        raise BleepError("--image is the image of one section; with several, give each its own (a HEST folder, an .h5ad with "
+                         "uns['bleep']['image_path'], a SpatialData store)")
     return [read_section(path, sample=sample, **kwargs) for path, sample in named]
 
 
@@ -46,7 +47,7 @@ def _add_train(sub) -> None:
         "train",
         help="train the two encoders on sections",
         description="Train BLEEP on spatial transcriptomics sections (any layout read_section accepts). Under "
-        "torchrun (python -m torch.distributed.run --nproc_per_node N -m bleep_rs.train ...) it trains with "
+        "torchrun (python -m torch.distributed.run --nproc_per_node N -m bleep_rs train ...) it trains with "
         "DistributedDataParallel.",
     )
     p.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
@@ -133,9 +134,11 @@ def _add_others(sub) -> None:
     pr.add_argument("--reference", type=Path, required=True)
     pr.add_argument("--slide", nargs="+", help="whole-slide image(s) to tile instead of a section")
     pr.add_argument("--um-per-px", type=float, help="the slide's micrometres per pixel (when the file does not say)")
-    pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad or PRED.zarr, or a folder for several slides (one file each)")
-    pr.add_argument("--format", choices=["h5ad", "zarr"], help="h5ad (default) or zarr (a SpatialData store: image, spots or tiles, table); default from --out's suffix")
-    pr.add_argument("--bin-um", type=float, help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
+    pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad or PRED.zarr, or a folder for several slides (one STEM.h5ad each)")
+    pr.add_argument("--format", choices=["h5ad", "zarr"],
+                    help="h5ad or zarr (a SpatialData store: image, spots or tiles, table): for several slides (default h5ad) and an --out without suffix")
+    pr.add_argument("--bin-um", type=float,
+                    help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
     pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
     pr.add_argument("--k", type=int, help="neighbours per prediction (default: the model's, 50 unless trained otherwise)")
     pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], help="aggregation of the neighbours (default: the model's, mean)")
@@ -145,7 +148,8 @@ def _add_others(sub) -> None:
                     help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
     pr.add_argument("--device", default="auto", help="where the image encoder runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
-    pr.add_argument("--batch-size", type=int, help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
+    pr.add_argument("--batch-size", type=int,
+                    help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
     pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
 
@@ -153,15 +157,17 @@ def _add_others(sub) -> None:
     ev.add_argument("prediction", type=Path)
     ev.add_argument("section")
     _section_options(ev)
-    ev.add_argument("--out", type=Path, required=True, help="REPORT.json (a .csv with one row per gene is written beside it)")
+    ev.add_argument("--out", type=Path, required=True, help="REPORT.json or REPORT.csv: both are written (set means + per-gene r; one row per gene)")
     ev.add_argument("--markers", nargs="*", default=[], help="marker genes to average over as well")
+    ev.add_argument("--overwrite", action="store_true")
 
     pl = sub.add_parser("plot", help="measured and predicted expression over the H&E, and per-gene r")
     pl.add_argument("prediction", type=Path)
     pl.add_argument("--truth", help="the measured section, to draw beside the prediction")
     _section_options(pl)
     pl.add_argument("--genes", nargs="+", required=True)
-    pl.add_argument("--out", type=Path, required=True, help="FIGURE.png")
+    pl.add_argument("--out", type=Path, required=True, help="FIGURE.png (or .pdf, .svg ...)")
+    pl.add_argument("--overwrite", action="store_true")
 
 
 def _read_gene_file(path: Path) -> list:
@@ -188,8 +194,9 @@ def _run_reference(args) -> None:
 def _run_predict(args) -> None:
     import contextlib
 
+    from bleep_rs._atomic import check_output
     from bleep_rs.model import load_model
-    from bleep_rs.predict import is_complete, predict_section, predict_slides, prediction_format, shard, write_prediction
+    from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, shard, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
     from bleep_rs.train import pick_device
 
@@ -197,14 +204,20 @@ def _run_predict(args) -> None:
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
+    several = args.slide is not None and len(args.slide) > 1
+    if several:
+        fmt = args.format or "h5ad"
+        outputs = slide_outputs(args.slide, args.out, fmt, overwrite=args.overwrite)
+    else:
+        fmt = prediction_format(args.out, args.format)
+        inputs = [args.model, args.reference, args.section, args.image, args.hd_run, *(args.slide or [])]
+        check_output(args.out, inputs=[i for i in inputs if i], overwrite=args.overwrite)
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
                   precision=args.precision, batch_size=args.batch_size, queue_depth=args.queue_depth)
     if args.section is not None:
-        if args.out.exists() and not args.overwrite:
-            raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
         section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um)
-        write_prediction(predict_section(model, ref, section, **common), args.out, fmt=args.format, overwrite=args.overwrite)
+        write_prediction(predict_section(model, ref, section, **common), args.out, fmt=fmt, overwrite=args.overwrite)
         print(f"predictions written to {args.out}")
         return
     hd_run = None
@@ -212,45 +225,47 @@ def _run_predict(args) -> None:
         from bleep_rs.sections import read_section
 
         hd_run = read_section(args.hd_run, check_counts=False)
-    several = len(args.slide) > 1
-    if several and args.out.exists() and not args.out.is_dir():
-        raise BleepError(f"{args.out} is a file: with several slides, --out is a folder (one prediction per slide)")
-    fmt = args.format or ("h5ad" if several else prediction_format(args.out))
     todo = []
     for slide in shard(args.slide, args.shard):
-        out = args.out / f"{Path(slide).stem}.{fmt}" if several else args.out
-        if several and is_complete(out) and not args.overwrite:
+        out = outputs[slide] if several else args.out
+        state = output_state(out)
+        if several and state == "complete" and not args.overwrite:
             print(f"{out}: complete, skipped")
-        elif not several and out.exists() and not args.overwrite:
-            raise BleepError(f"{out} exists: choose another --out or pass --overwrite")
         else:
-            todo.append((slide, out))
-    # One pipeline over the slides: the next one is opened and read while this one is written.
-    steps = predict_slides(model, ref, [slide for slide, _ in todo], um_per_px=args.um_per_px, min_tissue=args.min_tissue,
+            todo.append((slide, out, state))
+    # One pipeline over the slides (one model, reference and engine): the next one is opened and read
+    # while this one is written.
+    steps = predict_slides(model, ref, [slide for slide, _, _ in todo], um_per_px=args.um_per_px, min_tissue=args.min_tissue,
                            bin_um=args.bin_um, hd_run=hd_run, **common)
     with contextlib.closing(steps):
-        for (_, out), adata in zip(todo, steps):
-            write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or (several and out.exists()))
+        for (_, out, state), adata in zip(todo, steps):
+            # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
+            write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
             print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
 def _run_evaluate(args) -> None:
-    from bleep_rs.evaluate import evaluate_prediction, write_report
+    from bleep_rs._atomic import check_output
+    from bleep_rs.evaluate import evaluate_prediction, report_paths, write_report
     from bleep_rs.predict import read_prediction
 
+    for path in report_paths(args.out):
+        check_output(path, inputs=[args.prediction, args.section], overwrite=args.overwrite)
     report = evaluate_prediction(read_prediction(args.prediction), _read_one(args.section, args), markers=args.markers or None)
-    path, csv_path = write_report(report, args.out)
+    path, csv_path = write_report(report, args.out, overwrite=args.overwrite)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731  (None: every gene of the set constant)
     print(f"mean per-gene r: HEG-50 {fmt(report['heg50'])}, HVG-50 {fmt(report['hvg50'])}, all {fmt(report['all'])}"
           f" ({len(report['constant'])} constant genes); {path}, {csv_path}")
 
 
 def _run_plot(args) -> None:
-    from bleep_rs.plot import plot_genes
+    from bleep_rs._atomic import check_output
+    from bleep_rs.plot import FIGURE_SUFFIXES, plot_genes
     from bleep_rs.predict import read_prediction
 
+    check_output(args.out, suffixes=FIGURE_SUFFIXES, inputs=[args.prediction, args.truth], overwrite=args.overwrite)
     truth = _read_one(args.truth, args) if args.truth else None
-    print(f"figure written to {plot_genes(read_prediction(args.prediction), args.genes, args.out, truth=truth)}")
+    print(f"figure written to {plot_genes(read_prediction(args.prediction), args.genes, args.out, truth=truth, overwrite=args.overwrite)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

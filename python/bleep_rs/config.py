@@ -26,9 +26,11 @@ class TrainConfig:
     best on held-out sections (README, "Prediction quality"); ``bleep-rs train`` takes each as a flag."""
 
     # What the image encoder sees.
-    fields_of_view: List[float] = _opt([1.0, 2.0, 3.0], "fields of view around each spot, multiples of the patch's side, each through the backbone (default 1 2 3)")
+    fields_of_view: List[float] = _opt([1.0, 2.0, 3.0],
+                                        "fields of view around each spot, multiples of the patch's side, each through the backbone (default 1 2 3)")
     patch_size: int = _opt(224, "patch side in pixels at --um-per-px (default 224)")
-    um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; recorded in the model and used by predict)")
+    um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; "
+                                                     "recorded in the model and used by predict)")
     backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), timm:NAME (with --backbone-weights) or features:D")
     backbone_weights: Optional[str] = _opt(None, "a local weights file for the backbone")
     random_init: bool = _opt(False, "build a timm backbone with random weights (only when asked: without weights it is an error)")
@@ -38,7 +40,7 @@ class TrainConfig:
     color_jitter: float = _opt(0.0, "brightness / contrast jitter amplitude (fine-tuning only)")
     # The heads and the loss.
     loss: str = _opt("bleep", "bleep (soft targets, method.md section 3) or clip", choices=list(LOSSES))
-    temperature: float = _opt(1.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)")
+    temperature: float = _opt(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)")
     embedding_dim: int = _opt(256, "embedding dimension")
     dropout: float = _opt(0.1, "dropout in the projection heads")
     # Optimisation.
@@ -53,7 +55,8 @@ class TrainConfig:
     amp: bool = _opt(True, "bfloat16 autocast on GPU")
     gather: bool = _opt(False, "several devices: contrast across every device's batch")
     # Validation and early stopping.
-    val_fraction: float = _opt(0.2, "random spots held out for validation (model selection)")
+    val_fraction: float = _opt(0.0, "random spots held out for validation, to select the epoch and stop early "
+                                     "(default 0: all spots train, the last best training loss is kept)")
     val_sections: List[str] = _opt([], "hold out these sections (library ids) instead")
     patience: int = _opt(15, "early stopping: epochs without a better validation loss")
     # The gene panel the expression encoder reads.

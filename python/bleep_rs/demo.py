@@ -100,6 +100,7 @@ def run(out: Path, *, k: int = 50, seed: int = 0, epochs: int = 40) -> dict:
     """The whole pipeline; returns (and writes) the report."""
     import warnings
 
+    from ._atomic import atomic_path
     from .evaluate import evaluate_prediction, write_report
     from .model import build_reference
     from .plot import plot_genes
@@ -127,15 +128,17 @@ def run(out: Path, *, k: int = 50, seed: int = 0, epochs: int = 40) -> dict:
     ref.save(out / "reference.safetensors")
     times["reference"] = time.perf_counter() - t
     t = time.perf_counter()
-    pred = predict_section(model, ref, held, k=min(k, ref.n_spots), model_path=str(out / "model"), reference_path=str(out / "reference.safetensors"), progress=False)
+    pred = predict_section(model, ref, held, k=min(k, ref.n_spots), model_path=str(out / "model"),
+                           reference_path=str(out / "reference.safetensors"), progress=False)
     write_h5ad(pred, out / "prediction.h5ad", overwrite=True)
     times["predict"] = time.perf_counter() - t
     report = evaluate_prediction(pred, held)
-    write_report(report, out / "report.json")
+    write_report(report, out / "report.json", overwrite=True)
     genes = report["heg50_genes"][:4]
-    figure = plot_genes(pred, genes, out / "figure.png", truth=held)
+    figure = plot_genes(pred, genes, out / "figure.png", truth=held, overwrite=True)
     summary = {"heg50": report["heg50"], "hvg50": report["hvg50"], "all": report["all"], "seconds": times}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
     print(f"\nheld-out {held.uns['bleep']['library_id']}: mean per-gene Pearson r  HEG-50 {report['heg50']:.3f}  "
           f"HVG-50 {report['hvg50']:.3f}  all {report['all']:.3f}")
     print(f"model      {out / 'model'}\nreference  {out / 'reference.safetensors'}\nprediction {out / 'prediction.h5ad'}\n"

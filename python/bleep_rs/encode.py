@@ -248,7 +248,7 @@ def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec) -> bytes:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
-        warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time")
+        warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time", stacklevel=2)
     return data
 
 
@@ -270,13 +270,14 @@ def _onnxruntime(backbone: nn.Module, spec: BackboneSpec) -> Optional[Encoder]:
             return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(x.numpy())})[0])
 
         # A blank and a noise image through both: an export that changed the function is not used.
-        probe = torch.cat([torch.zeros(1, 3, spec.input_size, spec.input_size), torch.rand(1, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+        size = (1, 3, spec.input_size, spec.input_size)
+        probe = torch.cat([torch.zeros(size), torch.rand(size, generator=torch.Generator().manual_seed(0)) * 2 - 1])
         want = _float32_reference(backbone, torch.device("cpu"))(probe)
         got = run(probe)
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
             raise BleepError(f"its output differs from torch's by up to {float((got - want).abs().max()):.3g}")
     except Exception as e:  # any failure of the optional engine: torch does the work instead
-        warnings.warn(f"ONNX Runtime cannot run the {spec.name} backbone ({e}): using torch")
+        warnings.warn(f"ONNX Runtime cannot run the {spec.name} backbone ({e}): using torch", stacklevel=2)
         return None
     return Encoder("onnxruntime float32", run, torch.device("cpu"), CPU_BATCH)
 

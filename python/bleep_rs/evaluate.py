@@ -6,13 +6,15 @@ A gene constant in either vector has no r: it is reported (``constant``), never 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["gene_correlations", "summarise", "evaluate_prediction", "write_report"]
+__all__ = ["gene_correlations", "summarise", "evaluate_prediction", "report_paths", "write_report"]
 
 
 def gene_correlations(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -75,14 +77,29 @@ def summarise(
     return out
 
 
+def predicted_of(pred) -> np.ndarray:
+    """A prediction AnnData's expression as a dense array (spots, genes)."""
+    import scipy.sparse as sp
+
+    X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
+    if X.ndim != 2 or X.dtype.kind not in "iuf":
+        raise BleepError(f"the prediction's X is {X.dtype} {X.shape}, not numbers (spots, genes): is this a bleep-rs prediction?")
+    return X
+
+
 def measured_on(pred, section) -> np.ndarray:
     """The section's measured expression, normalised as the reference's (median library size, log1p),
-    on the prediction's genes and in its spot order."""
+    on the prediction's genes and in its spot order (spots matched by id: each must be unique)."""
     from .expression import Panel, panel_expression
+    from .readers._common import check_unique
 
-    missing = [i for i in pred.obs_names if i not in set(section.obs_names)]
+    check_unique(pred.obs_names, "spot ids", "the prediction", "each predicted spot must be one spot of the section")
+    check_unique(section.obs_names, "spot ids", "the measured section", "each spot needs its own id")
+    measured = set(section.obs_names)
+    missing = [i for i in pred.obs_names if i not in measured]
     if missing:
-        raise BleepError(f"{len(missing)} predicted spots are not in the measured section (e.g. {missing[:3]}): evaluate a prediction against the section it was made for")
+        raise BleepError(f"{len(missing)} predicted spots are not in the measured section (e.g. {missing[:3]}): "
+                         "evaluate a prediction against the section it was made for")
     truth = panel_expression(section, Panel(genes=list(pred.var_names)), warn=False)
     order = {s: i for i, s in enumerate(section.obs_names)}
     return truth[[order[s] for s in pred.obs_names]]
@@ -93,27 +110,37 @@ def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = Non
     present = set(section.var_names)
     if not any(g in present for g in pred.var_names):
         raise BleepError("none of the predicted genes is in the measured section: are they the same kind of gene names?")
-    return summarise(np.asarray(pred.X), measured_on(pred, section), list(pred.var_names), markers=markers, top=top)
+    return summarise(predicted_of(pred), measured_on(pred, section), list(pred.var_names), markers=markers, top=top)
 
 
-def write_report(report: Dict[str, object], path, *, top: int = 50) -> tuple:
-    """Writes the report as JSON (set means + per-gene r) and, beside it, CSV (one row per gene)."""
-    import csv
-    import json
-    from pathlib import Path
-
+def report_paths(path: "os.PathLike[str] | str") -> Tuple[Path, Path]:
+    """What ``--out`` names: REPORT.json (set means + per-gene r) and REPORT.csv beside it (one row per
+    gene); ``path`` may end in either suffix, and names both."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise BleepError(f"--out {path}: name the report REPORT.json or REPORT.csv (both are written)")
+    return path.with_suffix(".json"), path.with_suffix(".csv")
+
+
+def write_report(report: Dict[str, object], path: "os.PathLike[str] | str", *, top: int = 50, overwrite: bool = False) -> Tuple[Path, Path]:
+    """Writes the report as REPORT.json and REPORT.csv (see :func:`report_paths`), each atomically;
+    existing files are an error unless ``overwrite``."""
+    import csv
+    import io
+    import json
+
+    from ._atomic import atomic_path, check_output
+
+    json_path, csv_path = report_paths(path)
+    for p in (json_path, csv_path):
+        check_output(p, overwrite=overwrite)
     heg, hvg = set(report[f"heg{top}_genes"]), set(report[f"hvg{top}_genes"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
-    csv_path = path.with_suffix(".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["gene", "pearson_r", "constant", f"heg{top}", f"hvg{top}"])
-        for g, r in zip(report["genes"], report["r"]):
-            w.writerow([g, "" if r is None else f"{r:.6f}", int(r is None), int(g in heg), int(g in hvg)])
-    tmp.replace(csv_path)
-    return path, csv_path
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["gene", "pearson_r", "constant", f"heg{top}", f"hvg{top}"])
+    for g, r in zip(report["genes"], report["r"]):
+        w.writerow([g, "" if r is None else f"{r:.6f}", int(r is None), int(g in heg), int(g in hvg)])
+    for p, text in ((json_path, json.dumps(report, indent=1)), (csv_path, table.getvalue())):
+        with atomic_path(p) as tmp:
+            tmp.write_text(text)
+    return json_path, csv_path

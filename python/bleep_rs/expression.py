@@ -46,13 +46,21 @@ class Panel:
 def _counts(adata) -> "np.ndarray | object":
     import scipy.sparse as sp
 
-    X = adata.X
-    return X.tocsr() if sp.issparse(X) else np.asarray(X)
+    from .readers._common import check_finite
+
+    X = adata.X.tocsr() if sp.issparse(adata.X) else np.asarray(adata.X)
+    check_finite(X, adata.uns.get("bleep", {}).get("library_id", "the section"), adata.obs_names, adata.var_names)
+    return X
 
 
 def normalise_log1p(X) -> np.ndarray:
-    """Dense float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0)."""
+    """Dense float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0). A NaN
+    or infinite count is an error (it would zero its spot's whole profile)."""
     import scipy.sparse as sp
+
+    from .readers._common import check_finite
+
+    check_finite(X, "normalise_log1p")
 
     X = X.astype(np.float64) if not sp.issparse(X) else X.astype(np.float64).tocsr()
     totals = np.asarray(X.sum(axis=1)).ravel()

@@ -9,8 +9,11 @@ head on the panel's expression), saved as a directory of ``model.safetensors`` +
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -20,10 +23,10 @@ import torch
 from torch import nn
 
 from ._core import BleepError
-from .backbones import BackboneSpec, create_backbone
 from .augment import N_VIEWS
-from .slide import check_fields
+from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
+from .slide import check_fields
 
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "MODEL_FORMAT_VERSION"]
 
@@ -83,21 +86,82 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "ModelConfig":
+        """The config in ``text`` (config.json of the model directory ``where``); a damaged or foreign
+        file is an error naming what is wrong."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise BleepError(f"{where}: config.json is not valid JSON ({e})") from e
-        if d.pop("format", None) != "bleep-rs.model":
+        if not isinstance(d, dict) or d.pop("format", None) != "bleep-rs.model":
             raise BleepError(f"{where}: config.json is not a bleep-rs model config")
-        if d.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        if isinstance(d.get("format_version"), int) and d["format_version"] > MODEL_FORMAT_VERSION:
             raise BleepError(f"{where}: model format {d['format_version']} is newer than this bleep-rs reads ({MODEL_FORMAT_VERSION}): upgrade bleep-rs")
-        d["panel"] = Panel.from_dict(d["panel"])
-        if d.get("format_version", 1) < 2:
+        if isinstance(d.get("format_version", 1), int) and d.get("format_version", 1) < 2:
             d.setdefault("feature_norm", "none")  # version 1 fed the backbone's features as they came
+        _check_fields(cls, d, f"{where}: config.json")
+        _check_fields(Panel, d["panel"], f"{where}: config.json's panel")
+        config = cls(**{**d, "panel": Panel.from_dict(d["panel"])})
+        problem = config._problem()
+        if problem:
+            raise BleepError(f"{where}: config.json: {problem}: the file is damaged")
+        return config
+
+    def _problem(self) -> Optional[str]:
+        """What makes the values unusable, if anything."""
+        for name in ("embedding_dim", "patch_size", "input_size", "k"):
+            if getattr(self, name) < 1:
+                return f"{name} is {getattr(self, name)}; it must be at least 1"
+        if not 0 <= self.dropout < 1 or not self.temperature > 0:
+            return f"dropout {self.dropout} must lie in [0, 1) and temperature {self.temperature} be positive"
+        if self.um_per_px is not None and not self.um_per_px > 0:
+            return f"um_per_px is {self.um_per_px}; it must be positive (or null: each section's own)"
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            return f"mean {self.mean} and std {self.std} must be three numbers each (RGB), std positive"
+        genes = self.panel.genes
+        if not genes or len(set(genes)) != len(genes):
+            return f"the panel's {len(genes)} genes must be a non-empty list without repeats"
         try:
-            return cls(**d)
-        except TypeError as e:
-            raise BleepError(f"{where}: config.json has unexpected fields ({e})") from e
+            check_fields(self.fields_of_view)
+        except (BleepError, TypeError, ValueError) as e:
+            return f"fields_of_view: {e}"
+        from .reference import METHODS
+
+        if self.feature_norm not in ("l2", "none") or self.method not in METHODS:
+            return f"feature_norm {self.feature_norm!r} or method {self.method!r} is not one this version knows"
+        return None
+
+
+def _is(value, hint) -> bool:
+    """Whether a JSON value fits a dataclass field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_is(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return isinstance(value, dict)  # dict fields and nested dataclasses (checked on their own)
+
+
+def _check_fields(cls, d, where: str) -> None:
+    """Raises unless the JSON object ``d`` has exactly the fields of dataclass ``cls`` (those with
+    defaults may be absent), each of its type, naming the keys that are wrong."""
+    if not isinstance(d, dict):
+        raise BleepError(f"{where} must be a JSON object, not {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    extra, missing = sorted(set(d) - set(fields)), sorted(required - set(d))
+    wrong = [f"{k} = {d[k]!r} (not {str(hints[k]).replace('typing.', '')})" for k in fields if k in d and not _is(d[k], hints[k])]
+    if extra or missing or wrong:
+        parts = [f"unknown keys {extra}"] * bool(extra) + [f"missing keys {missing}"] * bool(missing) + [f"wrong types: {'; '.join(wrong)}"] * bool(wrong)
+        raise BleepError(f"{where}: {', '.join(parts)}: the file is damaged or not from this version of bleep-rs")
 
 
 class BleepModel(nn.Module):
@@ -191,10 +255,20 @@ class BleepModel(nn.Module):
         n, nf = patches.shape[:2]
         flat = patches.reshape(n * nf, *patches.shape[2:])
         out = np.empty((len(views), n, self.feature_dim), np.float32)
+        several = len(views) > 1
+        bar = None
+        if progress and several:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
         for i, v in enumerate(views):
-            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress)
+            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
             with torch.no_grad():
                 out[i] = self.fuse(torch.from_numpy(f).view(n, nf, -1)).numpy()
+            if bar is not None:
+                bar.update(n * nf)
+        if bar is not None:
+            bar.close()
         return out
 
     @torch.no_grad()
@@ -251,7 +325,7 @@ def save_model(model: BleepModel, path: "os.PathLike[str] | str", *, history: Op
 
     path = Path(path)
     model.config.package_version = __version__
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix="") as tmp:
         tmp.mkdir()
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "bleep-rs.model"})
@@ -268,24 +342,41 @@ def load_model(path: "os.PathLike[str] | str", *, device: Optional[str] = None) 
 
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
-    if not cfg_file.exists() or not weights.exists():
+    if not cfg_file.is_file() or not weights.is_file():
         raise BleepError(f"{path}: not a bleep-rs model directory (needs config.json and model.safetensors)")
-    config = ModelConfig.from_json(cfg_file.read_text(), str(path))
+    try:
+        text = cfg_file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BleepError(f"{cfg_file}: unreadable ({e})") from e
+    config = ModelConfig.from_json(text, str(path))
     model = BleepModel(config, pretrained=False)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise BleepError(f"{weights}: unreadable ({e})") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise BleepError(f"{weights}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}: the file is damaged or from another model")
-    wrong = [k for k in expected if state[k].shape != expected[k].shape]
-    if wrong:
-        raise BleepError(f"{weights}: tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the config implies {tuple(expected[wrong[0]].shape)}")
+    problem = _weights_problem(state, model.state_dict())
+    if problem:
+        raise BleepError(f"{weights}: {problem}: the file is damaged or from another model")
     model.load_state_dict(state)
     model.eval()
     return model.to(device or "cpu")
+
+
+def _weights_problem(state: dict, expected: dict) -> Optional[str]:
+    """What keeps ``state`` from being loaded as ``expected`` (names, shapes, kinds, finiteness)."""
+    listed = lambda names: f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"  # noqa: E731
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return "; ".join([f"missing tensors {listed(missing)}"] * bool(missing) + [f"unexpected tensors {listed(unexpected)}"] * bool(unexpected))
+    for k, want in expected.items():
+        got = state[k]
+        if got.shape != want.shape:
+            return f"tensor {k} has shape {tuple(got.shape)}, the config implies {tuple(want.shape)}"
+        if got.dtype.is_floating_point != want.dtype.is_floating_point:
+            return f"tensor {k} holds {got.dtype} values, not {want.dtype}"
+        if got.dtype.is_floating_point and not torch.isfinite(got).all():
+            return f"tensor {k} holds NaN or infinite values"
+    return None
 
 
 def build_reference(

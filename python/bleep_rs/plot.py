@@ -10,7 +10,10 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["plot_genes"]
+__all__ = ["plot_genes", "FIGURE_SUFFIXES"]
+
+#: What matplotlib writes (it picks the format by the suffix).
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps", ".ps", ".webp")
 
 
 def _thumbnail(adata):
@@ -25,23 +28,25 @@ def _thumbnail(adata):
     return None, 1.0
 
 
-def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optional[float] = None) -> Path:
+def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optional[float] = None, overwrite: bool = False) -> Path:
     """Draws ``genes`` of a prediction AnnData (and of the measured section ``truth``, matched by spot id)
-    over the thumbnail; with ``truth`` also a bar chart of each gene's r. Writes a PNG (or PDF/SVG by
-    the suffix of ``out``)."""
+    over the thumbnail; with ``truth`` also a bar chart of each gene's r. Writes a PNG (or PDF, SVG ...
+    by the suffix of ``out``: :data:`FIGURE_SUFFIXES`); an existing file is an error unless ``overwrite``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import gene_correlations, measured_on
+    from ._atomic import atomic_path, check_output
+    from .evaluate import gene_correlations, measured_on, predicted_of
 
+    out = check_output(out, suffixes=FIGURE_SUFFIXES, overwrite=overwrite)
     genes = list(genes)
     unknown = [g for g in genes if g not in set(pred.var_names)]
     if unknown:
         raise BleepError(f"genes {unknown} are not in the prediction's panel (e.g. {list(pred.var_names[:5])})")
     cols = [list(pred.var_names).index(g) for g in genes]
-    predicted = np.asarray(pred.X)[:, cols]
+    predicted = predicted_of(pred)[:, cols]
     measured = measured_on(pred, truth)[:, cols] if truth is not None else None
     img, scale = _thumbnail(pred)
     xy = np.asarray(pred.obsm["spatial"]) * scale
@@ -71,7 +76,8 @@ def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optio
         vals = np.nan_to_num(r, nan=0.0)
         ax.barh(labels[::-1], vals[::-1], color=["#4c72b0" if v >= 0 else "#c44e52" for v in vals[::-1]])
         for i, v in enumerate(r[::-1]):
-            ax.text(0.01 if np.isnan(v) or v >= 0 else v - 0.01, i, "constant" if np.isnan(v) else f"{v:.2f}", va="center", fontsize=9, ha="left" if np.isnan(v) or v >= 0 else "right")
+            right = np.isnan(v) or v >= 0
+            ax.text(0.01 if right else v - 0.01, i, "constant" if np.isnan(v) else f"{v:.2f}", va="center", fontsize=9, ha="left" if right else "right")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel("Pearson r (measured vs predicted, across spots)")
         ax.set_title("per-gene correlation")
@@ -79,8 +85,7 @@ def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optio
         axes[-1][1].set_axis_off()
     fig.suptitle(f"{pred.uns.get('bleep', {}).get('library_id', '')}: measured and predicted expression", fontsize=13)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return out

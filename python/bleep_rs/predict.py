@@ -26,7 +26,10 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["model_id", "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch", "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard"]
+__all__ = [
+    "model_id", "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
+    "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard", "output_state", "slide_outputs",
+]
 
 
 def model_id(model) -> str:
@@ -44,7 +47,8 @@ def check_compatible(model, reference) -> None:
     """Raises when the reference was not built with this model (other weights or dimension). The
     reference's genes are its own (all it measured, by default), not the model's input panel."""
     if reference.dim != model.config.embedding_dim:
-        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: build the reference with this model (bleep-rs reference --model ...)")
+        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: "
+                         "build the reference with this model (bleep-rs reference --model ...)")
     built_with = reference.metadata.get("model_id")
     if not built_with:
         raise BleepError("the reference does not say which model embedded it (no model_id in its metadata): rebuild it with bleep-rs reference --model MODEL")
@@ -153,10 +157,8 @@ class Prefetch:
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():  # empty the queue so that a blocked put returns and sees the stop
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
         self._thread.join()
 
     def __enter__(self) -> "Prefetch":
@@ -174,13 +176,29 @@ def _encoder_batch(model) -> int:
     return CUDA_BATCH if model.device.type == "cuda" else CPU_BATCH
 
 
-def embed_jobs(model, jobs: Sequence[Callable[[], tuple]], *, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH,
+@contextlib.contextmanager
+def _naming(name: str):
+    """Errors inside as a BleepError that names the input (the slide or image), so that the one of
+    several slides that failed is known; one that names it already goes through as it is."""
+    try:
+        yield
+    except BleepError as e:
+        if name in str(e):
+            raise
+        raise BleepError(f"{name}: {e}") from e
+    except Exception as e:
+        raise BleepError(f"{name}: reading failed ({type(e).__name__}: {e})") from e
+
+
+def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH,
                precision: str = "auto", progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
-    """Image embeddings of several inputs through one pipeline. Each job, called in a background thread,
-    opens its input and returns ``(context, n, read)``; ``read(slice)`` returns the model's input for
-    those rows (the Rust readers release the interpreter). The thread opens the inputs and reads their
-    batches in order, up to ``queue_depth`` batches ahead of the encoder, across inputs: the next input
-    opens while the last batches of this one are encoded and while the caller works on its result.
+    """Image embeddings of several inputs through one pipeline. Each job is ``(name, open)``: ``open()``,
+    called in a background thread, opens the input and returns ``(context, n, read)``; ``read(slice)``
+    returns the model's input for those rows (the Rust readers release the interpreter). The thread
+    opens the inputs and reads their batches in order, up to ``queue_depth`` batches ahead of the
+    encoder, across inputs: the next input opens while the last batches of this one are encoded and
+    while the caller works on its result. An error in the thread is raised here as a BleepError naming
+    the input (see :func:`_naming`); the thread stops at the first error.
 
     Yields, per job: ``(context, embeddings (n, d), seconds, started)``; ``seconds`` has ``open``,
     ``read`` (both in the reader thread), ``engine`` (building the encoder's engine, while the first
@@ -192,13 +210,15 @@ def embed_jobs(model, jobs: Sequence[Callable[[], tuple]], *, batch_size: Option
     from .slide import _progress
 
     def produce():
-        for job in jobs:
+        for name, job in jobs:
             started = time.perf_counter()
-            context, n, read = job()
+            with _naming(name):
+                context, n, read = job()
             yield context, int(n), started, time.perf_counter() - started
             for s in range(0, n, bs):
                 t = time.perf_counter()
-                x = read(slice(s, min(s + bs, n)))
+                with _naming(name):
+                    x = read(slice(s, min(s + bs, n)))
                 yield x, time.perf_counter() - t
 
     with Prefetch(produce(), queue_depth) as ahead:
@@ -240,10 +260,10 @@ def _encode_batches(model, ahead: Prefetch, n: int, bs: int, precision: str, sec
     return out
 
 
-def embed_batches(model, n: int, read: Callable[[slice], np.ndarray], **kwargs) -> tuple:
-    """Image embeddings (n, d) of one input that ``read(slice)`` returns batch by batch (see
+def embed_batches(model, n: int, read: Callable[[slice], np.ndarray], *, name: str = "input", **kwargs) -> tuple:
+    """Image embeddings (n, d) of one input, ``name``, that ``read(slice)`` returns batch by batch (see
     :func:`embed_jobs`, which takes the same keywords). Returns the embeddings and the stage seconds."""
-    jobs = [lambda: (None, n, read)]
+    jobs = [(name, lambda: (None, n, read))]
     with contextlib.closing(embed_jobs(model, jobs, **kwargs)) as steps:
         _, emb, seconds, _ = next(steps)
     return emb, seconds
@@ -276,7 +296,8 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
         read = lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view, slide=slide)  # noqa: E731
         return None, section.n_obs, read
 
-    steps = embed_jobs(model, [open_section], batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress)
+    name = str(info.get("image_path") or info.get("library_id", "section"))
+    steps = embed_jobs(model, [(name, open_section)], batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress)
     with contextlib.closing(steps):
         _, emb, seconds, started = next(steps)
     t = time.perf_counter()
@@ -384,7 +405,7 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
     totals overlap)."""
     check_compatible(model, reference)
     k, method = _retrieval(model, k, method)
-    jobs = [functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run) for p in paths]
+    jobs = [(str(p), functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run)) for p in paths]
     steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress,
                        desc="tiles" if bin_um is None and hd_run is None else "bins")
     with contextlib.closing(steps):
@@ -403,7 +424,8 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     """A slide's prediction as AnnData, with its provenance."""
     cfg, slide, grid, thumb = model.config, opened.slide, opened.grid, opened.thumbnail
     lib = Path(opened.path).stem
-    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}, "metadata": {"layout": "slide"}}}
+    factors = {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}
+    spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": opened.target_um_per_px, "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
@@ -432,17 +454,13 @@ def predict_slide(model, reference, path, **kwargs):
 def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
     """Writes an .h5ad atomically (temporary file beside it, then rename); an existing file is an error
     unless ``overwrite``."""
+    from ._atomic import atomic_path
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -464,10 +482,19 @@ FORMATS = ("h5ad", "zarr")
 
 
 def prediction_format(path: "os.PathLike[str] | str", fmt: Optional[str] = None) -> str:
-    """The output format: ``fmt`` when given, else "zarr" for a path ending in .zarr, else "h5ad"."""
+    """The format of a prediction file: its suffix, "h5ad" (PRED.h5ad) or "zarr" (PRED.zarr, a
+    SpatialData store), which ``fmt`` must agree with when given; ``fmt`` names the format of a name
+    without a suffix. Any other suffix is an error."""
     if fmt is not None and fmt not in FORMATS:
         raise BleepError(f"--format must be one of {FORMATS}, not {fmt!r}")
-    return fmt or ("zarr" if str(path).rstrip("/").endswith(".zarr") else "h5ad")
+    suffix = Path(str(path).rstrip("/")).suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        if fmt is not None and fmt != suffix:
+            raise BleepError(f"--format {fmt} but --out {path} ends in .{suffix}: drop --format or rename --out")
+        return suffix
+    if fmt is not None and not suffix:
+        return fmt
+    raise BleepError(f"--out {path}: name the prediction PRED.h5ad or PRED.zarr (a SpatialData store), or give --format with a name without suffix")
 
 
 def write_prediction(adata, path: "os.PathLike[str] | str", *, fmt: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -496,17 +523,43 @@ def read_prediction(path: "os.PathLike[str] | str"):
         raise BleepError(f"{path}: not a readable .h5ad ({e})") from e
 
 
-def is_complete(path: Path) -> bool:
-    """Whether an output exists and was written whole (atomic writes make a present file complete;
-    a file that cannot be read or lacks the completion mark is redone)."""
+def output_state(path: Path) -> str:
+    """What is at an output path: "absent"; "complete" or "incomplete" for a prediction bleep-rs wrote
+    (with or without its completion mark); "foreign" for anything else (a file bleep-rs did not write,
+    or one it cannot read), which only ``--overwrite`` may replace."""
     if not path.exists():
-        return False
+        return "absent"
     if path.is_dir():  # a zarr store, renamed into place once written
-        return (path / "tables" / "table").is_dir()
+        bleep = path / "tables" / "table" / "uns" / "bleep"
+        if not (bleep / "mode").exists():
+            return "foreign"
+        return "complete" if (bleep / "complete").exists() else "incomplete"
     try:
         import h5py
 
         with h5py.File(path, "r") as f:
-            return "bleep" in f["uns"] and "complete" in f["uns"]["bleep"]
-    except (OSError, KeyError):
-        return False
+            bleep = f.get("uns/bleep")
+            if bleep is None or "mode" not in bleep:
+                return "foreign"
+            return "complete" if "complete" in bleep else "incomplete"
+    except (OSError, KeyError, TypeError):
+        return "foreign"
+
+
+def slide_outputs(slides: Sequence, out: Path, fmt: str, *, overwrite: bool) -> dict:
+    """The output of each of several slides, ``out/STEM.FMT``, checked before any work: two slides of one
+    file name are an error naming both, and so is an existing file that bleep-rs did not write (unless
+    ``overwrite``)."""
+    if out.suffix.lower() in (".h5ad", ".zarr") or (out.exists() and not out.is_dir()):
+        raise BleepError(f"--out {out}: with several slides --out is a folder (one STEM.{fmt} per slide in it)")
+    outputs: dict = {}
+    for slide in slides:
+        target = out / f"{Path(slide).stem}.{fmt}"
+        if target in outputs.values():
+            first = next(s for s, t in outputs.items() if t == target)
+            raise BleepError(f"slides {first} and {slide} would both be written to {target}: outputs are named by the slide's file name; rename or link one")
+        outputs[slide] = target
+    foreign = [str(t) for t in outputs.values() if output_state(t) == "foreign"]
+    if foreign and not overwrite:
+        raise BleepError(f"{len(foreign)} outputs exist and are not bleep-rs predictions ({foreign[:3]}): move them, choose another --out, or pass --overwrite")
+    return outputs

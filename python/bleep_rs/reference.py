@@ -111,10 +111,14 @@ class Reference:
         return cls(ReferenceCore.load(path, threads=threads))
 
     def save(self, path: PathLike) -> None:
-        """Write the reference to ``path`` (a temporary file beside it, then renamed: never half-written)."""
+        """Write the reference to ``path`` (a temporary file beside it, then renamed: never half-written;
+        what a killed earlier save left behind is removed first)."""
+        from ._atomic import remove_stale
+
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise BleepError(f"{path}: the folder {path.parent} does not exist")
+        remove_stale(path)  # the core names its temporary .NAME.PID.tmp, as _atomic does
         self._core.save(path)
 
     # ---- what it holds ----------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_path
 from ._core import BleepError
 
 __all__ = ["to_spatialdata", "write_zarr", "read_table"]
@@ -111,18 +111,8 @@ def write_zarr(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False
     if path.exists() and not overwrite:
         raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
     sdata = to_spatialdata(adata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.zarr")
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
-    try:
+    with atomic_path(path, suffix=".zarr") as tmp:
         sdata.write(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
     return path
 
 

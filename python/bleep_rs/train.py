@@ -9,7 +9,7 @@ fields of view around each spot (the spot patch and crops of 2x and 3x its side)
 and its features of the eight dihedral views of every patch are computed once (and cached on disk), the
 heads train on a random view per spot and step, and inference averages the eight views' embeddings.
 
-One GPU, several (``torchrun --nproc_per_node N -m bleep_rs.train ...``: DistributedDataParallel, the loss
+One GPU, several (``torchrun --nproc_per_node N -m bleep_rs train ...``: DistributedDataParallel, the loss
 on each device's own batch as the paper did, or across all devices with ``gather=True``), or a CPU.
 """
 
@@ -31,8 +31,8 @@ import torch
 
 from ._core import BleepError
 from .augment import N_VIEWS, random_views
-from .expression import Panel, choose_panel, panel_expression
 from .config import LOSSES, TrainConfig
+from .expression import Panel, choose_panel, panel_expression
 from .loss import bleep_loss, clip_loss
 from .model import BleepModel, ModelConfig, save_model
 
@@ -138,7 +138,7 @@ FEATURE_CACHE_VERSION = 1
 def _cache_dir(config: TrainConfig) -> Optional[Path]:
     from .encode import cache_dir
 
-    if str(config.cache_dir).lower() == "none":
+    if config.cache_dir is not None and str(config.cache_dir).lower() == "none":
         return None
     return Path(config.cache_dir or cache_dir()) / "features"
 
@@ -186,9 +186,8 @@ def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px
         from ._atomic import atomic_path
 
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feats, allow_pickle=False)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, feats, allow_pickle=False)
     return feats
 
 
@@ -477,7 +476,9 @@ def train(
         order = train_idx[np.random.default_rng(cfg.seed + epoch).permutation(len(train_idx))]
         train_loss = trainer.epoch(order)
         val_loss = trainer.evaluate(val_idx) if len(val_idx) >= 2 else train_loss
-        improved = bool(np.isfinite(val_loss) and val_loss < state["best"])
+        # Without a validation split the loss is the one measured during the epoch's updates, before its
+        # last step: weights that step made non-finite must not count as an improvement.
+        improved = bool(np.isfinite(val_loss) and val_loss < state["best"] and _finite_weights(model))
         state.update(epoch=epoch + 1, stale=0 if improved else state["stale"] + 1)
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         if improved:
@@ -505,6 +506,10 @@ def train(
     return load_model(out, device=str(device))
 
 
+def _finite_weights(model: BleepModel) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
 def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path, state: dict) -> None:
     """Writes the best epoch's model (with its history) and removes the checkpoints; a run in which no
     epoch gave a finite validation loss writes nothing and says why."""
@@ -517,7 +522,7 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
         losses = [h["val_loss"] for h in state["history"]]
         shutil.rmtree(ckpt, ignore_errors=True)
         raise BleepError(
-            f"training gave no model: {len(losses)} epochs ran and none had a finite validation loss (last: {losses[-1:] or 'none'}); "
+            f"training gave no model: {len(losses)} epochs ran and none ended with a finite loss and finite weights (losses: {losses[-3:] or 'none'}); "
             "check the inputs for NaN, lower --lr, or raise --epochs"
         )
     model.load_state_dict(best_state)
@@ -525,13 +530,3 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(best_ckpt, ignore_errors=True)
 
-
-def main(argv=None):
-    """``python -m bleep_rs.train SECTION ... --out DIR`` (what ``torchrun`` launches)."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    main()

@@ -175,24 +175,98 @@ def image_metadata(slide) -> List[Tuple[float, str]]:
     return [(slide.um_per_px, f"{os.path.basename(slide.path)} ({slide.um_per_px_source})")]
 
 
-def counts_problem(X) -> Optional[str]:
-    """Why ``X`` is not a matrix of raw counts (None when it is): negative or non-integer values,
-    within a rounding tolerance of 1e-3."""
+def _cell(X, spot_ids, genes, k: int) -> str:
+    """The spot and gene of the ``k``-th stored value of ``X`` (of ``X.data`` when sparse, else of the
+    flattened array)."""
     import scipy.sparse as sp
 
-    values = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if sp.issparse(X):
+        X = X.tocsr() if X.format != "csr" else X
+        row, col = int(np.searchsorted(X.indptr, k, side="right") - 1), int(X.indices[k])
+    else:
+        row, col = (int(i) for i in np.unravel_index(k, np.shape(X)))
+    spot = f"spot {spot_ids[row]!r}" if spot_ids is not None else f"row {row}"
+    gene = f"gene {genes[col]!r}" if genes is not None else f"column {col}"
+    return f"{spot}, {gene}"
+
+
+def _values(X):
+    import scipy.sparse as sp
+
+    if sp.issparse(X):
+        X = X.tocsr() if X.format != "csr" else X
+        return X, X.data
+    X = np.asarray(X)
+    return X, X.ravel()
+
+
+def nonfinite_problem(X, spot_ids=None, genes=None) -> Optional[str]:
+    """Where ``X`` holds NaN or infinite values (None when it holds none)."""
+    X, values = _values(X)
+    if values.dtype.kind in "iub":
+        return None
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    k = int(np.argmin(finite))
+    return f"{int((~finite).sum())} NaN or infinite values (e.g. {values[k]} at {_cell(X, spot_ids, genes, k)})"
+
+
+def check_finite(X, where: str, spot_ids=None, genes=None) -> None:
+    """Raises when the expression ``X`` holds NaN or infinite values: one would silently zero its spot."""
+    problem = nonfinite_problem(X, spot_ids, genes)
+    if problem:
+        raise BleepError(f"{where}: the expression holds {problem}: fix or drop that spot")
+
+
+def counts_problem(X, spot_ids=None, genes=None) -> Optional[str]:
+    """Why ``X`` is not a matrix of raw counts (None when it is): NaN, infinite, negative or non-integer
+    values (within a rounding tolerance of 1e-3), each named by its spot and gene when given."""
+    X, values = _values(X)
     if values.size == 0:
         return None
+    problem = nonfinite_problem(X, spot_ids, genes)
+    if problem:
+        return f"it holds {problem}"
     values = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        return "it holds NaN or infinite values"
     if values.min() < 0:
-        return f"it holds negative values (min {values.min():.3g})"
+        k = int(np.argmin(values))
+        return f"it holds negative values (e.g. {values[k]:.3g} at {_cell(X, spot_ids, genes, k)})"
     frac = np.abs(values - np.round(values))
     if frac.max() > 1e-3:
-        example = values[np.argmax(frac)]
-        return f"it holds non-integer values (e.g. {example:.4g}): it looks normalised or log-transformed"
+        k = int(np.argmax(frac))
+        return f"it holds non-integer values (e.g. {values[k]:.4g} at {_cell(X, spot_ids, genes, k)}): it looks normalised or log-transformed"
     return None
+
+
+def as_matrix(counts, spot_ids: Sequence[str], genes: Sequence[str], where: str):
+    """``counts`` as CSR float32; a value that is not a number is an error naming its spot and gene."""
+    import scipy.sparse as sp
+
+    shape = np.shape(counts) if not sp.issparse(counts) else counts.shape
+    if len(shape) != 2 or shape != (len(spot_ids), len(genes)):
+        raise BleepError(f"{where}: the expression is {shape}, not spots x genes ({len(spot_ids)} x {len(genes)})")
+    try:
+        return sp.csr_matrix(counts, dtype=np.float32)
+    except (TypeError, ValueError):
+        pass
+    X, values = _values(counts)
+    for k, v in enumerate(values):
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            raise BleepError(f"{where}: the expression holds {v!r}, not a number, at {_cell(X, spot_ids, genes, k)}: bleep-rs needs raw UMI counts") from None
+    raise BleepError(f"{where}: the expression ({values.dtype}) is not numbers: bleep-rs needs raw UMI counts")
+
+
+def check_unique(names: Sequence[str], what: str, where, fix: str) -> None:
+    """Raises when ``names`` repeat, naming the first repeats."""
+    import pandas as pd
+
+    index = pd.Index([str(n) for n in names])
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()[:3].tolist()
+        raise BleepError(f"{where}: duplicated {what} ({dup} ...): {fix}")
 
 
 def _check_positions(pixel_xy: np.ndarray, spot_ids: Sequence[str], where: str) -> None:
@@ -203,15 +277,6 @@ def _check_positions(pixel_xy: np.ndarray, spot_ids: Sequence[str], where: str) 
             f"{where}: {int(bad.sum())} of {len(pixel_xy)} spots have no position (NaN or infinite "
             f"coordinates, e.g. {first}): drop those spots or fix their coordinates"
         )
-
-
-def _check_unique(names: Sequence[str], what: str, where: str, fix: str) -> None:
-    import pandas as pd
-
-    index = pd.Index(names)
-    if not index.is_unique:
-        dup = index[index.duplicated()].unique()[:3].tolist()
-        raise BleepError(f"{where}: duplicated {what} ({dup} ...): {fix}")
 
 
 def _check_image_scale(image: np.ndarray, scalef: float, pixel_xy: np.ndarray, key: str, where: str) -> None:
@@ -257,20 +322,19 @@ def build(
     ``duplicate_genes``: "error", or "unique" to suffix repeats (-1, -2 ...) as 10x readers do."""
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
     spot_ids = [str(s) for s in spot_ids]
     pixel_xy = np.asarray(pixel_xy, dtype=np.float64).reshape(-1, 2)
     if len(spot_ids) == 0:
         raise BleepError(f"{where}: no spots (none is both counted and under tissue)")
-    _check_unique(spot_ids, "spot ids", where, "each spot needs its own id (adata.obs_names_make_unique() if they are distinct spots)")
+    check_unique(spot_ids, "spot ids", where, "each spot needs its own id (adata.obs_names_make_unique() if they are distinct spots)")
     _check_positions(pixel_xy, spot_ids, where)
     genes = [str(g) for g in genes]
     if duplicate_genes == "unique" and len(set(genes)) < len(genes):
         genes = list(ad.utils.make_index_unique(pd.Index(genes)))
-    _check_unique(genes, "gene names", where, "make them unique (adata.var_names_make_unique()) or drop the repeats")
-    X = sp.csr_matrix(counts, dtype=np.float32)
-    problem = counts_problem(X) if check_counts else None
+    check_unique(genes, "gene names", where, "make them unique (adata.var_names_make_unique()) or drop the repeats")
+    X = as_matrix(counts, spot_ids, genes, where)
+    problem = counts_problem(X, spot_ids, genes) if check_counts else None
     if problem:
         raise BleepError(f"{where}: the expression is not raw counts: {problem}. bleep-rs needs raw UMI counts")
     image = None if slide is None else slide.path

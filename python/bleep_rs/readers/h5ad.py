@@ -10,6 +10,7 @@ import numpy as np
 
 from .._core import BleepError
 from ._common import build, counts_problem, image_metadata, infer_platform, open_image, pitch_estimate, resolve_um_per_px
+from ._files import metadata_number
 
 
 def _matrix(src, layer: Optional[str], where: str):
@@ -94,7 +95,7 @@ def read_anndata(
             raise BleepError(f'{where}: obsm["spatial"] must be (n_spots, 2) = (x, y), not {pixel_xy.shape}')
         pixel_xy = pixel_xy[:, :2]
     X, genes, layer = _matrix(src, layer, where)
-    problem = counts_problem(_sparse(X)) if check_counts else None
+    problem = counts_problem(_sparse(X), src.obs_names, genes) if check_counts else None
     if problem:
         what = layer if layer in ("X", "raw") else f"layer {layer!r}"
         raise BleepError(f"{where}: {what} is not raw counts: {problem}{_counts_fix(src, layer)}")
@@ -103,19 +104,20 @@ def read_anndata(
     has_array = {"array_row", "array_col"} <= set(src.obs)
     array_rc = src.obs[["array_row", "array_col"]].to_numpy() if has_array else None
     scalef = dict(entry.get("scalefactors") or {})
-    bin_um = scalef.get("bin_size_um") or bleep.get("bin_um")
+    where_sf = f"{where} (uns['spatial'][{lib!r}]['scalefactors'])"
+    bin_um = metadata_number(scalef, "bin_size_um", where_sf) or metadata_number(bleep, "bin_um", f"{where} (uns['bleep'])")
     plat, plat_source = infer_platform(where, _stated_platforms(src, platform, entry, stated), array_rc, bin_um)
     sizes = list(metadata)
-    if "um_per_px" in bleep:
-        sizes.insert(0, (float(bleep["um_per_px"]), 'uns["bleep"]["um_per_px"]'))
-    if "microns_per_pixel" in scalef:
-        sizes.append((float(scalef["microns_per_pixel"]), "scalefactors (microns_per_pixel)"))
+    if (stated_um := metadata_number(bleep, "um_per_px", f"{where} (uns['bleep'])")) is not None:
+        sizes.insert(0, (stated_um, 'uns["bleep"]["um_per_px"]'))
+    if (stated_um := metadata_number(scalef, "microns_per_pixel", where_sf)) is not None:
+        sizes.append((stated_um, "scalefactors (microns_per_pixel)"))
     slide = open_image(image)
     um = resolve_um_per_px(um_per_px, sizes + image_metadata(slide), pitch_estimate(array_rc, pixel_xy, plat), where)
     images = {}
     for key, picture in (entry.get("images") or {}).items():
-        if f"tissue_{key}_scalef" in scalef:
-            images[key] = (np.asarray(picture), float(scalef[f"tissue_{key}_scalef"]))
+        if (factor := metadata_number(scalef, f"tissue_{key}_scalef", where_sf)) is not None:
+            images[key] = (np.asarray(picture), factor)
     scalef.pop("spot_diameter_fullres", None)  # other tools state it for other diameters: ours follows the platform
     in_tissue = src.obs["in_tissue"].to_numpy() if "in_tissue" in src.obs else None
     kept = {k: str(v) for k, v in meta.items() if k != "source_image_path" and isinstance(v, (str, bytes, np.ndarray))}

@@ -15,7 +15,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .._atomic import atomic_path
 from .._core import BleepError
+from ._files import metadata_number, read_json
 
 #: HEST's ``st_technology`` -> bleep-rs platform.
 TECHNOLOGIES = {"Visium": "visium", "Spatial Transcriptomics": "legacy-st", "Visium HD": "visium-hd"}
@@ -58,27 +60,22 @@ def read_hest(root, sample: str, *, image=None, um_per_px: Optional[float] = Non
         known = hest_samples(root)
         raise BleepError(f"{root}: no sample {sample!r} (no st/{sample}.h5ad; the folder has {known[:8]}{' ...' if len(known) > 8 else ''})")
     meta_file = root / "metadata" / f"{sample}.json"
-    meta = {}
-    if meta_file.exists():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except ValueError as e:
-            raise BleepError(f"{meta_file}: not valid JSON ({e}): download it again") from e
+    meta = read_json(meta_file, f"HEST's metadata of {sample}: download it again", required=False)
     wsi = root / "wsis" / f"{sample}.tif"
     if image is None:
         if not wsi.exists():
             raise BleepError(f"{st}: HEST sample without its image: {wsi} is missing (download the wsis/ of {sample}, or pass image=)")
         image = wsi
     tech = meta.get("st_technology")
-    if tech and tech not in TECHNOLOGIES:
+    if tech is not None and (not isinstance(tech, str) or tech not in TECHNOLOGIES):
         raise BleepError(f"{meta_file}: st_technology {tech!r} is not a spot platform bleep-rs reads ({', '.join(TECHNOLOGIES)})")
-    sizes = [(meta.get(k), f"{meta_file.name} ({k})") for k in ("pixel_size_um_estimated", "pixel_size_um_embedded")]
-    sizes = [(float(v), s) for v, s in sizes if isinstance(v, (int, float))]
+    sizes = [(metadata_number(meta, k, meta_file), f"{meta_file.name} ({k})") for k in ("pixel_size_um_estimated", "pixel_size_um_embedded")]
+    sizes = [(v, s) for v, s in sizes if v is not None]
     patches = root / "patches" / f"{sample}.h5"
     extra = {"hest_sample": sample, "hest_root": str(root.resolve())}
     if patches.exists():
         extra["patches_h5"] = str(patches.resolve())
-    bin_um = meta.get("inter_spot_dist") if TECHNOLOGIES.get(tech) == "visium-hd" else None
+    bin_um = metadata_number(meta, "inter_spot_dist", meta_file) if TECHNOLOGIES.get(tech) == "visium-hd" else None
     adata = read_h5ad(
         st, image=image, um_per_px=um_per_px, platform=platform, library_id=library_id or sample, layer=layer,
         stated=[(TECHNOLOGIES.get(tech), f"{meta_file.name} (st_technology {tech!r})")], metadata=sizes,
@@ -165,7 +162,8 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
     for sub in ("st", "wsis", "metadata", "patches"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     slide = Slide(info["image_path"], um_per_px=um)
-    _write_pyramid(root / "wsis" / f"{sample_id}.tif", slide, um)
+    with atomic_path(root / "wsis" / f"{sample_id}.tif") as tmp:
+        _write_pyramid(tmp, slide, um)
     xy = np.asarray(section.obsm["spatial"], dtype=np.float64)
     obs = pd.DataFrame(
         {"in_tissue": section.obs["in_tissue"].to_numpy(), "array_row": section.obs["array_row"].to_numpy(),
@@ -180,19 +178,21 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
         "images": {"downscaled_fullres": thumb},
         "scalefactors": {"spot_diameter_fullres": diameter / um, "tissue_downscaled_fullres_scalef": thumb.shape[1] / w},
     }}
-    st.write_h5ad(root / "st" / f"{sample_id}.h5ad")
+    with atomic_path(root / "st" / f"{sample_id}.h5ad") as tmp:
+        st.write_h5ad(tmp)
     meta = {
         "id": sample_id, "st_technology": tech, "pixel_size_um_estimated": um,
         "pixel_size_um_embedded": slide.um_per_px, "inter_spot_dist": pitch, "spot_diameter": diameter,
         "fullres_px_width": w, "fullres_px_height": h, "spots_under_tissue": int(section.n_obs),
         "adata_nb_col": int(section.n_vars),
     }
-    (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(meta))
+    with atomic_path(root / "metadata" / f"{sample_id}.json") as tmp:
+        tmp.write_text(json.dumps(meta))
     if patches:
         src_size = round(patch_size * patch_um_per_px / um)
         topleft = np.round(xy - src_size // 2).astype(np.int64)
         img = slide.read_patches(topleft.astype(np.float64), patch_size, patch_um_per_px)
-        with h5py.File(root / "patches" / f"{sample_id}.h5", "w") as f:
+        with atomic_path(root / "patches" / f"{sample_id}.h5") as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("img", data=img, chunks=(1, patch_size, patch_size, 3))
             f.create_dataset("coords", data=topleft)
             f.create_dataset("barcode", data=np.array([[s] for s in section.obs_names], dtype=object), dtype=h5py.string_dtype("utf-8"))

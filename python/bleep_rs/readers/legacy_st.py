@@ -3,36 +3,37 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .._core import BleepError
-from ._common import build, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+from ._common import build, check_unique, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+from ._files import flags, metadata_number, numbers, read_json, read_table
 
 
 def read_legacy_st(path, *, um_per_px: Optional[float] = None, image=None, library_id: Optional[str] = None):
     """A legacy ST section folder: the spots that are both counted and under tissue."""
-    import pandas as pd
-
     path = Path(path)
     where = str(path)
-    counts = pd.read_csv(path / "counts.tsv.gz", sep="\t", index_col=0)
-    spots = pd.read_csv(path / "spots.tsv", sep="\t", index_col=0)
+    counts = read_table(path / "counts.tsv.gz", "gzip-compressed, tab-separated counts: spots x genes", sep="\t", index_col=0)
+    spots = read_table(path / "spots.tsv", "tab-separated spot table: id, x, y, pixel_x, pixel_y, selected", sep="\t", index_col=0)
     missing = {"x", "y", "pixel_x", "pixel_y", "selected"} - set(spots.columns)
     if missing:
         raise BleepError(f"{path / 'spots.tsv'}: missing columns {sorted(missing)} (id, x, y, pixel_x, pixel_y, selected)")
-    spots = spots[spots["selected"] == 1]
+    check_unique(counts.index, "spot ids", path / "counts.tsv.gz", "each row must be one spot")
+    check_unique(spots.index, "spot ids", path / "spots.tsv", "each row must be one spot")
+    spots = spots[flags(spots, "selected", path / "spots.tsv")]
     selected = set(spots.index.astype(str))
     keep = [s for s in counts.index.astype(str) if s in selected]
     counts, spots = counts.loc[keep], spots.loc[keep]
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    meta = read_json(path / "meta.json", "the section's metadata: um_per_px, source, license", required=False)
     image = image or (str(path / "image.jpg") if (path / "image.jpg").exists() else None)
-    array_rc = spots[["y", "x"]].to_numpy()
-    pixel_xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-    metadata = [(meta["um_per_px"], "meta.json (um_per_px)")] if "um_per_px" in meta else []
+    array_rc = numbers(spots, ["y", "x"], path / "spots.tsv", whole=True).astype(np.int64)
+    pixel_xy = numbers(spots, ["pixel_x", "pixel_y"], path / "spots.tsv")
+    stated = metadata_number(meta, "um_per_px", path / "meta.json")
+    metadata = [(stated, "meta.json (um_per_px)")] if stated is not None else []
     slide = open_image(image)
     plat = platform("legacy-st")
     um = resolve_um_per_px(um_per_px, metadata + image_metadata(slide), pitch_estimate(array_rc, pixel_xy, plat), where)
@@ -40,5 +41,5 @@ def read_legacy_st(path, *, um_per_px: Optional[float] = None, image=None, libra
         counts.to_numpy(), counts.columns, keep, array_rc, pixel_xy, None,
         where=where, layout="legacy-st", library_id=library_id or path.name, plat=plat,
         platform_source="a legacy ST folder", um_per_px=um, slide=slide,
-        metadata={k: meta[k] for k in ("source", "license") if k in meta},
+        metadata={k: str(meta[k]) for k in ("source", "license") if k in meta},
     )

@@ -4,7 +4,6 @@ them."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -12,7 +11,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .._core import BleepError
-from ._common import build, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+from ._common import build, check_unique, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+from ._files import flags, metadata_number, numbers, read_json, read_table
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
@@ -31,45 +31,84 @@ def read_positions(spatial: Path):
                 df = pd.read_parquet(f)
             except ImportError as e:
                 raise BleepError(f"{f}: reading parquet positions needs pyarrow: pip install 'bleep-rs[parquet]'") from e
+            except Exception as e:  # pyarrow raises its own kinds for a damaged file
+                raise BleepError(f"{f}: not a readable parquet file ({e})") from e
         else:
-            with open(f) as fh:
-                first = fh.readline()
-            has_header = first.split(",")[0].strip().lower() == "barcode"
-            df = pd.read_csv(f, header=0 if has_header else None, names=None if has_header else POSITION_COLUMNS)
+            first = read_table(f, "Space Ranger tissue positions", header=None, nrows=1, dtype=str)
+            has_header = str(first.iloc[0, 0]).strip().lower() == "barcode"
+            df = read_table(f, "Space Ranger tissue positions", header=0 if has_header else None, names=None if has_header else POSITION_COLUMNS)
         missing = set(POSITION_COLUMNS) - set(df.columns)
         if missing:
             raise BleepError(f"{f}: not Space Ranger tissue positions (missing columns {sorted(missing)})")
-        return df.set_index(df["barcode"].astype(str)), f
+        df = df.set_index(df["barcode"].astype(str))
+        check_unique(df.index, "barcodes", f, "each row must be one spot")
+        df["in_tissue"] = flags(df, "in_tissue", f).astype(np.int64)
+        df[POSITION_COLUMNS[2:4]] = numbers(df, POSITION_COLUMNS[2:4], f, whole=True).astype(np.int64)
+        df[POSITION_COLUMNS[4:]] = numbers(df, POSITION_COLUMNS[4:], f)
+        return df, f
     raise BleepError(f"{spatial}: no tissue_positions.parquet, tissue_positions.csv or tissue_positions_list.csv")
 
 
 def _text(value) -> str:
     value = np.asarray(value).ravel()[0] if isinstance(value, np.ndarray) else value
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _strings(group, name: str, n: int, f: Path) -> list:
+    """The ``n`` strings of dataset ``name``."""
+    values = np.asarray(group[name][()]).ravel()
+    if values.dtype.kind not in "SUO" or len(values) != n:
+        raise BleepError(f"{f}: {group.name}/{name} must be {n} strings, not {len(values)} {values.dtype} values: the matrix is damaged")
+    return [_text(v) for v in values]
+
+
+def _sparse_matrix(m, f: Path):
+    """The genes x barcodes CSC matrix of a 10x ``matrix`` group, checked before scipy sees it (an index
+    past the genes would make it allocate without bound)."""
+    import scipy.sparse as sp
+
+    shape = np.asarray(m["shape"][()]).ravel()
+    if shape.dtype.kind not in "iu" or len(shape) != 2 or (shape < 0).any():
+        raise BleepError(f"{f}: matrix/shape must be two counts (genes, barcodes), not {shape.tolist()}")
+    n_genes, n_barcodes = (int(v) for v in shape)
+    data, indices, indptr = (np.asarray(m[k][()]).ravel() for k in ("data", "indices", "indptr"))
+    problem = None
+    if data.dtype.kind not in "iuf" or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        problem = f"data ({data.dtype}), indices ({indices.dtype}) and indptr ({indptr.dtype}) must be numbers"
+    elif len(indptr) != n_barcodes + 1:
+        problem = f"indptr has {len(indptr)} entries for {n_barcodes} barcodes (shape {shape.tolist()})"
+    elif len(indices) != len(data):
+        problem = f"{len(indices)} indices for {len(data)} values"
+    elif indptr[0] != 0 or indptr[-1] != len(data) or (np.diff(indptr) < 0).any():
+        problem = f"indptr must rise from 0 to {len(data)}"
+    elif len(indices) and (indices.min() < 0 or indices.max() >= n_genes):
+        problem = f"gene indices must lie in 0..{n_genes - 1} (found {indices.min()}..{indices.max()})"
+    if problem:
+        raise BleepError(f"{f}: an inconsistent feature-barcode matrix ({problem}): the file is damaged; copy it again from the Space Ranger outs/")
+    return sp.csc_matrix((data, indices.astype(np.int64), indptr.astype(np.int64)), shape=(n_genes, n_barcodes))
 
 
 def read_10x_h5(f: Path):
     """(X spots x genes CSR, gene names, gene ids, barcodes, file attributes) of the gene-expression
     features of a 10x feature-barcode matrix."""
     import h5py
-    import scipy.sparse as sp
 
     if not f.exists():
         raise BleepError(f"{f}: no such file: a Space Ranger folder has filtered_feature_bc_matrix.h5")
     try:
         with h5py.File(f, "r") as h5:
             m = h5["matrix"]
-            shape = tuple(m["shape"][()])
             # Stored genes x barcodes, compressed by barcode (CSC of genes x spots).
-            X = sp.csc_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=shape).T.tocsr()
-            barcodes = [b.decode() for b in m["barcodes"][()]]
+            X = _sparse_matrix(m, f).T.tocsr()
+            n_genes, n_barcodes = X.shape[1], X.shape[0]
+            barcodes = _strings(m, "barcodes", n_barcodes, f)
             feats = m["features"]
-            names = [b.decode() for b in feats["name"][()]]
-            ids = [b.decode() for b in feats["id"][()]] if "id" in feats else names
-            kinds = [b.decode() for b in feats["feature_type"][()]] if "feature_type" in feats else ["Gene Expression"] * len(names)
+            names = _strings(feats, "name", n_genes, f)
+            ids = _strings(feats, "id", n_genes, f) if "id" in feats else names
+            kinds = _strings(feats, "feature_type", n_genes, f) if "feature_type" in feats else ["Gene Expression"] * n_genes
             attrs = {k: _text(v) if k != "library_ids" else [_text(x) for x in np.asarray(v).ravel()] for k, v in h5.attrs.items()}
-    except (OSError, KeyError) as e:
-        raise BleepError(f"{f}: not a readable 10x feature-barcode matrix ({e})") from e
+    except (OSError, KeyError, TypeError, ValueError) as e:  # h5py: damaged file, missing or unreadable dataset
+        raise BleepError(f"{f}: not a readable 10x feature-barcode matrix ({type(e).__name__}: {e})") from e
     genes = np.array([k == "Gene Expression" for k in kinds])
     pick = lambda values: [v for v, g in zip(values, genes) if g]  # noqa: E731
     return X[:, genes], pick(names), pick(ids), barcodes, attrs
@@ -100,9 +139,10 @@ def read_images(spatial: Path, scalef: dict, where: str) -> Dict[str, Tuple[np.n
         f = spatial / f"tissue_{key}_image.png"
         if not f.exists():
             continue
-        if f"tissue_{key}_scalef" not in scalef:
+        factor = metadata_number(scalef, f"tissue_{key}_scalef", spatial / "scalefactors_json.json")
+        if factor is None:
             raise BleepError(f"{where}: {f.name} exists but scalefactors_json.json has no tissue_{key}_scalef")
-        images[key] = (Slide(f).thumbnail(10**6), float(scalef[f"tissue_{key}_scalef"]))
+        images[key] = (Slide(f).thumbnail(10**6), factor)
     return images
 
 
@@ -124,10 +164,7 @@ def read_counts_and_positions(path: Path):
     spatial = path / "spatial"
     X, genes, gene_ids, barcodes, attrs = read_10x_h5(path / "filtered_feature_bc_matrix.h5")
     positions, pos_file = read_positions(spatial)
-    sf_file = spatial / "scalefactors_json.json"
-    if not sf_file.exists():
-        raise BleepError(f"{sf_file}: missing: Space Ranger writes it beside the tissue positions")
-    scalef = json.loads(sf_file.read_text())
+    scalef = read_json(spatial / "scalefactors_json.json", "Space Ranger writes it beside the tissue positions")
     in_tissue = positions["in_tissue"].reindex(barcodes).to_numpy()
     keep = np.flatnonzero(in_tissue == 1)
     unplaced = np.isnan(in_tissue.astype(float)).sum()
@@ -155,8 +192,9 @@ def read_space_ranger(path, *, image=None, um_per_px: Optional[float] = None, li
         refuse_thumbnail(image, pixel_xy, slide)
     plat = platform("visium")
     metadata = []
-    if "spot_diameter_fullres" in scalef:
-        metadata.append((plat.diameter_um / float(scalef["spot_diameter_fullres"]), "scalefactors_json.json (spot_diameter_fullres, 65 um per Space Ranger)"))
+    diameter = metadata_number(scalef, "spot_diameter_fullres", path / "spatial" / "scalefactors_json.json")
+    if diameter is not None:
+        metadata.append((plat.diameter_um / diameter, "scalefactors_json.json (spot_diameter_fullres, 65 um per Space Ranger)"))
     um = resolve_um_per_px(um_per_px, metadata + image_metadata(slide), pitch_estimate(array_rc, pixel_xy, plat), where)
     meta = {k: attrs[k] for k in ("chemistry_description", "software_version") if k in attrs}
     return build(

@@ -116,7 +116,10 @@ def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] 
     candidates = [n for n, s in shared.items() if s]
     if image is None and not candidates:
         raise BleepError(f"{where}: no image element shares a coordinate system with the shapes {regions[0]!r}")
-    iname = _pick(candidates, image, "image", where) if image is not None or len(candidates) == 1 else max(candidates, key=lambda n: _image_size(sdata.images[n]))
+    if image is not None or len(candidates) == 1:
+        iname = _pick(candidates, image, "image", where)
+    else:
+        iname = max(candidates, key=lambda n: _image_size(sdata.images[n]))
     element = sdata.images[iname]
     system = "global" if "global" in shared[iname] else sorted(shared[iname])[0]
     to_image = np.linalg.inv(_affine(element, system)) @ _affine(shapes, system)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._core import BleepError
 from ._common import array_affine, build, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
+from ._files import metadata_number
 from .spaceranger import library_id_of, read_counts_and_positions, read_images, refuse_thumbnail
 
 DEFAULT_BIN = "square_008um"  # spatialdata-io's default too
@@ -40,9 +41,10 @@ def read_visium_hd(path, *, image=None, um_per_px: Optional[float] = None, libra
     path = Path(path)
     where = str(path)
     X, genes, gene_ids, barcodes, pos, pos_file, attrs, scalef = read_counts_and_positions(path)
-    if "bin_size_um" not in scalef:
-        raise BleepError(f"{path / 'spatial' / 'scalefactors_json.json'}: no bin_size_um: not a Visium HD binned output")
-    bin_um = float(scalef["bin_size_um"])
+    sf_file = path / "spatial" / "scalefactors_json.json"
+    bin_um = metadata_number(scalef, "bin_size_um", sf_file)
+    if bin_um is None:
+        raise BleepError(f"{sf_file}: no bin_size_um: not a Visium HD binned output")
     plat = platform("visium-hd", bin_um, where)
     pixel_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     array_rc = pos[["array_row", "array_col"]].to_numpy()
@@ -50,10 +52,10 @@ def read_visium_hd(path, *, image=None, um_per_px: Optional[float] = None, libra
     if slide is not None:
         refuse_thumbnail(image, pixel_xy, slide)
     sizes = []
-    if "microns_per_pixel" in scalef:
-        sizes.append((float(scalef["microns_per_pixel"]), "scalefactors_json.json (microns_per_pixel)"))
-    if "spot_diameter_fullres" in scalef:
-        sizes.append((bin_um / float(scalef["spot_diameter_fullres"]), "scalefactors_json.json (spot_diameter_fullres, the bin side)"))
+    if (stated := metadata_number(scalef, "microns_per_pixel", sf_file)) is not None:
+        sizes.append((stated, "scalefactors_json.json (microns_per_pixel)"))
+    if (side := metadata_number(scalef, "spot_diameter_fullres", sf_file)) is not None:
+        sizes.append((bin_um / side, "scalefactors_json.json (spot_diameter_fullres, the bin side)"))
     um = resolve_um_per_px(um_per_px, sizes + image_metadata(slide), pitch_estimate(array_rc, pixel_xy, plat), where)
     spatial = path / "spatial"
     if not any((spatial / f"tissue_{k}_image.png").exists() for k in ("hires", "lowres")):

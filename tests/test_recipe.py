@@ -1,0 +1,220 @@
+"""The parts of the training recipe: dihedral views, fields of view, test-time augmentation, the feature
+cache and its key, the resolution a model records, the command line built from the config, and how a
+training run ends (an existing output, no usable epoch, a checkpoint of another run)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bleep_rs  # noqa: E402
+from bleep_rs import BleepError  # noqa: E402
+from bleep_rs.augment import dihedral_view, random_views  # noqa: E402
+from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
+from bleep_rs.sections import section_patches  # noqa: E402
+from bleep_rs.train import TrainConfig, _section_features, feature_cache_key, native_um_per_px, train  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+TINY = [DATA / "tiny" / "C2", DATA / "tiny" / "C3"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return [bleep_rs.read_section(p) for p in TINY]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), fields_of_view=[1.0, 2.0], patch_size=64)).eval()
+
+
+def test_dihedral_views_are_the_eight_symmetries(rng):
+    x = rng.integers(0, 255, (2, 1, 6, 6, 3), dtype=np.uint8)
+    views = [dihedral_view(x, v) for v in range(8)]
+    assert len({v.tobytes() for v in views}) == 8 and np.array_equal(views[0], x)
+    assert np.array_equal(dihedral_view(views[1], 1), views[2])  # two quarter turns
+    assert np.array_equal(dihedral_view(views[4], 4), x)  # a flip undone
+    with pytest.raises(ValueError):
+        dihedral_view(x, 8)
+    # The torch batch augmentation only ever produces one of these views per sample, the same for every field.
+    t = torch.from_numpy(np.moveaxis(x.astype(np.float32), -1, 2).copy())  # (n, fields, 3, h, w)
+    out = random_views(t, torch.Generator().manual_seed(3)).numpy()
+    for i in range(len(x)):
+        got = np.moveaxis(out[i], 1, -1).astype(np.uint8)
+        assert any(np.array_equal(got, v[i]) for v in views)
+
+
+def test_fields_of_view_are_wider_crops_around_the_same_centre(tiny):
+    s = tiny[0]
+    um = s.uns["bleep"]["um_per_px"]
+    p = section_patches(s, 64, fields=(1, 2, 3))
+    assert p.shape == (s.n_obs, 3, 64, 64, 3)
+    assert np.array_equal(p[:, 0], section_patches(s, 64))
+    assert np.array_equal(p[:, 1], section_patches(s, 64, um * 2))
+    assert np.array_equal(p[:, 2], section_patches(s, 64, um * 3))
+    for bad in [(0.5,), (), (1, 1), ("a",), (1, float("nan"))]:
+        with pytest.raises(BleepError, match="fields of view"):
+            section_patches(s, 64, fields=bad)
+
+
+def test_tta_is_the_mean_of_the_eight_views(model, tiny):
+    p = section_patches(tiny[0], 64, fields=model.config.fields_of_view)[:6]
+    tta = model.embed_images(p, tta=True)
+    views = np.stack([model.embed_images(dihedral_view(p, v), tta=False) for v in range(8)])
+    views /= np.linalg.norm(views, axis=-1, keepdims=True)
+    assert np.allclose(tta, views.mean(0), atol=1e-5)
+    assert not np.allclose(tta / np.linalg.norm(tta, axis=1, keepdims=True), views[0], atol=1e-3)
+    with pytest.raises(BleepError, match=r"\(n, 2, h, w, 3\)"):
+        model.embed_images(p[:, 0])  # one field given to a two-field model
+
+
+def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):
+    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path))
+    key = feature_cache_key(model, tiny[0], cfg, 1.38, 8)
+    assert key == feature_cache_key(model, tiny[0], cfg, 1.38, 8)
+    assert key != feature_cache_key(model, tiny[1], cfg, 1.38, 8)
+    assert key != feature_cache_key(model, tiny[0], cfg, 1.0, 8)
+    assert key != feature_cache_key(model, tiny[0], cfg, 1.38, 1)
+    assert key != feature_cache_key(model, tiny[0], TrainConfig(patch_size=96, fields_of_view=[1.0, 2.0]), 1.38, 8)
+    other = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[1.0, 3.0], patch_size=64))
+    assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
+    with torch.no_grad():
+        other.backbone.net._conv_stem.weight.mul_(1.01)
+    other.config.fields_of_view = [1.0, 2.0]
+    assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
+
+
+def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_path):
+    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path), progress=False, augment=False)
+    first = _section_features(model, tiny[0], cfg, None)
+    files = list((tmp_path / "features").glob("*.npy"))
+    assert first.shape == (1, tiny[0].n_obs, model.feature_dim) and len(files) == 1
+    np.save(files[0], np.ones_like(first))  # a cached entry is what a second call returns ...
+    assert (_section_features(model, tiny[0], cfg, None) == 1).all()
+    files[0].write_bytes(b"not a numpy file")  # ... and a damaged one is recomputed and replaced
+    assert np.array_equal(_section_features(model, tiny[0], cfg, None), first)
+    assert np.array_equal(np.load(files[0]), first)
+    none = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir="none", progress=False, augment=False)
+    assert np.array_equal(_section_features(model, tiny[1], none, None), _section_features(model, tiny[1], cfg, None))
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    default = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], progress=False, augment=False)  # $BLEEP_RS_CACHE (conftest)
+    _section_features(model, tiny[1], default, None)
+    assert len(list((Path(os.environ["BLEEP_RS_CACHE"]) / "features").glob("*.npy"))) >= 1
+
+
+def _quick(tmp_path, **kw):
+    return TrainConfig(**{"epochs": 2, "patch_size": 64, "fields_of_view": [1.0], "augment": False, "n_top_genes": 32,
+                          "progress": False, "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+def _scanned_at(src, out, factor: int):
+    """A copy of a legacy ST section as if scanned at ``factor`` x the resolution (every pixel repeated
+    factor x factor, lossless PNG), with its spots on whole original pixels so that both copies align."""
+    import pandas as pd
+    from PIL import Image
+
+    out.mkdir()
+    (out / "counts.tsv.gz").write_bytes((src / "counts.tsv.gz").read_bytes())
+    spots = pd.read_csv(src / "spots.tsv", sep="\t")
+    for c in ("pixel_x", "pixel_y"):
+        spots[c] = spots[c].round() * factor
+    spots.to_csv(out / "spots.tsv", sep="\t", index=False)
+    meta = json.loads((src / "meta.json").read_text())
+    meta["um_per_px"] = meta["um_per_px"] / factor
+    (out / "meta.json").write_text(json.dumps(meta))
+    slide = bleep_rs.Slide(src / "image.jpg")
+    image = slide.read_region((0, 0), 0, slide.dimensions)
+    Image.fromarray(image.repeat(factor, 0).repeat(factor, 1)).save(out / "image.png")
+    return bleep_rs.read_section(out, image=str(out / "image.png"))
+
+
+def test_a_model_records_its_resolution_and_predict_reads_every_image_at_it(tiny, tmp_path):
+    """A model trained at the sections' native resolution predicts a copy of a section scanned at twice
+    the resolution from the same patches: the area filter undoes the 2 x 2 repetition."""
+    from bleep_rs.predict import predict_section
+
+    model = train(tiny, tmp_path / "m", _quick(tmp_path))
+    native = native_um_per_px(tiny)
+    assert model.config.um_per_px == pytest.approx(native) and native == pytest.approx(tiny[0].uns["bleep"]["um_per_px"], rel=0.01)
+    once, twice = _scanned_at(TINY[1], tmp_path / "x1", 1), _scanned_at(TINY[1], tmp_path / "x2", 2)
+    assert twice.uns["bleep"]["um_per_px"] == pytest.approx(once.uns["bleep"]["um_per_px"] / 2)
+    ref = bleep_rs.build_reference(model, tiny)
+    model.config.um_per_px = once.uns["bleep"]["um_per_px"]  # exactly 2x: the area filter inverts the copy
+    a = predict_section(model, ref, once, k=5, progress=False)
+    b = predict_section(model, ref, twice, k=5, progress=False)
+    assert a.uns["bleep"]["um_per_px"] == b.uns["bleep"]["um_per_px"] == model.config.um_per_px
+    assert np.abs(a.X - b.X).max() < 1e-4
+
+
+def test_the_train_command_is_built_from_the_config():
+    import argparse
+
+    from bleep_rs.cli import _add_config_options, _config_from_args
+
+    p = argparse.ArgumentParser()
+    _add_config_options(p, TrainConfig)
+    assert _config_from_args(TrainConfig, p.parse_args([])) == TrainConfig()
+    cfg = _config_from_args(TrainConfig, p.parse_args(["--fields-of-view", "1", "4", "--no-tta", "--temperature", "8", "--fresh", "--panel", "intersection"]))
+    assert cfg.fields_of_view == [1.0, 4.0] and not cfg.tta and cfg.temperature == 8 and not cfg.resume and cfg.panel_mode == "intersection"
+
+
+def test_training_refuses_an_existing_output_before_any_work(tiny, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BleepError, match="exists.*--overwrite"):
+        train(tiny, out, _quick(tmp_path))
+    assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "cache").exists()
+
+
+def test_no_usable_epoch_is_an_error_and_writes_nothing(tiny, tmp_path):
+    with pytest.raises(BleepError, match="no model"):
+        train(tiny, tmp_path / "nan", _quick(tmp_path, lr=float("nan")))
+    assert not (tmp_path / "nan").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".nan")]
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
+    from bleep_rs.train import _run_identity, _save_checkpoint, _Trainer, prepare_data
+
+    cfg = _quick(tmp_path, epochs=3)
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), fields_of_view=[1.0], patch_size=64))
+    data = prepare_data(tiny, cfg, panel=model.config.panel, model=model)
+    trainer = _Trainer(model, data, cfg, torch.device("cpu"), 0, 1)
+    ckpt = tmp_path / ".out.checkpoint"
+    state = {"epoch": 1, "best": 1.0, "stale": 0, "history": [], "identity": _run_identity(_quick(tmp_path, epochs=3, lr=0.5), model.config.panel)}
+    _save_checkpoint(ckpt, trainer, state)
+    with pytest.raises(BleepError, match="other settings.*--fresh"):
+        train(tiny, tmp_path / "out", cfg, data=data)
+    state = {**state, "identity": _run_identity(_quick(tmp_path, epochs=3), model.config.panel), "epoch": 5}
+    _save_checkpoint(ckpt, trainer, state)
+    with pytest.raises(BleepError, match="past epoch 3"):
+        train(tiny, tmp_path / "out", cfg, data=data)
+    model = train(tiny, tmp_path / "out", _quick(tmp_path, epochs=3, resume=False), data=data)
+    assert (tmp_path / "out" / "history.json").exists() and not ckpt.exists()
+
+
+def test_a_timm_backbone_without_weights_is_an_error_unless_asked():
+    pytest.importorskip("timm")
+    cfg = ModelConfig(panel=bleep_rs.Panel(genes=["a"]), backbone="timm:resnet18")
+    with pytest.raises(BleepError, match="no weights"):
+        BleepModel(cfg)
+    BleepModel(cfg, random_init=True)
+
+
+def test_weights_that_do_not_fit_are_an_error_listing_the_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "w.safetensors"
+    save_file({"not_a_layer.weight": torch.zeros(3)}, str(bad))
+    with pytest.raises(BleepError, match="missing.*unexpected.*not_a_layer"):
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"])), backbone_weights=str(bad))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(BleepError, match="not a readable weights file"):
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"])), backbone_weights=str(tmp_path / "junk.pth"))
