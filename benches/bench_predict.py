@@ -70,13 +70,14 @@ def model_and_reference(name: str) -> tuple:
     """The bench's model ``name`` and its reference, trained and built on C2-C4 once, then loaded."""
     import bleep_rs
     from bleep_rs.config import TrainConfig
+    from bleep_rs.train import train
 
     model_dir, ref_path = WORK / f"model_{name}", WORK / f"reference_{name}.safetensors"
     sections = [DATA / "her2st" / s for s in ("C2", "C3", "C4")]
     if not (model_dir / "config.json").exists():
         t = time.perf_counter()
         cfg = TrainConfig(epochs=3, augment=False, val_fraction=0.0, progress=False, cache_dir=str(WORK / "features"), overwrite=True, **MODELS[name])
-        bleep_rs.train(sections, model_dir, cfg)
+        train(sections, model_dir, cfg)
         print(f"model {name}: trained in {time.perf_counter() - t:.0f} s", flush=True)
     model = bleep_rs.load_model(model_dir)
     if not ref_path.exists():

@@ -25,11 +25,12 @@ STAGES_SLIDE = {"tissue", "engine", "read", "encode", "wait", "impute", "total"}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from bleep_rs.config import TrainConfig
+    from bleep_rs.train import train  # the function: the package attribute bleep_rs.train becomes the module once it is imported
 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
     cfg = TrainConfig(epochs=2, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0, 2.0],
                       tta=False, augment=False, progress=False)
-    model = bleep_rs.train(sections[:1], tmp_path_factory.mktemp("pipeline") / "model", cfg)
+    model = train(sections[:1], tmp_path_factory.mktemp("pipeline") / "model", cfg)
     return model, bleep_rs.build_reference(model, sections[:1]), sections[1]
 
 
