@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-deps clean
+.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-predict bench-deps clean
 
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
@@ -34,7 +34,7 @@ $(VENV)/.ready:
 
 # Benchmarks need the peers (faiss-cpu, torch, pyvips, OpenSlide, torchstain, staintools, OpenVINO ...): installed
 # on first use. `make bench` runs them all; each also runs on its own.
-bench: bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode
+bench: bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-predict
 
 bench-deps: $(VENV)/.ready
 	@echo "building the Rust core with the benchmark peers (log: $(VENV)/build.log) ..."
@@ -57,6 +57,9 @@ bench-cli: bench-deps
 
 bench-encode: bench-deps
 	$(PY) benches/bench_encode.py
+
+bench-predict: bench-deps
+	$(PY) benches/bench_predict.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -61,7 +61,7 @@ def main():
             split = ad.read_h5ad(fold / "pred.h5ad").uns["bleep"]["seconds"]
             row = {"fold": f"{name}/{held}", "heg50": report["heg50"], "hvg50": report["hvg50"], "all": report["all"],
                    "train_s": t_train, "reference_s": t_ref, "predict_s": t_pred, "evaluate_s": t_eval,
-                   "patches_s": float(split["patches"]), "encoding_s": float(split["encoding"]), "imputation_s": float(split["imputation"])}
+                   "patches_s": float(split["read"]), "encoding_s": float(split["encode"]), "imputation_s": float(split["impute"])}
             rows.append(row)
             print(f"{row['fold']:<12} HEG-50 {row['heg50']:.3f} HVG-50 {row['hvg50']:.3f} all {row['all']:.3f} | train {t_train:.1f} s, "
                   f"reference {t_ref:.1f} s, predict {t_pred:.1f} s (patches {row['patches_s']:.2f}, encoding {row['encoding_s']:.2f}, "

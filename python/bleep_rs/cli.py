@@ -147,6 +147,10 @@ def _add_others(sub) -> None:
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
                     help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
+    pr.add_argument("--device", default="auto", help="where the image encoder runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
+    pr.add_argument("--batch-size", type=int,
+                    help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
+    pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
 
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
@@ -188,10 +192,13 @@ def _run_reference(args) -> None:
 
 
 def _run_predict(args) -> None:
+    import contextlib
+
     from bleep_rs._atomic import check_output
     from bleep_rs.model import load_model
-    from bleep_rs.predict import output_state, predict_section, predict_slide, prediction_format, shard, slide_outputs, write_prediction
+    from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, shard, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
+    from bleep_rs.train import pick_device
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
@@ -205,9 +212,9 @@ def _run_predict(args) -> None:
         fmt = prediction_format(args.out, args.format)
         inputs = [args.model, args.reference, args.section, args.image, args.hd_run, *(args.slide or [])]
         check_output(args.out, inputs=[i for i in inputs if i], overwrite=args.overwrite)
-    model, ref = load_model(args.model), Reference.load(args.reference)
+    model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
-                  precision=args.precision)
+                  precision=args.precision, batch_size=args.batch_size, queue_depth=args.queue_depth)
     if args.section is not None:
         section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um)
         write_prediction(predict_section(model, ref, section, **common), args.out, fmt=fmt, overwrite=args.overwrite)
@@ -218,16 +225,23 @@ def _run_predict(args) -> None:
         from bleep_rs.sections import read_section
 
         hd_run = read_section(args.hd_run, check_counts=False)
+    todo = []
     for slide in shard(args.slide, args.shard):
         out = outputs[slide] if several else args.out
         state = output_state(out)
         if several and state == "complete" and not args.overwrite:
             print(f"{out}: complete, skipped")
-            continue
-        adata = predict_slide(model, ref, slide, um_per_px=args.um_per_px, min_tissue=args.min_tissue, bin_um=args.bin_um, hd_run=hd_run, **common)
-        # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
-        write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
-        print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
+        else:
+            todo.append((slide, out, state))
+    # One pipeline over the slides (one model, reference and engine): the next one is opened and read
+    # while this one is written.
+    steps = predict_slides(model, ref, [slide for slide, _, _ in todo], um_per_px=args.um_per_px, min_tissue=args.min_tissue,
+                           bin_um=args.bin_um, hd_run=hd_run, **common)
+    with contextlib.closing(steps):
+        for (_, out, state), adata in zip(todo, steps):
+            # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
+            write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
+            print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
 def _run_evaluate(args) -> None:

@@ -11,19 +11,24 @@ Files are written to a temporary name and renamed: a file that exists is complet
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ._core import BleepError
 
 __all__ = [
-    "model_id", "check_compatible", "predict_section", "predict_slide", "slide_grid", "write_h5ad", "write_prediction", "read_prediction",
-    "shard", "output_state", "slide_outputs",
+    "model_id", "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
+    "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard", "output_state", "slide_outputs",
 ]
 
 
@@ -54,24 +59,39 @@ def check_compatible(model, reference) -> None:
         )
 
 
-def _neighbour_spread(reference, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Per query: the mean over genes of the standard deviation of its neighbours' expression."""
+def _neighbour_spread(reference, idx: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
+    """Per query: the mean over genes of the standard deviation of its neighbours' expression. Gathered a
+    few queries at a time (about ``budget`` bytes, so that the gather stays in cache: 8x faster than 256
+    queries at a time with an all-gene reference)."""
     expr = reference.expression
     out = np.empty(len(idx), np.float32)
+    chunk = max(1, budget // max(1, 4 * idx.shape[1] * expr.shape[1]))
     for s in range(0, len(idx), chunk):
-        out[s : s + chunk] = expr[idx[s : s + chunk]].std(axis=1).mean(axis=1)
+        x = expr[idx[s : s + chunk]]
+        x -= x.mean(axis=1, keepdims=True)
+        np.square(x, out=x)
+        out[s : s + chunk] = np.sqrt(x.mean(axis=1)).mean(axis=1)
     return out
 
 
-def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, neighbours: bool):
+def _impute(reference, emb: np.ndarray, *, k: int, method: str) -> tuple:
+    """The prediction, its neighbours, their similarities and the uncertainty of each output. (Imputing
+    each batch in a second thread while the encoder went on was slower on 2 cores: the gather of the
+    neighbours' expression competes with the encoder for memory bandwidth.)"""
+    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
+    return pred, idx, sims, _neighbour_spread(reference, idx)
+
+
+def _assemble(imputed: tuple, reference, ids, xy, spatial: dict, info: dict, neighbours: bool):
     import anndata as ad
     import pandas as pd
 
     from . import __version__
 
+    pred, idx, sims, uncertainty = imputed
     adata = ad.AnnData(
         X=pred.astype(np.float32),
-        obs=pd.DataFrame({"uncertainty": _neighbour_spread(reference, idx)}, index=pd.Index([str(i) for i in ids], name="spot_id")),
+        obs=pd.DataFrame({"uncertainty": uncertainty}, index=pd.Index([str(i) for i in ids], name="spot_id")),
         var=pd.DataFrame(index=pd.Index(list(reference.genes), name="gene")),
     )
     adata.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
@@ -83,41 +103,170 @@ def _assemble(pred, idx, sims, reference, ids, xy, spatial: dict, info: dict, ne
     return adata
 
 
-def embed_batches(model, n: int, read, *, batch_size: int = 256, precision: str = "auto", progress: bool = True, desc: str = "spots") -> tuple:
-    """Image embeddings (n, d) of inputs that ``read(slice)`` returns batch by batch, the next batch read
-    in a background thread (the Rust readers release the interpreter) while the current one is encoded:
-    memory stays bounded by two batches and neither stage waits for the other. Returns the embeddings and
-    the seconds spent reading (overlapped) and encoding."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
+# -- the pipeline: reading ahead of the encoder ---------------------------------------------------------
 
+#: Batches read ahead of the encoder (the bounded queue between the reader thread and the encoder).
+QUEUE_DEPTH = 2
+_END = object()
+
+
+class Prefetch:
+    """The items of ``produce`` (an iterator, run in a background thread) in order, read at most ``depth``
+    items ahead of the consumer: ``get()`` returns the next one (``None`` after the last). An exception
+    in the thread is raised by ``get()``, as it is, where its item would have come. ``close()`` (also on
+    leaving a ``with`` block, whatever the reason) stops the thread once its current item is done and
+    waits for it: no thread outlives the pipeline. ``waited``: seconds ``get()`` spent waiting."""
+
+    def __init__(self, produce: Iterator, depth: int = QUEUE_DEPTH, name: str = "bleep-rs-read"):
+        if int(depth) < 1:
+            raise BleepError(f"the queue depth must be at least 1 batch, not {depth!r}")
+        self._queue: "queue.Queue" = queue.Queue(maxsize=int(depth))
+        self._stop = threading.Event()
+        self._done = False
+        self.waited = 0.0
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Iterator) -> None:
+        try:
+            for item in produce:
+                self._queue.put((item, None))
+                if self._stop.is_set():
+                    return
+            self._queue.put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put((_END, e))
+        finally:
+            close = getattr(produce, "close", None)
+            if close is not None:
+                close()
+
+    def get(self):
+        if self._done:
+            return None
+        t = time.perf_counter()
+        item, error = self._queue.get()
+        self.waited += time.perf_counter() - t
+        if item is _END:
+            self._done = True
+            if error is not None:
+                raise error
+            return None
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # empty the queue so that a blocked put returns and sees the stop
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _encoder_batch(model) -> int:
+    """Inputs per batch: the encoder's own batch (64 on a CPU, 256 on a GPU), so that every batch is
+    whole encoder batches and the first one, which nothing hides, is read quickly."""
+    from .encode import CPU_BATCH, CUDA_BATCH
+
+    return CUDA_BATCH if model.device.type == "cuda" else CPU_BATCH
+
+
+@contextlib.contextmanager
+def _naming(name: str):
+    """Errors inside as a BleepError that names the input (the slide or image), so that the one of
+    several slides that failed is known; one that names it already goes through as it is."""
+    try:
+        yield
+    except BleepError as e:
+        if name in str(e):
+            raise
+        raise BleepError(f"{name}: {e}") from e
+    except Exception as e:
+        raise BleepError(f"{name}: reading failed ({type(e).__name__}: {e})") from e
+
+
+def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH,
+               precision: str = "auto", progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
+    """Image embeddings of several inputs through one pipeline. Each job is ``(name, open)``: ``open()``,
+    called in a background thread, opens the input and returns ``(context, n, read)``; ``read(slice)``
+    returns the model's input for those rows (the Rust readers release the interpreter). The thread
+    opens the inputs and reads their batches in order, up to ``queue_depth`` batches ahead of the
+    encoder, across inputs: the next input opens while the last batches of this one are encoded and
+    while the caller works on its result. An error in the thread is raised here as a BleepError naming
+    the input (see :func:`_naming`); the thread stops at the first error.
+
+    Yields, per job: ``(context, embeddings (n, d), seconds, started)``; ``seconds`` has ``open``,
+    ``read`` (both in the reader thread), ``engine`` (building the encoder's engine, while the first
+    input opens; 0 when it was built before and for the later inputs), ``encode`` and ``wait`` (the
+    encoder waiting for this input); ``started`` is the ``time.perf_counter()`` at which the job began."""
+    bs = _encoder_batch(model) if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise BleepError(f"batch_size must be at least 1, not {batch_size!r}")
     from .slide import _progress
 
-    read_s = [0.0]
+    def produce():
+        for name, job in jobs:
+            started = time.perf_counter()
+            with _naming(name):
+                context, n, read = job()
+            yield context, int(n), started, time.perf_counter() - started
+            for s in range(0, n, bs):
+                t = time.perf_counter()
+                with _naming(name):
+                    x = read(slice(s, min(s + bs, n)))
+                yield x, time.perf_counter() - t
 
-    def timed(sl):
+    with Prefetch(produce(), queue_depth) as ahead:
         t = time.perf_counter()
-        out = read(sl)
-        read_s[0] += time.perf_counter() - t
-        return out
+        if model.spec.takes_images:  # built (or found built) while the reader opens the first input
+            from .encode import get_encoder
 
-    slices = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+            get_encoder(model.backbone, model.spec, precision)
+        engine_s = time.perf_counter() - t
+        while True:
+            waited = ahead.waited
+            head = ahead.get()
+            if head is None:
+                return
+            context, n, started, open_s = head
+            seconds = {"open": open_s, "engine": engine_s, "read": 0.0, "encode": 0.0}
+            engine_s = 0.0
+            bar = _progress(n, desc, progress and n > 0)
+            try:
+                out = _encode_batches(model, ahead, n, bs, precision, seconds, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            seconds["wait"] = ahead.waited - waited
+            yield context, out, seconds, started
+
+
+def _encode_batches(model, ahead: Prefetch, n: int, bs: int, precision: str, seconds: dict, bar) -> np.ndarray:
+    """The embeddings of one input's n rows, from its batches of ``bs`` as they come out of ``ahead``."""
     out = np.zeros((n, model.config.embedding_dim), np.float32)
-    encode_s = 0.0
-    bar = _progress(n, desc, progress)
-    with ThreadPoolExecutor(1, thread_name_prefix="bleep-rs-read") as pool:
-        pending = pool.submit(timed, slices[0]) if slices else None
-        for i, sl in enumerate(slices):
-            patches = pending.result()
-            pending = pool.submit(timed, slices[i + 1]) if i + 1 < len(slices) else None
-            t = time.perf_counter()
-            out[sl] = model.embed_images(patches, precision=precision)
-            encode_s += time.perf_counter() - t
-            if bar is not None:
-                bar.update(sl.stop - sl.start)
-    if bar is not None:
-        bar.close()
-    return out, {"patches": read_s[0], "encoding": encode_s}
+    for s in range(0, n, bs):
+        x, read_s = ahead.get()
+        t = time.perf_counter()
+        out[s : s + len(x)] = model.embed_images(x, precision=precision)
+        seconds["encode"] += time.perf_counter() - t
+        seconds["read"] += read_s
+        if bar is not None:
+            bar.update(len(x))
+    return out
+
+
+def embed_batches(model, n: int, read: Callable[[slice], np.ndarray], *, name: str = "input", **kwargs) -> tuple:
+    """Image embeddings (n, d) of one input, ``name``, that ``read(slice)`` returns batch by batch (see
+    :func:`embed_jobs`, which takes the same keywords). Returns the embeddings and the stage seconds."""
+    jobs = [(name, lambda: (None, n, read))]
+    with contextlib.closing(embed_jobs(model, jobs, **kwargs)) as steps:
+        _, emb, seconds, _ = next(steps)
+    return emb, seconds
 
 
 def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
@@ -126,24 +275,34 @@ def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
 
 
 def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False,
-                    model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto", batch_size: int = 256):
+                    model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto",
+                    batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH):
     """Predicts the spots of a section from its image alone (its counts are never read), from the model's
     fields of view at its resolution. ``k``, ``method``: default the model's. ``precision``: the image
-    encoder's (see :mod:`bleep_rs.encode`)."""
-    import time
-
+    encoder's (see :mod:`bleep_rs.encode`). The patches are read in a background thread ahead of the
+    encoder (``batch_size`` spots a batch, ``queue_depth`` batches ahead: see :func:`embed_jobs`).
+    ``uns["bleep"]["seconds"]`` has the stages: ``open`` (the image), ``engine``, ``read``, ``encode``,
+    ``wait`` (the encoder waiting for patches), ``impute`` and ``total``."""
     from .sections import section_patches
+    from .slide import Slide
 
     check_compatible(model, reference)
     k, method = _retrieval(model, k, method)
     info = section.uns.get("bleep", {})
     cfg = model.config
-    t0 = time.perf_counter()
-    read = lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view)  # noqa: E731
-    emb, seconds = embed_batches(model, section.n_obs, read, batch_size=batch_size, precision=precision, progress=progress)
-    t2 = time.perf_counter()
-    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
-    seconds.update(imputation=time.perf_counter() - t2, total=time.perf_counter() - t0)
+
+    def open_section():
+        slide = Slide(info["image_path"], um_per_px=info["um_per_px"]) if info.get("image_path") else None
+        read = lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view, slide=slide)  # noqa: E731
+        return None, section.n_obs, read
+
+    name = str(info.get("image_path") or info.get("library_id", "section"))
+    steps = embed_jobs(model, [(name, open_section)], batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress)
+    with contextlib.closing(steps):
+        _, emb, seconds, started = next(steps)
+    t = time.perf_counter()
+    imputed = _impute(reference, emb, k=k, method=method)
+    seconds.update(impute=time.perf_counter() - t, total=time.perf_counter() - started)
     lib = info.get("library_id", "section")
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
@@ -152,7 +311,7 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
-    return _assemble(pred, idx, sims, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
+    return _assemble(imputed, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
 
 
 @dataclass(frozen=True)
@@ -202,21 +361,23 @@ def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, b
     return TileGrid(coords + footprint / 2, [f"tile_{int(x)}_{int(y)}" for x, y in coords], footprint, None, "tiles")
 
 
-def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None, min_tissue: float = 0.5,
-                  batch_size: int = 256, neighbours: bool = False, model_path: str = "", reference_path: str = "", progress: bool = True,
-                  bin_um: Optional[float] = None, hd_run=None, precision: str = "auto"):
-    """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
-    size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
-    (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
-    view around its centre."""
-    import time
+@dataclass(frozen=True)
+class _OpenSlide:
+    """A slide ready to read: what its prediction records besides the embeddings."""
 
+    path: str
+    slide: object
+    target_um_per_px: float
+    grid: TileGrid
+    thumbnail: np.ndarray
+
+
+def _open_slide(model, path, *, um_per_px: Optional[float], min_tissue: float, bin_um: Optional[float], hd_run) -> tuple:
+    """A job of :func:`embed_jobs` (run in the reader thread): the slide opened, its tissue mask and grid;
+    returns the :class:`_OpenSlide`, the number of outputs and the reader of their patches."""
     from .slide import Slide
 
-    check_compatible(model, reference)
-    k, method = _retrieval(model, k, method)
     cfg = model.config
-    t0 = time.perf_counter()
     slide = Slide(path, um_per_px=um_per_px)
     if slide.um_per_px is None:
         raise BleepError(f"{path}: the slide does not state its pixel size: pass --um-per-px X (the scanner's micrometres per pixel)")
@@ -225,28 +386,69 @@ def predict_slide(model, reference, path, *, um_per_px: Optional[float] = None, 
     grid = slide_grid(slide, cfg.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
     if len(grid.centres) == 0:
         raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
-    t1 = time.perf_counter()
     read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, target, fields=cfg.fields_of_view)  # noqa: E731
-    emb, seconds = embed_batches(model, len(grid.centres), read, batch_size=batch_size, precision=precision, progress=progress, desc=grid.kind)
-    t2 = time.perf_counter()
-    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
-    seconds.update(tissue=t1 - t0, imputation=time.perf_counter() - t2, total=time.perf_counter() - t0)
-    lib = Path(path).stem
-    thumb = slide.thumbnail(2000)
+    return _OpenSlide(str(path), slide, float(target), grid, mask.thumbnail), len(grid.centres), read
+
+
+def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None,
+                   min_tissue: float = 0.5, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH, neighbours: bool = False,
+                   model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None,
+                   precision: str = "auto") -> Iterator:
+    """The predictions of several whole slides, in order (see :func:`predict_slide` for one), through one
+    pipeline with the same model, reference and encoder engine: a background thread opens each slide,
+    finds its tissue and reads its patches ahead of the encoder (``queue_depth`` batches of
+    ``batch_size`` outputs), so that the next slide opens while this one's last batches are encoded and
+    its prediction is imputed and handed over. Close the iterator (or exhaust it) to stop the thread.
+    ``uns["bleep"]["seconds"]`` has each slide's stages: ``tissue`` (opening, tissue mask, grid),
+    ``engine`` (see :func:`embed_jobs`), ``read``, ``encode``, ``wait`` (the encoder waiting for this
+    slide), ``impute``, and ``total``, from the slide's opening to its prediction (consecutive slides'
+    totals overlap)."""
+    check_compatible(model, reference)
+    k, method = _retrieval(model, k, method)
+    jobs = [(str(p), functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run)) for p in paths]
+    steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress,
+                       desc="tiles" if bin_um is None and hd_run is None else "bins")
+    with contextlib.closing(steps):
+        for opened, emb, seconds, started in steps:
+            t = time.perf_counter()
+            imputed = _impute(reference, emb, k=k, method=method)
+            seconds = {"tissue": seconds.pop("open"), **seconds, "impute": time.perf_counter() - t}
+            adata = _slide_prediction(model, reference, opened, imputed, seconds, k=k, method=method, min_tissue=min_tissue,
+                                      neighbours=neighbours, model_path=model_path, reference_path=reference_path, hd_run=hd_run)
+            adata.uns["bleep"]["seconds"]["total"] = time.perf_counter() - started
+            yield adata
+
+
+def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seconds: dict, *, k: int, method: str, min_tissue: float,
+                      neighbours: bool, model_path: str, reference_path: str, hd_run):
+    """A slide's prediction as AnnData, with its provenance."""
+    cfg, slide, grid, thumb = model.config, opened.slide, opened.grid, opened.thumbnail
+    lib = Path(opened.path).stem
     factors = {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}
     spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
-        "um_per_px": float(target), "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
+        "um_per_px": opened.target_um_per_px, "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
         "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta),
-        "library_id": lib, "source": str(path), "mode": grid.kind, "tile_px": int(cfg.patch_size),
+        "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(cfg.patch_size),
         "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
     }
-    adata = _assemble(pred, idx, sims, reference, grid.ids, grid.centres, spatial, meta, neighbours)
+    adata = _assemble(imputed, reference, grid.ids, grid.centres, spatial, meta, neighbours)
     if grid.array_rc is not None:
         adata.obs["array_row"], adata.obs["array_col"] = grid.array_rc[:, 0], grid.array_rc[:, 1]
     return adata
+
+
+def predict_slide(model, reference, path, **kwargs):
+    """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
+    size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
+    (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
+    view around its centre. Keywords: those of :func:`predict_slides` (``um_per_px`` the slide's pixel
+    size when the file does not say it, ``k``, ``method``, ``min_tissue`` 0.5, ``batch_size``,
+    ``queue_depth``, ``neighbours``, ``bin_um``, ``hd_run``, ``precision``, ``progress``)."""
+    with contextlib.closing(predict_slides(model, reference, [path], **kwargs)) as steps:
+        return next(steps)
 
 
 def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:

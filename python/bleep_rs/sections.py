@@ -138,18 +138,21 @@ def expand_sections(paths: Sequence["os.PathLike[str] | str"], ids: Optional[Seq
     return out
 
 
-def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *, fields: Optional[Sequence[float]] = None, **kwargs) -> np.ndarray:
+def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *, fields: Optional[Sequence[float]] = None, slide=None, **kwargs) -> np.ndarray:
     """Spot-centred patches (n, size, size, 3) of a section read by :func:`read_section`, at ``um_per_px``
     (default: the image's own resolution); with ``fields`` (multiples of the patch's side, see
     :meth:`Slide.spot_patches`), (n, len(fields), size, size, 3). A HEST sample's patch file is used for
-    the spots it holds when its patches are ``size`` px at that resolution; the rest are cut from the image."""
+    the spots it holds when its patches are ``size`` px at that resolution; the rest are cut from the image.
+    ``slide``: the section's image already opened (a :class:`Slide` of its ``image_path``), for reading a
+    section in batches without opening (and, for a plain JPEG, decoding) the image for each."""
     from .readers.hest import hest_patches
     from .slide import Slide
 
     info = adata.uns.get("bleep", {})
     if not info.get("image_path"):
         raise BleepError("this section has no full-resolution image: read it with image=PATH to extract patches")
-    slide = Slide(info["image_path"], um_per_px=info["um_per_px"])
+    if slide is None:
+        slide = Slide(info["image_path"], um_per_px=info["um_per_px"])
     centres = np.asarray(adata.obsm["spatial"])
     h5 = info.get("patches_h5")
     single = fields is None or tuple(fields) == (1,)
