@@ -44,7 +44,7 @@ def load_set(name: str, config):
     """Sections (the extra cross-patient one last) and their cached multi-scale, 8-view features."""
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
-    from bleep_rs.train import _section_features, native_um_per_px
+    from bleep_rs.training import _section_features, native_um_per_px
 
     ids, um, extra = SETS[name]
     ids = ids + ([extra] if extra else [])
@@ -103,7 +103,7 @@ def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, ba
     prediction as the CLI makes them."""
     import bleep_rs
     from bleep_rs.expression import panel_expression
-    from bleep_rs.train import TrainingData, train
+    from bleep_rs.training import TrainingData, train
 
     cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "um_per_px": um, "progress": False, "overwrite": True, "resume": False})
     expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])

@@ -71,12 +71,12 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycle_between_modules():
     graph = import_graph()
-    assert {"bleep_rs.cli", "bleep_rs.train", "bleep_rs.demo"} <= set(graph)
-    assert "bleep_rs.train" in graph["bleep_rs.cli"] and "bleep_rs.train" in graph["bleep_rs.demo"]
+    assert {"bleep_rs.cli", "bleep_rs.training", "bleep_rs.demo"} <= set(graph)
+    assert "bleep_rs.training" in graph["bleep_rs.cli"] and "bleep_rs.training" in graph["bleep_rs.demo"]
     assert cycles(graph) == []
 
 
-@pytest.mark.parametrize("module", ["bleep_rs.cli", "bleep_rs.train", "bleep_rs.demo"])
+@pytest.mark.parametrize("module", ["bleep_rs.cli", "bleep_rs.training", "bleep_rs.demo"])
 def test_each_module_imports_fresh(module):
     res = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -90,3 +90,16 @@ def test_the_version_has_one_source():
     assert not [f.name for f in PACKAGE.rglob("*.py") if literal.search(f.read_text())]
     res = subprocess.run([sys.executable, "-m", "bleep_rs", "--version"], capture_output=True, text=True, timeout=300)
     assert res.stdout.strip() == f"bleep-rs {stated}"
+
+
+def test_public_names_stay_what_they_are_after_any_import():
+    """Importing a submodule binds its name on the package: no public function may share a submodule's
+    name (bleep_rs.train was once replaced by the module bleep_rs/train.py that way)."""
+    code = ("import importlib, pkgutil, bleep_rs\n"
+            "for m in pkgutil.walk_packages(bleep_rs.__path__, 'bleep_rs.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "import types\n"
+            "bad = [n for n in bleep_rs.__all__ if isinstance(getattr(bleep_rs, n), types.ModuleType)]\n"
+            "assert not bad and callable(bleep_rs.train), bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

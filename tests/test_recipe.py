@@ -16,7 +16,7 @@ from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.augment import dihedral_view, random_views  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
 from bleep_rs.sections import section_patches  # noqa: E402
-from bleep_rs.train import TrainConfig, _section_features, feature_cache_key, native_um_per_px, train  # noqa: E402
+from bleep_rs.training import TrainConfig, _section_features, feature_cache_key, native_um_per_px, train  # noqa: E402
 
 from conftest import DATA  # noqa: E402
 
@@ -184,7 +184,7 @@ def test_no_usable_epoch_is_an_error_and_writes_nothing(tiny, tmp_path):
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
-    from bleep_rs.train import _run_identity, _save_checkpoint, _Trainer, prepare_data
+    from bleep_rs.training import _run_identity, _save_checkpoint, _Trainer, prepare_data
 
     cfg = _quick(tmp_path, epochs=3)
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), fields_of_view=[1.0], patch_size=64))
@@ -228,7 +228,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path, monkeypa
     epoch the checkpoint reached; frozen backbone weights are not part of the checkpoint."""
     from safetensors.torch import load_file
 
-    import bleep_rs.train as tr
+    import bleep_rs.training as tr
 
     monkeypatch.setattr(tr, "CHECKPOINT_SECONDS", 0.0)
     real_finish = tr._finish

@@ -16,7 +16,7 @@ from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.expression import choose_panel, highly_variable_genes, normalise_log1p, panel_expression  # noqa: E402
 from bleep_rs.loss import bleep_loss, clip_loss  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig, load_model, save_model  # noqa: E402
-from bleep_rs.train import TrainConfig, prepare_data, train  # noqa: E402
+from bleep_rs.training import TrainConfig, prepare_data, train  # noqa: E402
 
 from conftest import DATA  # noqa: E402
 

@@ -102,7 +102,7 @@ def _run_train(args) -> None:
     import os
 
     from bleep_rs.config import TrainConfig
-    from bleep_rs.train import train
+    from bleep_rs.training import train
 
     cfg = _config_from_args(TrainConfig, args)
     train(_read_sections(args.sections, args), args.out, cfg)
@@ -198,7 +198,7 @@ def _run_predict(args) -> None:
     from bleep_rs.model import load_model
     from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, shard, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
-    from bleep_rs.train import pick_device
+    from bleep_rs.training import pick_device
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")

@@ -106,7 +106,7 @@ def run(out: Path, *, k: int = 50, seed: int = 0, epochs: int = 40) -> dict:
     from .plot import plot_genes
     from .predict import predict_section, write_h5ad
     from .sections import read_section
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
