@@ -264,3 +264,19 @@ def test_a_model_file_with_the_old_classifier_still_loads(model, tmp_path):
     save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "bleep-rs.model"})
     again = load_model(tmp_path / "m")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_a_model_on_precomputed_features_saves_and_loads(tmp_path, rng):
+    """A features:D backbone has no image input (input_size 0): its config.json is valid, and so is a
+    bad value caught when the model is built, not only when a file is read."""
+    from bleep_rs.model import load_model, save_model
+
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), backbone="features:8")).eval()
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    assert np.array_equal(model.embed_images(x), again.embed_images(x))
+    with pytest.raises(BleepError, match="model config: feature_norm 'l3'"):
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), feature_norm="l3"))
+    with pytest.raises(BleepError, match="model config: fields_of_view"):
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[0.5]))

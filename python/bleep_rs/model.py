@@ -108,7 +108,8 @@ class ModelConfig:
 
     def _problem(self) -> Optional[str]:
         """What makes the values unusable, if anything."""
-        for name in ("embedding_dim", "patch_size", "input_size", "k"):
+        sizes = ("embedding_dim", "patch_size", "k") + (() if self.backbone.startswith("features:") else ("input_size",))
+        for name in sizes:  # a features:D backbone has no image input (input_size 0)
             if getattr(self, name) < 1:
                 return f"{name} is {getattr(self, name)}; it must be at least 1"
         if not 0 <= self.dropout < 1 or not self.temperature > 0:
@@ -174,8 +175,9 @@ class BleepModel(nn.Module):
         self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained, random_init=random_init)
         # The input constants are the backbone's own: derived here, once, for training and inference alike.
         config.input_size, config.mean, config.std = self.spec.input_size, list(self.spec.mean), list(self.spec.std)
-        if config.feature_norm not in ("l2", "none"):
-            raise BleepError(f'feature_norm must be "l2" or "none", not {config.feature_norm!r}')
+        problem = config._problem()
+        if problem:
+            raise BleepError(f"model config: {problem}")
         if not self.spec.takes_images and len(config.fields_of_view) != 1:
             raise BleepError(f"backbone {config.backbone} takes precomputed features: it has one field of view, not {config.fields_of_view}")
         config.fields_of_view = list(check_fields(config.fields_of_view))
