@@ -111,6 +111,8 @@ def _run_train(args) -> None:
 
 
 def _add_others(sub) -> None:
+    from bleep_rs.expression import MIN_SPOTS
+
     ref = sub.add_parser("reference", help="embed reference sections' expression with a trained model")
     ref.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
     _section_options(ref)
@@ -122,7 +124,7 @@ def _add_others(sub) -> None:
         "at least --min-spots spots of at least one reference section; a section whose file does not list a gene "
         "counts as zeros for it), panel (the model's input panel only), or a file with one gene per line",
     )
-    ref.add_argument("--min-spots", type=int, default=3, help="with --genes all: spots a gene must be non-zero in (default 3)")
+    ref.add_argument("--min-spots", type=int, default=MIN_SPOTS, help=f"with --genes all: spots a gene must be non-zero in (default {MIN_SPOTS})")
     ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="expression storage; bfloat16 halves the size of an all-gene reference (default float32)")
     ref.add_argument("--overwrite", action="store_true")

@@ -182,13 +182,7 @@ def reference_genes(sections: Sequence, genes: "str | Sequence[str]" = "all", *,
             return list(panel.genes)
         if genes != "all":
             raise BleepError(f'genes must be "all", "panel" or a list of gene names, not {genes!r}')
-        seen: set = set()
-        out: List[str] = []
-        for s in sections:
-            for g in detected_genes(s, min_spots):
-                if g not in seen:
-                    seen.add(g)
-                    out.append(g)
+        out = list(dict.fromkeys(g for s in sections for g in detected_genes(s, min_spots)))
         if not out:
             raise BleepError(f"no gene has a non-zero count in {min_spots} spots of any reference section: are these raw counts?")
         return out

@@ -149,15 +149,13 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
     """What the features of a section depend on: the backbone (name, a hash of its weights, input size
     and constants), the fields of view, patch size and resolution, the views, the image (path, size and
     modification time) and the spot positions."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    from .encode import weights_digest
+
     info = section.uns.get("bleep", {})
     image = info.get("image_path") or ""
     stat = os.stat(image) if image and os.path.exists(image) else None
     desc = {
-        "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": h.hexdigest(),
+        "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": weights_digest(model.backbone),
         "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
         "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
         "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
