@@ -66,19 +66,29 @@ fn median_blur(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
                     hist[at(dx, y + dy) as usize] += 1;
                 }
             }
+            // The median m and the count of values below it, kept as the window slides (Huang's
+            // method): each step moves m by as many levels as the values changed, not from level 0.
+            let (mut m, mut below) = (0usize, 0u32);
             for x in 0..width as i64 {
                 if x > 0 {
                     for dy in -r..=r {
-                        hist[at(x - r - 1, y + dy) as usize] -= 1;
-                        hist[at(x + r, y + dy) as usize] += 1;
+                        let (old, new) =
+                            (at(x - r - 1, y + dy) as usize, at(x + r, y + dy) as usize);
+                        hist[old] -= 1;
+                        hist[new] += 1;
+                        below = below - u32::from(old < m) + u32::from(new < m);
                     }
                 }
-                let (mut seen, mut v) = (0u32, 0usize);
-                while seen + hist[v] <= half {
-                    seen += hist[v];
-                    v += 1;
+                // The smallest m with more than half of the window at or below it.
+                while below > half {
+                    m -= 1;
+                    below -= hist[m];
                 }
-                row[x as usize] = v as u8;
+                while below + hist[m] <= half {
+                    below += hist[m];
+                    m += 1;
+                }
+                row[x as usize] = m as u8;
             }
         });
     out
@@ -286,8 +296,41 @@ mod tests {
         pass(&pass(img, true), false)
     }
 
+    /// The textbook median: the window's values (edges replicated) sorted, the middle one.
+    fn naive_median(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
+        let r = (k / 2) as i64;
+        let at = |x: i64, y: i64| {
+            img[y.clamp(0, height as i64 - 1) as usize * width
+                + x.clamp(0, width as i64 - 1) as usize]
+        };
+        (0..height as i64)
+            .flat_map(|y| (0..width as i64).map(move |x| (x, y)))
+            .map(|(x, y)| {
+                let mut w: Vec<u8> = (-r..=r)
+                    .flat_map(|dy| (-r..=r).map(move |dx| (dx, dy)))
+                    .map(|(dx, dy)| at(x + dx, y + dy))
+                    .collect();
+                w.sort_unstable();
+                w[w.len() / 2]
+            })
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn median_blur_matches_the_textbook_median(
+            width in 1usize..40, height in 1usize..12, half in 0usize..5, levels in 1u64..256, seed in any::<u64>(),
+        ) {
+            // Few levels give ties; many give medians that jump far as the window slides.
+            let mut s = seed;
+            let img: Vec<u8> = (0..width * height)
+                .map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 33) % levels) as u8 })
+                .collect();
+            let k = 2 * half + 1;
+            prop_assert_eq!(median_blur(&img, width, height, k), naive_median(&img, width, height, k));
+        }
+
         #[test]
         fn morphology_matches_the_textbook_filter(
             width in 1usize..30, height in 1usize..30, k in 1usize..70, seed in any::<u64>(), dilate in any::<bool>(),
