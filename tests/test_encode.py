@@ -124,6 +124,34 @@ def test_an_exported_backbone_is_reused_from_the_disk_cache(model, her2st, backb
     assert {f: f.stat().st_mtime_ns for f in Path(backbone_cache).glob("efficientnet-lite0-*.onnx")} == files
 
 
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed")
+def test_a_cached_export_is_checked_against_torch_once_and_again_when_it_changes(model):
+    """The check costs an eager torch call (2-3 s of every command's start-up): it runs when an export is
+    first used, is recorded beside it, and runs again when the file is no longer the one checked."""
+    import onnx
+    from onnx import numpy_helper
+
+    from bleep_rs.encode import _onnx_path
+
+    get_encoder(model.backbone, model.spec, engine="onnxruntime")
+    path = _onnx_path(model.backbone, model.spec)
+    mark = path.with_name(path.name + ".verified")
+    assert mark.read_text().split()[0] and "onnxruntime" in mark.read_text()
+    # A valid model computing something else (one weight scaled) in the cached file: refused, torch runs.
+    proto = onnx.load_from_string(path.read_bytes())
+    init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    original = path.read_bytes()
+    path.write_bytes(proto.SerializeToString())
+    try:
+        with pytest.warns(UserWarning, match="differs from torch"):
+            enc = get_encoder(copy.deepcopy(model.backbone), model.spec)
+        assert enc.name.startswith("torch")
+    finally:
+        path.write_bytes(original)
+    assert get_encoder(copy.deepcopy(model.backbone), model.spec).name == "onnxruntime float32"
+
+
 def test_the_reference_path_leaves_the_module_as_it_was(model, her2st):
     net = copy.deepcopy(model.backbone).train()
     backbone_features(net, model.spec, her2st[0][:2], precision="float32")

@@ -21,6 +21,7 @@ differ), then go through an engine, chosen once per backbone and kept while its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -229,11 +230,24 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec) -> bytes:
-    """The backbone as an ONNX model (batch dimension free), from the disk cache or exported now (10-20 s
-    on 2 cores) and cached. The key covers the weights, the input size and the torch version."""
+def _onnx_path(backbone: nn.Module, spec: BackboneSpec) -> Path:
+    """Where the backbone's ONNX export is cached: the key covers the weights, the input size and the
+    torch version."""
     h = hashlib.sha256(f"{spec.name}|{spec.input_size}|{torch.__version__}|{weights_digest(backbone)}".encode())
-    path = cache_dir() / f"{''.join(c if c.isalnum() else '-' for c in spec.name)}-{h.hexdigest()[:16]}.onnx"
+    return cache_dir() / f"{''.join(c if c.isalnum() else '-' for c in spec.name)}-{h.hexdigest()[:16]}.onnx"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, then renames it (no half-written cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
+    """The backbone as an ONNX model (batch dimension free), from ``path`` or exported now (10-20 s on 2
+    cores) and cached there."""
     if path.exists():
         return path.read_bytes()
     net = copy.deepcopy(backbone).cpu().float().eval()
@@ -250,39 +264,53 @@ def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec) -> bytes:
         quiet.setLevel(level)
     data = program.model_proto.SerializeToString()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _write_atomic(path, data)
     except OSError as e:
         warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time", stacklevel=2)
     return data
 
 
+def _verified_mark(data: bytes, ort_version: str) -> bytes:
+    """What the file beside a cached export records once its output has matched torch's: the export's
+    digest and the ONNX Runtime version that ran it (either changing means checking again)."""
+    return f"{hashlib.sha256(data).hexdigest()} onnxruntime {ort_version}\n".encode()
+
+
+def _check_against_torch(backbone: nn.Module, spec: BackboneSpec, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """A blank and a noise image through both engines: an export that changed the function is refused."""
+    size = (1, 3, spec.input_size, spec.input_size)
+    probe = torch.cat([torch.zeros(size), torch.rand(size, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    want = _float32_reference(backbone, torch.device("cpu"))(probe)
+    got = run(probe)
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
+        raise BleepError(f"its output differs from torch's by up to {float((got - want).abs().max()):.3g}")
+
+
 def _onnxruntime(backbone: nn.Module, spec: BackboneSpec) -> Optional[Encoder]:
     """The backbone in ONNX Runtime, float32, on the CPU; None when onnxruntime is not installed, or (with
-    a warning) when the export fails or its output is not the backbone's."""
+    a warning) when the export fails or its output is not the backbone's. The output is checked against
+    torch once per export and ONNX Runtime version (the first eager torch call costs 2-3 s of start-up)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
     try:
+        path = _onnx_path(backbone, spec)
+        data = _onnx_bytes(backbone, spec, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()  # one knob for both: torch.set_num_threads
         opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(_onnx_bytes(backbone, spec), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
 
         def run(x):
             return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(x.numpy())})[0])
 
-        # A blank and a noise image through both: an export that changed the function is not used.
-        size = (1, 3, spec.input_size, spec.input_size)
-        probe = torch.cat([torch.zeros(size), torch.rand(size, generator=torch.Generator().manual_seed(0)) * 2 - 1])
-        want = _float32_reference(backbone, torch.device("cpu"))(probe)
-        got = run(probe)
-        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
-            raise BleepError(f"its output differs from torch's by up to {float((got - want).abs().max()):.3g}")
+        mark, marked = path.with_name(path.name + ".verified"), _verified_mark(data, ort.__version__)
+        if not (mark.exists() and mark.read_bytes() == marked):
+            _check_against_torch(backbone, spec, run)
+            with contextlib.suppress(OSError):  # unrecorded: checked again next time
+                _write_atomic(mark, marked)
     except Exception as e:  # any failure of the optional engine: torch does the work instead
         warnings.warn(f"ONNX Runtime cannot run the {spec.name} backbone ({e}): using torch", stacklevel=2)
         return None
