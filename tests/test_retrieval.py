@@ -193,3 +193,41 @@ def test_aggregate_alone_matches_oracle(rng):
         ref.aggregate(idx, w[:, :3])
     with pytest.raises(bleep_rs.BleepError, match="integer"):
         ref.aggregate(idx.astype(float), w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 80),
+    nq=st.integers(0, 70),
+    g=st.integers(1, 70),
+    k=st.integers(1, 100),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_neighbour_spread_matches_oracle(n, nq, g, k, dtype, seed):
+    """Random shapes (more queries than one parallel chunk, genes not a multiple of the block width,
+    k larger than the reference with repeated neighbours), each storage type, against NumPy's std."""
+    rng = np.random.default_rng(seed)
+    expr = rng.gamma(1.0, 2.0, size=(n, g)).astype(np.float32)
+    expr[rng.uniform(size=(n, g)) < 0.3] = 0.0  # ties: the sparse zeros of real counts
+    ref = Reference.build(rng.standard_normal((n, 4)).astype(np.float32) + 5, expr, [f"g{i}" for i in range(g)],
+                          expression_dtype=dtype)
+    idx = rng.integers(0, n, size=(nq, k))
+    want = _oracle.neighbour_spread(ref.expression.astype(np.float64), idx)
+    got = ref.neighbour_spread(idx)
+    assert got.shape == (nq,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_neighbour_spread_bad_indices(rng):
+    emb, expr, genes = random_reference(rng, n=30, g=5)
+    ref = Reference.build(emb, expr, genes)
+    with pytest.raises(bleep_rs.BleepError, match="out of range"):
+        ref.neighbour_spread(np.array([[0, 30]]))
+    with pytest.raises(bleep_rs.BleepError, match="out of range"):
+        ref.neighbour_spread(np.array([[-1, 3]]))
+    with pytest.raises(bleep_rs.BleepError, match="at least one column"):
+        ref.neighbour_spread(np.zeros((3, 0), np.int64))
+    with pytest.raises(bleep_rs.BleepError, match="integer"):
+        ref.neighbour_spread(np.zeros((3, 2)))
+    np.testing.assert_allclose(ref.neighbour_spread(np.array([[4, 4, 4]])), [0.0], atol=1e-6)  # one spot: no spread

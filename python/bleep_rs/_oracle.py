@@ -56,6 +56,11 @@ def impute(reference: np.ndarray, expression: np.ndarray, queries: np.ndarray, k
 # -- colour normalisation (torchstain's torch backend, transcribed in float32 NumPy) ----------------------
 
 
+def neighbour_spread(expression: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Per query: the mean over genes of the standard deviation (ddof 0) of its neighbours' expression."""
+    return expression[indices].std(axis=1).mean(axis=1).astype(np.float32)
+
+
 def _kth_percentile(values: np.ndarray, q: float) -> np.float32:
     """torchstain's percentile: the value of rank 1 + round(q/100 (n-1)), no interpolation."""
     k = 1 + round(0.01 * float(q) * (values.size - 1))

@@ -59,27 +59,12 @@ def check_compatible(model, reference) -> None:
         )
 
 
-def _neighbour_spread(reference, idx: np.ndarray, budget: int = 1 << 22) -> np.ndarray:
-    """Per query: the mean over genes of the standard deviation of its neighbours' expression. Gathered a
-    few queries at a time (about ``budget`` bytes, so that the gather stays in cache: 8x faster than 256
-    queries at a time with an all-gene reference)."""
-    expr = reference.expression
-    out = np.empty(len(idx), np.float32)
-    chunk = max(1, budget // max(1, 4 * idx.shape[1] * expr.shape[1]))
-    for s in range(0, len(idx), chunk):
-        x = expr[idx[s : s + chunk]]
-        x -= x.mean(axis=1, keepdims=True)
-        np.square(x, out=x)
-        out[s : s + chunk] = np.sqrt(x.mean(axis=1)).mean(axis=1)
-    return out
-
-
 def _impute(reference, emb: np.ndarray, *, k: int, method: str) -> tuple:
     """The prediction, its neighbours, their similarities and the uncertainty of each output. (Imputing
     each batch in a second thread while the encoder went on was slower on 2 cores: the gather of the
     neighbours' expression competes with the encoder for memory bandwidth.)"""
     pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
-    return pred, idx, sims, _neighbour_spread(reference, idx)
+    return pred, idx, sims, reference.neighbour_spread(idx)
 
 
 def _assemble(imputed: tuple, reference, ids, xy, spatial: dict, info: dict, neighbours: bool):

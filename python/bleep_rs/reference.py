@@ -214,6 +214,16 @@ class Reference:
             raise BleepError("indices must have at least one column (k >= 1)")
         return self._core.aggregate(np.ascontiguousarray(idx, dtype=np.int64), w, threads=threads)
 
+    def neighbour_spread(self, indices: Any, *, threads: Optional[int] = None) -> np.ndarray:
+        """Per query, the mean over genes of the standard deviation of its neighbours' expression: how
+        much the spots a prediction averages disagree (``predict`` reports it as ``obs["uncertainty"]``).
+        ``indices``: (Q, k) integers in [0, n_spots), as :meth:`impute` returns them. Returns (Q,) float32.
+        """
+        idx = np.asarray(indices)
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise BleepError(f"indices must be a 2-D integer array, got {idx.dtype} with shape {idx.shape}")
+        return self._core.neighbour_spread(np.ascontiguousarray(idx, dtype=np.int64), threads=threads)
+
     def __len__(self) -> int:
         return self.n_spots
 

@@ -254,13 +254,36 @@ impl Reference {
         indices: Matrix<'_, i64>,
         weights: Matrix<'_, f32>,
     ) -> Result<Vec<f32>> {
-        let (idx, w) = (indices.check("indices")?, weights.check("weights")?);
+        let w = weights.check("weights")?;
         if (indices.rows, indices.cols) != (weights.rows, weights.cols) {
             return Err(Error::invalid(format!(
                 "indices ({}, {}) and weights ({}, {}) must have the same shape (queries x k)",
                 indices.rows, indices.cols, weights.rows, weights.cols
             )));
         }
+        let (idx, k) = self.spot_indices(indices)?;
+        check_finite(w, k, "weights")?;
+        let mut out = crate::memory::huge_zeroed::<f32>(
+            indices.rows * self.genes.len(),
+            "the aggregate (queries x genes, float32)",
+        )?;
+        self.expression.gather_weighted_sum(&idx, w, k, &mut out)?;
+        Ok(out)
+    }
+
+    /// Per query, the mean over genes of the standard deviation of its neighbours' expression
+    /// (`indices`: queries x k): how much the spots a prediction averages disagree, the uncertainty
+    /// `predict` reports.
+    pub fn neighbour_spread(&self, indices: Matrix<'_, i64>) -> Result<Vec<f32>> {
+        let (idx, k) = self.spot_indices(indices)?;
+        let mut out = vec![0f32; indices.rows];
+        self.expression.neighbour_spread(&idx, k, &mut out)?;
+        Ok(out)
+    }
+
+    /// Neighbour indices (queries x k, k >= 1) checked against the spots, as u32, and k.
+    fn spot_indices(&self, indices: Matrix<'_, i64>) -> Result<(Vec<u32>, usize)> {
+        let idx = indices.check("indices")?;
         let k = indices.cols;
         if k == 0 {
             return Err(Error::invalid(
@@ -275,14 +298,7 @@ impl Reference {
                 p / k
             )));
         }
-        check_finite(w, k, "weights")?;
-        let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-        let mut out = crate::memory::huge_zeroed::<f32>(
-            indices.rows * self.genes.len(),
-            "the aggregate (queries x genes, float32)",
-        )?;
-        self.expression.gather_weighted_sum(&idx, w, k, &mut out)?;
-        Ok(out)
+        Ok((idx.iter().map(|&i| i as u32).collect(), k))
     }
 
     /// Write the reference to `path` atomically: a temporary file beside it, flushed, then renamed.

@@ -242,6 +242,19 @@ impl PyReference {
         matrix(py, out, idx.rows, self.inner.genes().len())
     }
 
+    /// Per query, the mean over genes of the std of its neighbours' expression: (Q x k int64) -> Q.
+    #[pyo3(signature = (indices, threads=None))]
+    fn neighbour_spread<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray2<'py, i64>,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let idx = matrix_of(&indices, "indices")?;
+        let out = native(py, threads, || self.inner.neighbour_spread(idx))?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
     #[getter]
     fn n_spots(&self) -> usize {
         self.inner.n_spots()
