@@ -50,30 +50,35 @@ fn saturation(rgb: &[u8]) -> Vec<u8> {
 
 /// Median over a `k x k` window (k odd), edges replicated, by a running histogram along each row.
 fn median_blur(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
-    let r = (k / 2) as i64;
-    let at = |x: i64, y: i64| {
-        img[y.clamp(0, height as i64 - 1) as usize * width + x.clamp(0, width as i64 - 1) as usize]
-    };
+    let r = k / 2;
     let half = (k * k / 2) as u32;
     let mut out = vec![0u8; width * height];
     out.par_chunks_mut(width.max(1))
         .enumerate()
         .for_each(|(y, row)| {
-            let y = y as i64;
+            // The window's rows, edges replicated; columns are clamped once per step below.
+            let lines: Vec<&[u8]> = (0..k)
+                .map(|i| (y + i).saturating_sub(r).min(height - 1))
+                .map(|yy| &img[yy * width..(yy + 1) * width])
+                .collect();
+            let column = |x: isize| x.clamp(0, width as isize - 1) as usize;
             let mut hist = [0u32; 256];
-            for dy in -r..=r {
-                for dx in -r..=r {
-                    hist[at(dx, y + dy) as usize] += 1;
+            for line in &lines {
+                for dx in -(r as isize)..=r as isize {
+                    hist[line[column(dx)] as usize] += 1;
                 }
             }
             // The median m and the count of values below it, kept as the window slides (Huang's
             // method): each step moves m by as many levels as the values changed, not from level 0.
             let (mut m, mut below) = (0usize, 0u32);
-            for x in 0..width as i64 {
+            for x in 0..width {
                 if x > 0 {
-                    for dy in -r..=r {
-                        let (old, new) =
-                            (at(x - r - 1, y + dy) as usize, at(x + r, y + dy) as usize);
+                    let (gone, come) = (
+                        column(x as isize - r as isize - 1),
+                        column((x + r) as isize),
+                    );
+                    for line in &lines {
+                        let (old, new) = (line[gone] as usize, line[come] as usize);
                         hist[old] -= 1;
                         hist[new] += 1;
                         below = below - u32::from(old < m) + u32::from(new < m);
@@ -88,7 +93,7 @@ fn median_blur(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
                     below += hist[m];
                     m += 1;
                 }
-                row[x as usize] = m as u8;
+                row[x] = m as u8;
             }
         });
     out
