@@ -164,9 +164,117 @@ struct Scratch {
     ranks: RankScratch,
 }
 
-/// The optical density of each 8-bit value: `-ln((v + 1) / Io)` in float32.
-fn od_table(io: f32) -> [f32; 256] {
-    std::array::from_fn(|v| -((v as f32 + 1.0) / io).ln())
+/// The optical density of each 8-bit value, `-ln((v + 1) / Io)` in float32, and the same table split
+/// into its four bytes (the VBMI lookup permutes bytes, not floats).
+struct OdTable {
+    values: [f32; 256],
+    /// `bytes[j][v]`: byte j (little-endian) of `values[v]`.
+    bytes: [[u8; 256]; 4],
+}
+
+impl OdTable {
+    fn new(io: f32) -> OdTable {
+        let values: [f32; 256] = std::array::from_fn(|v| -((v as f32 + 1.0) / io).ln());
+        OdTable {
+            values,
+            bytes: std::array::from_fn(|j| std::array::from_fn(|v| values[v].to_le_bytes()[j])),
+        }
+    }
+}
+
+/// The optical densities of a run of pixels, one plane per channel (the planes as long as the pixels).
+fn od_lookup(pixels: &[u8], table: &OdTable, planes: [&mut [f32]; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    if bleep_core::cpu::cpu().avx512vbmi {
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI (and their use was not turned off).
+        return unsafe { od_lookup_vbmi(pixels, table, planes) };
+    }
+    od_lookup_from(pixels, &table.values, planes, 0);
+}
+
+/// The lookup from pixel `from` on, one value at a time.
+fn od_lookup_from(pixels: &[u8], table: &[f32; 256], [x, y, z]: [&mut [f32]; 3], from: usize) {
+    for (i, px) in pixels.chunks_exact(3).enumerate().skip(from) {
+        (x[i], y[i], z[i]) = (
+            table[px[0] as usize],
+            table[px[1] as usize],
+            table[px[2] as usize],
+        );
+    }
+}
+
+/// 64 pixels a step, without a gather (Zen 4 runs one 16-lane gather in about as long as 16 loads):
+/// two byte permutes split a channel out of the 192 bytes, and the table, as four 256-byte planes, is
+/// looked up one byte of the floats at a time (two 128-entry permutes, blended on the index's top bit).
+/// Unpacking the four byte vectors into floats interleaves them within 128-bit lanes; the channel split
+/// puts the pixels in the order that this unpacking restores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn od_lookup_vbmi(pixels: &[u8], table: &OdTable, mut planes: [&mut [f32]; 3]) {
+    use std::arch::x86_64::*;
+    let n = pixels.len() / 3;
+    let quarter =
+        |k: usize| _mm512_loadu_si512(table.bytes.as_ptr().cast::<u8>().add(64 * k).cast());
+    let t: [__m512i; 16] = std::array::from_fn(quarter);
+    let split = split_channels();
+    for g in 0..n / 64 {
+        let src = pixels.as_ptr().add(192 * g);
+        let rgb = [0, 64, 128].map(|o| _mm512_loadu_si512(src.add(o).cast()));
+        for (plane, &(index, from_third)) in planes.iter_mut().zip(&split) {
+            let two = _mm512_permutex2var_epi8(rgb[0], index, rgb[1]);
+            let v = _mm512_mask_permutexvar_epi8(two, from_third, index, rgb[2]);
+            let top = _mm512_movepi8_mask(v);
+            let b: [__m512i; 4] = std::array::from_fn(|j| {
+                let lo = _mm512_permutex2var_epi8(t[4 * j], v, t[4 * j + 1]);
+                let hi = _mm512_permutex2var_epi8(t[4 * j + 2], v, t[4 * j + 3]);
+                _mm512_mask_blend_epi8(top, lo, hi)
+            });
+            let (lo01, hi01) = (
+                _mm512_unpacklo_epi8(b[0], b[1]),
+                _mm512_unpackhi_epi8(b[0], b[1]),
+            );
+            let (lo23, hi23) = (
+                _mm512_unpacklo_epi8(b[2], b[3]),
+                _mm512_unpackhi_epi8(b[2], b[3]),
+            );
+            let floats = [
+                _mm512_unpacklo_epi16(lo01, lo23),
+                _mm512_unpackhi_epi16(lo01, lo23),
+                _mm512_unpacklo_epi16(hi01, hi23),
+                _mm512_unpackhi_epi16(hi01, hi23),
+            ];
+            let out = plane.as_mut_ptr().add(64 * g);
+            for (k, f) in floats.into_iter().enumerate() {
+                _mm512_storeu_si512(out.add(16 * k).cast(), f);
+            }
+        }
+    }
+    od_lookup_from(pixels, &table.values, planes, n / 64 * 64);
+}
+
+/// For each channel, the byte permute that takes it out of 64 interleaved pixels (192 bytes in three
+/// vectors): the source byte's index (the first permute reads its low 7 bits from the first two vectors,
+/// the second its low 6 from the third), and the mask of the bytes in the third. Output byte
+/// q = 16 L + 4 k + e holds pixel 16 k + 4 L + e: the unpacking of [`od_lookup_vbmi`] puts byte q of each
+/// 128-bit lane L into float vector k, element 4 L + e.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn split_channels() -> [(std::arch::x86_64::__m512i, u64); 3] {
+    std::array::from_fn(|c| {
+        let source: [u8; 64] = std::array::from_fn(|q| {
+            let pixel = 16 * ((q / 4) % 4) + 4 * (q / 16) + q % 4;
+            (3 * pixel + c) as u8
+        });
+        let third = source
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (q, &s)| m | (u64::from(s >= 128) << q));
+        // SAFETY: reads 64 bytes from a 64-byte array.
+        (
+            unsafe { std::arch::x86_64::_mm512_loadu_si512(source.as_ptr().cast()) },
+            third,
+        )
+    })
 }
 
 /// Values of the given ranks (0-based, ascending) of `values`, exactly, with the index of the first
@@ -425,61 +533,64 @@ multiversion! {
     }
 }
 
+/// Optical-density planes of the pixels, and the count, sums and products (upper triangle) of the
+/// stained pixels' optical densities: each chunk of pixels is looked up, then summed while it is in
+/// cache, in float32 lanes flushed to float64 per chunk.
+fn od_moments(pixels: &[u8], table: &OdTable, beta: f32, od: &mut [Vec<f32>; 3]) -> [f64; 10] {
+    const CHUNK: usize = 2048; // three planes of it fit in L1
+    let n = pixels.len() / 3;
+    let mut total = [0f64; 10];
+    for plane in od.iter_mut() {
+        plane.resize(n, 0.0);
+    }
+    let [a, b, c] = od;
+    let planes = a
+        .chunks_mut(CHUNK)
+        .zip(b.chunks_mut(CHUNK))
+        .zip(c.chunks_mut(CHUNK));
+    for (((a, b), c), chunk) in planes.zip(pixels.chunks(CHUNK * 3)) {
+        od_lookup(chunk, table, [&mut *a, &mut *b, &mut *c]);
+        let lanes = chunk_moments([a, b, c], beta);
+        for (t, lanes) in total.iter_mut().zip(lanes) {
+            *t += lanes.iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    total
+}
+
 multiversion! {
-    /// Optical-density planes of the pixels, and the count, sums and products (upper triangle) of the
-    /// stained pixels' optical densities, in one pass: each chunk of 4096 pixels is looked up, then
-    /// summed while it is in cache, in 16 float32 lanes per accumulator flushed to float64.
-    fn od_moments(pixels: &[u8], table: &[f32; 256], beta: f32, od: &mut [Vec<f32>; 3]) -> [f64; 10] {
-        let n = pixels.len() / 3;
-        let mut total = [0f64; 10];
-        for plane in od.iter_mut() {
-            plane.resize(n, 0.0);
-        }
-        let [a, b, c] = od;
-        let planes = a.chunks_mut(4096).zip(b.chunks_mut(4096)).zip(c.chunks_mut(4096));
-        for (((a, b), c), chunk) in planes.zip(pixels.chunks(4096 * 3)) {
-            for (((x, y), z), px) in a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(chunk.chunks_exact(3)) {
-                (*x, *y, *z) = (table[px[0] as usize], table[px[1] as usize], table[px[2] as usize]);
-            }
-            let mut acc = [[0f32; 16]; 10];
-            // Fixed-size blocks: no bounds checks, so the lanes vectorise.
-            let (ab, bb, cb) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
-            let rest = (ab.remainder(), bb.remainder(), cb.remainder());
-            for ((x, y), z) in ab.zip(bb).zip(cb) {
-                for l in 0..16 {
-                    add_moments(&mut acc, l, x[l], y[l], z[l], beta);
-                }
-            }
-            for ((&x, &y), &z) in rest.0.iter().zip(rest.1).zip(rest.2) {
-                add_moments(&mut acc, 0, x, y, z, beta);
-            }
-            for (t, lanes) in acc.iter().enumerate() {
-                total[t] += lanes.iter().map(|&v| v as f64).sum::<f64>();
-            }
-        }
-        total
+    /// [`od_moments`] of one chunk, in 16 float32 lanes per moment: the whole blocks of 16 pixels, then
+    /// the rest padded with NaN (which counts as unstained) into lanes of its own.
+    fn chunk_moments(planes: [&[f32]; 3], beta: f32) -> [[f32; 32]; 10] {
+        let whole = planes[0].len() / 16 * 16;
+        let main = block_moments(planes.map(|p| &p[..whole]), beta);
+        let pad = planes.map(|p| -> [f32; 16] { std::array::from_fn(|i| p.get(whole + i).copied().unwrap_or(f32::NAN)) });
+        let rest = block_moments(pad.each_ref().map(|p| &p[..]), beta);
+        std::array::from_fn(|t| std::array::from_fn(|l| if l < 16 { main[t][l] } else { rest[t][l - 16] }))
     }
 }
 
-/// Adds one pixel's count, sums and products (when all three optical densities are >= beta) to lane l.
+/// The count, sums and products of the stained pixels (all three optical densities >= beta) of whole
+/// blocks of 16, in one lane per pixel of a block. Returning the accumulators by value (rather than
+/// adding to a caller's) keeps them in registers.
 #[inline(always)]
-fn add_moments(acc: &mut [[f32; 16]; 10], l: usize, x: f32, y: f32, z: f32, beta: f32) {
-    let m = if x >= beta && y >= beta && z >= beta {
-        1.0
-    } else {
-        0.0
-    };
-    let (mx, my, mz) = (m * x, m * y, m * z);
-    acc[0][l] += m;
-    acc[1][l] += mx;
-    acc[2][l] += my;
-    acc[3][l] += mz;
-    acc[4][l] += mx * x;
-    acc[5][l] += mx * y;
-    acc[6][l] += mx * z;
-    acc[7][l] += my * y;
-    acc[8][l] += my * z;
-    acc[9][l] += mz * z;
+fn block_moments([a, b, c]: [&[f32]; 3], beta: f32) -> [[f32; 16]; 10] {
+    let mut acc = [[0f32; 16]; 10];
+    for ((x, y), z) in a
+        .chunks_exact(16)
+        .zip(b.chunks_exact(16))
+        .zip(c.chunks_exact(16))
+    {
+        for l in 0..16 {
+            let (x, y, z) = (x[l], y[l], z[l]);
+            let stained = x >= beta && y >= beta && z >= beta;
+            let terms = [1.0, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z];
+            for (sum, t) in acc.iter_mut().zip(terms) {
+                sum[l] += if stained { t } else { 0.0 };
+            }
+        }
+    }
+    acc
 }
 
 multiversion! {
@@ -528,12 +639,7 @@ fn percentile_rank(n: usize, q: f32) -> usize {
 
 /// Estimates the stain basis of one patch; `None` when it has too few stained pixels for Macenko (an
 /// empty or near-white patch), where the method is undefined. Leaves the concentrations in `s.c`.
-fn estimate(
-    pixels: &[u8],
-    p: &MacenkoParams,
-    table: &[f32; 256],
-    s: &mut Scratch,
-) -> Option<Stains> {
+fn estimate(pixels: &[u8], p: &MacenkoParams, table: &OdTable, s: &mut Scratch) -> Option<Stains> {
     let n = pixels.len() / 3;
     // Covariance of the stained pixels (all three ODs >= beta).
     let m = od_moments(pixels, table, p.beta, &mut s.od);
@@ -610,7 +716,7 @@ fn dot3(a: &[f32; 3], b: &[f32; 3]) -> f32 {
 pub fn macenko_fit(pixels: &[u8], shape: &[usize], p: &MacenkoParams) -> Result<Stains> {
     shape::rgb_pixels(shape, pixels.len(), "the target")?;
     let p = p.check()?;
-    estimate(pixels, &p, &od_table(p.io), &mut Scratch::default()).ok_or_else(|| {
+    estimate(pixels, &p, &OdTable::new(p.io), &mut Scratch::default()).ok_or_else(|| {
         Error::invalid("the Macenko target has too few stained pixels (at least 1% must have optical density >= beta in every channel): fit on a patch with tissue")
     })
 }
@@ -647,7 +753,7 @@ pub fn macenko_transform(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let table = od_table(p.io);
+    let table = OdTable::new(p.io);
     Ok(patches
         .par_chunks_mut(h * w * 3)
         .map_init(Scratch::default, |s, patch| {
@@ -737,6 +843,37 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_unstable_by(f32::total_cmp);
         assert_eq!([found[0].0, found[1].0], [sorted[k[0]], sorted[k[1]]]);
+    }
+
+    /// Planes of `n` pixels whose channels run through every byte value, in every position of a step.
+    fn sweep(n: usize) -> (Vec<u8>, [Vec<f32>; 3]) {
+        let pixels = (0..3 * n)
+            .map(|k| ((k / 3) * 5 + 85 * (k % 3)) as u8)
+            .collect();
+        (pixels, std::array::from_fn(|_| vec![0.0; n]))
+    }
+
+    #[test]
+    fn the_vbmi_lookup_equals_the_table() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vbmi") {
+            let table = OdTable::new(240.0);
+            // Whole steps of 64 and a tail.
+            let (pixels, [mut x, mut y, mut z]) = sweep(64 * 13 + 37);
+            let (_, [mut x2, mut y2, mut z2]) = sweep(64 * 13 + 37);
+            od_lookup_from(&pixels, &table.values, [&mut x, &mut y, &mut z], 0);
+            // SAFETY: the CPU has AVX-512 VBMI (and so F and BW).
+            unsafe { od_lookup_vbmi(&pixels, &table, [&mut x2, &mut y2, &mut z2]) };
+            let bits = |p: &[f32]| p.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                [bits(&x), bits(&y), bits(&z)],
+                [bits(&x2), bits(&y2), bits(&z2)]
+            );
+            assert_eq!(
+                x[..256].iter().filter(|&&v| v == table.values[0]).count(),
+                1
+            );
+        }
     }
 
     #[test]
