@@ -2,7 +2,7 @@
 //! a stain basis per patch from the optical densities of its stained pixels, then each patch unmixed
 //! and remixed with the target's basis.
 
-use super::{exp, store_levels, BLOCK};
+use super::{store_levels, BLOCK};
 use crate::shape;
 use crate::simd::multiversion;
 use bleep_core::{Error, Matrix, Result};
@@ -252,19 +252,22 @@ unsafe fn od_lookup_vbmi(pixels: &[u8], table: &OdTable, mut planes: [&mut [f32]
     od_lookup_from(pixels, &table.values, planes, n / 64 * 64);
 }
 
+/// Unpacking 64 bytes into four vectors of 16 floats (or packing them back) works within 128-bit lanes:
+/// byte q = 16 L + 4 k + e goes to float vector k, element 4 L + e, i.e. pixel 16 k + 4 L + e of the 64.
+/// This maps a byte's position to that pixel, and (swapping k and L) the pixel back to the position.
+fn lane_order(i: usize) -> usize {
+    16 * ((i / 4) % 4) + 4 * (i / 16) + i % 4
+}
+
 /// For each channel, the byte permute that takes it out of 64 interleaved pixels (192 bytes in three
 /// vectors): the source byte's index (the first permute reads its low 7 bits from the first two vectors,
-/// the second its low 6 from the third), and the mask of the bytes in the third. Output byte
-/// q = 16 L + 4 k + e holds pixel 16 k + 4 L + e: the unpacking of [`od_lookup_vbmi`] puts byte q of each
-/// 128-bit lane L into float vector k, element 4 L + e.
+/// the second its low 6 from the third), and the mask of the bytes in the third. Byte q holds pixel
+/// [`lane_order`]`(q)`, which the unpacking of [`od_lookup_vbmi`] puts back in place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn split_channels() -> [(std::arch::x86_64::__m512i, u64); 3] {
     std::array::from_fn(|c| {
-        let source: [u8; 64] = std::array::from_fn(|q| {
-            let pixel = 16 * ((q / 4) % 4) + 4 * (q / 16) + q % 4;
-            (3 * pixel + c) as u8
-        });
+        let source: [u8; 64] = std::array::from_fn(|q| (3 * lane_order(q) + c) as u8);
         let third = source
             .iter()
             .enumerate()
@@ -721,23 +724,165 @@ pub fn macenko_fit(pixels: &[u8], shape: &[usize], p: &MacenkoParams) -> Result<
     })
 }
 
+/// Remixes one patch's concentrations (scaled per stain) with the target's stain vectors:
+/// `min(255, Io exp(-HE c))`, truncated to 8 bits as torchstain does. Computed as `2^(log2 Io - K c)`
+/// with `K = HE diag(scale) log2 e` folded once per patch (see [`level`]).
+fn remix(patch: &mut [u8], c: &[Vec<f32>; 2], scale: [f32; 2], he: &[[f32; 2]; 3], io: f32) {
+    let e = Exponents {
+        neg_k: std::array::from_fn(|r| {
+            std::array::from_fn(|j| {
+                -(he[r][j] as f64 * scale[j] as f64 * std::f64::consts::LOG2_E) as f32
+            })
+        }),
+        top: (io as f64).log2() as f32,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if bleep_core::cpu::cpu().avx512vbmi {
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI (and their use was not turned off).
+        return unsafe { remix_vbmi(patch, c, &e) };
+    }
+    remix_from(patch, c, &e, 0);
+}
+
+/// The exponent of base 2 of each output channel r: `top + neg_k[r] . c`.
+struct Exponents {
+    neg_k: [[f32; 2]; 3],
+    top: f32,
+}
+
+impl Exponents {
+    #[inline(always)]
+    fn at(&self, r: usize, c0: f32, c1: f32) -> f32 {
+        let k = self.neg_k[r];
+        k[0].mul_add(c0, k[1].mul_add(c1, self.top))
+    }
+}
+
+/// `2^f` on [-1/2, 1/2]: a degree-5 fit of relative error 1.7e-7 with the constant 1 exact, by
+/// Horner's rule in fused multiply-adds.
+#[allow(clippy::approx_constant)] // the fitted coefficient of f, near ln 2 but not it
+const POW2: [f32; 6] = [
+    1.0,
+    0.693147,
+    0.24022242,
+    0.055507336,
+    0.009671513,
+    0.0013264737,
+];
+
+/// The level `min(255, 2^y)` as a float. Only 8 bits survive, so the range needs no reduction beyond
+/// the integer part: `y` is clamped to [-32, 9] (2^9 is above 255, 2^-32 far below one level, and 2^n
+/// stays a normal float), `2^y = 2^n 2^f` with `n` the nearest integer, and `2^n` made from its bits
+/// (exactly what the AVX-512 path's `vscalefps` gives).
+#[inline(always)]
+fn level(y: f32) -> f32 {
+    let y = y.clamp(-32.0, 9.0);
+    let n = y.round_ties_even();
+    let f = y - n;
+    let p = POW2[..5]
+        .iter()
+        .rev()
+        .fold(POW2[5], |p, &a| p.mul_add(f, a));
+    // n is read out of the mantissa after adding 1.5 * 2^23 (vectorises where a float-to-int cast does not).
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    (p * f32::from_bits(n_bits.wrapping_add(127) << 23)).min(255.0)
+}
+
 multiversion! {
-    /// Remixes one patch's concentrations (scaled per stain) with the target's stain vectors:
-    /// `min(255, Io exp(-HE c))`, truncated to 8 bits as torchstain does.
-    fn remix(patch: &mut [u8], c: &[Vec<f32>; 2], scale: [f32; 2], he: &[[f32; 2]; 3], io: f32) {
-        for (start, block) in (0..c[0].len()).step_by(BLOCK).zip(patch.chunks_mut(BLOCK * 3)) {
+    /// [`remix`] from pixel `from` (a multiple of [`BLOCK`]) on, a block of levels at a time.
+    fn remix_from(patch: &mut [u8], c: &[Vec<f32>; 2], e: &Exponents, from: usize) {
+        let blocks = (from..c[0].len()).step_by(BLOCK).zip(patch[3 * from..].chunks_mut(BLOCK * 3));
+        for (start, block) in blocks {
             let len = block.len() / 3;
             let (c0, c1) = (&c[0][start..start + len], &c[1][start..start + len]);
             let mut out = [[0f32; BLOCK]; 3];
             for (r, plane) in out.iter_mut().enumerate() {
-                let (h0, h1) = (he[r][0] * scale[0], he[r][1] * scale[1]);
                 for i in 0..len {
-                    plane[i] = (io * exp(-(h0 * c0[i] + h1 * c1[i]))).min(255.0);
+                    plane[i] = level(e.at(r, c0[i], c1[i]));
                 }
             }
             store_levels(block, &out);
         }
     }
+}
+
+/// 64 pixels a step: [`level`] in 16 lanes (its `2^n` by `vscalefps`), truncated, packed to bytes per
+/// channel (which orders them within 128-bit lanes as [`lane_order`] says), and interleaved into RGB
+/// by two byte permutes per 64 output bytes that also undo that order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn remix_vbmi(patch: &mut [u8], c: &[Vec<f32>; 2], e: &Exponents) {
+    use std::arch::x86_64::*;
+    let n = c[0].len();
+    let weave = interleave_channels();
+    for g in 0..n / 64 {
+        let mut levels = [[_mm512_setzero_si512(); 4]; 3];
+        for q in 0..4 {
+            let at = 64 * g + 16 * q;
+            let (c0, c1) = (
+                _mm512_loadu_ps(c[0].as_ptr().add(at)),
+                _mm512_loadu_ps(c[1].as_ptr().add(at)),
+            );
+            for (r, channel) in levels.iter_mut().enumerate() {
+                let k = e.neg_k[r];
+                let y = _mm512_fmadd_ps(
+                    _mm512_set1_ps(k[0]),
+                    c0,
+                    _mm512_fmadd_ps(_mm512_set1_ps(k[1]), c1, _mm512_set1_ps(e.top)),
+                );
+                channel[q] = _mm512_cvttps_epi32(level_avx512(y));
+            }
+        }
+        let bytes = levels.map(|d| {
+            _mm512_packus_epi16(
+                _mm512_packus_epi32(d[0], d[1]),
+                _mm512_packus_epi32(d[2], d[3]),
+            )
+        });
+        let out = patch.as_mut_ptr().add(192 * g);
+        for (j, &(index, from_third)) in weave.iter().enumerate() {
+            let two = _mm512_permutex2var_epi8(bytes[0], index, bytes[1]);
+            let rgb = _mm512_mask_permutexvar_epi8(two, from_third, index, bytes[2]);
+            _mm512_storeu_si512(out.add(64 * j).cast(), rgb);
+        }
+    }
+    remix_from(patch, c, e, n / 64 * 64);
+}
+
+/// [`level`] of 16 exponents.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn level_avx512(y: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-32.0)), _mm512_set1_ps(9.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+    let f = _mm512_sub_ps(y, n);
+    let mut p = _mm512_set1_ps(POW2[5]);
+    for &a in POW2[..5].iter().rev() {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(a));
+    }
+    _mm512_min_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(255.0))
+}
+
+/// For each 64-byte third of 64 interleaved RGB pixels, the byte permute that gathers it from the three
+/// channels' bytes (each in [`lane_order`]): the source index (bit 6 picks the second channel in the
+/// first permute) and the mask of the bytes taken from the third channel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn interleave_channels() -> [(std::arch::x86_64::__m512i, u64); 3] {
+    std::array::from_fn(|j| {
+        let source: [u8; 64] = std::array::from_fn(|t| {
+            let (pixel, channel) = ((64 * j + t) / 3, (64 * j + t) % 3);
+            (lane_order(pixel) + 64 * (channel % 2)) as u8
+        });
+        let third = (0..64).fold(0u64, |m, t| m | (u64::from((64 * j + t) % 3 == 2) << t));
+        // SAFETY: reads 64 bytes from a 64-byte array.
+        (
+            unsafe { std::arch::x86_64::_mm512_loadu_si512(source.as_ptr().cast()) },
+            third,
+        )
+    })
 }
 
 /// Normalises each patch of `patches` (shape `(n, h, w, 3)`) to `target` in place. Returns, per patch,
@@ -872,6 +1017,46 @@ mod tests {
             assert_eq!(
                 x[..256].iter().filter(|&&v| v == table.values[0]).count(),
                 1
+            );
+        }
+    }
+
+    #[test]
+    fn level_is_two_to_the_y_within_two_ulp() {
+        assert!(level(-1e4) < 1e-9);
+        for i in -32_000..=10_000 {
+            let y = i as f32 * 1e-3;
+            let want = (y as f64).exp2().min(255.0);
+            let got = level(y) as f64;
+            assert!(
+                (got - want).abs() <= 2.0 * f32::EPSILON as f64 * want,
+                "{y}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_vbmi_remix_equals_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vbmi") {
+            // Concentrations from far below to far above the clamps, whole steps of 64 and a tail.
+            let n = 64 * 9 + 23;
+            let c: [Vec<f32>; 2] = std::array::from_fn(|j| {
+                (0..n)
+                    .map(|i| ((i * (3 + j)) % 401) as f32 * 0.025 - 2.0)
+                    .collect()
+            });
+            let e = Exponents {
+                neg_k: [[-0.9, -0.3], [-1.1, -1.2], [-0.6, -0.8]],
+                top: 240f32.log2(),
+            };
+            let (mut want, mut got) = (vec![0u8; 3 * n], vec![0u8; 3 * n]);
+            remix_from(&mut want, &c, &e, 0);
+            // SAFETY: the CPU has AVX-512 VBMI (and so F and BW).
+            unsafe { remix_vbmi(&mut got, &c, &e) };
+            assert_eq!(got, want);
+            assert!(
+                want.contains(&0) && want.contains(&255) && want.iter().any(|&v| v > 0 && v < 255)
             );
         }
     }
