@@ -280,32 +280,22 @@ fn split_channels() -> [(std::arch::x86_64::__m512i, u64); 3] {
     })
 }
 
-/// Values of the given ranks (0-based, ascending) of `values`, exactly, with the index of the first
-/// value equal to each.
+/// Values of the given ranks (0-based, ascending) of `values`, exactly. The ranks lie among the
+/// `valid.0` values below `valid.1`; the others (unstained pixels' angles, set above every angle) rank
+/// after them.
 ///
 /// Each rank is looked for among the values lying between two order statistics of a sample that
-/// bracket it (a few per cent of the values, found in one pass that a vector compare skips through
-/// where a block holds none), then selected there. When the sample misleads (the rank falls outside its
-/// window, or the windows overlap) the histogram method finds it instead: the answer is exact either way.
+/// bracket it (a few per cent of the valid values, found in one vector pass), then selected there. When
+/// the sample misleads (the rank falls outside its window, or the windows overlap) the histogram method
+/// finds it instead: the answer is exact either way.
 fn ranks<const R: usize>(
     values: &[f32],
     wanted: [usize; R],
+    valid: (usize, f32),
     s: &mut RankScratch,
-) -> [(f32, usize); R] {
-    let m = values.len();
-    if let Some(found) = ranks_in_windows(values, wanted, s) {
-        return found;
-    }
-    let picked = ranks_by_histogram(values, wanted, s);
-    picked.map(|v| {
-        (
-            v,
-            values
-                .iter()
-                .position(|&x| x == v)
-                .unwrap_or(m.saturating_sub(1)),
-        )
-    })
+) -> [f32; R] {
+    ranks_in_windows(values, wanted, valid, s)
+        .unwrap_or_else(|| ranks_by_histogram(values, wanted, s))
 }
 
 /// Values sampled per selection, and the spread (in standard deviations of a sample quantile) of the
@@ -316,8 +306,9 @@ const SPREAD: f64 = 4.0;
 fn ranks_in_windows<const R: usize>(
     values: &[f32],
     wanted: [usize; R],
+    (count, cap): (usize, f32),
     s: &mut RankScratch,
-) -> Option<[(f32, usize); R]> {
+) -> Option<[f32; R]> {
     let m = values.len();
     if m < 8 * SAMPLE {
         return None;
@@ -326,9 +317,14 @@ fn ranks_in_windows<const R: usize>(
     s.sample
         .extend((0..SAMPLE).map(|i| values[i * (m / SAMPLE)]));
     s.sample.sort_unstable_by(f32::total_cmp);
+    // The sampled valid values stand for all the valid ones (the others would only widen the windows).
+    let sampled = s.sample.partition_point(|&v| v < cap);
+    if sampled < 2 {
+        return None;
+    }
     let bounds: [(f32, f32); R] = wanted.map(|k| {
-        let p = k as f64 / m as f64 * SAMPLE as f64;
-        let spread = SPREAD * (p * (1.0 - p / SAMPLE as f64)).max(0.0).sqrt() + 2.0;
+        let p = k as f64 / count as f64 * sampled as f64;
+        let spread = SPREAD * (p * (1.0 - p / sampled as f64)).max(0.0).sqrt() + 2.0;
         let (lo, hi) = ((p - spread).floor(), (p + spread).ceil());
         (
             if lo < 0.0 {
@@ -336,8 +332,8 @@ fn ranks_in_windows<const R: usize>(
             } else {
                 s.sample[lo as usize]
             },
-            if hi >= (SAMPLE - 1) as f64 {
-                f32::INFINITY
+            if hi >= (sampled - 1) as f64 {
+                cap.next_down()
             } else {
                 s.sample[hi as usize]
             },
@@ -356,27 +352,21 @@ fn ranks_in_windows<const R: usize>(
         (w.lo, w.hi) = (lo, hi);
     }
     collect_windows(values, &mut s.windows[..R]);
-    let mut out = [(0f32, 0usize); R];
+    let mut out = [0f32; R];
     for r in 0..R {
         let (k, w) = (wanted[r], &mut s.windows[r]);
         if k < w.below || k - w.below >= w.hits {
             return None;
         }
-        // Selected on a copy: the candidates stay in index order, so the first equal one is the first.
-        s.selected.clear();
-        s.selected.extend_from_slice(&w.values[..w.hits]);
-        let v = *s
-            .selected
+        out[r] = *w.values[..w.hits]
             .select_nth_unstable_by(k - w.below, f32::total_cmp)
             .1;
-        let at = w.values[..w.hits].iter().position(|&x| x == v)?;
-        out[r] = (v, w.indices[at] as usize);
     }
     Some(out)
 }
 
 /// One rank's window [lo, hi], and what a pass over the values finds: how many lie below it, and
-/// those within it (the first `hits` of `values`) with their indices, in index order.
+/// those within it (the first `hits` of `values`).
 #[derive(Default)]
 struct Window {
     lo: f32,
@@ -384,7 +374,6 @@ struct Window {
     below: usize,
     hits: usize,
     values: Vec<f32>,
-    indices: Vec<u32>,
 }
 
 /// Fills each window from one pass over the values.
@@ -393,7 +382,6 @@ fn collect_windows(values: &[f32], windows: &mut [Window]) {
         (w.below, w.hits) = (0, 0);
         if w.values.len() < values.len() + 16 {
             w.values.resize(values.len() + 16, 0.0);
-            w.indices.resize(values.len() + 16, 0);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -408,9 +396,8 @@ fn collect_windows(values: &[f32], windows: &mut [Window]) {
 /// value is written, the count advances on a hit).
 fn collect_from(values: &[f32], windows: &mut [Window], from: usize) {
     for w in windows.iter_mut() {
-        for (i, &v) in values.iter().enumerate().skip(from) {
+        for &v in &values[from..] {
             w.values[w.hits] = v;
-            w.indices[w.hits] = i as u32;
             w.hits += usize::from(w.lo <= v && v <= w.hi);
             w.below += usize::from(v < w.lo);
         }
@@ -426,27 +413,32 @@ unsafe fn collect_windows_avx512(values: &[f32], windows: &mut [Window]) {
     let full = values.len() / 16 * 16;
     for w in windows.iter_mut() {
         let (lo, hi) = (_mm512_set1_ps(w.lo), _mm512_set1_ps(w.hi));
-        let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let (vp, ip) = (w.values.as_mut_ptr(), w.indices.as_mut_ptr());
+        let vp = w.values.as_mut_ptr();
         let (mut hits, mut below) = (0usize, 0usize);
         for start in (0..full).step_by(16) {
             let v = _mm512_loadu_ps(values.as_ptr().add(start));
             let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo);
             let inside =
                 _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, lo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, hi);
-            // hits <= start, so the 16 stored lanes end within the buffers (values.len() + 16 long).
+            // hits <= start, so the 16 stored lanes end within the buffer (values.len() + 16 long).
             _mm512_storeu_ps(vp.add(hits), _mm512_maskz_compress_ps(inside, v));
-            _mm512_storeu_si512(
-                ip.add(hits).cast(),
-                _mm512_maskz_compress_epi32(inside, index),
-            );
             hits += inside.count_ones() as usize;
             below += under.count_ones() as usize;
-            index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
         }
         (w.hits, w.below) = (hits, below);
     }
     collect_from(values, windows, full);
+}
+
+multiversion! {
+    /// The index of the first of `values` equal to `v` (0 if none is): blocks of 16 compared at once.
+    fn first_index(values: &[f32], v: f32) -> usize {
+        let blocks = values.chunks_exact(16);
+        let rest = 16 * blocks.len();
+        let block = blocks.take_while(|b| !b.iter().fold(false, |hit, &x| hit | (x == v))).count();
+        let from = (16 * block).min(rest);
+        values[from..].iter().position(|&x| x == v).map_or(0, |i| from + i)
+    }
 }
 
 /// Values of the given ranks (0-based) of `values`, exactly: a histogram between the minimum and
@@ -493,7 +485,6 @@ struct RankScratch {
     bucket: Vec<f32>,
     sample: Vec<f32>,
     windows: Vec<Window>,
-    selected: Vec<f32>,
 }
 
 multiversion! {
@@ -666,8 +657,9 @@ fn estimate(pixels: &[u8], p: &MacenkoParams, table: &OdTable, s: &mut Scratch) 
         percentile_rank(kept, p.alpha),
         percentile_rank(kept, 100.0 - p.alpha),
     ];
-    let picked = ranks(&s.phi, wanted, &mut s.ranks);
-    let angle_of = |(_, i): (f32, usize)| -> f32 {
+    let picked = ranks(&s.phi, wanted, (kept, UNSTAINED), &mut s.ranks);
+    let angle_of = |v: f32| -> f32 {
+        let i = first_index(&s.phi, v);
         let (t0, t1) = plane_xy(s.od[0][i], s.od[1][i], s.od[2][i], &ev);
         t1.atan2(t0)
     };
@@ -704,8 +696,8 @@ fn estimate(pixels: &[u8], p: &MacenkoParams, table: &OdTable, s: &mut Scratch) 
     concentrations(&s.od, &pinv, &mut s.c);
     let k = [percentile_rank(n, 99.0)];
     let max_c = [
-        ranks(&s.c[0], k, &mut s.ranks)[0].0,
-        ranks(&s.c[1], k, &mut s.ranks)[0].0,
+        ranks(&s.c[0], k, (n, f32::INFINITY), &mut s.ranks)[0],
+        ranks(&s.c[1], k, (n, f32::INFINITY), &mut s.ranks)[0],
     ];
     Some(Stains { he, max_c })
 }
@@ -942,35 +934,44 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-        /// Both selections give the sorted order's values (and the first index of each), on values with
-        /// many ties or none, near the ends and in the middle.
+        /// Both selections give the sorted order's values, and `first_index` the first of each, on
+        /// angles with many ties or none, some of them unstained or none, near the ends and in the middle.
         #[test]
         fn ranks_equal_the_sorted_values(
             n in 1usize..9000,
             levels in proptest::sample::select(vec![3u32, 50, 4000, u32::MAX]),
+            unstained in proptest::sample::select(vec![0u32, 1, 30]),
             q in proptest::collection::vec(0.0f64..=1.0, 2),
             seed in proptest::prelude::any::<u64>(),
         ) {
             let mut x = seed | 1;
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u32
+            };
             let values: Vec<f32> = (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    ((x >> 32) as u32 % levels) as f32 * 0.37 - 11.0
+                .map(|_| match next() % 100 < unstained {
+                    true => UNSTAINED,
+                    false => (next() % levels) as f32 / levels as f32 * 3.9 - 2.0,
                 })
                 .collect();
+            let kept = values.iter().filter(|&&v| v < UNSTAINED).count();
+            proptest::prop_assume!(kept > 0);
+            let valid = if kept == n { (n, f32::INFINITY) } else { (kept, UNSTAINED) };
             let mut sorted = values.clone();
             sorted.sort_unstable_by(f32::total_cmp);
-            let mut k = [(q[0] * (n - 1) as f64) as usize, (q[1] * (n - 1) as f64) as usize];
+            let mut k = [(q[0] * (kept - 1) as f64) as usize, (q[1] * (kept - 1) as f64) as usize];
             k.sort_unstable();
             let mut s = RankScratch::default();
-            let got = ranks(&values, k, &mut s);
+            let got = ranks(&values, k, valid, &mut s);
             let hist = ranks_by_histogram(&values, k, &mut s);
             for r in 0..2 {
-                proptest::prop_assert_eq!(got[r].0, sorted[k[r]]);
+                proptest::prop_assert_eq!(got[r], sorted[k[r]]);
                 proptest::prop_assert_eq!(hist[r], sorted[k[r]]);
-                proptest::prop_assert_eq!(got[r].1, values.iter().position(|&v| v == sorted[k[r]]).unwrap());
+                let first = values.iter().position(|&v| v == sorted[k[r]]).unwrap();
+                proptest::prop_assert_eq!(first_index(&values, got[r]), first);
             }
         }
     }
@@ -983,11 +984,31 @@ mod tests {
             .collect();
         let n = values.len();
         let k = [percentile_rank(n, 1.0), percentile_rank(n, 99.0)];
-        let found = ranks_in_windows(&values, k, &mut RankScratch::default())
+        let found = ranks_in_windows(&values, k, (n, f32::INFINITY), &mut RankScratch::default())
             .expect("windows hold the ranks");
         let mut sorted = values.clone();
         sorted.sort_unstable_by(f32::total_cmp);
-        assert_eq!([found[0].0, found[1].0], [sorted[k[0]], sorted[k[1]]]);
+        assert_eq!(found, [sorted[k[0]], sorted[k[1]]]);
+        // With a third of the pixels unstained, the ranks among the others.
+        let angles: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i % 3 == 0 {
+                    UNSTAINED
+                } else {
+                    v / 3000.0 - 2.0
+                }
+            })
+            .collect();
+        let kept = n - n.div_ceil(3);
+        let k = [percentile_rank(kept, 1.0), percentile_rank(kept, 99.0)];
+        let found = ranks_in_windows(&angles, k, (kept, UNSTAINED), &mut RankScratch::default())
+            .expect("windows hold the ranks");
+        let mut sorted = angles.clone();
+        sorted.sort_unstable_by(f32::total_cmp);
+        assert!(sorted[kept - 1] < 2.0 && sorted[kept] == UNSTAINED);
+        assert_eq!(found, [sorted[k[0]], sorted[k[1]]]);
     }
 
     /// Planes of `n` pixels whose channels run through every byte value, in every position of a step.
