@@ -11,7 +11,7 @@ use crate::simd::multiversion;
 use bleep_core::{Error, Matrix, Result};
 use rayon::prelude::*;
 
-pub use macenko::{macenko_fit, macenko_transform, MacenkoParams, Stains};
+pub use macenko::{macenko_fit, macenko_transform, macenko_transform_into, MacenkoParams, Stains};
 
 /// The 8-bit level of a value in [0, 255], truncated as torchstain's casts do: floor, then the integer
 /// read from the mantissa after adding 1.5 * 2^23 (no float-to-int cast, which does not vectorise).

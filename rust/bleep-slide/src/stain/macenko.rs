@@ -386,7 +386,7 @@ fn collect_windows(values: &[f32], windows: &mut [Window]) {
     }
     #[cfg(target_arch = "x86_64")]
     if bleep_core::cpu::cpu().simd == bleep_core::cpu::SimdLevel::Avx512 {
-        // SAFETY: the CPU has AVX-512 F (and its use was not turned off).
+        // SAFETY: the CPU has AVX-512 F (and its use was not turned off), so also POPCNT (x86-64-v2).
         return unsafe { collect_windows_avx512(values, windows) };
     }
     collect_from(values, windows, 0);
@@ -405,9 +405,10 @@ fn collect_from(values: &[f32], windows: &mut [Window], from: usize) {
 }
 
 /// 16 values a step: two compares give the window's and the below mask, the hits are compressed in
-/// registers and stored unaligned (a compressing store to memory is slow on Zen 4).
+/// registers and stored unaligned (a compressing store to memory is slow on Zen 4). The masks are
+/// counted by `popcnt` (without it, a vector emulation sat in the loop's chain from count to address).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,popcnt")]
 unsafe fn collect_windows_avx512(values: &[f32], windows: &mut [Window]) {
     use std::arch::x86_64::*;
     let full = values.len() / 16 * 16;
@@ -885,26 +886,76 @@ pub fn macenko_transform(
     target: &Stains,
     p: &MacenkoParams,
 ) -> Result<Vec<bool>> {
-    let (n, h, w) = shape::patches(shape, patches.len(), "patches")?;
-    let p = p.check()?;
-    if n == 0 {
-        return Ok(Vec::new());
-    }
+    let (size, p) = transform_checks(shape, patches.len(), p)?;
     let table = OdTable::new(p.io);
     Ok(patches
-        .par_chunks_mut(h * w * 3)
+        .par_chunks_mut(size)
         .map_init(Scratch::default, |s, patch| {
-            let Some(source) = estimate(patch, &p, &table, s) else {
-                return false;
-            };
-            let scale = [
-                target.max_c[0] / source.max_c[0],
-                target.max_c[1] / source.max_c[1],
-            ];
-            remix(patch, &s.c, scale, &target.he, p.io);
-            true
+            normalise(None, patch, target, &p, &table, s)
         })
         .collect())
+}
+
+/// [`macenko_transform`] into `out` (as long as `patches`), leaving `patches` as they are: saves the
+/// caller a copy of the batch.
+pub fn macenko_transform_into(
+    patches: &[u8],
+    out: &mut [u8],
+    shape: &[usize],
+    target: &Stains,
+    p: &MacenkoParams,
+) -> Result<Vec<bool>> {
+    let (size, p) = transform_checks(shape, patches.len(), p)?;
+    if out.len() != patches.len() {
+        return Err(Error::invalid(format!(
+            "out must hold {} bytes, as many as the patches, not {}",
+            patches.len(),
+            out.len()
+        )));
+    }
+    let table = OdTable::new(p.io);
+    Ok(out
+        .par_chunks_mut(size)
+        .zip(patches.par_chunks(size))
+        .map_init(Scratch::default, |s, (dst, src)| {
+            normalise(Some(src), dst, target, &p, &table, s)
+        })
+        .collect())
+}
+
+/// The bytes per patch of a batch of `shape` (at least 1: an empty batch has no patches to visit), and
+/// the parameters, checked.
+fn transform_checks(
+    shape: &[usize],
+    len: usize,
+    p: &MacenkoParams,
+) -> Result<(usize, MacenkoParams)> {
+    let (_, h, w) = shape::patches(shape, len, "patches")?;
+    Ok(((h * w * 3).max(1), p.check()?))
+}
+
+/// Normalises one patch from `source` (or in place: `None`) into `out`; whether it had the stain to
+/// be normalised (if not, `out` holds the source as it was).
+fn normalise(
+    source: Option<&[u8]>,
+    out: &mut [u8],
+    target: &Stains,
+    p: &MacenkoParams,
+    table: &OdTable,
+    s: &mut Scratch,
+) -> bool {
+    let Some(basis) = estimate(source.unwrap_or(out), p, table, s) else {
+        if let Some(source) = source {
+            out.copy_from_slice(source);
+        }
+        return false;
+    };
+    let scale = [
+        target.max_c[0] / basis.max_c[0],
+        target.max_c[1] / basis.max_c[1],
+    ];
+    remix(out, &s.c, scale, &target.he, p.io);
+    true
 }
 
 #[cfg(test)]
@@ -1080,6 +1131,26 @@ mod tests {
                 want.contains(&0) && want.contains(&255) && want.iter().any(|&v| v > 0 && v < 255)
             );
         }
+    }
+
+    #[test]
+    fn transforming_into_a_buffer_equals_transforming_in_place() {
+        // A stained patch (a sweep of the byte values, darkened) and a blank one.
+        let (pixels, _) = sweep(48 * 48);
+        let mut batch: Vec<u8> = pixels.iter().map(|&v| v / 2).collect();
+        batch.extend(std::iter::repeat_n(250u8, 48 * 48 * 3));
+        let (shape, p) = ([2, 48, 48, 3], MacenkoParams::default());
+        let mut out = vec![7u8; batch.len()];
+        let done =
+            macenko_transform_into(&batch, &mut out, &shape, &Stains::REFERENCE, &p).unwrap();
+        let mut in_place = batch.clone();
+        assert_eq!(
+            macenko_transform(&mut in_place, &shape, &Stains::REFERENCE, &p).unwrap(),
+            done
+        );
+        assert_eq!((done, out), (vec![true, false], in_place));
+        let short = macenko_transform_into(&batch, &mut [0u8; 3], &shape, &Stains::REFERENCE, &p);
+        assert!(short.unwrap_err().to_string().contains("out must hold"));
     }
 
     #[test]
