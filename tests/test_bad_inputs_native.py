@@ -167,7 +167,7 @@ def test_macenko_alpha_outside_0_to_100_is_an_error(tiny_image, alpha):
     he = np.ones((3, 2), np.float32)
     with pytest.raises(BleepError, match="alpha is a percentile"):
         patches = np.ascontiguousarray(tiny_image[None, :32, :32])
-        _core.macenko_transform(patches, he, [1.0, 1.0], 240.0, float(alpha), 0.15)
+        _core.macenko_transform(patches, he, [1.0, 1.0], 240.0, float(alpha), 0.15, np.empty_like(patches))
     with pytest.raises(BleepError, match="alpha is a percentile"):
         _core.macenko_fit(tiny_image, 240.0, float(alpha), 0.15)
 

@@ -52,6 +52,30 @@ def test_macenko_blank_patch_is_returned_unchanged(patches):
         MacenkoNormalizer().fit(np.full((32, 32, 3), 250, np.uint8))
 
 
+@pytest.mark.parametrize("kernel", ["portable", "avx2"])
+def test_macenko_gives_the_same_bytes_on_every_kernel(patches, tmp_path, kernel):
+    """The fallbacks (run in a child process: BLEEP_RS_KERNEL is read once) against this CPU's best
+    kernel, on patches whose pixel count leaves a tail after whole vector steps (90 x 90 = 126 x 64 + 36)."""
+    import os
+    import subprocess
+    import sys
+
+    p, target = patches
+    batch = np.ascontiguousarray(p[:, :90, :90])
+    np.save(tmp_path / "batch.npy", batch)
+    np.save(tmp_path / "target.npy", target)
+    code = (
+        "import numpy as np, bleep_rs, sys; d = sys.argv[1];"
+        "m = bleep_rs.MacenkoNormalizer().fit(np.load(d + '/target.npy'));"
+        "np.save(d + '/out.npy', m.transform(np.load(d + '/batch.npy'))); print(bleep_rs.kernel_name())"
+    )
+    env = {**os.environ, "BLEEP_RS_KERNEL": kernel}
+    child = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+    if child.stdout.strip() != kernel:
+        pytest.skip(f"this CPU has no {kernel} kernel")
+    assert np.array_equal(np.load(tmp_path / "out.npy"), MacenkoNormalizer().fit(target).transform(batch))
+
+
 def test_reinhard_matches_oracle(patches):
     p, target = patches
     norm = ReinhardNormalizer().fit(target)

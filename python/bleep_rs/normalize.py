@@ -64,13 +64,16 @@ class MacenkoNormalizer:
     def transform(self, patches: np.ndarray, *, threads: Optional[int] = None) -> np.ndarray:
         """Normalised copies of ``patches`` (n, h, w, 3) or one patch (h, w, 3), uint8."""
         single = np.asarray(patches).ndim == 3
-        out, done = _core.macenko_transform(
-            _rgb(patches, "patches", True),
+        rgb = _rgb(patches, "patches", True)
+        out = np.empty_like(rgb)
+        done = _core.macenko_transform(
+            rgb,
             np.ascontiguousarray(self.stain_matrix, dtype=np.float32),
             [float(v) for v in self.max_concentrations],
             self.io,
             self.alpha,
             self.beta,
+            out,
             threads,
         )
         self.last_skipped = ~np.asarray(done, dtype=bool)

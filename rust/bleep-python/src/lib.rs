@@ -502,9 +502,10 @@ fn macenko_fit<'py>(
     ))
 }
 
-/// Macenko-normalised copies of patches (n, h, w, 3), and whether each had enough stain to normalise.
+/// Writes Macenko-normalised copies of patches (n, h, w, 3) into `out` (as large); returns whether each
+/// had enough stain to normalise (those without are copied as they are).
 #[pyfunction]
-#[pyo3(signature = (patches, he, max_c, io, alpha, beta, threads=None))]
+#[pyo3(signature = (patches, he, max_c, io, alpha, beta, out, threads=None))]
 #[allow(clippy::too_many_arguments)]
 fn macenko_transform<'py>(
     py: Python<'py>,
@@ -514,18 +515,20 @@ fn macenko_transform<'py>(
     io: f32,
     alpha: f32,
     beta: f32,
+    mut out: PyReadwriteArrayDyn<'py, u8>,
     #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
-) -> PyResult<(Bound<'py, PyArrayDyn<u8>>, Vec<bool>)> {
+) -> PyResult<Vec<bool>> {
     let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
     let he = matrix_of(&he, "the stain matrix")?;
     let params = MacenkoParams { io, alpha, beta };
-    let (out, done) = native(py, threads, || {
+    // Into the caller's (uninitialised) array: a copy transformed in place would cost a pass more.
+    let dst = out
+        .as_slice_mut()
+        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    native(py, threads, || {
         let target = Stains::from_parts(he, &max_c)?;
-        let mut out = data.to_vec();
-        let done = bleep_slide::macenko_transform(&mut out, shape, &target, &params)?;
-        Ok((out, done))
-    })?;
-    Ok((array(py, out, shape)?, done))
+        bleep_slide::macenko_transform_into(data, dst, shape, &target, &params)
+    })
 }
 
 /// Reinhard target statistics (3, 2): mean and standard deviation of L, a, b.

@@ -5,8 +5,9 @@
 //!   pixel size (with `resample`), thumbnails read band by band in bounded memory.
 //! * [`tissue_mask`] and [`tissue_grid`]: CLAM's tissue detection on a thumbnail, and the grid of tiles
 //!   that hold tissue.
-//! * [`macenko_fit`] / [`macenko_transform`], [`reinhard_fit`] / [`reinhard_transform`]: stain
-//!   normalisation as torchstain does it; [`to_tensor`]: uint8 patches to normalised float32 tensors.
+//! * [`macenko_fit`] / [`macenko_transform`] (or [`macenko_transform_into`]), [`reinhard_fit`] /
+//!   [`reinhard_transform`]: stain normalisation as torchstain does it; [`to_tensor`]: uint8 patches to
+//!   normalised float32 tensors.
 //! * `simd`: loops compiled for AVX-512, AVX2 and the baseline, picked at run time from
 //!   [`bleep_core::cpu`].
 //!
@@ -31,7 +32,7 @@ mod tissue;
 pub use bleep_core::{Error, Result};
 pub use slide::{Level, Slide, BATCH};
 pub use stain::{
-    macenko_fit, macenko_transform, reinhard_fit, reinhard_transform, to_tensor, LabStats,
-    MacenkoParams, Stains,
+    macenko_fit, macenko_transform, macenko_transform_into, reinhard_fit, reinhard_transform,
+    to_tensor, LabStats, MacenkoParams, Stains,
 };
 pub use tissue::{tissue_grid, tissue_mask, Mask};
