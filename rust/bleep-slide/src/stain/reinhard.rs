@@ -427,9 +427,16 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) fn lab_f(t: __m512) -> __m512 {
+        let (above, root) = (
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, splat(0.008856)),
+            cbrt(t),
+        );
+        // The linear segment (near black) is rare in tissue: computed only when a lane needs it.
+        if above == 0xFFFF {
+            return root;
+        }
         let linear = _mm512_add_ps(_mm512_mul_ps(splat(7.787), t), splat(16.0 / 116.0));
-        let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, splat(0.008856));
-        _mm512_mask_blend_ps(above, linear, cbrt(t))
+        _mm512_mask_blend_ps(above, linear, root)
     }
 
     /// [`super::cbrt`] on 16 values (the correction from two registers by the guess's bits 18..23).
@@ -465,8 +472,12 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) fn lab_f_inv(v: __m512) -> __m512 {
         let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-        let linear = _mm512_mul_ps(_mm512_sub_ps(v, splat(16.0 / 116.0)), splat(1.0 / 7.787));
         let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, splat(0.2068966));
+        // As in lab_f: the linear segment only when a lane needs it.
+        if above == 0xFFFF {
+            return cube;
+        }
+        let linear = _mm512_mul_ps(_mm512_sub_ps(v, splat(16.0 / 116.0)), splat(1.0 / 7.787));
         _mm512_mask_blend_ps(above, linear, cube)
     }
 
