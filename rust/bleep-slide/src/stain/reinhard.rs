@@ -4,7 +4,9 @@
 //! A patch takes two passes: RGB to LAB planes (then their mean and standard deviation), and the planes
 //! back to RGB with the new statistics. Each pass has a portable per-pixel form (the reference, and the
 //! fallback) and an AVX-512 VBMI form that does the same float operations in the same order on 16
-//! pixels at a time, so the two give identical bytes.
+//! pixels at a time, so the two give identical bytes. The sRGB encoding and truncation to 8 bits is a
+//! monotone step function, so it is found by comparing with its thresholds ([`Levels`]); the vector
+//! form computes most levels directly and is checked equal to the table on every float32.
 
 use super::{exp, level_byte, ln, BLOCK};
 use crate::shape;
@@ -321,7 +323,7 @@ fn srgb_level(x: f32) -> u8 {
 /// are found once; x is then placed by a table over its top 16 bits (exponent and 7 mantissa bits:
 /// 128 buckets an octave, where a level spans at least 1.5 buckets, so no bucket holds two
 /// thresholds) and one integer compare of its low 16 bits with the threshold within its bucket.
-pub(super) struct Levels {
+struct Levels {
     /// Per bucket: the level at its start << 17 | the low 16 bits of the threshold within it
     /// (`NO_THRESHOLD` when none is).
     buckets: [u32; LEVEL_BUCKETS],
