@@ -90,6 +90,29 @@ def test_reinhard_matches_oracle(patches):
         ReinhardNormalizer().transform(p)
 
 
+def test_reinhard_portable_path_gives_the_same_bytes(patches, rng, tmp_path):
+    """The vector kernels against the portable ones (BLEEP_RS_KERNEL=portable, in a child process),
+    on real patches and on random ones whose pixel count is not a multiple of 16."""
+    import os
+    import subprocess
+    import sys
+
+    p, target = patches
+    odd = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", p=p, odd=odd, target=target)
+    code = (
+        "import numpy as np, bleep_rs, sys; d=sys.argv[1]; z=np.load(d+'/in.npz');"
+        "n=bleep_rs.ReinhardNormalizer().fit(z['target']); print(bleep_rs.kernel_name());"
+        "np.savez(d+'/out.npz', p=n.transform(z['p']), odd=n.transform(z['odd']))"
+    )
+    env = {**os.environ, "BLEEP_RS_KERNEL": "portable"}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "portable"
+    norm, portable = ReinhardNormalizer().fit(target), np.load(tmp_path / "out.npz")
+    assert np.array_equal(norm.transform(p), portable["p"])
+    assert np.array_equal(norm.transform(odd), portable["odd"])
+
+
 def test_to_tensor_is_bit_identical(patches, rng):
     p, _ = patches
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -98,7 +98,10 @@ class ReinhardNormalizer:
         if self.target_stats is None:
             raise BleepError("ReinhardNormalizer has no target: call fit(target_image) first")
         single = np.asarray(patches).ndim == 3
-        out = _core.reinhard_transform(_rgb(patches, "patches", True), self.target_stats, threads)
+        rgb = _rgb(patches, "patches", True)
+        # Allocated by NumPy, which asks for huge pages: fewer page faults than fresh 4 KiB pages.
+        out = np.empty_like(rgb)
+        _core.reinhard_transform(rgb, self.target_stats, out, threads)
         return out[0] if single else out
 
 

@@ -542,23 +542,24 @@ fn reinhard_fit<'py>(
     matrix(py, stats.iter().flatten().copied().collect(), 3, 2)
 }
 
-/// Reinhard-normalised copies of patches (n, h, w, 3).
+/// Writes Reinhard-normalised patches (n, h, w, 3) into `out` (uint8, the same shape).
 #[pyfunction]
-#[pyo3(signature = (patches, stats, threads=None))]
-fn reinhard_transform<'py>(
-    py: Python<'py>,
-    patches: PyReadonlyArrayDyn<'py, u8>,
-    stats: PyReadonlyArray2<'py, f32>,
+#[pyo3(signature = (patches, stats, out, threads=None))]
+fn reinhard_transform(
+    py: Python<'_>,
+    patches: PyReadonlyArrayDyn<'_, u8>,
+    stats: PyReadonlyArray2<'_, f32>,
+    mut out: PyReadwriteArrayDyn<'_, u8>,
     #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
-) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+) -> PyResult<()> {
     let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
     let target = matrix_of(&stats, "the Reinhard statistics")?;
-    let out = native(py, threads, || {
-        let mut out = data.to_vec();
-        bleep_slide::reinhard_transform(&mut out, shape, target)?;
-        Ok(out)
-    })?;
-    array(py, out, shape)
+    let dst = out
+        .as_slice_mut()
+        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    native(py, threads, || {
+        bleep_slide::reinhard_transform(data, shape, target, dst)
+    })
 }
 
 /// Writes float32 (n, 3, h, w) tensors `(v / 255 - mean) / std` of uint8 patches (n, h, w, 3) into `out`.

@@ -5,13 +5,14 @@
 //! Patches are `n` contiguous `h x w x 3` uint8 images; every function works on a batch in parallel.
 
 mod macenko;
+mod reinhard;
 
 use crate::shape;
-use crate::simd::multiversion;
-use bleep_core::{Error, Matrix, Result};
+use bleep_core::{Error, Result};
 use rayon::prelude::*;
 
 pub use macenko::{macenko_fit, macenko_transform, macenko_transform_into, MacenkoParams, Stains};
+pub use reinhard::{reinhard_fit, reinhard_transform, LabStats};
 
 /// The 8-bit level of a value in [0, 255], truncated as torchstain's casts do: floor, then the integer
 /// read from the mantissa after adding 1.5 * 2^23 (no float-to-int cast, which does not vectorise).
@@ -54,235 +55,8 @@ fn exp(x: f32) -> f32 {
     e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
-/// Mean and (unbiased) standard deviation of each LAB channel, in torchstain's units
-/// (L in 0..100, a and b centred on 0).
-pub type LabStats = [[f32; 2]; 3];
-
-const RGB2XYZ: [[f32; 3]; 3] = [
-    [0.412453, 0.357580, 0.180423],
-    [0.212671, 0.715160, 0.072169],
-    [0.019334, 0.119193, 0.950227],
-];
-const WHITE: [f32; 3] = [0.95047, 1.0, 1.08883];
-
-/// sRGB to linear for each 8-bit value.
-fn linear_table() -> [f32; 256] {
-    std::array::from_fn(|v| {
-        let x = v as f32 / 255.0;
-        if x > 0.04045 {
-            ((x + 0.055) / 1.055).powf(2.4)
-        } else {
-            x / 12.92
-        }
-    })
-}
-
 /// Pixels per block of the colour kernels: planes of this many floats stay in L1 and vectorise.
 const BLOCK: usize = 64;
-
-multiversion! {
-/// LAB planes of RGB pixels (torchstain's rgb2lab, L in 0..100, a and b centred on 0).
-fn lab_planes(pixels: &[u8], lin: &[f32; 256], lab: &mut [Vec<f32>; 3]) {
-    let n = pixels.len() / 3;
-    for plane in lab.iter_mut() {
-        plane.clear();
-        plane.resize(n, 0.0);
-    }
-    let [l_out, a_out, b_out] = lab;
-    let m: [[f32; 3]; 3] = std::array::from_fn(|i| RGB2XYZ[i].map(|v| v * (1.0 / WHITE[i])));
-    for (start, block) in (0..n).step_by(BLOCK).zip(pixels.chunks(BLOCK * 3)) {
-        let len = block.len() / 3;
-        let (mut r, mut g, mut b) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
-        for (i, px) in block.chunks_exact(3).enumerate() {
-            r[i] = lin[px[0] as usize];
-            g[i] = lin[px[1] as usize];
-            b[i] = lin[px[2] as usize];
-        }
-        let f = |t: f32| if t > 0.008856 { cbrt(t) } else { 7.787 * t + 16.0 / 116.0 };
-        let (l_out, a_out, b_out) = (&mut l_out[start..start + len], &mut a_out[start..start + len], &mut b_out[start..start + len]);
-        for i in 0..len {
-            let x = f(m[0][0] * r[i] + m[0][1] * g[i] + m[0][2] * b[i]);
-            let y = f(m[1][0] * r[i] + m[1][1] * g[i] + m[1][2] * b[i]);
-            let z = f(m[2][0] * r[i] + m[2][1] * g[i] + m[2][2] * b[i]);
-            l_out[i] = 116.0 * y - 16.0;
-            a_out[i] = 500.0 * (x - y);
-            b_out[i] = 200.0 * (y - z);
-        }
-    }
-}
-}
-
-/// Cube root of a positive float32 to full precision: a bit-level first guess, two Halley steps.
-#[inline]
-fn cbrt(x: f32) -> f32 {
-    let mut y = f32::from_bits(x.to_bits() / 3 + 709_921_077);
-    for _ in 0..2 {
-        let y3 = y * y * y;
-        y *= (y3 + 2.0 * x) / (2.0 * y3 + x);
-    }
-    y
-}
-
-fn xyz2rgb() -> [[f32; 3]; 3] {
-    let m = RGB2XYZ.map(|r| r.map(|v| v as f64));
-    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
-    std::array::from_fn(|i| {
-        std::array::from_fn(|j| {
-            let (r0, r1) = ((j + 1) % 3, (j + 2) % 3);
-            let (c0, c1) = ((i + 1) % 3, (i + 2) % 3);
-            ((m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]) / det) as f32
-        })
-    })
-}
-
-fn lab_stats(pixels: &[u8], lin: &[f32; 256], lab: &mut [Vec<f32>; 3]) -> LabStats {
-    lab_planes(pixels, lin, lab);
-    std::array::from_fn(|c| mean_std(&lab[c]))
-}
-
-multiversion! {
-    /// Mean and unbiased standard deviation, two passes, 16 float32 lanes flushed to float64 per 4096.
-    fn mean_std(values: &[f32]) -> [f32; 2] {
-        let n = values.len().max(2) as f64;
-        let (mut sum, mut sq) = (0f64, 0f64);
-        for block in values.chunks(4096) {
-            sum += lane_sum(block, 0.0, false);
-        }
-        let mean = (sum / n) as f32;
-        for block in values.chunks(4096) {
-            sq += lane_sum(block, mean, true);
-        }
-        [mean, (sq / (n - 1.0)).sqrt() as f32]
-    }
-}
-
-/// The sum of `v - shift` (or of its square) over a short block, in 16 float32 lanes.
-#[inline(always)]
-fn lane_sum(block: &[f32], shift: f32, square: bool) -> f64 {
-    let mut acc = [0f32; 16];
-    let mut chunks = block.chunks_exact(16);
-    for ch in &mut chunks {
-        for l in 0..16 {
-            let d = ch[l] - shift;
-            acc[l] += if square { d * d } else { d };
-        }
-    }
-    let rest: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| {
-            if square {
-                ((v - shift) * (v - shift)) as f64
-            } else {
-                (v - shift) as f64
-            }
-        })
-        .sum();
-    acc.iter().map(|&v| v as f64).sum::<f64>() + rest
-}
-
-/// The LAB statistics of a target image of shape `(..., 3)`, to normalise other patches towards.
-pub fn reinhard_fit(pixels: &[u8], shape: &[usize]) -> Result<LabStats> {
-    shape::rgb_pixels(shape, pixels.len(), "the target")?;
-    if pixels.len() < 6 {
-        return Err(Error::invalid(
-            "the Reinhard target needs at least two pixels",
-        ));
-    }
-    Ok(lab_stats(pixels, &linear_table(), &mut Default::default()))
-}
-
-/// Reinhard normalisation of `patches` (shape `(n, h, w, 3)`) in place: each LAB channel standardised,
-/// then given the target's mean and standard deviation (`target`: a (3, 2) matrix, rows L, a, b). A
-/// channel with no spread (a uniform patch) is moved to the target mean.
-pub fn reinhard_transform(
-    patches: &mut [u8],
-    shape: &[usize],
-    target: Matrix<'_, f32>,
-) -> Result<()> {
-    let (n, h, w) = shape::patches(shape, patches.len(), "patches")?;
-    let values = target.check("the Reinhard statistics")?;
-    if (target.rows, target.cols) != (3, 2) || !values.iter().all(|v| v.is_finite()) {
-        return Err(Error::invalid(format!(
-            "the Reinhard statistics must be a finite (3, 2) matrix, not ({}, {})",
-            target.rows, target.cols
-        )));
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    let target: LabStats = std::array::from_fn(|c| [values[2 * c], values[2 * c + 1]]);
-    let lin = linear_table();
-    let inv: [[f32; 3]; 3] = {
-        let m = xyz2rgb();
-        std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] * WHITE[j]))
-    };
-    patches
-        .par_chunks_mut(h * w * 3)
-        .for_each_init(<[Vec<f32>; 3]>::default, |lab, patch| {
-            let stats = lab_stats(patch, &lin, lab);
-            // v' = (v - mean) / std * target_std + target_mean as one multiply-add per value.
-            let (gain, offset): ([f32; 3], [f32; 3]) = {
-                let g: [f32; 3] = std::array::from_fn(|c| {
-                    if stats[c][1] > 0.0 {
-                        target[c][1] / stats[c][1]
-                    } else {
-                        0.0
-                    }
-                });
-                (
-                    g,
-                    std::array::from_fn(|c| target[c][0] - stats[c][0] * g[c]),
-                )
-            };
-            reinhard_patch(patch, lab, gain, offset, &inv);
-        });
-    Ok(())
-}
-
-multiversion! {
-    /// Writes one patch from its standardised LAB planes: v' = v gain + offset, then LAB to RGB and
-    /// the sRGB gamma, truncated to 8 bits as torchstain does.
-    fn reinhard_patch(patch: &mut [u8], lab: &[Vec<f32>; 3], gain: [f32; 3], offset: [f32; 3], inv: &[[f32; 3]; 3]) {
-        let finv = |v: f32| if v > 0.2068966 { v * v * v } else { (v - 16.0 / 116.0) * (1.0 / 7.787) };
-
-        for (start, block) in (0..lab[0].len()).step_by(BLOCK).zip(patch.chunks_mut(BLOCK * 3)) {
-            let len = block.len() / 3;
-            let (lp, ap, bp) = (&lab[0][start..start + len], &lab[1][start..start + len], &lab[2][start..start + len]);
-            let (mut r, mut g, mut bl) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
-            for i in 0..len {
-                let l = lp[i] * gain[0] + offset[0];
-                let a = ap[i] * gain[1] + offset[1];
-                let b = bp[i] * gain[2] + offset[2];
-                let y = (l + 16.0) * (1.0 / 116.0);
-                let (x, y, z) = (finv(a * 0.002 + y), finv(y), finv(y - b * 0.005));
-                r[i] = inv[0][0] * x + inv[0][1] * y + inv[0][2] * z;
-                g[i] = inv[1][0] * x + inv[1][1] * y + inv[1][2] * z;
-                bl[i] = inv[2][0] * x + inv[2][1] * y + inv[2][2] * z;
-            }
-            let mut rgb = [r, g, bl];
-            // The sRGB curve over each plane, both branches computed and one selected (it vectorises).
-            for plane in rgb.iter_mut() {
-                srgb_levels(&mut plane[..len]);
-            }
-            store_levels(block, &rgb);
-        }
-    }
-}
-
-multiversion! {
-    /// Linear light to 8-bit sRGB levels (as floats): 255 clamp(gamma(v), 0, 1).
-    fn srgb_levels(plane: &mut [f32]) {
-        for v in plane.iter_mut() {
-            let x = *v;
-            let curve = 1.055 * exp(ln(x.max(0.0031308)) * (1.0 / 2.4)) - 0.055;
-            let value = if x > 0.0031308 { curve } else { x * 12.92 };
-            *v = 255.0 * value.clamp(0.0, 1.0);
-        }
-    }
-}
 
 /// Natural logarithm of a positive normal float32 (exponent split, atanh series on [sqrt 1/2, sqrt 2),
 /// within 2 ulp), without branches so that it vectorises.
@@ -420,18 +194,12 @@ unsafe fn tensor_patch_avx512(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bleep_core::Matrix;
 
     #[test]
     fn level_byte_truncates_like_a_cast() {
         for v in [0.0f32, 0.5, 1.0, 1.999, 127.5, 254.99, 255.0] {
             assert_eq!(level_byte(v), v as u8, "{v}");
-        }
-    }
-
-    #[test]
-    fn cbrt_is_exact_enough() {
-        for x in [1e-3f32, 0.01, 0.5, 1.0, 1.7] {
-            assert!((cbrt(x) - x.cbrt()).abs() <= 2.0 * f32::EPSILON * x.cbrt());
         }
     }
 
@@ -471,12 +239,6 @@ mod tests {
         .unwrap();
         assert_eq!(done, vec![false]);
         assert!(patch.iter().all(|&v| v == 250));
-        let mut flat = vec![200u8; 8 * 8 * 3];
-        let target =
-            reinhard_fit(&(0..192).map(|v| v as u8).collect::<Vec<_>>(), &[64, 3]).unwrap();
-        let stats: Vec<f32> = target.iter().flatten().copied().collect();
-        reinhard_transform(&mut flat, &[1, 8, 8, 3], Matrix::new(&stats, 3, 2)).unwrap();
-        assert!(flat.chunks_exact(3).all(|p| p == &flat[..3]));
     }
 
     #[test]
@@ -491,9 +253,10 @@ mod tests {
         );
         let stats = [50.0, 10.0, 0.0, 5.0, 0.0, 5.0];
         assert!(message(reinhard_transform(
-            &mut none,
+            &none,
             &zero,
-            Matrix::new(&stats, 3, 2)
+            Matrix::new(&stats, 3, 2),
+            &mut []
         ))
         .contains("no pixels"));
         let mut out: Vec<f32> = Vec::new();

@@ -71,7 +71,7 @@ fn median_blur(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
             // The median m and the count of values below it, kept as the window slides (Huang's
             // method): each step moves m by as many levels as the values changed, not from level 0.
             let (mut m, mut below) = (0usize, 0u32);
-            for x in 0..width {
+            for (x, out) in row.iter_mut().enumerate() {
                 if x > 0 {
                     let (gone, come) = (
                         column(x as isize - r as isize - 1),
@@ -93,7 +93,7 @@ fn median_blur(img: &[u8], width: usize, height: usize, k: usize) -> Vec<u8> {
                     below += hist[m];
                     m += 1;
                 }
-                row[x] = m as u8;
+                *out = m as u8;
             }
         });
     out
