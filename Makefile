@@ -59,7 +59,7 @@ bench-encode: bench-deps
 	$(PY) benches/bench_encode.py
 
 bench-predict: bench-deps
-	$(PY) benches/bench_predict.py
+	$(PY) benches/bench_predict.py --mosaic
 
 clean:
 	rm -rf $(VENV) target demo-out
