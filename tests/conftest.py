@@ -18,6 +18,19 @@ def backbone_cache(tmp_path_factory):
         os.environ["BLEEP_RS_CACHE"] = old
 
 
+def run_with_kernel(kernel: str, code: str, folder) -> str:
+    """Runs ``code`` (which imports bleep_rs; ``sys.argv[1]`` is ``folder``) in a child process with
+    ``BLEEP_RS_KERNEL=kernel`` (read once per process, hence the child) and returns the kernel the child
+    ran: the requested one, or another where this CPU lacks it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BLEEP_RS_KERNEL": kernel}
+    child = subprocess.run([sys.executable, "-c", f"{code}; print(bleep_rs.kernel_name())", str(folder)], env=env,
+                           capture_output=True, text=True, check=True)
+    return child.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

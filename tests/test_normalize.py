@@ -5,7 +5,7 @@ import pytest
 
 from bleep_rs import BleepError, MacenkoNormalizer, ReinhardNormalizer, Slide, _oracle, to_tensor
 
-from conftest import DATA
+from conftest import DATA, run_with_kernel
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,6 @@ def test_macenko_blank_patch_is_returned_unchanged(patches):
 def test_macenko_gives_the_same_bytes_on_every_kernel(patches, tmp_path, kernel):
     """The fallbacks (run in a child process: BLEEP_RS_KERNEL is read once) against this CPU's best
     kernel, on patches whose pixel count leaves a tail after whole vector steps (90 x 90 = 126 x 64 + 36)."""
-    import os
-    import subprocess
-    import sys
-
     p, target = patches
     batch = np.ascontiguousarray(p[:, :90, :90])
     np.save(tmp_path / "batch.npy", batch)
@@ -67,11 +63,9 @@ def test_macenko_gives_the_same_bytes_on_every_kernel(patches, tmp_path, kernel)
     code = (
         "import numpy as np, bleep_rs, sys; d = sys.argv[1];"
         "m = bleep_rs.MacenkoNormalizer().fit(np.load(d + '/target.npy'));"
-        "np.save(d + '/out.npy', m.transform(np.load(d + '/batch.npy'))); print(bleep_rs.kernel_name())"
+        "np.save(d + '/out.npy', m.transform(np.load(d + '/batch.npy')))"
     )
-    env = {**os.environ, "BLEEP_RS_KERNEL": kernel}
-    child = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
-    if child.stdout.strip() != kernel:
+    if run_with_kernel(kernel, code, tmp_path) != kernel:
         pytest.skip(f"this CPU has no {kernel} kernel")
     assert np.array_equal(np.load(tmp_path / "out.npy"), MacenkoNormalizer().fit(target).transform(batch))
 
@@ -93,21 +87,15 @@ def test_reinhard_matches_oracle(patches):
 def test_reinhard_portable_path_gives_the_same_bytes(patches, rng, tmp_path):
     """The vector kernels against the portable ones (BLEEP_RS_KERNEL=portable, in a child process),
     on real patches and on random ones whose pixel count is not a multiple of 16."""
-    import os
-    import subprocess
-    import sys
-
     p, target = patches
     odd = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", p=p, odd=odd, target=target)
     code = (
         "import numpy as np, bleep_rs, sys; d=sys.argv[1]; z=np.load(d+'/in.npz');"
-        "n=bleep_rs.ReinhardNormalizer().fit(z['target']); print(bleep_rs.kernel_name());"
+        "n=bleep_rs.ReinhardNormalizer().fit(z['target']);"
         "np.savez(d+'/out.npz', p=n.transform(z['p']), odd=n.transform(z['odd']))"
     )
-    env = {**os.environ, "BLEEP_RS_KERNEL": "portable"}
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "portable"
+    assert run_with_kernel("portable", code, tmp_path) == "portable"
     norm, portable = ReinhardNormalizer().fit(target), np.load(tmp_path / "out.npz")
     assert np.array_equal(norm.transform(p), portable["p"])
     assert np.array_equal(norm.transform(odd), portable["odd"])

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import bleep_rs
 from bleep_rs import Reference, _oracle
 
-from conftest import random_reference
+from conftest import random_reference, run_with_kernel
 
 
 def assert_same_neighbours(ref_emb, queries, k, idx, sims):
@@ -161,9 +161,6 @@ def test_threads_argument_and_setting(rng):
 
 def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path):
     """The portable fallback, run in a child process with BLEEP_RS_KERNEL=portable."""
-    import subprocess
-    import sys
-
     emb, _, _ = random_reference(rng, n=400, d=40)
     q = rng.standard_normal((50, 40)).astype(np.float32)
     np.save(tmp_path / "emb.npy", emb)
@@ -171,11 +168,9 @@ def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path):
     code = (
         "import numpy as np, bleep_rs, sys; d=sys.argv[1];"
         "r=bleep_rs.Reference.build(np.load(d+'/emb.npy'), np.ones((400,1)), ['g']);"
-        "print(bleep_rs.kernel_name()); np.save(d+'/idx.npy', r.search(np.load(d+'/q.npy'), k=20)[0])"
+        "np.save(d+'/idx.npy', r.search(np.load(d+'/q.npy'), k=20)[0])"
     )
-    env = {**__import__("os").environ, "BLEEP_RS_KERNEL": "portable"}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "portable"
+    assert run_with_kernel("portable", code, tmp_path) == "portable"
     idx, sims = Reference.build(emb, np.ones((400, 1)), ["g"]).search(q, k=20)
     assert_same_neighbours(emb, q, 20, np.load(tmp_path / "idx.npy"), sims)
 
