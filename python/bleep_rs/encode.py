@@ -238,11 +238,11 @@ def _onnx_path(backbone: nn.Module, spec: BackboneSpec) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, then renames it (no half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """``data`` written to ``path`` through the package's one temporary-then-rename step."""
+    from ._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
@@ -265,7 +265,7 @@ def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
     data = program.model_proto.SerializeToString()
     try:
         _write_atomic(path, data)
-    except OSError as e:
+    except (OSError, BleepError) as e:
         warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time", stacklevel=2)
     return data
 
@@ -313,7 +313,7 @@ def _onnxruntime(backbone: nn.Module, spec: BackboneSpec) -> Optional[Encoder]:
         mark, marked = path.with_name(path.name + ".verified"), _verified_mark(data, ort.__version__)
         if not (mark.exists() and mark.read_bytes() == marked):
             _check_against_torch(backbone, spec, run)
-            with contextlib.suppress(OSError):  # unrecorded: checked again next time
+            with contextlib.suppress(OSError, BleepError):  # unrecorded: checked again next time
                 _write_atomic(mark, marked)
     except Exception as e:  # any failure of the optional engine: torch does the work instead
         warnings.warn(f"ONNX Runtime cannot run the {spec.name} backbone ({e}): using torch", stacklevel=2)

@@ -278,12 +278,7 @@ impl Expression {
                 out.len()
             )));
         }
-        if let Some(&i) = idx.iter().find(|&&i| i as usize >= self.n) {
-            return Err(Error::invalid(format!(
-                "neighbour index {i} is out of range for a table of {} spots",
-                self.n
-            )));
-        }
+        self.check_rows(idx)?;
         if g == 0 || nq == 0 {
             return Ok(());
         }
@@ -302,7 +297,6 @@ impl Expression {
     /// every query of a chunk (row by row, each row's blocks lie far apart: 3x slower than NumPy's
     /// contiguous gathers). Runs on the current rayon pool.
     pub fn neighbour_spread(&self, idx: &[u32], k: usize, out: &mut [f32]) -> Result<()> {
-        let (g, n) = (self.g, self.n);
         if k == 0 || idx.len() != out.len() * k {
             return Err(Error::invalid(format!(
                 "{} indices do not hold k = {k} neighbours for each of {} queries",
@@ -310,11 +304,8 @@ impl Expression {
                 out.len()
             )));
         }
-        if let Some(&i) = idx.iter().find(|&&i| i as usize >= n) {
-            return Err(Error::invalid(format!(
-                "neighbour index {i} is out of range for a table of {n} spots"
-            )));
-        }
+        self.check_rows(idx)?;
+        let g = self.g;
         out.par_chunks_mut(QUERY_CHUNK)
             .enumerate()
             .for_each(|(c, chunk)| {
@@ -348,6 +339,17 @@ impl Expression {
 
     fn blocks(&self) -> usize {
         self.g.div_ceil(BLOCK_GENES)
+    }
+
+    /// An error naming the first neighbour index that is not a row of the table.
+    fn check_rows(&self, idx: &[u32]) -> Result<()> {
+        match idx.iter().find(|&&i| i as usize >= self.n) {
+            Some(&i) => Err(Error::invalid(format!(
+                "neighbour index {i} is out of range for a table of {} spots",
+                self.n
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn gather(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
