@@ -22,6 +22,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "kernel_name",
+    "neighbour_weights",
     "FORMAT_VERSION",
 ]
 
@@ -63,6 +64,7 @@ class ReferenceCore:
         threads: Optional[int] = None,
     ) -> npt.NDArray[np.float32]: ...
     def neighbour_spread(self, indices: npt.NDArray[np.int64], threads: Optional[int] = None) -> npt.NDArray[np.float32]: ...
+    def norms_of(self, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
     @property
     def n_spots(self) -> int: ...
     @property
@@ -83,6 +85,13 @@ class ReferenceCore:
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_name() -> str: ...
+def neighbour_weights(
+    scores: npt.NDArray[np.float32],
+    query_norms: npt.NDArray[np.float64],
+    neighbour_norms: npt.NDArray[np.float64],
+    method: str = "mean",
+    temperature: float = 0.1,
+) -> npt.NDArray[np.float32]: ...
 
 _U8 = npt.NDArray[np.uint8]
 _F32 = npt.NDArray[np.float32]

@@ -50,7 +50,7 @@ impl Method {
 ///
 /// `cos`: the neighbours' cosine similarities, best first; `query_norms` and `neighbour_norms` (the
 /// latter laid out like `cos`) are needed by [`Method::Weighted`] only.
-pub(crate) fn weights(
+pub fn weights(
     method: Method,
     k: usize,
     cos: &[f32],

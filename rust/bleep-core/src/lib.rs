@@ -33,7 +33,7 @@ mod reference;
 mod search;
 mod topk;
 
-pub use aggregate::{Dtype, Expression, Method, Table};
+pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Method, Table};
 pub use cpu::Kernel;
 pub use error::{Error, Result};
 pub use matrix::Matrix;

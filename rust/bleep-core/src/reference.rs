@@ -281,6 +281,17 @@ impl Reference {
         Ok(out)
     }
 
+    /// The L2 norms (f64) of the embeddings of the spots `indices` (queries x k) names, laid out like it:
+    /// what [`neighbour_weights`](crate::neighbour_weights) needs for the "weighted" method when the
+    /// neighbours were merged from several references (shards).
+    pub fn norms_of(&self, indices: Matrix<'_, i64>) -> Result<Vec<f64>> {
+        let (idx, _) = self.spot_indices(indices)?;
+        Ok(idx
+            .iter()
+            .map(|&i| self.index.norms()[i as usize])
+            .collect())
+    }
+
     /// Neighbour indices (queries x k, k >= 1) checked against the spots, as u32, and k.
     fn spot_indices(&self, indices: Matrix<'_, i64>) -> Result<(Vec<u32>, usize)> {
         let idx = indices.check("indices")?;

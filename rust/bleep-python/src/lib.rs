@@ -255,6 +255,17 @@ impl PyReference {
         Ok(PyArray1::from_vec(py, out))
     }
 
+    /// The f64 norms of the embeddings of the spots `indices` (Q x k int64) names: Q x k.
+    fn norms_of<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray2<'py, i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let idx = matrix_of(&indices, "indices")?;
+        let out = native(py, None, || self.inner.norms_of(idx))?;
+        matrix(py, out, idx.rows, idx.cols)
+    }
+
     #[getter]
     fn n_spots(&self) -> usize {
         self.inner.n_spots()
@@ -583,6 +594,41 @@ fn to_tensor_into(
     })
 }
 
+/// The weights (Q x k float32, rows summing to 1) `method` gives neighbours with cosine similarities
+/// `scores` (Q x k, best first), for queries of norms `query_norms` (Q) and neighbours of norms
+/// `neighbour_norms` (Q x k; both used by "weighted" only): the weighting step of imputation alone, for
+/// neighbours merged from several references.
+#[pyfunction]
+#[pyo3(signature = (scores, query_norms, neighbour_norms, method="mean", temperature=0.1))]
+fn neighbour_weights<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f32>,
+    query_norms: numpy::PyReadonlyArray1<'py, f64>,
+    neighbour_norms: PyReadonlyArray2<'py, f64>,
+    method: &str,
+    temperature: f32,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let s = matrix_of(&scores, "scores")?;
+    let nn = matrix_of(&neighbour_norms, "neighbour_norms")?;
+    let qn = contiguous(&query_norms, "query_norms")?;
+    if (nn.rows, nn.cols) != (s.rows, s.cols) || qn.len() != s.rows {
+        return Err(BleepError::new_err(format!(
+            "scores ({}, {}), query_norms ({},) and neighbour_norms ({}, {}) do not agree: give Q x k, Q and Q x k",
+            s.rows,
+            s.cols,
+            qn.len(),
+            nn.rows,
+            nn.cols
+        )));
+    }
+    let w = native(py, None, || {
+        let (cos, nnv) = (s.check("scores")?, nn.check("neighbour_norms")?);
+        let m = Method::parse(method, temperature)?;
+        Ok(bleep_core::neighbour_weights(m, s.cols, cos, qn, nnv))
+    })?;
+    matrix(py, w, s.rows, s.cols)
+}
+
 /// Set the default number of threads for native work (0: automatic, from BLEEP_RS_NUM_THREADS or the
 /// number of CPUs).
 #[pyfunction]
@@ -618,6 +664,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(kernel_name, m)?,
+        wrap_pyfunction!(neighbour_weights, m)?,
         wrap_pyfunction!(patch_array, m)?,
     ] {
         m.add_function(f)?;
