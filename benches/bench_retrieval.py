@@ -336,6 +336,18 @@ def search_check(label, r):
     return f"vs bleep-rs: {d} sets differ, {u} not near-ties"
 
 
+def peer_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("faiss-cpu", "torch", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         task, peer, data, reps = sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
@@ -348,8 +360,15 @@ def main():
     args = p.parse_args()
     only = set(args.only or ["search", "aggregate", "paper"])
     rng = np.random.default_rng(0)
-    results = {"machine": os.uname().machine, "cpus": os.cpu_count(), "threads": THREADS}
+    import bleep_rs
+
+    info = bleep_rs.kernel_info()
+    results = {"machine": os.uname().machine, "cpu": info["cpu"], "cpus": os.cpu_count(), "threads": THREADS, "kernel": info}
     print(f"bleep-rs retrieval benchmark: {THREADS} threads, d={D}, k={K}; {env_default_label()}")
+    print(f"CPU: {info['cpu']}; search kernel {info['kernel']} ({info['reason']}; available: {', '.join(info['available'])})"
+          + ("".join(f"; {k} {r:,.0f} q/s" for k, r in info["rates"].items()) if info["rates"] else ""))
+    results["peers"] = peer_versions()
+    print("peers: " + ", ".join(f"{name} {v}" for name, v in results["peers"].items()))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         if "search" in only:

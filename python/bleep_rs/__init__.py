@@ -24,6 +24,35 @@ from bleep_rs.sections import read_section, section_patches
 from bleep_rs.slide import Slide
 
 
+def kernel_info() -> dict:
+    """Which score kernel the native search runs on this CPU, and why: ``kernel``; ``reason``
+    ("BLEEP_RS_KERNEL", "measured", "measured (cached)" or "the only candidate": where the CPU has more than
+    one kernel of its best vector width, the fastest is measured once per CPU model and package version
+    and cached); ``available``; ``rates`` (queries/s of each candidate when measured in this process);
+    ``cpu`` (the model name)."""
+    from bleep_rs._core import kernel_choice
+
+    kernel, reason, available, rates, _ignored, cpu = kernel_choice()
+    return {"kernel": kernel, "reason": reason, "available": available, "rates": dict(rates), "cpu": cpu}
+
+
+def _check_kernel_request() -> None:
+    """A BLEEP_RS_KERNEL that names no kernel this CPU runs is ignored by the core: say so."""
+    import os
+
+    from bleep_rs._core import available_kernels
+
+    wanted = os.environ.get("BLEEP_RS_KERNEL")
+    if wanted is not None and wanted not in available_kernels():
+        import warnings
+
+        warnings.warn(f"BLEEP_RS_KERNEL={wanted!r} is not a kernel this CPU runs (it runs: {', '.join(available_kernels())}; "
+                      "names are lower case); it is ignored and the fastest kernel is used", stacklevel=2)
+
+
+_check_kernel_request()
+
+
 def _version() -> str:
     """The installed distribution's version: pyproject.toml's ``version`` is its one source."""
     from importlib.metadata import PackageNotFoundError, version
@@ -76,6 +105,7 @@ __all__ = [
     "ReinhardNormalizer",
     "Slide",
     "get_num_threads",
+    "kernel_info",
     "kernel_name",
     "read_section",
     "section_patches",

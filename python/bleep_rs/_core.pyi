@@ -22,6 +22,8 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "kernel_name",
+    "kernel_choice",
+    "available_kernels",
     "neighbour_weights",
     "FORMAT_VERSION",
 ]
@@ -85,6 +87,8 @@ class ReferenceCore:
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_name() -> str: ...
+def available_kernels() -> list[str]: ...
+def kernel_choice() -> tuple[str, str, list[str], list[tuple[str, float]], Optional[str], str]: ...
 def neighbour_weights(
     scores: npt.NDArray[np.float32],
     query_norms: npt.NDArray[np.float64],

@@ -2,9 +2,13 @@
 //! and aggregation, and the vector level of the multiversioned loops (bleep-slide's colour kernels).
 //!
 //! `BLEEP_RS_KERNEL=portable|avx2|avx512|avx512bf16` asks for a kernel (tests use it to run every path
-//! against the same oracle); one the CPU lacks is not used. The vector level follows the kernel, so
-//! `BLEEP_RS_KERNEL=portable` makes every loop run its baseline version.
+//! against the same oracle); one the CPU lacks is not used. Otherwise the score kernel is the fastest of
+//! those of the best vector width, measured once per CPU model ([`crate::calibrate`]). The vector level
+//! follows the flags (or the kernel asked for), so `BLEEP_RS_KERNEL=portable` makes every loop run its
+//! baseline version.
 
+use crate::calibrate::Choice;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// The environment variable that asks for a kernel.
@@ -62,7 +66,8 @@ pub enum SimdLevel {
 pub struct Cpu {
     /// Every kernel the CPU can run, best first.
     pub available: Vec<Kernel>,
-    /// The kernel in use: the best available, or the one `BLEEP_RS_KERNEL` asks for.
+    /// The kernel the flags (or `BLEEP_RS_KERNEL`) point to; the one in use is [`kernel()`], which may
+    /// be another of the same vector width that measured faster.
     pub kernel: Kernel,
     /// The level of the multiversioned loops (follows `kernel`).
     pub simd: SimdLevel,
@@ -97,9 +102,35 @@ pub fn cpu() -> &'static Cpu {
     })
 }
 
-/// The kernel in use (shorthand for `cpu().kernel`).
+/// The score kernel in use: the one `BLEEP_RS_KERNEL` asks for, else the fastest measured on this CPU.
 pub fn kernel() -> Kernel {
-    cpu().kernel
+    kernel_choice().kernel
+}
+
+/// How [`kernel()`] was chosen (measured once per process, or read from the cache).
+pub fn kernel_choice() -> &'static Choice {
+    static CHOSEN: OnceLock<Choice> = OnceLock::new();
+    thread_local! {
+        static CALIBRATING: Cell<bool> = const { Cell::new(false) };
+    }
+    if let Some(c) = CHOSEN.get() {
+        return c;
+    }
+    // The calibration searches with explicit kernels, but building its index asks for the kernel to
+    // pack for: this thread then gets a provisional answer instead of waiting on itself.
+    if CALIBRATING.with(Cell::get) {
+        static PROVISIONAL: OnceLock<Choice> = OnceLock::new();
+        return PROVISIONAL.get_or_init(|| Choice {
+            kernel: cpu().kernel,
+            reason: "provisional".into(),
+            rates: vec![],
+            ignored_request: None,
+        });
+    }
+    CALIBRATING.with(|c| c.set(true));
+    let choice = crate::calibrate::choose();
+    CALIBRATING.with(|c| c.set(false));
+    CHOSEN.get_or_init(|| choice)
 }
 
 /// The CPU's features that matter here.

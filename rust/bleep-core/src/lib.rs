@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 mod aggregate;
+pub mod calibrate;
 pub mod cpu;
 mod error;
 mod kernel;

@@ -644,8 +644,43 @@ fn get_num_threads() -> PyResult<usize> {
 
 /// The score kernel this CPU runs ("avx512bf16", "avx512", "avx2" or "portable").
 #[pyfunction]
-fn kernel_name() -> &'static str {
-    bleep_core::cpu::kernel().name()
+fn kernel_name(py: Python<'_>) -> &'static str {
+    py.detach(|| bleep_core::cpu::kernel().name())
+}
+
+/// The score kernels this CPU can run, best by its flags first (no measurement).
+#[pyfunction]
+fn available_kernels() -> Vec<&'static str> {
+    bleep_core::cpu::cpu()
+        .available
+        .iter()
+        .map(|k| k.name())
+        .collect()
+}
+
+/// Which score kernel runs and why: (kernel, reason, available kernels, measured queries/s per
+/// candidate (empty when read from the cache), a BLEEP_RS_KERNEL value that was ignored or None, CPU model).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn kernel_choice(
+    py: Python<'_>,
+) -> (
+    &'static str,
+    String,
+    Vec<&'static str>,
+    Vec<(&'static str, f64)>,
+    Option<String>,
+    String,
+) {
+    let c = py.detach(bleep_core::cpu::kernel_choice);
+    (
+        c.kernel.name(),
+        c.reason.clone(),
+        available_kernels(),
+        c.rates.iter().map(|(k, r)| (k.name(), *r)).collect(),
+        c.ignored_request.clone(),
+        bleep_core::calibrate::cpu_model(),
+    )
 }
 
 #[pymodule]
@@ -664,6 +699,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(kernel_name, m)?,
+        wrap_pyfunction!(kernel_choice, m)?,
+        wrap_pyfunction!(available_kernels, m)?,
         wrap_pyfunction!(neighbour_weights, m)?,
         wrap_pyfunction!(patch_array, m)?,
     ] {
