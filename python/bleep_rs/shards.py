@@ -487,6 +487,8 @@ class ShardedReference(Reference):
         """As :meth:`Reference.neighbour_spread`: each shard's per-gene count, mean and squared
         deviations of its neighbours, combined exactly, then the population standard deviation."""
         idx = self._check_indices(indices)
+        if idx.shape[0] == 0:
+            return np.zeros(0, np.float32)
         jobs = {}
         for i, s in enumerate(self.manifest["shards"]):
             part = _split(idx, s["start"], s["stop"])
@@ -566,7 +568,7 @@ class ShardWriter:
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(self.directory))
         self._tmp.mkdir()
-        self._closed = False
+        self._closed = self._aborted = False
 
     @property
     def n_spots(self) -> int:
@@ -578,7 +580,7 @@ class ShardWriter:
         """Adds spots: embeddings (n x d) and expression (n x G, dense or scipy.sparse) on the writer's
         genes, their ids (default: their global index) and sections (given for every batch or none)."""
         if self._closed:
-            raise BleepError("this ShardWriter is closed")
+            raise BleepError("this ShardWriter is closed" + (" (abandoned after an error)" if self._aborted else ""))
         emb = as_float32_matrix(embeddings, "embeddings")
         n = emb.shape[0]
         sparse = hasattr(expression, "tocsr") and not isinstance(expression, np.ndarray)
@@ -624,7 +626,8 @@ class ShardWriter:
             core = ReferenceCore.build(self._emb[:n], self._expr[:n], self.genes, spot_ids=self._ids, sections=self._sections,
                                        provenance=json.dumps(self.metadata), expression_dtype=self.expression_dtype, threads=self.threads)
         except BleepError as e:
-            raise BleepError(f"spots {start} to {start + n - 1} (shard {name}): {e}") from e
+            self.abort()  # a reference without these spots would look complete: nothing is written
+            raise BleepError(f"spots {start} to {start + n - 1} (shard {name}): {e}; nothing was written") from e
         core.save(self._tmp / name)
         del core
         self._entries.append({"file": name, "start": start, "stop": start + n, **_digests(self._tmp / name)})
@@ -634,6 +637,8 @@ class ShardWriter:
 
     def close(self) -> Path:
         """Writes the last shard and the manifest, and moves the folder into place. Returns its path."""
+        if self._aborted:
+            raise BleepError(f"{self.directory}: the write was abandoned after an error: nothing was written")
         if self._closed:
             return self.directory
         try:
@@ -658,7 +663,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drops everything written: the destination is left as it was."""
         if not self._closed:
-            self._closed = True
+            self._closed = self._aborted = True
             self._emb = self._expr = None
             self._stack.__exit__(BleepError, BleepError("aborted"), None)
 
