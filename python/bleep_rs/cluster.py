@@ -26,6 +26,7 @@ This module imports ``distributed``; ``import bleep_rs`` does not import it (nor
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -33,7 +34,27 @@ from typing import Any, Callable, Mapping, Optional
 from ._core import BleepError
 from .shards import _open_shard
 
-__all__ = ["DaskShards"]
+__all__ = ["DaskShards", "RemoteBleepError"]
+
+
+class RemoteBleepError(Exception):
+    """A BleepError raised on a worker, in a form that pickles (the binding's class does not: it names
+    its module ``_core``); the client raises it again as a BleepError."""
+
+
+def _on_worker(fn: Callable, *args):
+    try:
+        return fn(*args)
+    except BleepError as e:
+        raise RemoteBleepError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _bleep_errors():
+    try:
+        yield
+    except RemoteBleepError as e:
+        raise BleepError(str(e)) from None
 
 
 def _client_type():
@@ -58,7 +79,7 @@ class DaskShards:
         self.client = client
         tag = uuid.uuid4().hex[:12]
         self.futures = [
-            client.submit(_open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
+            client.submit(_on_worker, _open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
             for i, s in enumerate(manifest["shards"])
         ]
         wait(self.futures)  # open every shard now: a missing or changed file is an error of load
@@ -66,7 +87,8 @@ class DaskShards:
             if f.status == "error":
                 error = f.exception()
                 self.close()
-                raise error
+                with _bleep_errors():
+                    raise error
 
     def run(self, fn: Callable, per_shard: Mapping[int, tuple], shared: tuple = ()) -> dict:
         """``fn(shard, *shared, *per_shard[i])`` on the worker holding shard i, for each i of
@@ -75,8 +97,9 @@ class DaskShards:
         queries, Q x d, are small beside the Q x G partial predictions that come back)."""
         if not self.futures:
             raise BleepError("this reference was closed: load it again")
-        tasks = {i: self.client.submit(fn, self.futures[i], *shared, *args, pure=False) for i, args in per_shard.items()}
-        return dict(zip(tasks, self.client.gather(list(tasks.values()))))
+        tasks = {i: self.client.submit(_on_worker, fn, self.futures[i], *shared, *args, pure=False) for i, args in per_shard.items()}
+        with _bleep_errors():
+            return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
     def who_has(self) -> dict:
         """Which worker(s) hold each shard: {shard number: [worker addresses]}."""
