@@ -204,7 +204,7 @@ def test_changed_shard_is_an_error_naming_it(atlas, rng):
     original = first.read_bytes()
     Reference.build(emb, expr, list("abcde")).save(first)  # same size, other header
     assert first.stat().st_size == len(original)
-    with pytest.raises(BleepError, match=r"shard-00000\.safetensors: shard file changed .*header"):
+    with pytest.raises(BleepError, match=r"shard-00000\.safetensors: shard file changed .*sample digest"):
         Reference.load(atlas)
     first.write_bytes(original)
     with open(atlas / "shard-00002.safetensors", "ab") as f:
@@ -213,13 +213,20 @@ def test_changed_shard_is_an_error_naming_it(atlas, rng):
         ShardedReference(atlas)
 
 
-def test_changed_values_are_found_by_verify(atlas):
-    path = atlas / "shard-00001.safetensors"
+def test_changed_values_are_found_by_verify(tmp_path, rng):
+    emb, expr = atlas_data(rng, 3000, g=40)  # shards of ~600 kB: more than the four 64 KiB spans sampled
+    Reference.build(emb, expr, [f"g{i}" for i in range(40)]).save(tmp_path / "a", shard_spots=3000)
+    path = tmp_path / "a" / "shard-00000.safetensors"
     data = bytearray(path.read_bytes())
-    data[-1] ^= 1  # one bit of the last expression value: size and header unchanged
+    data[-1] ^= 1  # the last expression value: in the sampled spans, found at load
     path.write_bytes(bytes(data))
-    sharded = Reference.load(atlas)  # the fast check cannot see it
-    with pytest.raises(BleepError, match=r"shard-00001\.safetensors: contents differ"):
+    with pytest.raises(BleepError, match=r"shard-00000\.safetensors: shard file changed .*sample digest"):
+        Reference.load(tmp_path / "a")
+    data[-1] ^= 1
+    data[-200_000] ^= 1  # one bit between the spans: the fast check cannot see it, verify does
+    path.write_bytes(bytes(data))
+    sharded = Reference.load(tmp_path / "a")
+    with pytest.raises(BleepError, match=r"shard-00000\.safetensors: contents differ"):
         sharded.verify()
 
 
