@@ -106,8 +106,9 @@ def test_labels_metadata_and_tables_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(other.expression, single.expression)
 
 
-def test_writer_streams_dense_and_sparse_batches(tmp_path, rng):
+def test_writer_streams_dense_and_sparse_batches(tmp_path, rng, monkeypatch):
     sparse = pytest.importorskip("scipy.sparse")
+    monkeypatch.setattr(bleep_rs.shards, "_GATHER_VALUES", 20)  # densify and gather a few rows at a time
     emb, expr = atlas_data(rng, 50, g=6)
     expr[expr < 2] = 0
     genes = [f"g{i}" for i in range(6)]

@@ -349,6 +349,11 @@ class ShardedReference(Reference):
             self._shards = DaskShards(client, self.directory, self.manifest, threads)
         self._labels: dict = {}
 
+    @classmethod
+    def build(cls, *args: Any, **kwargs: Any) -> Reference:
+        """A :class:`Reference` in memory (save it with ``shard_spots=`` to shard it)."""
+        return Reference.build(*args, **kwargs)
+
     @property
     def _core(self):
         raise BleepError("this operation needs a single-file reference: a sharded reference has no single table")
@@ -589,6 +594,7 @@ class ShardWriter:
         self._fill = 0  # rows in the buffers
         self._written = 0  # spots in finished shards
         self._entries: list[dict] = []
+        self._dim = 0
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(self.directory))
         self._tmp.mkdir()
@@ -608,7 +614,7 @@ class ShardWriter:
         emb = as_float32_matrix(embeddings, "embeddings")
         n = emb.shape[0]
         sparse = hasattr(expression, "tocsr") and not isinstance(expression, np.ndarray)
-        expr = expression.tocsr() if sparse else as_float32_matrix(expression, "expression")
+        expr: Any = expression.tocsr() if sparse else as_float32_matrix(expression, "expression")
         if expr.shape != (n, len(self.genes)):
             raise BleepError(f"expression has shape {expr.shape}; {n} spots x {len(self.genes)} genes expected (one row per embedding, one column per gene)")
         ids = _names(spot_ids, "spot_ids")
@@ -622,18 +628,24 @@ class ShardWriter:
             self._with_sections = secs is not None
         elif self._with_sections != (secs is not None):
             raise BleepError("sections must be given for every batch or for none")
-        if self._emb is None:
+        if self._emb is None or self._expr is None:
             self._emb = np.empty((self.shard_spots, emb.shape[1]), np.float32)
             self._expr = np.empty((self.shard_spots, len(self.genes)), np.float32)
             self._sections = [] if self._with_sections else None
         elif emb.shape[1] != self._emb.shape[1]:
             raise BleepError(f"embeddings have {emb.shape[1]} columns, earlier batches {self._emb.shape[1]}")
+        emb_buf, expr_buf = self._emb, self._expr
         at = 0
         while at < n:  # copy into the shard buffer, flushing each time it fills
             take = min(n - at, self.shard_spots - self._fill)
-            rows = slice(self._fill, self._fill + take)
-            self._emb[rows] = emb[at:at + take]
-            self._expr[rows] = expr[at:at + take].toarray() if sparse else expr[at:at + take]
+            emb_buf[self._fill:self._fill + take] = emb[at:at + take]
+            if sparse:  # densified a few rows at a time, straight into the buffer
+                step = max(1, _GATHER_VALUES // len(self.genes))
+                for a in range(0, take, step):
+                    b = min(take, a + step)
+                    expr_buf[self._fill + a:self._fill + b] = expr[at + a:at + b].toarray()
+            else:
+                expr_buf[self._fill:self._fill + take] = expr[at:at + take]
             self._ids += ids[at:at + take]
             if self._sections is not None and secs is not None:
                 self._sections += secs[at:at + take]
@@ -655,6 +667,7 @@ class ShardWriter:
         core.save(self._tmp / name)
         del core
         self._entries.append({"file": name, "start": start, "stop": start + n, **_digests(self._tmp / name)})
+        self._dim = int(self._emb.shape[1])
         self._written += n
         self._fill, self._ids = 0, []
         self._sections = [] if self._with_sections else None
@@ -671,7 +684,7 @@ class ShardWriter:
             if not self._entries:
                 raise BleepError("no spots were added: a reference needs at least one spot")
             manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "n_spots": self._written, "dim": int(self._emb.shape[1]),
+                "format": FORMAT, "format_version": FORMAT_VERSION, "n_spots": self._written, "dim": self._dim,
                 "expression_dtype": self.expression_dtype, "genes": self.genes, "has_sections": bool(self._with_sections),
                 "metadata": self.metadata, "model_id": self.metadata.get("model_id"), "shards": self._entries,
             }
