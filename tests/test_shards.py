@@ -83,6 +83,24 @@ def test_merge_topk_orders_by_similarity_then_index():
     assert merge_topk([a, b], 10)[0].shape == (1, 4)
 
 
+@settings(max_examples=60, deadline=None)
+@given(q=st.integers(0, 5), widths=st.lists(st.integers(0, 6), min_size=1, max_size=5), k=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_merge_topk_matches_a_plain_sort(q, widths, k, seed):
+    rng = np.random.default_rng(seed)
+    values = np.array([-1.0, -0.5, -0.0, 0.0, 1e-30, -1e-30, 0.5, 1.0, 3.4e38, -3.4e38], np.float32)  # ties, signed zeros
+    spots = rng.permutation(1000)[:sum(widths)]
+    parts, at = [], 0
+    for w in widths:
+        sims = -np.sort(-rng.choice(values, (q, w)), axis=1)
+        parts.append((np.tile(spots[at:at + w], (q, 1)), sims))
+        at += w
+    idx, sims = merge_topk(parts, k)
+    all_idx, all_sims = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)
+    for r in range(q):
+        want = sorted(zip(-all_sims[r].astype(np.float64), all_idx[r]))[:k]  # -0.0 == 0.0 here too
+        assert list(zip(-sims[r].astype(np.float64), idx[r])) == want
+
+
 def test_labels_metadata_and_tables_round_trip(tmp_path, rng):
     emb, expr = atlas_data(rng, 25)
     single = Reference.build(emb, expr, list("abcde"), spot_ids=[f"s{i}" for i in range(25)], sections=[f"sec{i // 10}" for i in range(25)],

@@ -82,10 +82,22 @@ def merge_topk(parts: Sequence[Sequence[np.ndarray]], k: int) -> tuple:
     if not parts:
         raise BleepError("merge_topk needs at least one shard's neighbours")
     cols = [np.concatenate([np.asarray(p[j]) for p in parts], axis=1) for j in range(len(parts[0]))]
-    idx, sims = cols[0], cols[1]
-    # lexsort: the last key is the first order; -sims puts the best first, idx breaks ties upwards.
-    order = np.lexsort((idx, -sims), axis=1)[:, :k]
+    key = _rank_key(cols[1], cols[0])
+    if key.shape[1] > k:  # the k smallest keys (distinct: no two entries name the same spot), then sorted
+        best = np.argpartition(key, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(best, np.argsort(np.take_along_axis(key, best, axis=1), axis=1), axis=1)
+    else:
+        order = np.argsort(key, axis=1)
     return tuple(np.take_along_axis(c, order, axis=1) for c in cols)
+
+
+def _rank_key(sims: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """One int64 per neighbour that sorts ascending as (similarity descending, index ascending): the
+    float32 similarity's bits made order-preserving and reversed in the high 32 bits, the spot index
+    (< 2**31) in the low ones. One key sorts far faster than lexsort's two on rows."""
+    bits = (np.asarray(sims, np.float32) + np.float32(0)).view(np.int32)  # + 0: -0.0 becomes 0.0, equal to it
+    descending = ~(bits ^ ((bits >> 31) & 0x7FFFFFFF))  # negative floats' bits count down: flip; ~ reverses
+    return (descending.astype(np.int64) << 32) | np.asarray(indices, np.int64)
 
 
 # ---- files: headers, digests, manifest -----------------------------------------------------------
@@ -284,18 +296,26 @@ def _combine_moments(parts: Sequence[tuple]) -> tuple:
     return n, mean, m2
 
 
-def _split(indices: np.ndarray, start: int, stop: int) -> Optional[tuple]:
-    """The neighbours (Q, k) global ``indices`` name in the shard [start, stop): (Q, k_s) local indices,
-    their column in ``indices``, and which entries are real (a row with fewer points to spot 0 there),
-    or None where the shard holds none. k_s is the most any query has in the shard."""
-    inside = (indices >= start) & (indices < stop)
-    ks = int(inside.sum(axis=1).max(initial=0))
-    if ks == 0:
-        return None
-    cols = np.argsort(~inside, axis=1, kind="stable")[:, :ks]  # each row's own neighbours first
-    valid = np.take_along_axis(inside, cols, axis=1)
-    local = np.where(valid, np.take_along_axis(indices, cols, axis=1) - start, 0)
-    return np.ascontiguousarray(local, dtype=np.int64), cols, valid
+def _split(indices: np.ndarray, starts: Sequence[int]) -> dict:
+    """The neighbours (Q, k) global ``indices`` name in each shard (shard i holds spots [starts[i],
+    starts[i + 1]), the last one up to the end): {i: (local, cols, valid)} for the shards holding any,
+    with (Q, k_s) local indices, their column in ``indices`` and which entries are real (a row with
+    fewer points to spot 0 there). k_s is the most neighbours any query has in shard i."""
+    owner = np.searchsorted(np.asarray(starts), indices, side="right") - 1
+    order = np.argsort(owner, axis=1, kind="stable")  # each row's neighbours grouped by shard, once
+    grouped = np.take_along_axis(owner, order, axis=1)
+    k = indices.shape[1]
+    out = {}
+    for i in np.unique(owner):
+        first = (grouped < i).sum(axis=1)
+        count = (grouped == i).sum(axis=1)
+        ks = int(count.max())
+        step = np.arange(ks)
+        cols = np.take_along_axis(order, np.minimum(first[:, None] + step, k - 1), axis=1)
+        valid = step < count[:, None]
+        local = np.where(valid, np.take_along_axis(indices, cols, axis=1) - starts[i], 0)
+        out[int(i)] = (np.ascontiguousarray(local, dtype=np.int64), cols, valid)
+    return out
 
 
 # ---- where the shards live -----------------------------------------------------------------------
@@ -341,6 +361,7 @@ class ShardedReference(Reference):
         self.manifest = read_manifest(self.directory)
         for s in self.manifest["shards"]:
             _check_shard_file(self.directory / s["file"], s)
+        self._starts = [int(s["start"]) for s in self.manifest["shards"]]
         if client is None:
             self._shards: Any = _LocalShards(self.directory, self.manifest, threads)
         else:
@@ -491,12 +512,8 @@ class ShardedReference(Reference):
         return idx.astype(np.int64, copy=False)
 
     def _aggregate(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        jobs = {}
-        for i, s in enumerate(self.manifest["shards"]):
-            part = _split(idx, s["start"], s["stop"])
-            if part is not None:
-                local, cols, valid = part
-                jobs[i] = (local, np.where(valid, np.take_along_axis(w, cols, axis=1), 0).astype(np.float32), threads)
+        jobs = {i: (local, np.where(valid, np.take_along_axis(w, cols, axis=1), 0).astype(np.float32), threads)
+                for i, (local, cols, valid) in _split(idx, self._starts).items()}
         out = np.zeros((idx.shape[0], self.n_genes), np.float32)
         for partial in self._shards.run(_aggregate_part, jobs).values():
             out += partial
@@ -518,11 +535,7 @@ class ShardedReference(Reference):
         idx = self._check_indices(indices)
         if idx.shape[0] == 0:
             return np.zeros(0, np.float32)
-        jobs = {}
-        for i, s in enumerate(self.manifest["shards"]):
-            part = _split(idx, s["start"], s["stop"])
-            if part is not None:
-                jobs[i] = (part[0], part[2], threads)
+        jobs = {i: (local, valid, threads) for i, (local, _, valid) in _split(idx, self._starts).items()}
         parts = self._shards.run(_moments_part, jobs)
         n, _, m2 = _combine_moments([parts[i] for i in sorted(parts)])
         return np.sqrt(m2 / n[:, None]).mean(axis=1).astype(np.float32)
