@@ -72,6 +72,10 @@ def test_shards_live_on_the_workers(client, served, single):
     assert sorted(held) == [0, 1, 2, 3] and all(held.values())
     assert {a for addrs in held.values() for a in addrs} <= set(client.scheduler_info()["workers"])
     assert "on a Dask cluster" in repr(served)
+    # the scheduler counts a shard as its file's size: work goes to the shard, not the shard to the work
+    keys = [f.key for f in served._shards.futures]
+    nbytes = client.run_on_scheduler(lambda dask_scheduler: [dask_scheduler.tasks[k].nbytes for k in keys])
+    assert all(n >= s["bytes"] for n, s in zip(nbytes, served.shards))
     ref = single[0]
     assert served.spot_ids == ref.spot_ids and served.sections == ref.sections and served.metadata == ref.metadata
     assert (served.n_spots, served.dim, served.genes, served.expression_dtype) == (ref.n_spots, ref.dim, ref.genes, ref.expression_dtype)
@@ -89,6 +93,13 @@ def test_a_reference_file_travels_by_path(client, single):
     ref, q = single[0], queries(single)
     got = client.submit(lambda r, x: r.search(x, 5)[0], ref, q).result()
     np.testing.assert_array_equal(got, ref.search(q, 5)[0])
+
+
+def test_client_needs_a_sharded_folder(client, single):
+    with pytest.raises(BleepError, match="is a reference file, not the folder"):
+        Reference.load(single[1] / "one.safetensors", client=client)
+    with pytest.raises(BleepError, match="must be a dask.distributed Client"):
+        Reference.load(single[1] / "atlas", client="tcp://127.0.0.1:8786")
 
 
 def test_missing_or_changed_shard_is_named_at_load(client, single, tmp_path):
