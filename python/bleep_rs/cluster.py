@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ._core import BleepError
-from .shards import _open_shard
 
 __all__ = ["DaskShards", "RemoteBleepError"]
 
@@ -67,11 +66,12 @@ def _client_type():
 
 class DaskShards:
     """The shards of a sharded reference, each opened once on a worker of ``client``'s cluster and kept
-    there as a future (what :class:`~bleep_rs.shards.ShardedReference` uses with a client)."""
+    there as a future (what :class:`~bleep_rs.shards.ShardedReference` uses with a client).
+    ``open_shard(path, manifest_entry, threads)`` opens one (on a worker) and checks it."""
 
     where = "on a Dask cluster"
 
-    def __init__(self, client: Any, directory: Path, manifest: dict, threads: Optional[int] = None):
+    def __init__(self, client: Any, directory: Path, manifest: dict, open_shard: Callable, threads: Optional[int] = None):
         from distributed import wait
 
         if not isinstance(client, _client_type()):
@@ -79,7 +79,7 @@ class DaskShards:
         self.client = client
         tag = uuid.uuid4().hex[:12]
         self.futures = [
-            client.submit(_on_worker, _open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
+            client.submit(_on_worker, open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
             for i, s in enumerate(manifest["shards"])
         ]
         wait(self.futures)  # open every shard now: a missing or changed file is an error of load

@@ -54,6 +54,15 @@ class Reference:
     of query embeddings as an aggregate of their k most cosine-similar reference spots.
     """
 
+    #: The subclass that reads and writes folders of shards (bleep_rs.shards.ShardedReference) registers
+    #: itself here, so that this module does not import the module that extends it.
+    _folders: Any = None
+
+    def __init_subclass__(cls, *, reads_folders: bool = False, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if reads_folders:
+            Reference._folders = cls
+
     def __init__(self, core: ReferenceCore, path: Optional[Path] = None):
         self._core = core
         self._path = path  # the file it was loaded from: it pickles as that path
@@ -117,9 +126,7 @@ class Reference:
         ``dask.distributed`` ``client``, each shard is held by a worker of its cluster (bleep_rs.cluster)."""
         path = Path(path).expanduser()
         if path.is_dir() or client is not None:
-            from .shards import ShardedReference
-
-            return ShardedReference(path, threads=threads, client=client)
+            return Reference._folders.load(path, threads=threads, client=client)
         if not path.exists():
             raise BleepError(f"{path}: no such reference file")
         return cls(ReferenceCore.load(path, threads=threads), path.resolve())
@@ -131,9 +138,7 @@ class Reference:
         from ._atomic import remove_stale
 
         if shard_spots is not None:
-            from .shards import write_shards
-
-            write_shards(self, path, shard_spots=shard_spots)
+            Reference._folders.write(self, path, shard_spots=shard_spots)
             return
         path = Path(path).expanduser()
         if not path.parent.is_dir():

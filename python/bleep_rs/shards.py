@@ -348,7 +348,7 @@ class _LocalShards:
 # ---- the sharded reference -----------------------------------------------------------------------
 
 
-class ShardedReference(Reference):
+class ShardedReference(Reference, reads_folders=True):
     """A reference stored as shards (see the module's documentation), with the API of
     :class:`~bleep_rs.Reference` and the same answers as one reference of every spot.
 
@@ -368,7 +368,7 @@ class ShardedReference(Reference):
         else:
             from .cluster import DaskShards
 
-            self._shards = DaskShards(client, self.directory, self.manifest, threads)
+            self._shards = DaskShards(client, self.directory, self.manifest, _open_shard, threads)
         self._labels: dict = {}
 
     @classmethod
@@ -384,6 +384,11 @@ class ShardedReference(Reference):
     def load(cls, path: PathLike, *, threads: Optional[int] = None, client: Any = None) -> "ShardedReference":
         """The sharded reference in folder ``path`` (see :meth:`Reference.load`)."""
         return cls(path, threads=threads, client=client)
+
+    @staticmethod
+    def write(reference: Reference, directory: PathLike, *, shard_spots: int) -> Path:
+        """Writes any reference as shards (what ``reference.save(directory, shard_spots=N)`` does)."""
+        return write_shards(reference, directory, shard_spots=shard_spots)
 
     def __reduce__(self):
         if not isinstance(self._shards, _LocalShards):
