@@ -21,6 +21,11 @@ recomputes them on another worker (reading the files again) and the queries in f
 Spilled to disk or moved, a shard pickles as its path (no copy of the table). If a file went missing or
 changed meanwhile, reopening it fails with a BleepError naming it.
 
+Threads: each worker process runs the Rust kernels on a pool of all the machine's cores by default;
+with several workers per machine pass ``threads=`` to ``Reference.load`` (or set BLEEP_RS_NUM_THREADS
+in the workers' environment) so that they do not oversubscribe it. ``verify()`` reads the files from
+the client's machine.
+
 This module imports ``distributed``; ``import bleep_rs`` does not import it (nor dask).
 """
 
@@ -87,8 +92,9 @@ class DaskShards:
             if f.status == "error":
                 error = f.exception()
                 self.close()
-                with _bleep_errors():
-                    raise error
+                if isinstance(error, RemoteBleepError):
+                    raise BleepError(f"{error} (opened on a worker: every worker must see {directory} at that path)") from None
+                raise error
 
     def run(self, fn: Callable, per_shard: Mapping[int, tuple], shared: tuple = ()) -> dict:
         """``fn(shard, *shared, *per_shard[i])`` on the worker holding shard i, for each i of

@@ -226,6 +226,10 @@ class _Shard:
         if self.core.n_spots != self.stop - self.start:
             raise BleepError(f"{path}: holds {self.core.n_spots} spots, the manifest says {self.stop - self.start}")
 
+    def pool(self, threads: Optional[int]) -> Optional[int]:
+        """The threads of a call: its own ``threads=``, else those the shard was opened with."""
+        return self.threads if threads is None else threads
+
     def __reduce__(self):
         return (_Shard, (self.path, self.entry, self.threads))
 
@@ -249,13 +253,13 @@ def _native(a: np.ndarray, dtype) -> np.ndarray:
 def _search_part(shard: _Shard, queries: np.ndarray, k: int, with_norms: bool, threads: Optional[int]) -> tuple:
     """The shard's top-k, indices made global, and the neighbours' embedding norms (or None)."""
     queries = _native(queries, np.float32)
-    idx, sims = shard.core.search(queries, min(k, shard.stop - shard.start), threads=threads)
+    idx, sims = shard.core.search(queries, min(k, shard.stop - shard.start), threads=shard.pool(threads))
     norms = shard.core.norms_of(idx) if with_norms else None
     return idx + shard.start, sims, norms
 
 
 def _aggregate_part(shard: _Shard, local: np.ndarray, weights: np.ndarray, threads: Optional[int]) -> np.ndarray:
-    return shard.core.aggregate(_native(local, np.int64), _native(weights, np.float32), threads=threads)
+    return shard.core.aggregate(_native(local, np.int64), _native(weights, np.float32), threads=shard.pool(threads))
 
 
 def _rows(core: ReferenceCore, local: np.ndarray, threads: Optional[int]) -> np.ndarray:
@@ -275,7 +279,7 @@ def _moments_part(shard: _Shard, local: np.ndarray, valid: np.ndarray, threads: 
     step = max(1, _GATHER_VALUES // max(1, ks * g))
     for a in range(0, q, step):
         b = min(q, a + step)
-        x = _rows(shard.core, local[a:b].ravel(), threads).reshape(b - a, ks, g)
+        x = _rows(shard.core, local[a:b].ravel(), shard.pool(threads)).reshape(b - a, ks, g)
         w = valid[a:b, :, None]
         mean[a:b] = (x * w).sum(axis=1, dtype=np.float64) / np.maximum(n[a:b], 1)[:, None]
         # deviations in float32, as the single reference's kernel computes them (3x faster than float64)
@@ -355,6 +359,8 @@ class ShardedReference(Reference, reads_folders=True):
     Open one with ``Reference.load(folder)`` or ``Reference.load(folder, client=dask_client)``. Opening
     reads the manifest and checks each shard file's size and sample digest (fast); the shards themselves are
     read on first use (in this process) or on the workers, once each, at load (with a client).
+    ``threads`` (of load) is the default thread count of the shards' work, each call's ``threads=``
+    overriding it.
     """
 
     def __init__(self, directory: PathLike, *, threads: Optional[int] = None, client: Any = None):
