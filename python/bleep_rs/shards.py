@@ -270,7 +270,8 @@ def _rows(core: ReferenceCore, local: np.ndarray, threads: Optional[int]) -> np.
 
 def _moments_part(shard: _Shard, local: np.ndarray, valid: np.ndarray, threads: Optional[int]) -> tuple:
     """Per query (rows of ``local``, the shard's neighbours where ``valid``) and gene: the number of
-    neighbours, their mean and the sum of their squared deviations from it (float64 arrays)."""
+    neighbours, their mean and the sum of their squared deviations from it, as float32 (half what
+    crosses the network; the deviations are float32 values already), combined in float64."""
     local = _native(local, np.int64)
     q, ks = local.shape
     g = len(shard.core.genes)
@@ -285,13 +286,14 @@ def _moments_part(shard: _Shard, local: np.ndarray, valid: np.ndarray, threads: 
         # deviations in float32, as the single reference's kernel computes them (3x faster than float64)
         dev = (x - mean[a:b, None, :].astype(np.float32)) * w
         m2[a:b] = np.einsum("qkg,qkg->qg", dev, dev)
-    return n, mean, m2
+    return n, mean.astype(np.float32), m2.astype(np.float32)
 
 
 def _combine_moments(parts: Sequence[tuple]) -> tuple:
-    """Counts, means and squared-deviation sums of disjoint groups, combined exactly (Chan et al.)."""
-    n, mean, m2 = parts[0]
-    for nb, mb, m2b in parts[1:]:
+    """Counts, means and squared-deviation sums of disjoint groups, combined exactly (Chan et al.), in
+    float64."""
+    n, mean, m2 = (np.asarray(a, np.float64) for a in parts[0])
+    for nb, mb, m2b in ((np.asarray(a, np.float64) for a in p) for p in parts[1:]):
         total = n + nb
         frac = np.divide(nb, total, out=np.zeros_like(total), where=total > 0)[:, None]
         delta = mb - mean
