@@ -196,6 +196,8 @@ def read_manifest(directory: PathLike) -> dict:
             int(s["bytes"]), str(s["sample_sha256"]), str(s["sha256"])
         if not shards or at != m["n_spots"]:
             raise BleepError(f"{path}: the shards cover {at} spots, the manifest says {m['n_spots']}")
+        if at >= 2**31:  # merge_topk packs a spot index in 31 bits
+            raise BleepError(f"{path}: {at} spots; a sharded reference holds fewer than 2**31")
         missing = [key for key in ("dim", "genes", "expression_dtype", "has_sections", "metadata") if key not in m]
         if missing:
             raise KeyError(missing[0])
