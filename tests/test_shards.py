@@ -186,6 +186,22 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, rng):
         Reference.load(tmp_path / "b")
 
 
+def test_a_killed_write_leaves_no_reference_and_its_leftovers_go(tmp_path):
+    code = ("import os, sys, numpy as np; from bleep_rs import ShardWriter\n"
+            "w = ShardWriter(sys.argv[1], ['a', 'b'], shard_spots=5)\n"
+            "w.add(np.ones((12, 3), np.float32), np.ones((12, 2), np.float32))\n"
+            "os._exit(9)  # killed before close: two shards written, no manifest\n")
+    child = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], capture_output=True, text=True)
+    assert child.returncode == 9, child.stderr
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".a.") and leftovers[0].endswith(".tmp")
+    with pytest.raises(BleepError, match="no such reference file"):
+        Reference.load(tmp_path / "a")
+    with ShardWriter(tmp_path / "a", ["a", "b"], shard_spots=5) as w:  # the next write clears them
+        w.add(np.ones((3, 3), np.float32), np.ones((3, 2), np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and Reference.load(tmp_path / "a").n_spots == 3
+
+
 def test_overwrite_replaces_only_a_sharded_reference(tmp_path, rng):
     emb, expr = atlas_data(rng, 10)
     ref = Reference.build(emb, expr, list("abcde"))
