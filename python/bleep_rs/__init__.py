@@ -6,6 +6,12 @@ Retrieval needs only numpy::
     ref = bleep_rs.Reference.load("reference.safetensors")
     predicted = ref.impute(image_embeddings, k=50)      # (n_queries, n_genes) float32
 
+A reference too large for one file or one machine is split in shards (bleep_rs.shards), searched exactly,
+in this process or from a Dask cluster (bleep_rs.cluster; ``pip install bleep-rs[dask]``)::
+
+    ref.save("atlas/", shard_spots=100_000)             # or bleep_rs.ShardWriter, spot by spot
+    atlas = bleep_rs.Reference.load("atlas/", client=dask_client)
+
 Sections, slides and patches (AnnData via ``anndata``, imported on first use)::
 
     section = bleep_rs.read_section("outs/", image="slide.tif")     # AnnData, pixel size resolved
@@ -21,6 +27,7 @@ from bleep_rs._core import BleepError, get_num_threads, kernel_name, set_num_thr
 from bleep_rs.normalize import MacenkoNormalizer, ReinhardNormalizer, to_tensor
 from bleep_rs.reference import METHODS, Reference
 from bleep_rs.sections import read_section, section_patches
+from bleep_rs.shards import ShardedReference, ShardWriter
 from bleep_rs.slide import Slide
 
 
@@ -103,6 +110,8 @@ __all__ = [
     "MacenkoNormalizer",
     "Reference",
     "ReinhardNormalizer",
+    "ShardWriter",
+    "ShardedReference",
     "Slide",
     "get_num_threads",
     "kernel_info",

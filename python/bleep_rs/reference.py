@@ -54,8 +54,25 @@ class Reference:
     of query embeddings as an aggregate of their k most cosine-similar reference spots.
     """
 
-    def __init__(self, core: ReferenceCore):
+    #: The subclass that reads and writes folders of shards (bleep_rs.shards.ShardedReference) registers
+    #: itself here, so that this module does not import the module that extends it.
+    _folders: Any = None
+
+    def __init_subclass__(cls, *, reads_folders: bool = False, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if reads_folders:
+            Reference._folders = cls
+
+    def __init__(self, core: ReferenceCore, path: Optional[Path] = None):
         self._core = core
+        self._path = path  # the file it was loaded from: it pickles as that path
+
+    def __reduce__(self):
+        """A reference read from a file pickles as its path (cheap to send to a Dask worker, which reads
+        the file again); one built in memory does not pickle."""
+        if self._path is None:
+            raise BleepError("a Reference built in memory cannot be pickled (it would copy every spot): save it and send the path")
+        return (Reference.load, (str(self._path),))
 
     # ---- construction and files -------------------------------------------------------------------
 
@@ -103,18 +120,26 @@ class Reference:
         return cls(core)
 
     @classmethod
-    def load(cls, path: PathLike, *, threads: Optional[int] = None) -> "Reference":
-        """Read a reference file written by :meth:`save`."""
+    def load(cls, path: PathLike, *, threads: Optional[int] = None, client: Any = None) -> "Reference":
+        """Read a reference file written by :meth:`save`, or the folder of a sharded reference written by
+        ``save(folder, shard_spots=N)`` (a :class:`~bleep_rs.shards.ShardedReference`, same API). With a
+        ``dask.distributed`` ``client``, each shard is held by a worker of its cluster (bleep_rs.cluster)."""
         path = Path(path).expanduser()
+        if path.is_dir() or client is not None:
+            return Reference._folders.load(path, threads=threads, client=client)
         if not path.exists():
             raise BleepError(f"{path}: no such reference file")
-        return cls(ReferenceCore.load(path, threads=threads))
+        return cls(ReferenceCore.load(path, threads=threads), path.resolve())
 
-    def save(self, path: PathLike) -> None:
+    def save(self, path: PathLike, *, shard_spots: Optional[int] = None) -> None:
         """Write the reference to ``path`` (a temporary file beside it, then renamed: never half-written;
-        what a killed earlier save left behind is removed first)."""
+        what a killed earlier save left behind is removed first). With ``shard_spots``, ``path`` is a
+        folder of shards of that many spots and their manifest (bleep_rs.shards; memory bounded by a shard)."""
         from ._atomic import remove_stale
 
+        if shard_spots is not None:
+            Reference._folders.write(self, path, shard_spots=shard_spots)
+            return
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise BleepError(f"{path}: the folder {path.parent} does not exist")
