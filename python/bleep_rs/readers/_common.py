@@ -263,7 +263,9 @@ def under_tissue(in_tissue, n: int, where: str, source: str) -> np.ndarray:
     bad = ~np.isin(values, (0, 1))
     if len(values) != n or bad.any():
         i = int(np.argmax(bad)) if bad.any() else 0
-        shown = f"is {np.asarray(in_tissue).ravel()[i]!r} at spot {i}" if bad.any() else f"has {len(values)} values for {n} spots"
+        value = np.asarray(in_tissue).ravel()[i]
+        value = value.item() if isinstance(value, np.generic) else value
+        shown = f"is {value!r} at spot {i}" if bad.any() else f"has {len(values)} values for {n} spots"
         raise BleepError(f"{where}: {source} {shown}; it must be 0 or 1 (1: under tissue): fix it")
     keep = values == 1
     if not keep.any():

@@ -210,6 +210,9 @@ def read_h5ad(path, **kwargs):
     path = checked_input(path, "an .h5ad file")
     try:
         src = ad.read_h5ad(path)
+    except UnicodeDecodeError as e:  # h5py decoding a name (gene, spot, key) stored as bytes that are not UTF-8
+        raise BleepError(f"{path}: holds text that is not UTF-8 ({e.object[max(0, e.start - 20):e.end + 20]!r}): "
+                         "gene names and spot ids must be UTF-8 text; write the file again") from None
     except Exception as e:  # anndata raises many kinds for a damaged file
         raise BleepError(f"{path}: not a readable .h5ad ({type(e).__name__}: {str(e)[:300]})") from e
     return read_anndata(src, str(path), base=Path(path).resolve().parent, **kwargs)

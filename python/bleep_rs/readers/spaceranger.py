@@ -69,7 +69,7 @@ def _strings(group, name: str, n: int, f: Path) -> list:
         try:
             out.append(v.decode() if isinstance(v, bytes) else str(v))
         except UnicodeDecodeError:
-            raise BleepError(f"{f}: {group.name}/{name}[{i}] ({v!r:.60}) is not UTF-8 text: the matrix is damaged; copy it again") from None
+            raise BleepError(f"{f}: {group.name}/{name}[{i}] ({bytes(v)!r:.60}) is not UTF-8 text: the matrix is damaged; copy it again") from None
     return out
 
 
