@@ -450,6 +450,21 @@ def test_h5ad_obs_columns_that_are_not_numbers(tmp_path, c2_h5ad, column, values
         read(tmp_path / "o.h5ad")
 
 
+def test_h5ad_matrices_that_are_not_there_or_not_numbers(tmp_path, c2_h5ad):
+    import anndata as ad
+
+    a = ad.read_h5ad(c2_h5ad)
+    a.X = None
+    a.write_h5ad(tmp_path / "nox.h5ad")
+    with pytest.raises(BleepError, match=r"nox.h5ad: X holds no matrix: store the counts in X or a layer and pass layer="):
+        read(tmp_path / "nox.h5ad")
+    a = ad.read_h5ad(c2_h5ad)
+    a.X = a.X.toarray().astype(str)
+    a.write_h5ad(tmp_path / "text.h5ad")
+    with pytest.raises(BleepError, match=r"text.h5ad: X is not a well-formed matrix \(its values are text"):
+        read(tmp_path / "text.h5ad")
+
+
 def test_h5ad_positions_that_are_not_numbers(tmp_path, c2_h5ad):
     import anndata as ad
 

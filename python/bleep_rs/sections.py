@@ -21,6 +21,12 @@ pixels, ``uns["spatial"][library_id]`` as scanpy's ``read_visium`` keeps it (``i
 ``um_per_px_source``, ``image_path``, ``layout``, ``library_id``, ``platform`` (visium, legacy-st,
 visium-hd) and what said so, ``pitch_um``, ``spot_diameter_um``.
 
+One rule for ``in_tissue`` in every layout: a spot under tissue (1) is read, one that is not (0) is
+dropped, and a section with no spot under tissue is an error. Every file a reader opens is checked to be
+a regular file first (a named pipe would block it forever), every matrix is checked (indices in range,
+``indptr`` rising from 0 to the number of values) before anything indexes it, and a HEST sample id is a
+name, never a path.
+
 The pixel size (micrometres per full-resolution pixel) is resolved in one place,
 :func:`resolve_um_per_px`: an explicit argument wins, then the files' metadata, then an estimate from the
 spot pitch; a disagreement of more than 10 % between sources is warned about, naming both.

@@ -234,7 +234,7 @@ def matrix_problem(X, shape: Optional[Tuple[int, int]] = None) -> Optional[str]:
             except (TypeError, ValueError):
                 row, col = np.unravel_index(k, got)
                 return f"it holds {v!r}, not a number (row {row}, column {col})"
-        return f"its values are {X.dtype}, not numbers"
+        return f"its values are text ({X.dtype}), not numbers: store them as numbers"
     return None
 
 

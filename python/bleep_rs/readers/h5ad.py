@@ -67,7 +67,7 @@ def _text(value, key: str, where: str) -> Optional[str]:
     raise BleepError(f"{where}: {key} must be a string, not a {type(value).__name__} ({value!r:.60}): fix or delete it")
 
 
-def _uns(src, where: str) -> Tuple[dict, dict]:
+def uns_entries(src, where: str) -> Tuple[dict, dict]:
     """(uns["bleep"], uns["spatial"]), each checked to be a dict."""
     return _mapping(src.uns.get("bleep"), "uns['bleep']", where), _mapping(src.uns.get("spatial"), "uns['spatial']", where)
 
@@ -82,7 +82,7 @@ def _spatial_entry(spatial: dict, lib: str, where: str) -> dict:
 
 def _stated_platforms(src, platform_arg, entry: dict, extra: Sequence[Tuple[Optional[str], str]], where: str):
     """What the file says its platform is, most trusted first."""
-    bleep, _ = _uns(src, where)
+    bleep, _ = uns_entries(src, where)
     named = _text(bleep.get("platform"), "uns['bleep']['platform']", where)
     stated: List[Tuple[Optional[str], str]] = [(platform_arg, "platform="), (named, 'uns["bleep"]["platform"]')]
     stated += list(extra)
@@ -115,7 +115,7 @@ def read_anndata(
     """The section of an AnnData already in memory. ``pixel_xy`` overrides ``obsm["spatial"]``;
     ``stated`` and ``metadata``: what other files say of the platform and the pixel size; ``base``: the
     folder of the file it was read from, against which a relative image path it stores is resolved."""
-    bleep, spatial = _uns(src, where)
+    bleep, spatial = uns_entries(src, where)
     only = next(iter(spatial)) if len(spatial) == 1 else None
     lib = library_id or _text(bleep.get("library_id"), "uns['bleep']['library_id']", where) or only or Path(where).stem
     entry = _spatial_entry(spatial, lib if lib in spatial else only, where)
@@ -123,6 +123,8 @@ def read_anndata(
     if pixel_xy is None:
         pixel_xy = _positions(src, where)
     X, genes, layer = _matrix(src, layer, where)
+    if X is None:
+        raise BleepError(f"{where}: {layer} holds no matrix: store the counts in X or a layer and pass layer=")
     problem = counts_problem(_sparse(X), src.obs_names, genes) if check_counts else None
     if problem:
         what = layer if layer in ("X", "raw") else f"layer {layer!r}"
