@@ -173,10 +173,10 @@ def _add_others(sub) -> None:
 
 
 def _read_gene_file(path: Path) -> list:
-    """One gene per line (blank lines ignored)."""
-    if not path.is_file():
-        raise BleepError(f"{path}: no such gene file (give all, panel, or a file with one gene per line)")
-    return [g.strip() for g in path.read_text().splitlines() if g.strip()]
+    """One gene per line (blank lines ignored): :func:`bleep_rs.expression.read_gene_list`."""
+    from bleep_rs.expression import read_gene_list
+
+    return read_gene_list(path)
 
 
 def _run_reference(args) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression", "detected_genes", "reference_genes", "MIN_SPOTS"]
+__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression", "detected_genes", "reference_genes",
+           "read_gene_list", "MIN_SPOTS"]
 
 #: A gene is "detected" in a section when at least this many of its spots have a non-zero count.
 MIN_SPOTS = 3
@@ -169,6 +170,28 @@ def detected_genes(adata, min_spots: int = MIN_SPOTS) -> List[str]:
     X = _counts(adata)
     nonzero = np.asarray((X > 0).sum(axis=0)).ravel() if sp.issparse(X) else (X > 0).sum(axis=0)
     return [str(g) for g, n in zip(adata.var_names, nonzero) if n >= min_spots]
+
+
+def read_gene_list(path) -> List[str]:
+    """The genes of a gene-list file: one name per line, UTF-8 text, blank lines ignored, each name
+    stripped. A file that is not one (missing, a named pipe, binary, not UTF-8, no gene) is an error
+    naming it and the line at fault."""
+    from .readers._files import checked_input
+
+    what = "a gene list: one gene per line (or give all, or panel)"
+    path = checked_input(path, what)
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise BleepError(f"{path}: a binary file, not {what}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BleepError(f"{path}: line {line} is not UTF-8 text: save {what} as UTF-8") from None
+    genes = [g.strip() for g in text.splitlines() if g.strip()]
+    if not genes:
+        raise BleepError(f"{path}: no gene in it ({what})")
+    return genes
 
 
 def reference_genes(sections: Sequence, genes: "str | Sequence[str]" = "all", *, panel: Optional[Panel] = None, min_spots: int = MIN_SPOTS) -> List[str]:

@@ -21,6 +21,12 @@ pixels, ``uns["spatial"][library_id]`` as scanpy's ``read_visium`` keeps it (``i
 ``um_per_px_source``, ``image_path``, ``layout``, ``library_id``, ``platform`` (visium, legacy-st,
 visium-hd) and what said so, ``pitch_um``, ``spot_diameter_um``.
 
+One rule for ``in_tissue`` in every layout: a spot under tissue (1) is read, one that is not (0) is
+dropped, and a section with no spot under tissue is an error. Every file a reader opens is checked to be
+a regular file first (a named pipe would block it forever), every matrix is checked (indices in range,
+``indptr`` rising from 0 to the number of values) before anything indexes it, and a HEST sample id is a
+name, never a path.
+
 The pixel size (micrometres per full-resolution pixel) is resolved in one place,
 :func:`resolve_um_per_px`: an explicit argument wins, then the files' metadata, then an estimate from the
 spot pitch; a disagreement of more than 10 % between sources is warned about, naming both.
@@ -108,11 +114,20 @@ def read_section(
             ``check_counts=False`` to read positions and images of a section whose expression is not
             raw counts (for prediction).
     """
+    from .readers._common import positive_number
+    from .readers._files import as_path, checked_input
     from .readers.visium_hd import pool_bins
 
-    p = Path(path)
-    if not p.exists():
+    p = as_path(path, "read_section's path")
+    if not os.path.lexists(p):
         raise BleepError(f"{p}: no such file or folder")
+    checked_input(p, "a section", kind="any")
+    if um_per_px is not None:
+        um_per_px = positive_number(um_per_px, "um_per_px", str(p))
+    if bin_um is not None:
+        bin_um = positive_number(bin_um, "bin_um", str(p))
+    if sample is not None and not isinstance(sample, str):
+        raise BleepError(f"{p}: sample must be a HEST sample id (a str), not a {type(sample).__name__}")
     adata = _read(p, image, um_per_px, library_id, sample, kwargs)
     return adata if bin_um is None else pool_bins(adata, bin_um)
 
@@ -120,14 +135,17 @@ def read_section(
 def expand_sections(paths: Sequence["os.PathLike[str] | str"], ids: Optional[Sequence[str]] = None) -> List[Tuple[Path, Optional[str]]]:
     """(path, HEST sample or None) for each section named on a command line: a HEST folder stands for
     the samples ``ids`` (all of its samples without ids); ``ids`` with no HEST folder is an error."""
-    from .readers.hest import hest_samples, is_hest_root
+    from .readers._files import as_path
+    from .readers.hest import hest_samples, is_hest_root, sample_file
 
     out: List[Tuple[Path, Optional[str]]] = []
     used = False
-    for path in map(Path, paths):
+    for path in (as_path(p, "a section") for p in paths):
         if is_hest_root(path):
             used = True
             samples = list(ids) if ids else hest_samples(path)
+            for s in samples:
+                sample_file(path, s, "st", ".h5ad")  # an id is a name: refused before anything is read
             if not samples:
                 raise BleepError(f"{path}: a HEST folder without samples (st/*.h5ad)")
             out += [(path, s) for s in samples]
@@ -145,6 +163,7 @@ def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *
     the spots it holds when its patches are ``size`` px at that resolution; the rest are cut from the image.
     ``slide``: the section's image already opened (a :class:`Slide` of its ``image_path``), for reading a
     section in batches without opening (and, for a plain JPEG, decoding) the image for each."""
+    from .readers._files import checked_input
     from .readers.hest import hest_patches
     from .slide import Slide
 
@@ -152,11 +171,12 @@ def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *
     if not info.get("image_path"):
         raise BleepError("this section has no full-resolution image: read it with image=PATH to extract patches")
     if slide is None:
-        slide = Slide(info["image_path"], um_per_px=info["um_per_px"])
+        slide = Slide(checked_input(info["image_path"], "the section's image", kind="any"), um_per_px=info["um_per_px"])
     centres = np.asarray(adata.obsm["spatial"])
     h5 = info.get("patches_h5")
     single = fields is None or tuple(fields) == (1,)
-    stored = hest_patches(h5, adata.obs_names, size, um_per_px or info["um_per_px"]) if single and h5 and os.path.exists(h5) else None
+    use_h5 = single and h5 and os.path.lexists(h5)
+    stored = hest_patches(h5, adata.obs_names, size, um_per_px or info["um_per_px"], centres) if use_h5 else None
     if stored is None:
         return slide.spot_patches(centres, size, um_per_px, fields=fields, **kwargs)
     patches, found = stored

@@ -99,8 +99,7 @@ def resolve_um_per_px(
     if estimate is not None:
         candidates.append(estimate)
     if explicit is not None:
-        if not (np.isfinite(explicit) and explicit > 0):
-            raise BleepError(f"{where}: um_per_px must be a positive number, not {explicit!r}")
+        explicit = positive_number(explicit, "um_per_px", where)
         for value, source in candidates:
             if abs(value / explicit - 1) > 0.10:
                 warnings.warn(
@@ -161,11 +160,124 @@ def pitch_estimate(array_rc: Optional[np.ndarray], pixel_xy: np.ndarray, plat: P
     return plat.pitch_um / px, f"the spot pitch ({plat.pitch_um:g} um centre to centre, {px:.1f} px)"
 
 
-def open_image(image):
-    """A :class:`~bleep_rs.Slide` of ``image``, or None."""
-    from ..slide import Slide
+def positive_number(value, name: str, where: str) -> float:
+    """``value`` of the argument ``name`` as a finite positive float; a str (even "1.38"), a bool or
+    anything else that is not a number is an error naming the argument and the type."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise BleepError(f"{where}: {name} must be a positive number, not a {type(value).__name__} ({value!r}): pass {name}=1.38, not {name}='1.38'")
+    if not (np.isfinite(value) and value > 0):
+        raise BleepError(f"{where}: {name} must be a positive number, not {value!r}")
+    return float(value)
 
-    return None if image is None else Slide(image)
+
+def open_image(image):
+    """A :class:`~bleep_rs.Slide` of ``image`` (a regular file, or a folder: a zarr image), or None."""
+    from ..slide import Slide
+    from ._files import checked_input
+
+    return None if image is None else Slide(checked_input(image, "the section's image", kind="any"))
+
+
+def compressed_problem(data, indices, indptr, n_major: int, n_minor: int, major: str = "row", minor: str = "column") -> Optional[str]:
+    """Why (``data``, ``indices``, ``indptr``) is not a compressed sparse matrix of ``n_major`` rows (or
+    columns) by ``n_minor`` (None when it is one): numbers, one index per value, ``indptr`` rising from
+    0 to the number of values, every index in 0..n_minor-1. scipy checks none of this by default and
+    crashes, or allocates without bound, on the first operation over a malformed matrix."""
+    data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
+    if data.ndim != 1 or indices.ndim != 1 or indptr.ndim != 1:
+        return "data, indices and indptr must be one-dimensional"
+    if data.dtype.kind not in "iufb" or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        return f"data ({data.dtype}), indices ({indices.dtype}) and indptr ({indptr.dtype}) must be numbers"
+    if len(indptr) != n_major + 1:
+        return f"indptr has {len(indptr)} entries for {n_major} {major}s"
+    if len(indices) != len(data):
+        return f"{len(indices)} indices for {len(data)} values"
+    if indptr[0] != 0 or indptr[-1] != len(data) or (np.diff(indptr.astype(np.int64)) < 0).any():
+        return f"indptr must rise from 0 to {len(data)} (the number of values) and never fall"
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_minor):
+        return f"{minor} indices must lie in 0..{n_minor - 1} (found {indices.min()}..{indices.max()})"
+    return None
+
+
+def matrix_problem(X, shape: Optional[Tuple[int, int]] = None) -> Optional[str]:
+    """Why ``X`` (a scipy sparse matrix or an array) is not a well-formed 2-D matrix of numbers of
+    ``shape`` (None when it is one). Structure only: NaN and negative counts are the counts check's."""
+    import scipy.sparse as sp
+
+    if X is None:
+        return "there is no matrix"
+    if sp.issparse(X):
+        got = tuple(int(n) for n in X.shape)
+        if len(got) != 2 or (shape is not None and got != tuple(shape)):
+            return f"it is {got}, not {tuple(shape) if shape else 'two-dimensional'}"
+        if X.format in ("csr", "csc"):
+            sizes, names = (got, ("row", "column")) if X.format == "csr" else ((got[1], got[0]), ("column", "row"))
+            return compressed_problem(X.data, X.indices, X.indptr, sizes[0], sizes[1], *names)
+        if X.format == "coo":
+            data, row, col = np.asarray(X.data), np.asarray(X.row), np.asarray(X.col)
+            if data.dtype.kind not in "iufb" or len(row) != len(data) or len(col) != len(data):
+                return "its coordinates and values do not match"
+            if len(data) and (row.min() < 0 or col.min() < 0 or row.max() >= got[0] or col.max() >= got[1]):
+                return f"coordinates lie outside {got}"
+            return None
+        return f"a {X.format} sparse matrix (store it as CSR)"
+    if not hasattr(X, "shape") or not hasattr(X, "dtype"):
+        return f"a {type(X).__name__}, not a matrix"
+    got = tuple(int(n) for n in X.shape)
+    if len(got) != 2 or (shape is not None and got != tuple(shape)):
+        return f"it is {got}, not {tuple(shape) if shape else 'two-dimensional'}"
+    X = np.asarray(X)
+    if X.dtype.kind not in "iufb":
+        for k, v in enumerate(X.ravel()):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                row, col = np.unravel_index(k, got)
+                return f"it holds {v!r}, not a number (row {row}, column {col})"
+        return f"its values are text ({X.dtype}), not numbers: store them as numbers"
+    return None
+
+
+def check_matrix(X, where: str, what: str, shape: Optional[Tuple[int, int]] = None):
+    """``X`` after :func:`matrix_problem`: a malformed matrix is an error before anything indexes it."""
+    problem = matrix_problem(X, shape)
+    if problem:
+        raise BleepError(f"{where}: {what} is not a well-formed matrix ({problem}): the file is damaged; write it again")
+    return X
+
+
+def under_tissue(in_tissue, n: int, where: str, source: str) -> np.ndarray:
+    """The spots to keep, by the one rule of every reader: a spot is read when it is under tissue
+    (``in_tissue`` 1), dropped when it is not (0); no spot under tissue is an error, never an empty or
+    an unfiltered section. ``in_tissue`` None: every spot."""
+    if in_tissue is None:
+        return np.ones(n, dtype=bool)
+    values = np.asarray(in_tissue)
+    if values.dtype.kind == "b":
+        values = values.astype(np.int64)
+    if values.dtype.kind not in "iuf":
+        import pandas as pd
+
+        values = pd.to_numeric(pd.Series(values.ravel()), errors="coerce").to_numpy(dtype=np.float64)
+    values = values.ravel()
+    bad = ~np.isin(values, (0, 1))
+    if len(values) != n or bad.any():
+        i = int(np.argmax(bad)) if bad.any() else 0
+        value = np.asarray(in_tissue).ravel()[i]
+        value = value.item() if isinstance(value, np.generic) else value
+        shown = f"is {value!r} at spot {i}" if bad.any() else f"has {len(values)} values for {n} spots"
+        raise BleepError(f"{where}: {source} {shown}; it must be 0 or 1 (1: under tissue): fix it")
+    keep = values == 1
+    if not keep.any():
+        raise BleepError(f"{where}: no spot is under tissue ({source} is 0 for all {n} spots): is this the right section, or is in_tissue wrong?")
+    return keep
+
+
+def check_gene_names(genes: Sequence[str], where) -> None:
+    """Every gene needs a name: an empty one (or all blank) is an error naming the column."""
+    empty = [i for i, g in enumerate(genes) if not str(g).strip()]
+    if empty:
+        raise BleepError(f"{where}: {len(empty)} gene names are empty (columns {empty[:5]}): name every gene or drop those columns")
 
 
 def image_metadata(slide) -> List[Tuple[float, str]]:
@@ -246,17 +358,18 @@ def as_matrix(counts, spot_ids: Sequence[str], genes: Sequence[str], where: str)
     shape = np.shape(counts) if not sp.issparse(counts) else counts.shape
     if len(shape) != 2 or shape != (len(spot_ids), len(genes)):
         raise BleepError(f"{where}: the expression is {shape}, not spots x genes ({len(spot_ids)} x {len(genes)})")
-    try:
-        return sp.csr_matrix(counts, dtype=np.float32)
-    except (TypeError, ValueError):
-        pass
-    X, values = _values(counts)
-    for k, v in enumerate(values):
-        try:
-            float(v)
-        except (TypeError, ValueError):
-            raise BleepError(f"{where}: the expression holds {v!r}, not a number, at {_cell(X, spot_ids, genes, k)}: bleep-rs needs raw UMI counts") from None
-    raise BleepError(f"{where}: the expression ({values.dtype}) is not numbers: bleep-rs needs raw UMI counts")
+    problem = matrix_problem(counts if sp.issparse(counts) else np.asarray(counts))
+    if problem and not sp.issparse(counts):
+        X, values = _values(counts)
+        for k, v in enumerate(values):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                at = _cell(X, spot_ids, genes, k)
+                raise BleepError(f"{where}: the expression holds {v!r}, not a number, at {at}: bleep-rs needs raw UMI counts") from None
+    if problem:
+        raise BleepError(f"{where}: the expression is not a well-formed matrix of numbers ({problem}): bleep-rs needs raw UMI counts")
+    return sp.csr_matrix(counts, dtype=np.float32)
 
 
 def check_unique(names: Sequence[str], what: str, where, fix: str) -> None:
@@ -328,12 +441,19 @@ def build(
     if len(spot_ids) == 0:
         raise BleepError(f"{where}: no spots (none is both counted and under tissue)")
     check_unique(spot_ids, "spot ids", where, "each spot needs its own id (adata.obs_names_make_unique() if they are distinct spots)")
-    _check_positions(pixel_xy, spot_ids, where)
     genes = [str(g) for g in genes]
+    check_gene_names(genes, where)
     if duplicate_genes == "unique" and len(set(genes)) < len(genes):
         genes = list(ad.utils.make_index_unique(pd.Index(genes)))
     check_unique(genes, "gene names", where, "make them unique (adata.var_names_make_unique()) or drop the repeats")
     X = as_matrix(counts, spot_ids, genes, where)
+    keep = under_tissue(in_tissue, len(spot_ids), where, "in_tissue")
+    if not keep.all():  # the one rule: spots not under tissue are dropped, as Space Ranger's are
+        X, pixel_xy = X[keep], pixel_xy[keep]
+        spot_ids = [s for s, k in zip(spot_ids, keep) if k]
+        array_rc = None if array_rc is None else np.asarray(array_rc)[keep]
+    in_tissue = None if in_tissue is None else np.ones(len(spot_ids), dtype=np.int64)
+    _check_positions(pixel_xy, spot_ids, where)
     problem = counts_problem(X, spot_ids, genes) if check_counts else None
     if problem:
         raise BleepError(f"{where}: the expression is not raw counts: {problem}. bleep-rs needs raw UMI counts")

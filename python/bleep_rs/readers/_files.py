@@ -4,6 +4,8 @@ names the file, the row or key, and the fix (tables, JSON metadata, numbers and 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -12,17 +14,58 @@ import numpy as np
 from .._core import BleepError
 from ._common import check_unique
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"))
+
+
+def as_path(value, what: str) -> Path:
+    """``value`` (a str or an ``os.PathLike`` of str) as a Path; None, bytes or anything else is an error
+    naming ``what`` (Path(None) and Path(b"...") raise a bare TypeError)."""
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        shown = "empty" if value == "" else f"a {type(value).__name__}"
+        raise BleepError(f"{what} must be a path (str or pathlib.Path), not {shown}{' (decode it: .decode())' if isinstance(value, bytes) else ''}")
+    return Path(value)
+
+
+def checked_input(path, what: str, *, kind: str = "file") -> Path:
+    """``path`` after checking that it is a regular file (``kind="file"``), a folder (``"folder"``) or
+    either (``"any"``), before anything opens it: a named pipe, a device or a socket would block the
+    reader forever or stream without end. Every path a reader opens goes through here."""
+    path = as_path(path, what)
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links: what the reader would open
+    except FileNotFoundError:
+        raise BleepError(f"{path}: missing ({what})") from None
+    except OSError as e:
+        raise BleepError(f"{path}: cannot be read ({e.strerror or e}) ({what})") from None
+    if (stat.S_ISREG(mode) and kind in ("file", "any")) or (stat.S_ISDIR(mode) and kind in ("folder", "any")):
+        return path
+    found = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    wanted = {"file": "a regular file", "folder": "a folder", "any": "a regular file or a folder"}[kind]
+    raise BleepError(f"{path}: {found}, not {wanted} ({what}): give the file itself")
+
+
+def is_input_file(path: Path) -> bool:
+    """``path`` exists as anything (a file, a pipe ...): the reader then checks it with
+    :func:`checked_input`, so that a pipe where a file belongs is an error rather than skipped."""
+    return os.path.lexists(path)
+
 
 def read_json(path: Path, what: str, *, required: bool = True) -> dict:
     """The JSON object in ``path`` ({} when it is missing and not ``required``)."""
-    if not path.exists():
-        if required:
-            raise BleepError(f"{path}: missing ({what})")
+    if not required and not is_input_file(path):
         return {}
+    path = checked_input(path, what)
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise BleepError(f"{path}: not valid JSON ({e}): restore the file ({what})") from e
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise BleepError(f"{path}: JSON nested too deeply to be metadata: restore the file ({what})") from None
     if not isinstance(data, dict):
         raise BleepError(f"{path}: a JSON object ({{...}}) was expected, not a {type(data).__name__} ({what})")
     return data
@@ -41,19 +84,29 @@ def metadata_number(data: dict, key: str, path) -> Optional[float]:
     return float(value)
 
 
-def read_table(path: Path, what: str, **kwargs):
+def read_table(path: Path, what: str, *, ids: bool = False, **kwargs):
     """``pandas.read_csv`` of ``path``; a missing, damaged or unparsable file is an error naming it, and
-    so is a repeated column name (pandas would rename the repeat silently: IGKC, IGKC.1)."""
+    so is a repeated column name (pandas would rename the repeat silently: IGKC, IGKC.1). ``ids``: the
+    first column is the index, kept as text ("001" stays "001", not the number 1)."""
     import zlib
 
     import pandas as pd
 
-    if not path.exists():
-        raise BleepError(f"{path}: missing ({what})")
+    checked_input(path, what)
     try:
-        df = pd.read_csv(path, **kwargs)
-        if kwargs.get("header", "infer") in ("infer", 0) and not kwargs.get("names"):
-            header = pd.read_csv(path, **{**kwargs, "header": None, "index_col": None, "nrows": 1, "dtype": str})
+        with_header = kwargs.get("header", "infer") in ("infer", 0) and not kwargs.get("names")
+        header = pd.read_csv(path, **{**kwargs, "header": None, "index_col": None, "nrows": 1, "dtype": str}) if with_header else None
+        if ids:
+            # The first column by the name pandas gives it ("Unnamed: 0" when its header cell is empty).
+            first = header.iloc[0, 0] if header is not None and len(header.columns) else None
+            first = first if isinstance(first, str) else ("Unnamed: 0" if header is not None else 0)
+            df = pd.read_csv(path, **{**kwargs, "dtype": {first: str}})
+            df = df.set_index(df.columns[0])
+            if str(df.index.name).startswith("Unnamed: 0"):
+                df.index.name = None
+        else:
+            df = pd.read_csv(path, **kwargs)
+        if header is not None:
             check_unique(header.iloc[0].dropna().tolist(), "column names", path, "each column needs its own name")
     except (OSError, EOFError, UnicodeDecodeError, zlib.error, ValueError, pd.errors.ParserError) as e:
         # gzip raises OSError / EOFError / zlib.error; pandas ParserError / EmptyDataError (ValueErrors).

@@ -10,6 +10,8 @@ with its resolution in pixels per cm, HEST's h5ad fields, the metadata JSON, the
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -17,12 +19,29 @@ import numpy as np
 
 from .._atomic import atomic_path
 from .._core import BleepError
-from ._files import metadata_number, read_json
+from ._files import checked_input, is_input_file, metadata_number, read_json
 
 #: HEST's ``st_technology`` -> bleep-rs platform.
 TECHNOLOGIES = {"Visium": "visium", "Spatial Transcriptomics": "legacy-st", "Visium HD": "visium-hd"}
 #: bleep-rs platform -> HEST's name, its centre-to-centre distance and spot diameter (um).
 HEST_NAMES = {"visium": ("Visium", 100.0, 55.0), "legacy-st": ("Spatial Transcriptomics", 200.0, 100.0)}
+
+
+def sample_file(root, sample, sub: str, suffix: str) -> Path:
+    """``root/sub/ID.suffix``, the one way a sample id becomes a path (to read and to write): the id must
+    be a name (no separator, not ``..``, not absolute, not empty), so that the path stays inside ``root``
+    whatever the id says (``--ids ../../outside/X`` would read or write outside the HEST folder)."""
+    if not isinstance(sample, str):
+        raise BleepError(f"{root}: a HEST sample id must be a string, not a {type(sample).__name__} ({sample!r:.60})")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not sample.strip() or sample in (".", "..") or any(c in sample for c in seps) or "\0" in sample or os.path.isabs(sample):
+        raise BleepError(f"{root}: {sample!r} is not a HEST sample id: an id is a file name without its extension "
+                         f"(as in st/ID.h5ad), with no folder, no '..' and no '/'")
+    folder = os.path.normpath(Path(root, sub))
+    path = Path(root, sub, f"{sample}{suffix}")
+    if os.path.dirname(os.path.normpath(path)) != folder:  # belt and braces: the id check makes it so
+        raise BleepError(f"{root}: the sample id {sample!r} leads outside {sub}/")
+    return path
 
 
 def hest_root_of(path: Path) -> Optional[Tuple[Path, str]]:
@@ -55,26 +74,26 @@ def read_hest(root, sample: str, *, image=None, um_per_px: Optional[float] = Non
     from .h5ad import read_h5ad
 
     root = Path(root)
-    st = root / "st" / f"{sample}.h5ad"
-    if not st.exists():
+    st = sample_file(root, sample, "st", ".h5ad")
+    if not is_input_file(st):
         known = hest_samples(root)
         raise BleepError(f"{root}: no sample {sample!r} (no st/{sample}.h5ad; the folder has {known[:8]}{' ...' if len(known) > 8 else ''})")
-    meta_file = root / "metadata" / f"{sample}.json"
+    meta_file = sample_file(root, sample, "metadata", ".json")
     meta = read_json(meta_file, f"HEST's metadata of {sample}: download it again", required=False)
-    wsi = root / "wsis" / f"{sample}.tif"
+    wsi = sample_file(root, sample, "wsis", ".tif")
     if image is None:
-        if not wsi.exists():
+        if not is_input_file(wsi):
             raise BleepError(f"{st}: HEST sample without its image: {wsi} is missing (download the wsis/ of {sample}, or pass image=)")
-        image = wsi
+        image = checked_input(wsi, f"the image of HEST sample {sample}")
     tech = meta.get("st_technology")
     if tech is not None and (not isinstance(tech, str) or tech not in TECHNOLOGIES):
         raise BleepError(f"{meta_file}: st_technology {tech!r} is not a spot platform bleep-rs reads ({', '.join(TECHNOLOGIES)})")
     sizes = [(metadata_number(meta, k, meta_file), f"{meta_file.name} ({k})") for k in ("pixel_size_um_estimated", "pixel_size_um_embedded")]
     sizes = [(v, s) for v, s in sizes if v is not None]
-    patches = root / "patches" / f"{sample}.h5"
+    patches = sample_file(root, sample, "patches", ".h5")
     extra = {"hest_sample": sample, "hest_root": str(root.resolve())}
-    if patches.exists():
-        extra["patches_h5"] = str(patches.resolve())
+    if is_input_file(patches):
+        extra["patches_h5"] = str(checked_input(patches, f"HEST's patches of {sample}").resolve())
     bin_um = metadata_number(meta, "inter_spot_dist", meta_file) if TECHNOLOGIES.get(tech) == "visium-hd" else None
     adata = read_h5ad(
         st, image=image, um_per_px=um_per_px, platform=platform, library_id=library_id or sample, layer=layer,
@@ -86,32 +105,65 @@ def read_hest(root, sample: str, *, image=None, um_per_px: Optional[float] = Non
     return adata
 
 
-def hest_patches(h5_path, spot_ids, size: int, um_per_px: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def hest_patches(h5_path, spot_ids, size: int, um_per_px: float, centres: Optional[np.ndarray] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """(patches (n, size, size, 3), found (n,) bool) from a HEST patch file, in ``spot_ids`` order, or
-    None when its patches are not ``size`` px at ``um_per_px`` (1 % tolerance)."""
+    None when its patches are not ``size`` px at ``um_per_px`` (1 % tolerance), or (with a warning) when
+    its coordinates no longer match the spots' ``centres`` (full-resolution px): the patches would be of
+    other places. A file that cannot be read is an error naming it."""
     import h5py
 
-    with h5py.File(h5_path, "r") as f:
-        if "img" not in f or "barcode" not in f:
-            return None
-        attrs = dict(f["img"].attrs) or dict(f["coords"].attrs)
-        target = attrs.get("patch_size_target", f["img"].shape[1])
-        px = float(attrs.get("pixel_size", 0)) * float(attrs.get("downsample", 1))
-        if int(target) != size or f["img"].shape[1:] != (size, size, 3) or not px or abs(px / um_per_px - 1) > 0.01:
-            return None
-        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(f["barcode"][()]).ravel()]
-        row_of = {b: i for i, b in enumerate(barcodes)}
-        rows = np.array([row_of.get(str(s), -1) for s in spot_ids])
-        found = rows >= 0
-        out = np.full((len(rows), size, size, 3), 255, dtype=np.uint8)
-        if found.any():
-            order = np.argsort(rows[found])
-            picked = rows[found][order]
-            unique, inverse = np.unique(picked, return_inverse=True)
-            block = f["img"][unique]  # h5py reads increasing indices only
-            dst = np.flatnonzero(found)[order]
-            out[dst] = block[inverse]
+    h5_path = checked_input(h5_path, "HEST's patch file")
+    try:
+        with h5py.File(h5_path, "r") as f:
+            return _stored_patches(f, h5_path, spot_ids, size, um_per_px, centres)
+    except (OSError, KeyError, ValueError, TypeError) as e:  # h5py: a truncated or damaged file
+        raise BleepError(f"{h5_path}: not a readable HEST patch file ({type(e).__name__}: {str(e)[:200]}): delete it or download it again") from None
+
+
+def _stored_patches(f, h5_path, spot_ids, size: int, um_per_px: float, centres: Optional[np.ndarray]):
+    if "img" not in f or "barcode" not in f:
+        return None
+    img = f["img"]
+    attrs = dict(img.attrs) or (dict(f["coords"].attrs) if "coords" in f else {})
+    target = attrs.get("patch_size_target", img.shape[1])
+    px = float(attrs.get("pixel_size", 0)) * float(attrs.get("downsample", 1))
+    if int(target) != size or img.ndim != 4 or img.shape[1:] != (size, size, 3) or not px or abs(px / um_per_px - 1) > 0.01:
+        return None
+    barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(f["barcode"][()]).ravel()]
+    if len(barcodes) != img.shape[0]:
+        raise ValueError(f"{len(barcodes)} barcodes for {img.shape[0]} patches")
+    row_of = {b: i for i, b in enumerate(barcodes)}
+    rows = np.array([row_of.get(str(s), -1) for s in spot_ids], dtype=np.int64)
+    found = rows >= 0
+    if centres is not None and found.any() and not _coords_match(f, attrs, size, rows[found], np.asarray(centres)[found], h5_path):
+        return None
+    out = np.full((len(rows), size, size, 3), 255, dtype=np.uint8)
+    if found.any():
+        order = np.argsort(rows[found])
+        picked = rows[found][order]
+        unique, inverse = np.unique(picked, return_inverse=True)
+        block = img[unique]  # h5py reads increasing indices only
+        dst = np.flatnonzero(found)[order]
+        out[dst] = block[inverse]
     return out, found
+
+
+def _coords_match(f, attrs: dict, size: int, rows: np.ndarray, centres: np.ndarray, h5_path) -> bool:
+    """Whether each patch's top-left ``coords`` (level-0 px) plus half its side in level-0 px lands on its
+    spot (within a tenth of the side, at least 2 px); warns naming the file when not."""
+    coords = np.asarray(f["coords"][()], dtype=np.float64) if "coords" in f else None
+    if coords is None or coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != f["img"].shape[0]:
+        problem = "it has no coords (n, 2) for its patches"
+    else:
+        side = float(attrs.get("patch_size_src") or size * float(attrs.get("downsample", 1)))
+        off = np.hypot(*(coords[rows] + side / 2 - centres).T)
+        bad = ~(off <= max(2.0, 0.1 * side))  # NaN coordinates are off too
+        if not bad.any():
+            return True
+        problem = f"the patches of {int(bad.sum())} of {len(rows)} spots are not centred on them (up to {np.nanmax(off):.0f} px off)"
+    warnings.warn(f"{h5_path}: {problem}: the file belongs to other spot positions; cutting the patches from the image instead "
+                  "(delete the file or download it again)", stacklevel=4)
+    return False
 
 
 def _write_pyramid(path: Path, slide, um_per_px: float) -> None:
@@ -159,10 +211,11 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
     tech, pitch, diameter = HEST_NAMES[info["platform"]]
     um = float(info["um_per_px"])
     root = Path(root)
+    files = {sub: sample_file(root, sample_id, sub, suffix) for sub, suffix in (("st", ".h5ad"), ("wsis", ".tif"), ("metadata", ".json"), ("patches", ".h5"))}
     for sub in ("st", "wsis", "metadata", "patches"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    slide = Slide(info["image_path"], um_per_px=um)
-    with atomic_path(root / "wsis" / f"{sample_id}.tif") as tmp:
+    slide = Slide(checked_input(info["image_path"], "the section's image", kind="any"), um_per_px=um)
+    with atomic_path(files["wsis"]) as tmp:
         _write_pyramid(tmp, slide, um)
     xy = np.asarray(section.obsm["spatial"], dtype=np.float64)
     obs = pd.DataFrame(
@@ -178,7 +231,7 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
         "images": {"downscaled_fullres": thumb},
         "scalefactors": {"spot_diameter_fullres": diameter / um, "tissue_downscaled_fullres_scalef": thumb.shape[1] / w},
     }}
-    with atomic_path(root / "st" / f"{sample_id}.h5ad") as tmp:
+    with atomic_path(files["st"]) as tmp:
         st.write_h5ad(tmp)
     meta = {
         "id": sample_id, "st_technology": tech, "pixel_size_um_estimated": um,
@@ -186,17 +239,17 @@ def write_hest_sample(section, root, sample_id: str, *, patch_size: int = 224, p
         "fullres_px_width": w, "fullres_px_height": h, "spots_under_tissue": int(section.n_obs),
         "adata_nb_col": int(section.n_vars),
     }
-    with atomic_path(root / "metadata" / f"{sample_id}.json") as tmp:
+    with atomic_path(files["metadata"]) as tmp:
         tmp.write_text(json.dumps(meta))
     if patches:
         src_size = round(patch_size * patch_um_per_px / um)
         topleft = np.round(xy - src_size // 2).astype(np.int64)
         img = slide.read_patches(topleft.astype(np.float64), patch_size, patch_um_per_px)
-        with atomic_path(root / "patches" / f"{sample_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(files["patches"]) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("img", data=img, chunks=(1, patch_size, patch_size, 3))
             f.create_dataset("coords", data=topleft)
             f.create_dataset("barcode", data=np.array([[s] for s in section.obs_names], dtype=object), dtype=h5py.string_dtype("utf-8"))
             attrs = {"patch_size_src": src_size, "patch_size_target": patch_size, "downsample": patch_um_per_px / um, "pixel_size": um}
             for key in ("img", "coords"):
                 f[key].attrs.update(attrs)
-    return root / "st" / f"{sample_id}.h5ad"
+    return files["st"]

@@ -11,8 +11,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .._core import BleepError
-from ._common import build, check_unique, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px
-from ._files import flags, metadata_number, numbers, read_json, read_table
+from ._common import build, check_unique, compressed_problem, image_metadata, open_image, pitch_estimate, platform, resolve_um_per_px, under_tissue
+from ._files import checked_input, flags, is_input_file, metadata_number, numbers, read_json, read_table
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
@@ -24,9 +24,11 @@ def read_positions(spatial: Path):
 
     for candidate in ["tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv"]:
         f = spatial / candidate
-        if not f.exists():
+        if not is_input_file(f):
             continue
-        if f.read_bytes()[:4] == b"PAR1":
+        with checked_input(f, "Space Ranger tissue positions").open("rb") as fh:
+            magic = fh.read(4)
+        if magic == b"PAR1":
             try:
                 df = pd.read_parquet(f)
             except ImportError as e:
@@ -36,7 +38,9 @@ def read_positions(spatial: Path):
         else:
             first = read_table(f, "Space Ranger tissue positions", header=None, nrows=1, dtype=str)
             has_header = str(first.iloc[0, 0]).strip().lower() == "barcode"
-            df = read_table(f, "Space Ranger tissue positions", header=0 if has_header else None, names=None if has_header else POSITION_COLUMNS)
+            # Barcodes stay strings ("001" is not 1): else they no longer match the matrix's.
+            df = read_table(f, "Space Ranger tissue positions", header=0 if has_header else None, names=None if has_header else POSITION_COLUMNS,
+                            dtype={"barcode": str})
         missing = set(POSITION_COLUMNS) - set(df.columns)
         if missing:
             raise BleepError(f"{f}: not Space Ranger tissue positions (missing columns {sorted(missing)})")
@@ -55,11 +59,18 @@ def _text(value) -> str:
 
 
 def _strings(group, name: str, n: int, f: Path) -> list:
-    """The ``n`` strings of dataset ``name``."""
+    """The ``n`` strings of dataset ``name``; one that is not UTF-8 is an error naming it (replacing its
+    bytes would rename a gene or a barcode without a word)."""
     values = np.asarray(group[name][()]).ravel()
     if values.dtype.kind not in "SUO" or len(values) != n:
         raise BleepError(f"{f}: {group.name}/{name} must be {n} strings, not {len(values)} {values.dtype} values: the matrix is damaged")
-    return [_text(v) for v in values]
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(v.decode() if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError:
+            raise BleepError(f"{f}: {group.name}/{name}[{i}] ({bytes(v)!r:.60}) is not UTF-8 text: the matrix is damaged; copy it again") from None
+    return out
 
 
 def _sparse_matrix(m, f: Path):
@@ -72,17 +83,9 @@ def _sparse_matrix(m, f: Path):
         raise BleepError(f"{f}: matrix/shape must be two counts (genes, barcodes), not {shape.tolist()}")
     n_genes, n_barcodes = (int(v) for v in shape)
     data, indices, indptr = (np.asarray(m[k][()]).ravel() for k in ("data", "indices", "indptr"))
-    problem = None
-    if data.dtype.kind not in "iuf" or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
-        problem = f"data ({data.dtype}), indices ({indices.dtype}) and indptr ({indptr.dtype}) must be numbers"
-    elif len(indptr) != n_barcodes + 1:
-        problem = f"indptr has {len(indptr)} entries for {n_barcodes} barcodes (shape {shape.tolist()})"
-    elif len(indices) != len(data):
-        problem = f"{len(indices)} indices for {len(data)} values"
-    elif indptr[0] != 0 or indptr[-1] != len(data) or (np.diff(indptr) < 0).any():
-        problem = f"indptr must rise from 0 to {len(data)}"
-    elif len(indices) and (indices.min() < 0 or indices.max() >= n_genes):
-        problem = f"gene indices must lie in 0..{n_genes - 1} (found {indices.min()}..{indices.max()})"
+    problem = compressed_problem(data, indices, indptr, n_barcodes, n_genes, "barcode", "gene")
+    if problem and len(indptr) != n_barcodes + 1:
+        problem += f" (shape {shape.tolist()})"
     if problem:
         raise BleepError(f"{f}: an inconsistent feature-barcode matrix ({problem}): the file is damaged; copy it again from the Space Ranger outs/")
     return sp.csc_matrix((data, indices.astype(np.int64), indptr.astype(np.int64)), shape=(n_genes, n_barcodes))
@@ -93,8 +96,7 @@ def read_10x_h5(f: Path):
     features of a 10x feature-barcode matrix."""
     import h5py
 
-    if not f.exists():
-        raise BleepError(f"{f}: no such file: a Space Ranger folder has filtered_feature_bc_matrix.h5")
+    checked_input(f, "a Space Ranger folder has filtered_feature_bc_matrix.h5")
     try:
         with h5py.File(f, "r") as h5:
             m = h5["matrix"]
@@ -137,8 +139,9 @@ def read_images(spatial: Path, scalef: dict, where: str) -> Dict[str, Tuple[np.n
     images = {}
     for key in ("hires", "lowres"):
         f = spatial / f"tissue_{key}_image.png"
-        if not f.exists():
+        if not is_input_file(f):
             continue
+        checked_input(f, f"Space Ranger's {key} image")
         factor = metadata_number(scalef, f"tissue_{key}_scalef", spatial / "scalefactors_json.json")
         if factor is None:
             raise BleepError(f"{where}: {f.name} exists but scalefactors_json.json has no tissue_{key}_scalef")
@@ -166,13 +169,13 @@ def read_counts_and_positions(path: Path):
     positions, pos_file = read_positions(spatial)
     scalef = read_json(spatial / "scalefactors_json.json", "Space Ranger writes it beside the tissue positions")
     in_tissue = positions["in_tissue"].reindex(barcodes).to_numpy()
-    keep = np.flatnonzero(in_tissue == 1)
     unplaced = np.isnan(in_tissue.astype(float)).sum()
     if unplaced:
         raise BleepError(
             f"{path}: {unplaced} barcodes of the matrix have no row in {pos_file.name} (e.g. "
             f"{[b for b, t in zip(barcodes, in_tissue) if t != t][:2]}): the matrix and the positions come from different runs"
         )
+    keep = np.flatnonzero(under_tissue(in_tissue, len(barcodes), str(path), f"in_tissue of {pos_file.name}"))
     kept = [barcodes[i] for i in keep]
     return X[keep], genes, gene_ids, kept, positions.loc[kept], pos_file, attrs, scalef
 

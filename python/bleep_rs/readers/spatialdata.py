@@ -12,6 +12,7 @@ import numpy as np
 
 from .._core import BleepError
 from ..slide import MICRON_SYSTEMS
+from .h5ad import uns_entries
 
 
 def is_spatialdata_store(path: Path) -> bool:
@@ -79,6 +80,8 @@ def _without_frame(tab):
     if "bleep" in tab.uns:
         tab.uns["bleep"] = {k: v for k, v in tab.uns["bleep"].items() if k not in ("um_per_px", "image_path")}
     for entry in (tab.uns.get("spatial") or {}).values():
+        if not isinstance(entry, dict):
+            continue  # read_anndata names it
         entry.pop("images", None)
         entry["scalefactors"] = {k: v for k, v in (entry.get("scalefactors") or {}).items() if k == "bin_size_um"}
     return tab
@@ -100,6 +103,7 @@ def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] 
         raise BleepError(f"{path}: not a readable SpatialData store ({e})") from e
     tname = _pick(sdata.tables, table, "table", where)
     tab = sdata.tables[tname]
+    bleep, _ = uns_entries(tab, f"{where} (table {tname!r})")  # uns["bleep"] and uns["spatial"] must be dicts
     try:
         region, region_key, instance_key = sd.models.get_table_keys(tab)
     except ValueError as e:
@@ -133,7 +137,7 @@ def read_spatialdata(path, *, image: Optional[str] = None, table: Optional[str] 
             sizes.append((scale, f"the transformation of {iname!r} to {name!r}"))
     adata = read_anndata(
         tab, where, image=str(path / "images" / iname), um_per_px=um_per_px, platform=platform,
-        library_id=library_id or tab.uns.get("bleep", {}).get("library_id") or regions[0], layer=layer, pixel_xy=pixel_xy, metadata=sizes,
+        library_id=library_id or bleep.get("library_id") or regions[0], layer=layer, pixel_xy=pixel_xy, metadata=sizes,
         layout=f"spatialdata ({tname} on {regions[0]}, image {iname})", check_counts=check_counts,
         extra={"spatialdata_table": tname, "spatialdata_shapes": regions[0], "spatialdata_image": iname},
     )
