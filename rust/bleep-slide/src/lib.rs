@@ -30,7 +30,7 @@ mod tiff;
 mod tissue;
 
 pub use bleep_core::{Error, Result};
-pub use slide::{Level, Slide, BATCH};
+pub use slide::{check_um_per_px, Level, Slide, BATCH, UM_PER_PX_RANGE};
 pub use stain::{
     macenko_fit, macenko_transform, macenko_transform_into, reinhard_fit, reinhard_transform,
     to_tensor, LabStats, MacenkoParams, Stains,
