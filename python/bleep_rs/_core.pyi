@@ -2,7 +2,7 @@
 ``python -m mypy.stubtest bleep_rs._core``, which ``make test`` runs)."""
 
 import os
-from typing import Any, Optional, final
+from typing import Optional, final
 
 import numpy as np
 import numpy.typing as npt
@@ -111,7 +111,6 @@ class SlideCore:
     def warnings(self) -> list[str]: ...
     @property
     def format(self) -> str: ...
-    def __reduce__(self) -> tuple[Any, tuple[str]]: ...
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> _U8: ...
     def patches_into(
         self,
