@@ -49,6 +49,16 @@ def test_a_grid_of_tiles_smaller_than_a_pixel_is_an_error(side, why):
         _core.tissue_grid(mask, 10.0, 1000, 1000, side, 0.5)
 
 
+def test_bins_smaller_than_a_pixel_are_an_error(tmp_path):
+    """``predict --bin-um 0.05`` on a 0.5 um/px slide: bins of a tenth of a pixel."""
+    from bleep_rs.predict import slide_grid
+
+    slide = Slide(write(tmp_path / "s.tif", [rgb_strip(4, 3)]), um_per_px=0.5)
+    mask = slide.tissue_mask(4, median=1, close=1)
+    with pytest.raises(BleepError, match=r"grid tile of 1.000e-1 level-0 px is smaller than one pixel"):
+        slide_grid(slide, 224, 0.5, min_tissue=0.5, mask=mask, bin_um=0.05)
+
+
 def test_tile_grid_at_a_target_far_finer_than_the_slide_is_an_error(tmp_path):
     # Both pixel sizes plausible (0.01 and 100 um/px), the tile a fiftieth of a pixel.
     slide = Slide(write(tmp_path / "s.tif", [rgb_strip(4, 3)]), um_per_px=100)
