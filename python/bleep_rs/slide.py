@@ -142,8 +142,8 @@ class Slide:
             self._core = _OpenSlideCore(self.path)
         else:
             raise BleepError(f'backend must be "auto", "rust" or "openslide", not {backend!r}')
-        for message in getattr(self._core, "warnings", ()):
-            if um_per_px is None:
+        if um_per_px is None:  # what the file says but was not believed (a given value makes it moot)
+            for message in getattr(self._core, "warnings", ()):
                 warnings.warn(f"{self.path}: {message}", stacklevel=2)
         from_file = file_um_per_px(self._core.um_per_px, self.path)
         if um_per_px is not None:
