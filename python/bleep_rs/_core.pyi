@@ -18,6 +18,7 @@ __all__ = [
     "reinhard_fit",
     "reinhard_transform",
     "to_tensor_into",
+    "check_um_per_px",
     "patch_array",
     "set_num_threads",
     "get_num_threads",
@@ -111,6 +112,8 @@ class SlideCore:
     @property
     def um_per_px(self) -> Optional[tuple[float, str]]: ...
     @property
+    def warnings(self) -> list[str]: ...
+    @property
     def format(self) -> str: ...
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> _U8: ...
     def patches_into(
@@ -154,3 +157,4 @@ def reinhard_transform(patches: _U8, stats: _F32, out: _U8, threads: Optional[in
 def to_tensor_into(
     patches: _U8, mean: list[float], std: list[float], out: _F32, threads: Optional[int] = None
 ) -> None: ...
+def check_um_per_px(value: float, source: str) -> float: ...

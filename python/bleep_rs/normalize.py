@@ -131,7 +131,8 @@ def to_tensor(
     n, h, w, _ = rgb.shape
     if out is None:
         out = _aligned_empty((n, 3, h, w))
-    elif out.dtype != np.float32:
-        raise BleepError(f"out must be float32, not {out.dtype}")
+    elif not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise BleepError(f"out must be a float32 NumPy array, not {getattr(out, 'dtype', type(out).__name__)}")
+    # A read-only or borrowed `out` is refused by the binding, with a BleepError.
     _core.to_tensor_into(rgb, mean3, std3, out, threads)
     return out

@@ -14,6 +14,7 @@ crosses the border is padded on that side, never shifted. A spot centre outside 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple
@@ -35,6 +36,45 @@ def check_fields(fields: Sequence[float]) -> Tuple[float, ...]:
     if not out or any(not np.isfinite(f) or f < 1 for f in out) or len(set(out)) != len(out):
         raise BleepError(f"fields of view must be distinct multiples >= 1 of the patch's side, e.g. (1, 2, 3); got {fields!r}")
     return out
+
+
+def points(a, name: str) -> np.ndarray:
+    """``a`` as a C-contiguous float64 (n, 2) array of (x, y), or :class:`BleepError` naming ``name``
+    and the shape given: an array of another shape is refused, never reshaped into other points."""
+    try:
+        out = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise BleepError(f"{name} must be an (n, 2) array of (x, y) numbers: {e}") from e
+    if out.ndim != 2 or out.shape[1] != 2:
+        raise BleepError(f"{name} must be an (n, 2) array of (x, y) level-0 px, not shape {out.shape}")
+    return np.ascontiguousarray(out)
+
+
+def file_um_per_px(value: Optional[Tuple[float, str]], path: str) -> Optional[Tuple[float, str]]:
+    """A pixel size a file (or an OpenSlide / Zarr backend) states, held to the one rule of
+    ``_core.check_um_per_px``: returned when plausible, else None with a warning naming it."""
+    if value is None:
+        return None
+    try:
+        return (_core.check_um_per_px(float(value[0]), value[1]), value[1])
+    except (BleepError, TypeError, ValueError) as e:
+        warnings.warn(f"{path}: {e}; the file's value is ignored", stacklevel=3)
+        return None
+
+
+def _open_kind(path: str) -> str:
+    """"dir" or "file" for what ``path`` names, or :class:`BleepError` for anything else (a FIFO would
+    block the reader forever, a device would be read without end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise BleepError(f"{path}: no such image file ({e.strerror})") from e
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device or special file"
+    raise BleepError(f"{path}: not a regular file (a {kind}): give the path of an image file")
 
 
 @dataclass(frozen=True)
@@ -81,13 +121,20 @@ class Slide:
             OME-XML PhysicalSizeX, TIFF resolution tags in cm or inch); with neither, anything that
             needs a physical size raises :class:`BleepError`.
         backend: ``"auto"`` / ``"rust"`` (the built-in reader) or ``"openslide"``.
+
+    Every pixel size, given or read from the file, is held to one rule (``_core.check_um_per_px``):
+    finite and within 0.01 to 100 um/px. A given value outside it raises :class:`BleepError`; a file's
+    is ignored with a warning that names it.
+
+    A Slide pickles by path and arguments (for ``multiprocessing`` with ``spawn``): unpickling opens
+    the file again.
     """
 
     def __init__(self, path: "os.PathLike[str] | str", *, um_per_px: Optional[float] = None, backend: str = "auto"):
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise BleepError(f"{self.path}: no such image file")
-        if backend == "auto" and os.path.isdir(self.path):
+        self._args = {"um_per_px": um_per_px, "backend": backend}
+        kind = _open_kind(self.path)
+        if backend == "auto" and kind == "dir":
             self._core = _ZarrCore(self.path)
         elif backend in ("auto", "rust"):
             self._core = _core.SlideCore.open(self.path)
@@ -95,10 +142,15 @@ class Slide:
             self._core = _OpenSlideCore(self.path)
         else:
             raise BleepError(f'backend must be "auto", "rust" or "openslide", not {backend!r}')
-        from_file = self._core.um_per_px
+        if um_per_px is None:  # what the file says but was not believed (a given value makes it moot)
+            for message in getattr(self._core, "warnings", ()):
+                warnings.warn(f"{self.path}: {message}", stacklevel=2)
+        from_file = file_um_per_px(self._core.um_per_px, self.path)
         if um_per_px is not None:
-            if not (np.isfinite(um_per_px) and um_per_px > 0):
-                raise BleepError(f"um_per_px must be a positive number, not {um_per_px!r}")
+            try:
+                um_per_px = _core.check_um_per_px(float(um_per_px), f"um_per_px={um_per_px!r} (given)")
+            except (TypeError, ValueError) as e:
+                raise BleepError(f"um_per_px must be a number of micrometres per pixel, not {um_per_px!r}") from e
             if from_file is not None and abs(from_file[0] / um_per_px - 1) > 0.10:
                 warnings.warn(
                     f"{self.path}: um_per_px={um_per_px} was given but the file says {from_file[0]:.4g} "
@@ -108,6 +160,9 @@ class Slide:
             self._um_per_px: Optional[Tuple[float, str]] = (float(um_per_px), "given")
         else:
             self._um_per_px = from_file
+
+    def __reduce__(self):
+        return (_reopen, (self.path, self._args))
 
     # -- geometry -------------------------------------------------------------------------------------
 
@@ -151,8 +206,10 @@ class Slide:
                 f"{self.path}: the image has no pixel size, so a target of {um_per_px} um/px cannot be "
                 "converted to pixels: pass Slide(..., um_per_px=X) (the scanner's microns per pixel)"
             )
-        if not (np.isfinite(um_per_px) and um_per_px > 0):
-            raise BleepError(f"the target um_per_px must be a positive number, not {um_per_px!r}")
+        try:
+            um_per_px = _core.check_um_per_px(float(um_per_px), f"the target um_per_px={um_per_px!r}")
+        except (TypeError, ValueError) as e:
+            raise BleepError(f"the target um_per_px must be a number, not {um_per_px!r}") from e
         scale = um_per_px / self.um_per_px
         if scale < 0.5:
             warnings.warn(
@@ -194,7 +251,7 @@ class Slide:
         ``batch_size`` patches are read together (the tiles they touch decoded once each, memory bounded
         by a batch); the built-in reader takes them in the order of the slide's tiles, whatever the
         order of ``origins``, and returns them in the order asked."""
-        origins = np.ascontiguousarray(np.asarray(origins, dtype=np.float64).reshape(-1, 2))
+        origins = points(origins, "origins")
         return self._read_fields(origins, size, [self._scale(um_per_px)], batch_size, progress, threads)[:, 0]
 
     def _read_fields(self, origins: np.ndarray, size: int, scales: Sequence[float], batch_size: int, progress: bool,
@@ -245,7 +302,7 @@ class Slide:
         ``(1, 2, 3)``); field f is read as ``size`` px at ``f * um_per_px`` (f times the area, shrunk
         by the area filter), each from the best pyramid level for its scale, all in one pass over the
         slide's tiles. Returns (n, len(fields), size, size, 3)."""
-        centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+        centres = points(centres, "centres")
         w, h = self.dimensions
         outside = ~((centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h))
         if outside.any():
@@ -328,6 +385,11 @@ class Slide:
             yield TileBatch(patches=patches, coords=block)
         if bar is not None:
             bar.close()
+
+
+def _reopen(path: str, args: dict) -> Slide:
+    """A pickled :class:`Slide`, opened again."""
+    return Slide(path, **args)
 
 
 class _OpenSlideCore:

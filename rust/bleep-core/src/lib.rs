@@ -15,6 +15,7 @@
 //! * [`cpu`]: the one place that asks the CPU which vector extensions it has.
 //! * [`pool`]: the named rayon pools all native work runs on (bounded, reused, safe after `fork`).
 //! * [`memory`]: allocations checked against a memory budget, failing with an error instead of an abort.
+//! * [`fork_safe`]: the lock over caches that a forked child never waits on forever.
 //!
 //! Threading: the functions here run on the rayon pool of their caller. Run them inside
 //! [`pool::install`] so that they use a named, fork-safe pool rather than rayon's global one.
@@ -24,6 +25,7 @@ mod aggregate;
 pub mod calibrate;
 pub mod cpu;
 mod error;
+pub mod fork_safe;
 mod kernel;
 mod matrix;
 pub mod memory;

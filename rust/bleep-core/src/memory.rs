@@ -117,8 +117,10 @@ pub fn huge_zeroed<T: Copy + Default>(len: usize, what: &str) -> Result<Vec<T>> 
     Ok(out)
 }
 
-/// Released buffers kept for reuse, oldest first, and the most they may hold in all.
-static RECYCLED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Released buffers kept for reuse, oldest first, and the most they may hold in all. Fork-safe: a
+/// forked child whose lock was held at the fork goes without (fresh memory, nothing kept).
+static RECYCLED: crate::fork_safe::ForkSafeMutex<Vec<Vec<u8>>> =
+    crate::fork_safe::ForkSafeMutex::new(Vec::new());
 const RECYCLED_BUFFERS: usize = 4;
 
 fn recycled_limit() -> usize {
@@ -130,8 +132,7 @@ fn recycled_limit() -> usize {
 /// (zero pages the kernel maps on first write, 2 MiB pages where it allows). An error naming `what`
 /// when memory is refused.
 pub fn recycled(len: usize, what: &str) -> Result<Vec<u8>> {
-    {
-        let mut pool = RECYCLED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(mut pool) = RECYCLED.lock() {
         // The smallest buffer that holds `len` without wasting more than half of itself.
         let best = (0..pool.len())
             .filter(|&i| pool[i].capacity() >= len && pool[i].capacity() / 2 <= len)
@@ -164,7 +165,9 @@ pub fn recycle(buf: Vec<u8>) {
     if buf.capacity() < 1 << 20 || buf.capacity() > recycled_limit() {
         return;
     }
-    let mut pool = RECYCLED.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut pool) = RECYCLED.lock() else {
+        return;
+    };
     pool.push(buf);
     while pool.len() > RECYCLED_BUFFERS
         || pool.iter().map(Vec::capacity).sum::<usize>() > recycled_limit()

@@ -7,12 +7,14 @@
 //! older one is dropped (its threads end once its last job returns), so calls with many different
 //! thread counts never pile up threads. Pools belong to one process: a child made by `fork` (PyTorch
 //! data loaders do this) has none of its parent's worker threads, so it builds its own pools instead of
-//! waiting forever on the parent's. rayon's global pool is never used. [`run`] also turns a panic in the
-//! work into an error.
+//! waiting forever on the parent's; and a child whose registry was locked at the fork (by a parent's
+//! thread, which the child does not have) never waits on it ([`ForkSafeMutex`]): it starts a pool for
+//! the call. rayon's global pool is never used. [`run`] also turns a panic in the work into an error.
 
 use crate::error::{Error, Result};
+use crate::fork_safe::ForkSafeMutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The environment variable that sets the default number of threads.
 pub const ENV_VAR: &str = "BLEEP_RS_NUM_THREADS";
@@ -29,7 +31,7 @@ struct Pools {
     by_size: Vec<(usize, Arc<rayon::ThreadPool>)>,
 }
 
-static POOLS: Mutex<Option<Pools>> = Mutex::new(None);
+static POOLS: ForkSafeMutex<Option<Pools>> = ForkSafeMutex::new(None);
 
 /// Set the process-wide default number of threads (0 restores the automatic choice).
 pub fn set_default_threads(n: usize) -> Result<()> {
@@ -112,7 +114,10 @@ fn pool(n: usize) -> Result<Arc<rayon::ThreadPool>> {
         .build()
         .map_err(|e| Error::invalid(format!("cannot start {n} threads: {e}")))?;
     let built = Arc::new(built);
-    let mut guard = lock();
+    let Some(mut guard) = lock() else {
+        // A forked child whose registry was locked at the fork: this pool serves this call only.
+        return Ok(built);
+    };
     let pools = &mut guard.as_mut().expect("made by lock()").by_size;
     if let Some(at) = pools.iter().position(|(size, _)| *size == n) {
         // Another call built one meanwhile: use it, drop ours.
@@ -126,7 +131,7 @@ fn pool(n: usize) -> Result<Arc<rayon::ThreadPool>> {
 }
 
 fn cached(n: usize) -> Option<Arc<rayon::ThreadPool>> {
-    let mut guard = lock();
+    let mut guard = lock()?;
     let pools = &mut guard.as_mut().expect("made by lock()").by_size;
     let at = pools.iter().position(|(size, _)| *size == n)?;
     let p = pools.remove(at);
@@ -134,10 +139,11 @@ fn cached(n: usize) -> Option<Arc<rayon::ThreadPool>> {
     Some(pools[0].1.clone())
 }
 
-/// The pool registry of this process (a forked child's starts empty).
-fn lock() -> std::sync::MutexGuard<'static, Option<Pools>> {
+/// The pool registry of this process (a forked child's starts empty), or None in a forked child
+/// whose registry was locked at the fork.
+fn lock() -> Option<std::sync::MutexGuard<'static, Option<Pools>>> {
     let pid = std::process::id();
-    let mut guard = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = POOLS.lock()?;
     if guard.as_ref().is_some_and(|p| p.pid != pid) {
         // Forked child: the parent's pools have no threads here. Never drop them (their workers are gone).
         std::mem::forget(guard.take());
@@ -146,13 +152,14 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Pools>> {
         pid,
         by_size: Vec::new(),
     });
-    guard
+    Some(guard)
 }
 
 /// Pools currently kept (for tests).
 #[cfg(test)]
 fn kept() -> Vec<usize> {
     lock()
+        .expect("not a forked child")
         .as_ref()
         .map(|p| p.by_size.iter().map(|(n, _)| *n).collect())
         .unwrap_or_default()

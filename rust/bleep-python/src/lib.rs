@@ -121,6 +121,23 @@ fn matrix<'py, T: numpy::Element>(
     PyArray1::from_vec(py, values).reshape([rows, cols])
 }
 
+/// `out=` arguments: an array of `T` that may be written, or a `BleepError` naming `what` (a read-only
+/// array, one of another dtype, or one borrowed elsewhere) instead of PyO3's TypeError.
+fn writable<'py, T: numpy::Element>(
+    a: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+    let dtype = numpy::dtype::<T>(a.py());
+    let array = a
+        .cast::<PyArrayDyn<T>>()
+        .map_err(|_| BleepError::new_err(format!("{what} must be a NumPy array of {dtype}")))?;
+    array.try_readwrite().map_err(|e| {
+        BleepError::new_err(format!(
+            "{what} must be a writable array ({e}): pass a fresh array, e.g. np.empty(...)"
+        ))
+    })
+}
+
 /// (indices, similarities) as NumPy arrays.
 type NeighbourArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
@@ -331,6 +348,18 @@ impl PySlide {
         Ok(PySlide { inner })
     }
 
+    /// Pickled by path: unpickling (in a `spawn` child ...) opens the file again.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (PathBuf,))> {
+        let open = slf.get_type().getattr("open")?;
+        Ok((open, (slf.get().inner.path().to_path_buf(),)))
+    }
+
+    /// What the file says that was not believed (a pixel size outside the plausible range ...).
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.inner.warnings.clone()
+    }
+
     /// (width, height) of each level.
     #[getter]
     fn level_dimensions(&self) -> Vec<(usize, usize)> {
@@ -382,7 +411,7 @@ impl PySlide {
         origins: PyReadonlyArray2<'_, f64>,
         #[pyo3(from_py_with = size_arg)] size: usize,
         scale: f64,
-        out: PyReadwriteArrayDyn<'_, u8>,
+        out: &Bound<'_, PyAny>,
         #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
         #[pyo3(from_py_with = batch_arg)] batch: usize,
     ) -> PyResult<()> {
@@ -400,11 +429,12 @@ impl PySlide {
         origins: PyReadonlyArray2<'_, f64>,
         #[pyo3(from_py_with = size_arg)] size: usize,
         scales: Vec<f64>,
-        mut out: PyReadwriteArrayDyn<'_, u8>,
+        out: &Bound<'_, PyAny>,
         #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
         #[pyo3(from_py_with = batch_arg)] batch: usize,
     ) -> PyResult<()> {
         let xy = matrix_of(&origins, "origins")?;
+        let mut out = writable::<u8>(out, "out")?;
         let dst = out
             .as_slice_mut()
             .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
@@ -581,10 +611,11 @@ fn to_tensor_into(
     patches: PyReadonlyArrayDyn<'_, u8>,
     mean: [f32; 3],
     std: [f32; 3],
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    out: &Bound<'_, PyAny>,
     #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
 ) -> PyResult<()> {
     let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
+    let mut out = writable::<f32>(out, "out")?;
     let out_shape = out.shape().to_vec();
     let dst = out
         .as_slice_mut()
@@ -592,6 +623,13 @@ fn to_tensor_into(
     native(py, threads, || {
         bleep_slide::to_tensor(data, shape, mean, std, dst, &out_shape)
     })
+}
+
+/// `value` if it is a plausible pixel size (micrometres per pixel: finite, within the range every
+/// source of a pixel size is held to), else `BleepError` naming `source` and the value.
+#[pyfunction]
+fn check_um_per_px(value: f64, source: &str) -> PyResult<f64> {
+    bleep_slide::check_um_per_px(value, source).map_err(|e| BleepError::new_err(e.to_string()))
 }
 
 /// The weights (Q x k float32, rows summing to 1) `method` gives neighbours with cosine similarities
@@ -696,6 +734,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(reinhard_fit, m)?,
         wrap_pyfunction!(reinhard_transform, m)?,
         wrap_pyfunction!(to_tensor_into, m)?,
+        wrap_pyfunction!(check_um_per_px, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(kernel_name, m)?,

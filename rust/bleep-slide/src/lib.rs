@@ -13,8 +13,12 @@
 //!
 //! Every input is checked here, and every size computed from a file or an argument is checked against
 //! [`bleep_core::memory::budget`] before anything is allocated: a damaged file or an absurd argument is
-//! an [`Error`], never a panic, an abort or a hang. Functions run on their caller's rayon pool: run them
-//! inside [`bleep_core::pool::install`].
+//! an [`Error`], never a panic, an abort or a hang. A TIFF's directories are walked as a graph with a
+//! visited set and a bound, and an image its data cannot hold is refused when the file is opened. Every
+//! pixel size, from a file or a caller, passes one rule: [`check_um_per_px`]. Functions run on their
+//! caller's rayon pool: run them inside [`bleep_core::pool::install`]. A [`Slide`] may be read by many
+//! threads at once, and in a child forked while another thread read it (its tile cache is a
+//! [`bleep_core::fork_safe::ForkSafeMutex`], never held while tiles are decoded).
 #![deny(missing_docs)]
 
 #[cfg(test)]
@@ -30,7 +34,7 @@ mod tiff;
 mod tissue;
 
 pub use bleep_core::{Error, Result};
-pub use slide::{Level, Slide, BATCH};
+pub use slide::{check_um_per_px, Level, Slide, BATCH, UM_PER_PX_RANGE};
 pub use stain::{
     macenko_fit, macenko_transform, macenko_transform_into, reinhard_fit, reinhard_transform,
     to_tensor, LabStats, MacenkoParams, Stains,

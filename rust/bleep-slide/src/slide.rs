@@ -12,11 +12,12 @@
 
 use crate::resample::{footprint, resample_into, Taps};
 use crate::tiff::{decode_jpeg_into, Ifd, Tiff, MAX_EXPANSION};
+use bleep_core::fork_safe::ForkSafeMutex;
 use bleep_core::{memory, Error, Matrix, Result};
 use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Positions beyond this many pixels from the origin are refused (no slide is that large, and the
 /// arithmetic of a rectangle stays far from overflow).
@@ -26,6 +27,29 @@ const BAND_ROWS: usize = 64;
 
 /// Patches read together by [`Slide::patches_into`]: the tiles of a batch are held at once.
 pub const BATCH: usize = 256;
+
+/// The pixel sizes (micrometres per pixel) taken as plausible, from whatever source: a file's
+/// resolution tags, Aperio's `MPP`, OME's `PhysicalSizeX`, or the caller. Scanners give 0.1 to 1
+/// um/px at their highest magnification and thumbnails or low-resolution images reach tens of um/px;
+/// a value outside 0.01 to 100 um/px is a damaged or meaningless field (a 72 dpi default, a zero
+/// denominator, `MPP = 5000`), and taken as it would make a patch span a fraction of a pixel or more
+/// pixels than any slide holds.
+pub const UM_PER_PX_RANGE: (f64, f64) = (0.01, 100.0);
+
+/// The one rule every pixel size passes: finite, positive and within [`UM_PER_PX_RANGE`]; else an
+/// error naming `source` and the value. A file's value that fails it is dropped with a warning
+/// ([`Slide::warnings`]); a value the caller gave is refused.
+pub fn check_um_per_px(value: f64, source: &str) -> Result<f64> {
+    let (lo, hi) = UM_PER_PX_RANGE;
+    if value.is_finite() && (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::invalid(format!(
+            "{source} gives a pixel size of {value:e} um/px, outside the plausible {lo} to {hi} um/px \
+             (scanners give about 0.25 to 1): check the value"
+        )))
+    }
+}
 
 /// How one field of view is read: its level, the scale within that level, whether it is a plain copy,
 /// and the side of the level's pixels it reads.
@@ -72,25 +96,78 @@ pub struct Slide {
     pub um_per_px: Option<(f64, String)>,
     /// "tiff", "svs", "ome-tiff", "jpeg" or "png".
     pub format: &'static str,
-    cache: Mutex<TileCache>,
+    /// What the file says that was not believed (a pixel size outside [`UM_PER_PX_RANGE`] ...), for
+    /// the caller to warn about.
+    pub warnings: Vec<String>,
+    cache: Cache,
 }
+
+/// The tile cache of a slide, shared by every thread reading it. Its lock is only ever held for a
+/// few map operations, never while tiles are decoded or painted (that work runs in parallel, and a
+/// pool thread waiting on the lock could be the one the parallel work needs: a deadlock); after a
+/// `fork` it is never waited on ([`ForkSafeMutex`]): a read that finds it held goes without the cache.
+type Cache = ForkSafeMutex<TileCache>;
+
+/// The decoded tiles one batch reads, by (level, tile index).
+type Tiles = HashMap<(usize, usize), Arc<Vec<u8>>>;
 
 /// Decoded tiles kept between batches, and the buffers of evicted ones for reuse (fresh memory costs a
 /// page fault and a clear per 4 KiB).
 #[derive(Default)]
 struct TileCache {
-    tiles: HashMap<(usize, usize), Arc<Vec<u8>>>,
+    tiles: Tiles,
     free: Vec<Vec<u8>>,
 }
 
+/// Maps `path`, which must be a regular file: a FIFO, a device or a directory is refused by name
+/// (opening a FIFO would block until a writer came). The file is opened without blocking and checked
+/// through the open handle, so nothing can be swapped in between.
 fn read_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Opening a FIFO then returns at once; no effect on a regular file.
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(
+            path,
+            format!(
+                "not a regular file (a {}): give the path of an image file",
+                kind_of(&meta.file_type())
+            ),
+        ));
+    }
     // SAFETY: the map is read-only; a file truncated under us yields a SIGBUS, as for any mmap reader.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
+/// What a file that is not a regular file is, in words.
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "FIFO";
+        } else if t.is_socket() {
+            return "socket";
+        } else if t.is_block_device() || t.is_char_device() {
+            return "device";
+        }
+    }
+    if t.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
+}
+
 impl Slide {
-    /// Opens `path`, recognising the format from its first bytes.
+    /// Opens `path` (a regular file), recognising the format from its first bytes.
     pub fn open(path: &Path) -> Result<Slide> {
         let data = read_file(path)?;
         let head = &data[..data.len().min(8)];
@@ -140,7 +217,8 @@ impl Slide {
             pixels: Pixels::Raster(rgb),
             um_per_px: None,
             format,
-            cache: Mutex::default(),
+            warnings: Vec::new(),
+            cache: Cache::default(),
         }
     }
 
@@ -151,7 +229,7 @@ impl Slide {
             .first()
             .ok_or_else(|| Error::format(path, "a TIFF without images"))?
             .clone();
-        let um_per_px = physical_size(&base);
+        let (um_per_px, warnings) = physical_size(&base);
         let format = if base.description.starts_with("Aperio") {
             "svs"
         } else if base.description.contains("<OME") {
@@ -196,8 +274,14 @@ impl Slide {
             pixels: Pixels::Tiff(data),
             um_per_px,
             format,
-            cache: Mutex::default(),
+            warnings,
+            cache: Cache::default(),
         })
+    }
+
+    /// The file the slide was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The level to read for `scale` level-0 pixels per output pixel: the coarsest one that is not
@@ -253,18 +337,18 @@ impl Slide {
             out.push(memory::filled(bytes, 0u8, "a region")?);
         }
         let mut dsts: Vec<&mut [u8]> = out.iter_mut().map(|v| &mut v[..]).collect();
-        let cache = self.decode_tiles(&[(level, rects)])?;
+        let tiles = self.decode_tiles(&[(level, rects)])?;
         self.paint(
             level,
             rects,
             &mut dsts,
-            &cache,
+            &tiles,
             None::<fn(&mut [u8], &[u8])>,
         );
         Ok(out)
     }
 
-    /// Paints each rectangle of `level` (its tiles already in `cache`) and hands it to
+    /// Paints each rectangle of `level` (its tiles already in `tiles`) and hands it to
     /// `finish(dst, region)` with its destination, in parallel; without `finish`, paints straight into
     /// the destination.
     fn paint<F>(
@@ -272,7 +356,7 @@ impl Slide {
         level: usize,
         rects: &[Rect],
         dsts: &mut [&mut [u8]],
-        cache: &TileCache,
+        tiles: &Tiles,
         finish: Option<F>,
     ) where
         F: Fn(&mut [u8], &[u8]) + Sync,
@@ -290,8 +374,7 @@ impl Slide {
                 let (tw, th, across) = (ifd.tile_width, ifd.tile_height, ifd.tiles_across());
                 let locate = |x: usize, y: usize| {
                     let (tx, ty) = (x / tw, y / th);
-                    cache
-                        .tiles
+                    tiles
                         .get(&(level, ty * across + tx))
                         .map(|px| (&px[..], tx * tw, ty * th, tw))
                 };
@@ -301,12 +384,14 @@ impl Slide {
         }
     }
 
-    /// Makes the cache hold exactly the tiles the rectangles touch (each group is one level's),
-    /// reusing those already there and decoding the missing ones in parallel, each once.
-    fn decode_tiles(
-        &self,
-        groups: &[(usize, &[Rect])],
-    ) -> Result<std::sync::MutexGuard<'_, TileCache>> {
+    /// The tiles the rectangles touch (each group is one level's): those the cache holds are reused,
+    /// the missing ones decoded in parallel, each once. The cache is locked twice, briefly: to take
+    /// what it has (and recycle what this batch does not use), then to keep this batch's tiles for the
+    /// next; never while decoding (see [`Cache`]).
+    fn decode_tiles(&self, groups: &[(usize, &[Rect])]) -> Result<Tiles> {
+        let Pixels::Tiff(data) = &self.pixels else {
+            return Ok(Tiles::new());
+        };
         let mut needed: Vec<(usize, usize)> = Vec::new();
         for &(level, rects) in groups {
             let lv = &self.levels[level];
@@ -320,28 +405,30 @@ impl Slide {
         }
         needed.sort_unstable();
         needed.dedup();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let Pixels::Tiff(data) = &self.pixels else {
-            return Ok(cache);
-        };
-        let cache_ref = &mut *cache;
-        // Keep what this batch uses (the next batch of a row-major grid reuses its lower tiles); recycle
-        // the rest.
-        let mut kept = HashMap::with_capacity(needed.len());
-        for key in &needed {
-            if let Some(px) = cache_ref.tiles.remove(key) {
-                kept.insert(*key, px);
+        let mut tiles = Tiles::with_capacity(needed.len());
+        let mut buffers = Vec::new();
+        if let Some(mut cache) = self.cache.lock() {
+            // Keep what this batch uses (the next batch of a row-major grid reuses its lower tiles);
+            // recycle the rest, unless another thread's batch still holds it.
+            let cache = &mut *cache;
+            for key in &needed {
+                if let Some(px) = cache.tiles.remove(key) {
+                    tiles.insert(*key, px);
+                }
             }
-        }
-        for (_, px) in cache_ref.tiles.drain() {
-            if let Ok(buf) = Arc::try_unwrap(px) {
-                cache_ref.free.push(buf);
+            for (_, px) in cache.tiles.drain() {
+                if let Ok(buf) = Arc::try_unwrap(px) {
+                    cache.free.push(buf);
+                }
             }
+            let missing = needed.len() - tiles.len();
+            let from = cache.free.len().saturating_sub(missing);
+            buffers = cache.free.split_off(from);
         }
         let missing: Vec<((usize, usize), Vec<u8>)> = needed
             .iter()
-            .filter(|key| !kept.contains_key(*key))
-            .map(|&key| (key, cache_ref.free.pop().unwrap_or_default()))
+            .filter(|key| !tiles.contains_key(*key))
+            .map(|&key| (key, buffers.pop().unwrap_or_default()))
             .collect();
         let decoded: Vec<((usize, usize), Vec<u8>)> = missing
             .into_par_iter()
@@ -351,10 +438,18 @@ impl Slide {
                     .map(|px| ((level, t), px))
             })
             .collect::<Result<_>>()?;
-        kept.extend(decoded.into_iter().map(|(key, px)| (key, Arc::new(px))));
-        cache_ref.tiles = kept;
-        cache_ref.free.truncate(256);
-        Ok(cache)
+        tiles.extend(decoded.into_iter().map(|(key, px)| (key, Arc::new(px))));
+        if let Some(mut cache) = self.cache.lock() {
+            // What another thread left meanwhile is replaced by this batch: the cache holds one batch.
+            let old = std::mem::replace(&mut cache.tiles, tiles.clone());
+            for (_, px) in old {
+                if let Ok(buf) = Arc::try_unwrap(px) {
+                    cache.free.push(buf);
+                }
+            }
+            cache.free.truncate(256);
+        }
+        Ok(tiles)
     }
 
     /// How patches of `size` px at `scale` level-0 px per px are read: from the best level, copied
@@ -491,7 +586,7 @@ impl Slide {
                 .zip(&rects)
                 .map(|(p, r)| (p.level, &r[..]))
                 .collect();
-            let cache = self.decode_tiles(&groups)?;
+            let tiles = self.decode_tiles(&groups)?;
             for (f, (plan, rects)) in plans.iter().zip(&rects).enumerate() {
                 let mut dsts: Vec<&mut [u8]> = chunk
                     .iter()
@@ -507,14 +602,14 @@ impl Slide {
                         plan.level,
                         rects,
                         &mut dsts,
-                        &cache,
+                        &tiles,
                         None::<fn(&mut [u8], &[u8])>,
                     );
                 } else {
                     let shrink = |dst: &mut [u8], region: &[u8]| {
                         resample_into(region, extent, extent, size, size, ls, ls, dst)
                     };
-                    self.paint(plan.level, rects, &mut dsts, &cache, Some(shrink));
+                    self.paint(plan.level, rects, &mut dsts, &tiles, Some(shrink));
                 }
             }
         }
@@ -665,24 +760,24 @@ fn copy_region<'a>(r: &Rect, width: usize, height: usize, out: &mut [u8], locate
     }
 }
 
-/// The physical pixel size the file states: Aperio's `MPP = ` in the description, OME-XML's
-/// `PhysicalSizeX` (micrometres), or the TIFF resolution tags with a physical unit.
-fn physical_size(base: &Ifd) -> Option<(f64, String)> {
+/// The physical pixel size the file states, from the first source whose value passes the one rule
+/// ([`check_um_per_px`]): Aperio's `MPP = ` in the description, OME-XML's `PhysicalSizeX`
+/// (micrometres), then the TIFF resolution tags with a physical unit. Each value that fails it is
+/// dropped, with a warning naming it.
+fn physical_size(base: &Ifd) -> (Option<(f64, String)>, Vec<String>) {
     let d = &base.description;
     let number_after = |key: &str| -> Option<f64> {
         let rest = &d[d.find(key)? + key.len()..];
         let rest = rest.trim_start_matches(['"', ' ', '=']);
         let end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-'))
+            .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')))
             .unwrap_or(rest.len());
-        rest[..end]
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        rest[..end].parse().ok()
     };
+    let mut stated: Vec<(f64, &str)> = Vec::new();
     if d.starts_with("Aperio") {
         if let Some(v) = number_after("MPP") {
-            return Some((v, "Aperio ImageDescription (MPP)".into()));
+            stated.push((v, "Aperio ImageDescription (MPP)"));
         }
     }
     if d.contains("<OME") {
@@ -691,12 +786,21 @@ fn physical_size(base: &Ifd) -> Option<(f64, String)> {
                 || d.contains("PhysicalSizeXUnit=\"µm\"")
                 || d.contains("PhysicalSizeXUnit=\"um\"");
             if unit_ok {
-                return Some((v, "OME-XML PhysicalSizeX".into()));
+                stated.push((v, "OME-XML PhysicalSizeX"));
             }
         }
     }
-    base.tag_um_per_px
-        .map(|v| (v, "TIFF resolution tags".into()))
+    if let Some(v) = base.tag_um_per_px {
+        stated.push((v, "TIFF resolution tags"));
+    }
+    let mut warnings = Vec::new();
+    for (value, source) in stated {
+        match check_um_per_px(value, source) {
+            Ok(v) => return (Some((v, source.to_string())), warnings),
+            Err(e) => warnings.push(format!("{e}; the file's value is ignored")),
+        }
+    }
+    (None, warnings)
 }
 
 fn decode_png(data: &[u8]) -> std::result::Result<(Vec<u8>, usize, usize), String> {

@@ -19,6 +19,15 @@ pub struct Image {
     /// `height x width x samples` values.
     pub pixels: Vec<u8>,
     pub jpeg: Vec<Vec<u8>>,
+    /// More tags: (tag, type, values); a RATIONAL (5) or SRATIONAL (10) as numerator, denominator
+    /// pairs, ASCII (2) and BYTE (1) as one value per byte.
+    pub extra: Vec<(u16, u16, Vec<u32>)>,
+    /// The images of the file (indices) this one lists as SubIFDs (written as their offsets).
+    pub sub_ifds: Vec<usize>,
+    /// Whether the chain of next directories links this image (else only SubIFDs reach it).
+    pub chained: bool,
+    /// The image this one's next-directory pointer names instead of the next chained one.
+    pub next: Option<usize>,
 }
 
 impl Image {
@@ -39,6 +48,10 @@ impl Image {
             photometric: if samples == 1 { 1 } else { 2 },
             pixels,
             jpeg: Vec::new(),
+            extra: Vec::new(),
+            sub_ifds: Vec::new(),
+            chained: true,
+            next: None,
         }
     }
 
@@ -91,37 +104,43 @@ impl Image {
     }
 }
 
-/// A little-endian classic TIFF holding `images` as a chain of IFDs, the directories first (so that
-/// the first KiB of the file is mostly structure) and the pixel data after them.
+/// A little-endian classic TIFF holding `images` as a chain of IFDs (those `chained`; each may list
+/// others as SubIFDs), the directories first (so that the first KiB of the file is mostly structure)
+/// and the pixel data after them.
 pub fn tiff(images: &[Image]) -> Vec<u8> {
-    // Tag, type (3 SHORT, 4 LONG), values: written in order of tag.
+    // Tag, type (3 SHORT, 4 LONG ...), values: written in order of tag.
     type Entry = (u16, u16, Vec<u32>);
     let chunks: Vec<Vec<Vec<u8>>> = images.iter().map(Image::chunks).collect();
-    let entries = |img: &Image, offsets: Vec<u32>, counts: Vec<u32>| -> Vec<Entry> {
-        let mut e: Vec<Entry> = vec![
-            (256, 4, vec![img.width as u32]),
-            (257, 4, vec![img.height as u32]),
-            (258, 3, vec![8; img.samples]),
-            (259, 3, vec![img.compression as u32]),
-            (262, 3, vec![img.photometric as u32]),
-            (277, 3, vec![img.samples as u32]),
-        ];
-        match img.tile {
-            Some((tw, th)) => e.extend([
-                (322, 4, vec![tw as u32]),
-                (323, 4, vec![th as u32]),
-                (324, 4, offsets),
-                (325, 4, counts),
-            ]),
-            None => e.extend([
-                (273, 4, offsets),
-                (278, 4, vec![img.rows_per_strip as u32]),
-                (279, 4, counts),
-            ]),
-        }
-        e.sort_by_key(|x| x.0);
-        e
-    };
+    let entries =
+        |img: &Image, offsets: Vec<u32>, counts: Vec<u32>, subs: Vec<u32>| -> Vec<Entry> {
+            let mut e: Vec<Entry> = vec![
+                (256, 4, vec![img.width as u32]),
+                (257, 4, vec![img.height as u32]),
+                (258, 3, vec![8; img.samples]),
+                (259, 3, vec![img.compression as u32]),
+                (262, 3, vec![img.photometric as u32]),
+                (277, 3, vec![img.samples as u32]),
+            ];
+            match img.tile {
+                Some((tw, th)) => e.extend([
+                    (322, 4, vec![tw as u32]),
+                    (323, 4, vec![th as u32]),
+                    (324, 4, offsets),
+                    (325, 4, counts),
+                ]),
+                None => e.extend([
+                    (273, 4, offsets),
+                    (278, 4, vec![img.rows_per_strip as u32]),
+                    (279, 4, counts),
+                ]),
+            }
+            e.extend(img.extra.iter().cloned());
+            if !img.sub_ifds.is_empty() {
+                e.push((330, 4, subs));
+            }
+            e.sort_by_key(|x| x.0);
+            e
+        };
     // Sizes first: each IFD is 2 + 12 n + 4 bytes, then its out-of-line arrays.
     let ifd_size = |e: &[Entry]| {
         let outside: usize = e
@@ -139,7 +158,19 @@ pub fn tiff(images: &[Image]) -> Vec<u8> {
     let placeholder: Vec<Vec<Entry>> = images
         .iter()
         .zip(&chunks)
-        .map(|(img, c)| entries(img, vec![0; c.len()], vec![0; c.len()]))
+        .map(|(img, c)| {
+            let subs = vec![0; img.sub_ifds.len()];
+            entries(img, vec![0; c.len()], vec![0; c.len()], subs)
+        })
+        .collect();
+    // Where each directory starts.
+    let ifd_offsets: Vec<usize> = placeholder
+        .iter()
+        .scan(8, |at, e| {
+            let here = *at;
+            *at += ifd_size(e);
+            Some(here)
+        })
         .collect();
     let mut data_at = 8 + placeholder.iter().map(|e| ifd_size(e)).sum::<usize>();
     let mut out = vec![b'I', b'I', 42, 0, 8, 0, 0, 0];
@@ -156,23 +187,31 @@ pub fn tiff(images: &[Image]) -> Vec<u8> {
             .collect();
         let counts = c.iter().map(|b| b.len() as u32).collect();
         blobs.extend(c.iter().cloned());
-        let e = entries(img, offsets, counts);
+        let subs = img
+            .sub_ifds
+            .iter()
+            .map(|&j| ifd_offsets[j] as u32)
+            .collect();
+        let e = entries(img, offsets, counts, subs);
         let size = ifd_size(&e);
         let mut extra_at = ifd_at + 2 + 12 * e.len() + 4;
         let mut extra = Vec::new();
         out.extend((e.len() as u16).to_le_bytes());
         for (tag, kind, values) in &e {
+            let count = if matches!(kind, 5 | 10) {
+                values.len() / 2
+            } else {
+                values.len()
+            };
             out.extend(tag.to_le_bytes());
             out.extend(kind.to_le_bytes());
-            out.extend((values.len() as u32).to_le_bytes());
+            out.extend((count as u32).to_le_bytes());
             let bytes: Vec<u8> = values
                 .iter()
-                .flat_map(|&v| {
-                    if *kind == 3 {
-                        (v as u16).to_le_bytes().to_vec()
-                    } else {
-                        v.to_le_bytes().to_vec()
-                    }
+                .flat_map(|&v| match width(*kind) {
+                    1 => vec![v as u8],
+                    2 => (v as u16).to_le_bytes().to_vec(),
+                    _ => v.to_le_bytes().to_vec(),
                 })
                 .collect();
             if bytes.len() <= 4 {
@@ -185,11 +224,13 @@ pub fn tiff(images: &[Image]) -> Vec<u8> {
                 extra.extend(bytes);
             }
         }
-        let next = if i + 1 < images.len() {
-            ifd_at + size
-        } else {
-            0
+        let following = (i + 1..images.len()).find(|&j| images[j].chained);
+        let next = match (img.next, img.chained) {
+            (Some(j), _) => ifd_offsets[j],
+            (None, true) => following.map_or(0, |j| ifd_offsets[j]),
+            (None, false) => 0,
         };
+        debug_assert_eq!(ifd_offsets[i], ifd_at);
         out.extend((next as u32).to_le_bytes());
         out.extend(extra);
         ifd_at += size;
@@ -201,10 +242,10 @@ pub fn tiff(images: &[Image]) -> Vec<u8> {
 }
 
 fn width(kind: u16) -> usize {
-    if kind == 3 {
-        2
-    } else {
-        4
+    match kind {
+        1 | 2 | 6 | 7 => 1,
+        3 | 8 => 2,
+        _ => 4,
     }
 }
 

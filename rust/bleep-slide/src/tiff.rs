@@ -12,6 +12,18 @@ use std::path::Path;
 /// a pixel): a tile or image claiming more is damaged, and is refused before anything is allocated.
 pub const MAX_EXPANSION: usize = 4096;
 
+/// The most images (directories, in the IFD chain and as SubIFDs together) a TIFF may hold. Whole-slide
+/// files hold a few dozen; a directory graph reaching more is damaged.
+pub const MAX_IFDS: usize = 4096;
+
+/// The most bytes of tag values all directories together may claim, as a multiple of the file's size
+/// (plus [`VALUE_SLACK`]). An honest file stores each value once, so its directories claim less than
+/// the file holds; a damaged one whose tags all point at the same bytes (one SubIFD listed 100,000
+/// times, one offset array shared by every directory) would make the parser copy them again and
+/// again. This bounds what parsing may allocate to a small multiple of the file's size.
+const VALUE_BYTES_PER_FILE_BYTE: u64 = 4;
+const VALUE_SLACK: u64 = 1 << 20;
+
 const NEW_SUBFILE_TYPE: u16 = 254;
 const IMAGE_WIDTH: u16 = 256;
 const IMAGE_LENGTH: u16 = 257;
@@ -63,7 +75,8 @@ pub struct Ifd {
     predictor: bool,
     jpeg_tables: Option<Vec<u8>>,
     pub description: String,
-    /// Micrometres per pixel from the resolution tags, when they carry a physical unit.
+    /// Micrometres per pixel as the resolution tags state it (unchecked: it may be zero, negative or
+    /// not finite; [`crate::slide::check_um_per_px`] judges it), when they carry a physical unit.
     pub tag_um_per_px: Option<f64>,
 }
 
@@ -306,6 +319,8 @@ struct Reader<'a> {
     little: bool,
     big: bool,
     path: &'a Path,
+    /// Bytes of tag values the directories may still claim (see [`VALUE_BYTES_PER_FILE_BYTE`]).
+    values_left: std::cell::Cell<u64>,
 }
 
 impl Reader<'_> {
@@ -355,19 +370,64 @@ impl Reader<'_> {
         Ok((tag, kind, size, at, count))
     }
 
-    /// The values of an entry as integers (a rational as its numerator and denominator).
-    fn ints(&self, kind: u16, size: usize, at: u64, count: u64) -> Result<Vec<u64>> {
+    /// Charges `count` values of `size` bytes to the directories' allowance, before they are copied:
+    /// a tag claiming more values than the file has bytes, or directories claiming in all more than
+    /// a few times the file, are damaged.
+    fn claim(&self, size: usize, count: u64) -> Result<()> {
+        let bytes = count.saturating_mul(size.max(1) as u64);
         if count > self.data.len() as u64 {
             return Err(Error::format(
                 self.path,
                 "a TIFF tag claims more values than the file has bytes",
             ));
         }
-        let size = if kind == 5 { 4 } else { size };
-        let n = if kind == 5 { count * 2 } else { count };
+        let left = self.values_left.get();
+        if bytes > left {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "the TIFF directories claim more than {} values in all, {VALUE_BYTES_PER_FILE_BYTE} x the \
+                     {} bytes of the file: the same values are listed again and again, the file is damaged",
+                    memory::human(self.allowance() as usize),
+                    self.data.len()
+                ),
+            ));
+        }
+        self.values_left.set(left - bytes);
+        Ok(())
+    }
+
+    fn allowance(&self) -> u64 {
+        (self.data.len() as u64)
+            .saturating_mul(VALUE_BYTES_PER_FILE_BYTE)
+            .saturating_add(VALUE_SLACK)
+    }
+
+    /// The values of an entry as integers (a rational as its numerator and denominator).
+    fn ints(&self, kind: u16, size: usize, at: u64, count: u64) -> Result<Vec<u64>> {
+        self.claim(size, count)?;
+        let rational = kind == 5 || kind == 10;
+        let size = if rational { 4 } else { size };
+        let n = if rational { count * 2 } else { count };
         (0..n)
             .map(|i| self.uint(at.saturating_add(i * size as u64), size))
             .collect()
+    }
+
+    /// Pixels per resolution unit from an XResolution entry: a RATIONAL or SRATIONAL (signed) pair,
+    /// a FLOAT / DOUBLE, or an integer. Unchecked: a zero denominator gives an infinity or NaN, a
+    /// negative SRATIONAL a negative value; the one rule on pixel sizes refuses them.
+    fn resolution(&self, kind: u16, at: u64) -> Result<Option<f64>> {
+        let signed = |v: u64| v as u32 as i32 as f64;
+        Ok(match kind {
+            5 => Some(self.uint(at, 4)? as f64 / self.uint(at.saturating_add(4), 4)? as f64),
+            10 => Some(signed(self.uint(at, 4)?) / signed(self.uint(at.saturating_add(4), 4)?)),
+            11 => Some(f32::from_bits(self.uint(at, 4)? as u32) as f64),
+            12 => Some(f64::from_bits(self.uint(at, 8)?)),
+            3 => Some(self.uint(at, 2)? as f64),
+            4 => Some(self.uint(at, 4)? as f64),
+            _ => None,
+        })
     }
 
     fn ifd(&self, offset: u64) -> Result<(Ifd, Vec<u64>, u64)> {
@@ -381,12 +441,20 @@ impl Reader<'_> {
         }
         let mut tags: std::collections::HashMap<u16, Vec<u64>> = Default::default();
         let mut text: std::collections::HashMap<u16, Vec<u8>> = Default::default();
+        let mut resolution = None;
         for i in 0..n {
             let (tag, kind, size, at, count) =
                 self.entry(offset.saturating_add(count_size as u64 + i * entry_size))?;
             if tag == IMAGE_DESCRIPTION || tag == JPEG_TABLES {
+                self.claim(1, count)?;
                 let count = usize::try_from(count).unwrap_or(usize::MAX);
                 text.insert(tag, self.bytes(at, count)?.to_vec());
+            } else if tag == X_RESOLUTION {
+                resolution = if count >= 1 {
+                    self.resolution(kind, at)?
+                } else {
+                    None
+                };
             } else if size > 0 && kind != 11 && kind != 12 {
                 tags.insert(tag, self.ints(kind, size, at, count)?);
             }
@@ -396,13 +464,14 @@ impl Reader<'_> {
             if self.big { 8 } else { 4 },
         )?;
         let sub_ifds = tags.get(&SUB_IFDS).cloned().unwrap_or_default();
-        Ok((self.build(&tags, &mut text)?, sub_ifds, next))
+        Ok((self.build(&tags, &mut text, resolution)?, sub_ifds, next))
     }
 
     fn build(
         &self,
         tags: &std::collections::HashMap<u16, Vec<u64>>,
         text: &mut std::collections::HashMap<u16, Vec<u8>>,
+        resolution: Option<f64>,
     ) -> Result<Ifd> {
         let get = |tag: u16| tags.get(&tag).and_then(|v| v.first().copied());
         let missing =
@@ -463,16 +532,15 @@ impl Reader<'_> {
         }
         let reduced = get(NEW_SUBFILE_TYPE).unwrap_or(0) & 1 == 1;
         let unit = get(RESOLUTION_UNIT).unwrap_or(2);
-        let tag_um_per_px = tags.get(&X_RESOLUTION).and_then(|r| {
-            let per_unit = *r.first()? as f64 / r.get(1).copied().unwrap_or(1).max(1) as f64;
-            let um = match unit {
-                2 => 25_400.0 / per_unit,
-                3 => 10_000.0 / per_unit,
-                _ => return None,
-            };
-            // A screen or print default (72 dpi ...) is not a scan resolution.
+        // Unchecked here: the one rule on pixel sizes (slide.rs) judges it with every other source.
+        let tag_um_per_px = resolution.and_then(|per_unit| {
+            // A screen or print default (72 dpi ...) is not a scan resolution, and no claim at all.
             let dpi_default = unit == 2 && [72.0, 96.0, 150.0, 300.0, 600.0].contains(&per_unit);
-            (um.is_finite() && um > 0.0 && um < 100.0 && !dpi_default).then_some(um)
+            match unit {
+                2 if !dpi_default => Some(25_400.0 / per_unit),
+                3 => Some(10_000.0 / per_unit),
+                _ => None,
+            }
         });
         let ifd = Ifd {
             width,
@@ -512,12 +580,14 @@ impl Reader<'_> {
             ));
         }
         let tiles = ifd.tiles_across().checked_mul(ifd.tiles_down());
-        if tiles.is_none_or(|t| ifd.offsets.len() < t || ifd.byte_counts.len() < t) {
+        let Some(tiles) = tiles.filter(|&t| ifd.offsets.len() >= t && ifd.byte_counts.len() >= t)
+        else {
             return Err(Error::format(
                 self.path,
                 format!("a TIFF image of {width} x {height} px lists fewer tiles than it needs"),
             ));
-        }
+        };
+        self.data_can_hold(&ifd, tiles)?;
         // One decoded tile (at most 4 samples a pixel) must fit the memory budget.
         memory::bytes(
             &[tile_width, tile_height, 4],
@@ -529,8 +599,43 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    /// Refuses an image larger than its stored bytes can hold (at most [`MAX_EXPANSION`] bytes of
+    /// pixels per byte compressed, one per byte uncompressed), before anything is allocated for it: a
+    /// header claiming 600,000,000 x 2 px over a few bytes is damaged, whatever the memory budget.
+    fn data_can_hold(&self, ifd: &Ifd, tiles: usize) -> Result<()> {
+        let stored = ifd.byte_counts[..tiles].iter().fold(0u64, |sum, &c| {
+            sum.saturating_add(c.min(self.data.len() as u64))
+        });
+        let factor = if ifd.compression == Compression::None {
+            1
+        } else {
+            MAX_EXPANSION as u64
+        };
+        // Grey or RGB bytes of the image (an alpha channel is not counted: a lower bound).
+        let pixels = (ifd.width as u64)
+            .saturating_mul(ifd.height as u64)
+            .saturating_mul(ifd.samples.min(3) as u64);
+        if pixels / factor > stored {
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "a TIFF image of {} x {} px ({} of pixels) stored in {stored} bytes: the file is \
+                     damaged or truncated",
+                    ifd.width,
+                    ifd.height,
+                    memory::human(pixels as usize)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Tiff {
-    /// Parses the header and every directory (the IFD chain and SubIFDs) of `data`.
+    /// Parses the header and every directory of `data`: the IFD chain and the SubIFDs each lists,
+    /// walked as a graph with a visited set (a directory reached twice, by a loop or a repeat, is an
+    /// error) and at most [`MAX_IFDS`] directories.
     pub fn parse(data: &[u8], path: &Path) -> Result<Tiff> {
         let not_tiff = || Error::format(path, "not a TIFF file (bad header)");
         let little = match data.get(..2) {
@@ -543,7 +648,9 @@ impl Tiff {
             little,
             big: false,
             path,
+            values_left: Default::default(),
         };
+        r.values_left.set(r.allowance());
         let mut offset = match r.uint(2, 2)? {
             42 => r.uint(4, 4)?,
             43 => {
@@ -554,16 +661,31 @@ impl Tiff {
         };
         let mut ifds = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        while offset != 0 {
-            if !seen.insert(offset) || ifds.len() > 1000 {
+        // Every directory, reached from the chain or a SubIFDs list, is visited once.
+        let mut visit = |at: u64, how: &str| -> Result<()> {
+            if !seen.insert(at) {
                 return Err(Error::format(
                     path,
-                    "the TIFF directory chain loops: the file is damaged",
+                    format!(
+                        "the TIFF directory at byte {at} is reached twice ({how}): the directory graph \
+                         loops or repeats itself, the file is damaged"
+                    ),
                 ));
             }
+            if seen.len() > MAX_IFDS {
+                return Err(Error::format(
+                    path,
+                    format!("the TIFF holds more than {MAX_IFDS} images: the file is damaged"),
+                ));
+            }
+            Ok(())
+        };
+        while offset != 0 {
+            visit(offset, "by the chain of next directories")?;
             let (ifd, subs, next) = r.ifd(offset)?;
             ifds.push(ifd);
             for sub in subs {
+                visit(sub, "as a SubIFD")?;
                 let (mut ifd, _, _) = r.ifd(sub)?;
                 ifd.reduced = true;
                 ifds.push(ifd);
@@ -632,11 +754,20 @@ mod tests {
             compression: 8,
             ..Image::pattern(32, 32, 3)
         };
-        // A tile of 4,000 px square (48 MB) from a few hundred bytes of deflate data.
+        // A tile of 4,000 px square (48 MB) from a few hundred bytes of deflate data, in an image of
+        // 32 px square (which the data can hold).
         let bytes = set_tag(set_tag(tiff(&[img]), 322, 4000), 323, 4000);
-        let bytes = set_tag(set_tag(bytes, 256, 4000), 257, 4000);
         let (slide, _file) = open(&bytes).unwrap();
         let e = slide.read_region(0, 0, 0, 8, 8).unwrap_err().to_string();
         assert!(e.contains("cannot hold"), "{e}");
+        // The image itself 4,000 px square: refused when the file is opened.
+        let e = open(&set_tag(set_tag(bytes, 256, 4000), 257, 4000))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a TIFF image of 4000 x 4000 px (45.8 MiB of pixels) stored in"),
+            "{e}"
+        );
     }
 }

@@ -206,6 +206,9 @@ pub fn tissue_mask(rgb: &[u8], shape: &[usize], median: usize, close: usize) -> 
 /// Top-left corners (level-0 px) of the tiles of a grid with step `tile` level-0 px over a
 /// `width x height` slide whose mask covers at least `min_tissue` of the tile. `mask_scale`: level-0 px
 /// per mask px. Row-major order.
+///
+/// A tile smaller than one level-0 pixel is refused: it comes from a pixel size or a tile (bin) size
+/// off by orders of magnitude, and its grid would hold billions of tiles.
 pub fn tissue_grid(
     mask: &Mask,
     mask_scale: f64,
@@ -217,6 +220,12 @@ pub fn tissue_grid(
     if !(tile.is_finite() && tile > 0.0) {
         return Err(Error::invalid(format!(
             "the tile size must be a positive number of level-0 px, not {tile}"
+        )));
+    }
+    if tile < 1.0 {
+        return Err(Error::invalid(format!(
+            "a grid tile of {tile:.3e} level-0 px is smaller than one pixel of the slide: check the \
+             slide's um_per_px and the tile (or bin) size and its um_per_px"
         )));
     }
     if !(mask_scale.is_finite() && mask_scale > 0.0 && min_tissue.is_finite()) {
@@ -266,6 +275,12 @@ pub fn tissue_grid(
             // The part of the footprint past the slide's edge counts as background.
             let footprint = ((tile / mask_scale).powi(2)).max(1.0);
             if count(x0, y0, x1, y1) as f64 >= min_tissue * footprint {
+                // Grown fallibly: the count was checked against the budget, not the doubling.
+                out.try_reserve(1).map_err(|_| {
+                    Error::invalid(format!(
+                        "a grid of {cols} x {rows} tiles cannot be allocated: use larger tiles"
+                    ))
+                })?;
                 out.push((x, y));
             }
         }
