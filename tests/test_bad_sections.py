@@ -539,3 +539,22 @@ def test_a_gene_list_file_that_is_not_one(tmp_path, content, message):
 
 def test_bleep_error_is_what_the_package_exports():
     assert BleepError is bleep_rs.BleepError
+
+
+@pytest.mark.parametrize("stated", [5000.0, 1e-300, 0.001])
+def test_a_section_file_stating_an_implausible_pixel_size_is_not_believed(tmp_path, stated):
+    """The readers hold every pixel size to the slide reader's one rule: a stated value outside it is
+    dropped with a warning (the spot pitch then gives the size), a given one is an error."""
+    import json
+
+    src = DATA / "tiny" / "C2"
+    sec = tmp_path / "C2"
+    writable_copy(src, sec)
+    meta = json.loads((sec / "meta.json").read_text())
+    meta["um_per_px"] = stated
+    (sec / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="plausible"):
+        adata = bleep_rs.read_section(sec)
+    assert abs(adata.uns["bleep"]["um_per_px"] / 1.3873 - 1) < 0.1  # from the spot pitch
+    with pytest.raises(BleepError, match="plausible"):
+        bleep_rs.read_section(src, um_per_px=stated)

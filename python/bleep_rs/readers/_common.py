@@ -94,12 +94,24 @@ def resolve_um_per_px(
 ) -> Tuple[float, str]:
     """The pixel size and its source: micrometres per full-resolution pixel. An explicit value wins,
     then ``metadata`` ((value, source) pairs from the files, best first), then ``estimate`` (the spot
-    pitch). Sources more than 10 % apart are warned about; nothing to go on is an error."""
-    candidates = [(float(v), s) for v, s in metadata if v is not None and np.isfinite(v) and v > 0]
-    if estimate is not None:
+    pitch). Every value is held to the one pixel-size rule of the slide reader (``_core.check_um_per_px``:
+    finite, within 0.01-100 um/px): a given one outside it is an error, a stated or estimated one is
+    dropped with a warning. Sources more than 10 % apart are warned about; nothing to go on is an error."""
+    from .._core import check_um_per_px
+
+    def plausible(value: float, source: str) -> bool:
+        try:
+            check_um_per_px(float(value), f"{where}: {source}")
+            return True
+        except BleepError as e:
+            warnings.warn(f"{e}; it is ignored", stacklevel=4)
+            return False
+
+    candidates = [(float(v), s) for v, s in metadata if v is not None and np.isfinite(v) and v > 0 and plausible(v, s)]
+    if estimate is not None and plausible(*estimate):
         candidates.append(estimate)
     if explicit is not None:
-        explicit = positive_number(explicit, "um_per_px", where)
+        explicit = check_um_per_px(positive_number(explicit, "um_per_px", where), f"{where}: um_per_px={explicit!r} (given)")
         for value, source in candidates:
             if abs(value / explicit - 1) > 0.10:
                 warnings.warn(
