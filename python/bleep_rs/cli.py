@@ -154,6 +154,7 @@ def _add_others(sub) -> None:
                     help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
     pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
+    _cluster_options(pr, "one task per slide; --out is then a folder (one STEM.h5ad per slide)")
 
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
     ev.add_argument("prediction", type=Path)
@@ -170,6 +171,13 @@ def _add_others(sub) -> None:
     pl.add_argument("--genes", nargs="+", required=True)
     pl.add_argument("--out", type=Path, required=True, help="FIGURE.png (or .pdf, .svg ...)")
     pl.add_argument("--overwrite", action="store_true")
+
+
+def _cluster_options(p, what: str) -> None:
+    """--scheduler / --workers: the work spread over a Dask cluster (the dask extra)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--scheduler", metavar="ADDRESS", help=f"a running Dask scheduler (tcp://host:8786) to spread the work over: {what}")
+    group.add_argument("--workers", type=int, metavar="N", help=f"start N Dask worker processes here for this command (closed after): {what}")
 
 
 def _read_gene_file(path: Path) -> list:
@@ -204,6 +212,9 @@ def _run_predict(args) -> None:
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
+    if args.scheduler is not None or args.workers is not None:
+        _run_predict_cohort(args)
+        return
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     several = args.slide is not None and len(args.slide) > 1
@@ -244,6 +255,35 @@ def _run_predict(args) -> None:
             # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
             write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
             print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
+
+
+def _run_predict_cohort(args) -> None:
+    """predict --slide ... across a Dask cluster: one line per slide as it finishes."""
+    from bleep_rs.cohort import connect, predict_cohort
+    from bleep_rs.predict import shard
+
+    if args.slide is None:
+        raise BleepError("--scheduler / --workers spread whole slides (--slide IMAGE ...) over a cluster; predict a SECTION without them")
+    if args.hd_run:
+        raise BleepError("--hd-run aligns the bins of one slide: predict it without --scheduler / --workers")
+    slides = shard(args.slide, args.shard)
+    done = [0]
+
+    def report(record: dict) -> None:
+        done[0] += 1
+        count = f"[{done[0]}/{len(slides)}]"
+        if record["status"] == "done":
+            print(f"{count} {record['n_obs']} {record['mode']} predicted: {record['out']} ({record['seconds']:.1f} s)", flush=True)
+        elif record["status"] == "skipped":
+            print(f"{count} {record['out']}: complete, skipped", flush=True)
+        else:
+            print(f"{count} {record['slide']}: failed: {record['error']}", flush=True)
+
+    options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
+                   queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision)
+    with connect(args.scheduler, args.workers) as client:
+        predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=args.format or "h5ad", overwrite=args.overwrite,
+                       device=args.device, report=report, **options)
 
 
 def _run_evaluate(args) -> None:

@@ -1,0 +1,208 @@
+"""A cohort of whole slides predicted across a Dask cluster (the ``dask`` extra: ``pip install 'bleep-rs[dask]'``).
+
+One Dask task per slide. Each worker process opens the model and the reference once (a cache in the
+worker process, keyed by their resolved paths and their files' sizes and modification times) and keeps
+them for every slide it is given; each prediction is written by the worker, atomically (a temporary
+beside the output, then renamed: :mod:`bleep_rs._atomic`), so an output that exists is complete. A
+worker killed mid-slide leaves at most a temporary that the next write of that output removes; Dask
+gives the slide to another worker (``distributed.scheduler.allowed-failures`` times, 3 by default). A
+rerun skips the outputs already complete, as the single-process ``predict --slide`` does.
+
+    from bleep_rs.cohort import connect, predict_cohort
+
+    with connect(workers=4) as client:              # or connect(scheduler="tcp://host:8786")
+        outputs = predict_cohort("model", "ref.safetensors", slides, "preds", client=client)
+
+Dask is imported here only, when asked for: ``import bleep_rs`` imports neither dask nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from ._core import BleepError
+
+__all__ = ["connect", "predict_cohort"]
+
+#: The keywords of :func:`bleep_rs.predict.predict_slides` a cohort passes on to each slide.
+SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision")
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as e:
+        raise BleepError(f"a Dask cluster needs the dask extra ({e.name} is missing): pip install 'bleep-rs[dask]'") from e
+    return distributed
+
+
+@contextlib.contextmanager
+def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, threads_per_worker: int = 1) -> Iterator:
+    """A ``distributed.Client``: of the running scheduler at ``scheduler`` (e.g. ``tcp://host:8786``), or
+    of a ``LocalCluster`` of ``workers`` worker processes started here and closed on leaving the block.
+    Each local worker's numerical libraries (torch, BLAS) get this machine's cores divided among the
+    workers (Dask's default is one thread each). The one place that makes a client for the CLI."""
+    if (scheduler is None) == (workers is None):
+        raise BleepError("give either --scheduler ADDRESS (a running Dask scheduler) or --workers N (worker processes started here)")
+    distributed = _distributed()
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise BleepError(f"--scheduler {scheduler}: cannot connect ({e}): start one with dask scheduler, or use --workers N") from e
+        with contextlib.closing(client):
+            yield client
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BleepError(f"--workers must be a number of worker processes, at least 1, not {workers!r}")
+    cores = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {name: cores for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                                       dashboard_address=None, env=env)
+    with contextlib.closing(cluster), contextlib.closing(distributed.Client(cluster)) as client:
+        yield client
+
+
+# -- on the workers ------------------------------------------------------------------------------------
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+#: Models and references this process has opened (what "once per worker" is tested by).
+LOADS = {"model": 0, "reference": 0}
+
+
+def _fingerprint(path: Path) -> tuple:
+    """The resolved path with the size and modification time of its file, or of every file in it (a
+    model directory, a reference of shards): a changed file is opened anew."""
+    path = path.resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return (str(path), tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if not path.exists():
+        return (str(path), None)
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _cached(kind: str, path: Path, open_: Callable):
+    """The object ``open_()`` made for ``path`` in this process, opened again only when the path's files
+    changed; one of each kind is kept (a worker serves one cohort at a time)."""
+    key = (kind, _fingerprint(path))
+    with _CACHE_LOCK:  # a worker with several threads opens it once too
+        if _CACHE.get(kind, (None,))[0] != key:
+            _CACHE.pop(kind, None)  # the old one freed before the new one is opened
+            _CACHE[kind] = (key, open_())
+            LOADS[kind] += 1
+        return _CACHE[kind][1]
+
+
+def _model_and_reference(model_path: str, reference_path: str, device: str) -> tuple:
+    from .model import load_model
+    from .reference import Reference
+    from .training import pick_device
+
+    model = _cached("model", Path(model_path), lambda: load_model(model_path, device=str(pick_device(device))))
+    ref = _cached("reference", Path(reference_path), lambda: Reference.load(reference_path))
+    return model, ref
+
+
+def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: str, reference_path: str, device: str,
+                  provenance: tuple, options: dict) -> dict:
+    """One slide, on a worker: predicted and written to ``out``; returns a small record (never the
+    prediction itself). An output found complete (written by an earlier try of this task, or another
+    run) is kept unless ``overwrite``. A BleepError comes back as the record's ``error`` (BleepError does
+    not cross processes, and an error of the input is not worth a retry elsewhere)."""
+    from .predict import output_state, predict_slide, write_prediction
+
+    record = {"slide": slide, "out": out, "pid": os.getpid(), "host": os.uname().nodename}
+    started = time.perf_counter()
+    try:
+        state = output_state(Path(out))
+        if state == "complete" and not overwrite:
+            return {**record, "status": "skipped"}
+        if state == "foreign" and not overwrite:
+            raise BleepError(f"{out} exists and is not a bleep-rs prediction: move it, or pass --overwrite")
+        model, ref = _model_and_reference(model_path, reference_path, device)
+        adata = predict_slide(model, ref, slide, model_path=provenance[0], reference_path=provenance[1], progress=False, **options)
+        write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked above
+    except BleepError as e:
+        return {**record, "status": "error", "error": str(e)}
+    return {**record, "status": "done", "n_obs": int(adata.n_obs), "mode": adata.uns["bleep"]["mode"],
+            "seconds": time.perf_counter() - started, "loads": dict(LOADS)}
+
+
+# -- on the client -------------------------------------------------------------------------------------
+
+
+def _named(slide: str, message: str) -> str:
+    return message if slide in message else f"{slide}: {message}"
+
+
+def _collect(future, slide: str, out: str, distributed) -> dict:
+    """A finished task's record; a task that raised, or whose workers kept dying, as an error record."""
+    try:
+        return future.result()
+    except distributed.KilledWorker as e:
+        return {"slide": slide, "out": out, "status": "error",
+                "error": f"the workers running it died each time it was tried ({e}): is it too large for a worker's memory?"}
+    except Exception as e:  # the task's own exception, as Dask hands it over
+        return {"slide": slide, "out": out, "status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, client, fmt: str = "h5ad", overwrite: bool = False,
+                   device: str = "auto", report: Optional[Callable[[dict], None]] = None, **predict_options) -> dict:
+    """Predicts whole slides across the Dask cluster of ``client``, one task per slide, each written to
+    ``out_dir/STEM.FMT`` by the worker that predicted it (see the module's notes). Outputs already
+    complete are skipped unless ``overwrite``; a file there that bleep-rs did not write is an error
+    before any work (unless ``overwrite``). ``predict_options``: the keywords of
+    :func:`bleep_rs.predict.predict_slides` (``um_per_px``, ``k``, ``method``, ``min_tissue``,
+    ``batch_size``, ``queue_depth``, ``neighbours``, ``bin_um``, ``precision``); ``device`` where each
+    worker runs the encoder. ``report(record)`` is called here for each slide as it finishes (in order
+    of completion), the record's ``status`` being "done", "skipped" or "error".
+
+    Returns ``{slide: output path}`` for every slide. Slides that failed do not stop the others; once
+    all have finished, a BleepError names the failed slides and the first failure's reason. The model,
+    reference, slides and ``out_dir`` must be reachable from every worker at the same paths."""
+    from .predict import output_state, prediction_format, slide_outputs
+
+    unknown = set(predict_options) - set(SLIDE_OPTIONS)
+    if unknown:
+        raise BleepError(f"predict_cohort: unknown options {sorted(unknown)} (known: {', '.join(SLIDE_OPTIONS)})")
+    prediction_format(f"x.{fmt}", fmt)
+    distributed = _distributed()
+    slides = [str(s) for s in slides]
+    outputs = slide_outputs(slides, Path(out_dir), fmt, overwrite=overwrite)
+    provenance = (str(model_path), str(reference_path))
+    model_abs, ref_abs = str(Path(model_path).resolve()), str(Path(reference_path).resolve())
+    futures, records = {}, []
+    for slide in slides:
+        out = outputs[slide]
+        if output_state(out) == "complete" and not overwrite:
+            records.append({"slide": slide, "out": str(out), "status": "skipped"})
+            continue
+        # pure=False: a rerun is new work, not a result the scheduler may still hold from before.
+        future = client.submit(_predict_task, str(Path(slide).resolve()), str(out.resolve()), fmt, overwrite, model_abs, ref_abs,
+                               device, provenance, predict_options, key=f"bleep-predict-{Path(slide).stem}-{os.urandom(4).hex()}",
+                               pure=False)
+        futures[future.key] = (future, slide, str(out))
+    for record in records:
+        if report is not None:
+            report(record)
+    for future in distributed.as_completed([f for f, _, _ in futures.values()]):
+        _, slide, out = futures.pop(future.key)
+        record = {**_collect(future, slide, out, distributed), "slide": slide, "out": out}
+        future.release()
+        records.append(record)
+        if report is not None:
+            report(record)
+    failed = [r for r in records if r["status"] == "error"]
+    if failed:
+        first = failed[0]
+        raise BleepError(f"{len(failed)} of {len(slides)} slides failed (the others are written); "
+                         f"{', '.join(r['slide'] for r in failed)}; first: {_named(first['slide'], first['error'])}")
+    return {slide: outputs[slide] for slide in slides}
