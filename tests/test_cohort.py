@@ -193,3 +193,33 @@ def test_a_failing_slide_is_one_bleep_error_naming_it(trained, expected, client,
         predict_cohort(model_dir, ref_path, slides, out, client=client, kk=5)
     with pytest.raises(BleepError, match="either --scheduler"), connect():
         pass
+
+
+def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, tmp_path, capsys):
+    import dataclasses
+
+    from bleep_rs.config import TrainConfig
+    from bleep_rs.training import train
+
+    sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
+    cfg = TrainConfig(epochs=1, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0],
+                      tta=False, augment=False, progress=True, cache_dir=str(tmp_path / "cache"))
+    on_cluster = train(sections, tmp_path / "m1", cfg, client=client)
+    assert capsys.readouterr().out.count("backbone features of") == 2
+    entries = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    assert len(entries) == 2
+    # Training alone with its own cache: the same entries, bit for bit, and so the same model.
+    alone = train(sections, tmp_path / "m2", dataclasses.replace(cfg, cache_dir=str(tmp_path / "local"), progress=False))
+    for entry in entries:
+        assert np.array_equal(np.load(entry), np.load(tmp_path / "local" / "features" / entry.name))
+    a, b = on_cluster.state_dict(), alone.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # Everything cached: no task; through the command line on the running scheduler.
+    args = ["train", str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3"), "--out", str(tmp_path / "m3"), "--epochs", "1",
+            "--n-top-genes", "64", "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0", "--fields-of-view", "1",
+            "--no-tta", "--no-augment", "--cache-dir", str(tmp_path / "cache"), "--scheduler", client.scheduler.address]
+    assert main(args) == 0
+    assert "backbone features of" not in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 2
+    with pytest.raises(BleepError, match="frozen"):
+        train(sections, tmp_path / "m4", dataclasses.replace(cfg, freeze_backbone=False), client=client)

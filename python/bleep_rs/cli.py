@@ -54,6 +54,7 @@ def _add_train(sub) -> None:
     _section_options(p)
     p.add_argument("--out", type=Path, required=True, help="model directory to write (model.safetensors + config.json)")
     _add_config_options(p, TrainConfig)
+    _cluster_options(p, "the frozen backbone's features of the sections, one task per section, into the feature cache")
 
 
 def _add_config_options(p, cls) -> None:
@@ -105,7 +106,14 @@ def _run_train(args) -> None:
     from bleep_rs.training import train
 
     cfg = _config_from_args(TrainConfig, args)
-    train(_read_sections(args.sections, args), args.out, cfg)
+    sections = _read_sections(args.sections, args)
+    if args.scheduler is not None or args.workers is not None:
+        from bleep_rs.cohort import connect
+
+        with connect(args.scheduler, args.workers) as client:
+            train(sections, args.out, cfg, client=client)
+    else:
+        train(sections, args.out, cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {args.out}")
 

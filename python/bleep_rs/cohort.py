@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
+
 from ._core import BleepError
 
-__all__ = ["connect", "predict_cohort"]
+__all__ = ["connect", "predict_cohort", "cache_features"]
 
 #: The keywords of :func:`bleep_rs.predict.predict_slides` a cohort passes on to each slide.
 SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision")
@@ -73,7 +75,7 @@ def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, t
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 #: Models and references this process has opened (what "once per worker" is tested by).
-LOADS = {"model": 0, "reference": 0}
+LOADS = {"model": 0, "reference": 0, "backbone": 0}
 
 
 def _fingerprint(path: Path) -> tuple:
@@ -89,10 +91,9 @@ def _fingerprint(path: Path) -> tuple:
     return (str(path), st.st_size, st.st_mtime_ns)
 
 
-def _cached(kind: str, path: Path, open_: Callable):
-    """The object ``open_()`` made for ``path`` in this process, opened again only when the path's files
-    changed; one of each kind is kept (a worker serves one cohort at a time)."""
-    key = (kind, _fingerprint(path))
+def _cached(kind: str, key, open_: Callable):
+    """The object ``open_()`` made for ``key`` (e.g. a :func:`_fingerprint`) in this process, made again
+    only when the key changes; one of each kind is kept (a worker serves one cohort at a time)."""
     with _CACHE_LOCK:  # a worker with several threads opens it once too
         if _CACHE.get(kind, (None,))[0] != key:
             _CACHE.pop(kind, None)  # the old one freed before the new one is opened
@@ -106,8 +107,8 @@ def _model_and_reference(model_path: str, reference_path: str, device: str) -> t
     from .reference import Reference
     from .training import pick_device
 
-    model = _cached("model", Path(model_path), lambda: load_model(model_path, device=str(pick_device(device))))
-    ref = _cached("reference", Path(reference_path), lambda: Reference.load(reference_path))
+    model = _cached("model", _fingerprint(Path(model_path)), lambda: load_model(model_path, device=str(pick_device(device))))
+    ref = _cached("reference", _fingerprint(Path(reference_path)), lambda: Reference.load(reference_path))
     return model, ref
 
 
@@ -133,7 +134,7 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
     except BleepError as e:
         return {**record, "status": "error", "error": str(e)}
     return {**record, "status": "done", "n_obs": int(adata.n_obs), "mode": adata.uns["bleep"]["mode"],
-            "seconds": time.perf_counter() - started, "loads": dict(LOADS)}
+            "seconds": time.perf_counter() - started, "loads": {k: LOADS[k] for k in ("model", "reference")}}
 
 
 # -- on the client -------------------------------------------------------------------------------------
@@ -206,3 +207,85 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
         raise BleepError(f"{len(failed)} of {len(slides)} slides failed (the others are written); "
                          f"{', '.join(r['slide'] for r in failed)}; first: {_named(first['slide'], first['error'])}")
     return {slide: outputs[slide] for slide in slides}
+
+
+# -- training: the frozen backbone's features of many sections -----------------------------------------
+
+
+def _slim(section):
+    """What the backbone pass reads of a section: its spot names and positions and its image's record
+    (not its counts, which can be large and stay on the client)."""
+    import anndata as ad
+
+    slim = ad.AnnData(obs=section.obs[[]].copy())
+    slim.obsm["spatial"] = np.asarray(section.obsm["spatial"])
+    slim.uns["bleep"] = dict(section.uns.get("bleep", {}))
+    return slim
+
+
+def _features_task(name: str, section, model_json: str, digest: str, backbone_state, config, um_per_px) -> dict:
+    """One section's backbone features, on a worker, into the feature cache (training's own
+    ``_section_features``: the same key, the same atomic write). The backbone is rebuilt once per worker
+    from the weights sent once to every worker (``digest`` names them)."""
+    from .model import BleepModel, ModelConfig
+    from .training import _section_features, pick_device
+
+    def build():
+        model = BleepModel(ModelConfig.from_json(model_json, "the training run"), pretrained=False)
+        model.backbone.load_state_dict(backbone_state)
+        return model.eval().to(pick_device(config.device))
+
+    record = {"section": name, "pid": os.getpid()}
+    started = time.perf_counter()
+    try:
+        model = _cached("backbone", digest, build)
+        feats = _section_features(model, section, config, um_per_px)
+    except BleepError as e:
+        return {**record, "status": "error", "error": str(e)}
+    return {**record, "status": "done", "shape": tuple(feats.shape), "seconds": time.perf_counter() - started, "loads": LOADS["backbone"]}
+
+
+def cache_features(client, model, sections: Sequence, config, um_per_px: Optional[float], *,
+                   report: Optional[Callable[[dict], None]] = None) -> list:
+    """Fills the training feature cache with the frozen backbone features of ``sections`` across the Dask
+    cluster of ``client``, one task per section not cached yet; :func:`bleep_rs.train` then reads them
+    from the cache as if it had computed them. Called by ``train(..., client=...)`` with its model (whose
+    backbone weights go once to every worker), config and resolution. The cache folder
+    (``config.cache_dir``, else ``$BLEEP_RS_CACHE``) must be one the workers reach at the same path.
+    Returns the task records; a BleepError names the sections that failed."""
+    import dataclasses
+
+    from .encode import weights_digest
+    from .training import N_VIEWS, _cache_dir, _library, feature_cache_key
+
+    distributed = _distributed()
+    folder = _cache_dir(config)
+    if folder is None:
+        raise BleepError("--scheduler / --workers on train fill the feature cache: not with --cache-dir none")
+    config = dataclasses.replace(config, cache_dir=str(folder.parent.resolve()), progress=False)  # the workers' cache is this one
+    views = N_VIEWS if config.augment else 1
+    todo = [(i, s) for i, s in enumerate(sections) if not (folder / f"{feature_cache_key(model, s, config, um_per_px, views)}.npy").exists()]
+    if not todo:
+        return []
+    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    [weights] = client.scatter([state], broadcast=True)
+    digest, model_json = weights_digest(model.backbone), model.config.to_json()
+    futures = {}
+    for i, s in todo:
+        name = _library(s, i)
+        future = client.submit(_features_task, name, _slim(s), model_json, digest, weights, config, um_per_px,
+                               key=f"bleep-features-{i}-{os.urandom(4).hex()}", pure=False)
+        futures[future.key] = (future, name)
+    records = []
+    for future in distributed.as_completed([f for f, _ in futures.values()]):
+        _, name = futures.pop(future.key)
+        record = {**_collect(future, name, "", distributed), "section": name}
+        future.release()
+        records.append(record)
+        if report is not None:
+            report(record)
+    failed = [r for r in records if r["status"] == "error"]
+    if failed:
+        raise BleepError(f"the backbone features of {len(failed)} of {len(todo)} sections failed: "
+                         f"{', '.join(r['section'] for r in failed)}; first: {_named(failed[0]['section'], failed[0]['error'])}")
+    return records
