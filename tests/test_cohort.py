@@ -22,7 +22,7 @@ import distributed
 import bleep_rs
 from bleep_rs import BleepError
 from bleep_rs.cli import main
-from bleep_rs.cohort import connect, predict_cohort
+from bleep_rs.cohort import cache_features, connect, predict_cohort
 from bleep_rs.predict import output_state, predict_slide
 
 from conftest import DATA
@@ -178,17 +178,23 @@ def test_a_failing_slide_is_one_bleep_error_naming_it(trained, expected, client,
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     out = tmp_path / "out"
-    with pytest.raises(BleepError, match=r"1 of 2 slides failed .*broken\.jpg") as e:
+    with pytest.raises(BleepError, match=r"^1 of 2 slides failed \(the others are written\): .*broken\.jpg") as e:
         predict_cohort(model_dir, ref_path, [slides[0], broken], out, client=client, **OPTIONS)
     assert "\n" not in str(e.value)
     assert_equal({slides[0]: out / f"{slides[0].stem}.h5ad"}, expected)  # the other slide is written
     assert not (out / "broken.h5ad").exists()
     # Through the command line: exit 2, one error line naming the slide, no traceback.
-    args = ["predict", "--model", str(model_dir), "--reference", str(tmp_path / "missing.safetensors"), "--slide", str(slides[1]),
-            "--um-per-px", str(UM), "--out", str(tmp_path / "out2"), "--scheduler", client.scheduler.address]
-    assert main(args) == 2
+    args = ["predict", "--model", str(model_dir), "--reference", str(ref_path), "--um-per-px", str(UM), "--out", str(tmp_path / "out2"),
+            "--scheduler", client.scheduler.address, "--slide"]
+    assert main([*args, str(broken)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "bleep-rs: error: 1 of 1 slides failed" in err and slides[1].name in err and "missing.safetensors" in err
+    assert err.count("\n") == 1 and err.startswith("bleep-rs: error: 1 of 1 slides failed: ") and str(broken) in err
+    # What is checked before any work (and before a cluster is started): the inputs exist.
+    assert main([*args, str(slides[0]), str(tmp_path / "nowhere.jpg")]) == 2
+    assert "1 of 2 slides do not exist" in capsys.readouterr().err
+    args[4] = str(tmp_path / "missing.safetensors")
+    assert main([*args, str(slides[0])]) == 2
+    assert "missing.safetensors: no such reference" in capsys.readouterr().err
     with pytest.raises(BleepError, match="unknown options"):
         predict_cohort(model_dir, ref_path, slides, out, client=client, kk=5)
     with pytest.raises(BleepError, match="either --scheduler"), connect():
@@ -197,6 +203,7 @@ def test_a_failing_slide_is_one_bleep_error_naming_it(trained, expected, client,
 
 def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, tmp_path, capsys):
     import dataclasses
+    import functools
 
     from bleep_rs.config import TrainConfig
     from bleep_rs.training import train
@@ -204,8 +211,10 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
     cfg = TrainConfig(epochs=1, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0],
                       tta=False, augment=False, progress=True, cache_dir=str(tmp_path / "cache"))
-    on_cluster = train(sections, tmp_path / "m1", cfg, client=client)
-    assert capsys.readouterr().out.count("backbone features of") == 2
+    records: list = []
+    on_cluster = train(sections, tmp_path / "m1", cfg, feature_pass=functools.partial(cache_features, client, report=records.append))
+    assert len(records) == 2 and {r["section"] for r in records} == {"C2", "C3"}
+    assert all(r["loads"] == 1 for r in records)  # the backbone built once per worker process
     entries = sorted((tmp_path / "cache" / "features").glob("*.npy"))
     assert len(entries) == 2
     # Training alone with its own cache: the same entries, bit for bit, and so the same model.
@@ -222,4 +231,4 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
     assert "backbone features of" not in capsys.readouterr().out
     assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 2
     with pytest.raises(BleepError, match="frozen"):
-        train(sections, tmp_path / "m4", dataclasses.replace(cfg, freeze_backbone=False), client=client)
+        train(sections, tmp_path / "m4", dataclasses.replace(cfg, freeze_backbone=False), feature_pass=functools.partial(cache_features, client))

@@ -108,10 +108,15 @@ def _run_train(args) -> None:
     cfg = _config_from_args(TrainConfig, args)
     sections = _read_sections(args.sections, args)
     if args.scheduler is not None or args.workers is not None:
-        from bleep_rs.cohort import connect
+        import functools
+
+        from bleep_rs.cohort import cache_features, connect
+
+        def report(r: dict) -> None:
+            print(f"backbone features of {r['section']}: {r['shape'][1]} spots ({r['seconds']:.1f} s)", flush=True)
 
         with connect(args.scheduler, args.workers) as client:
-            train(sections, args.out, cfg, client=client)
+            train(sections, args.out, cfg, feature_pass=functools.partial(cache_features, client, report=report))
     else:
         train(sections, args.out, cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -267,7 +272,7 @@ def _run_predict(args) -> None:
 
 def _run_predict_cohort(args) -> None:
     """predict --slide ... across a Dask cluster: one line per slide as it finishes."""
-    from bleep_rs.cohort import connect, predict_cohort
+    from bleep_rs.cohort import check_cohort, connect, predict_cohort
     from bleep_rs.predict import shard
 
     if args.slide is None:
@@ -275,6 +280,8 @@ def _run_predict_cohort(args) -> None:
     if args.hd_run:
         raise BleepError("--hd-run aligns the bins of one slide: predict it without --scheduler / --workers")
     slides = shard(args.slide, args.shard)
+    fmt = args.format or "h5ad"
+    check_cohort(args.model, args.reference, slides, args.out, fmt=fmt, overwrite=args.overwrite)  # before a cluster starts
     done = [0]
 
     def report(record: dict) -> None:
@@ -290,7 +297,7 @@ def _run_predict_cohort(args) -> None:
     options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
                    queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision)
     with connect(args.scheduler, args.workers) as client:
-        predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=args.format or "h5ad", overwrite=args.overwrite,
+        predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=fmt, overwrite=args.overwrite,
                        device=args.device, report=report, **options)
 
 

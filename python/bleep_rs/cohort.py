@@ -29,7 +29,7 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["connect", "predict_cohort", "cache_features"]
+__all__ = ["connect", "check_cohort", "predict_cohort", "cache_features"]
 
 #: The keywords of :func:`bleep_rs.predict.predict_slides` a cohort passes on to each slide.
 SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision")
@@ -144,6 +144,16 @@ def _named(slide: str, message: str) -> str:
     return message if slide in message else f"{slide}: {message}"
 
 
+def _raise_failures(failed: list, total: int, what: str, name: str) -> None:
+    """One BleepError line for the failed tasks: how many, the first one's reason (naming it), the others' names."""
+    if not failed:
+        return
+    first, rest = failed[0], [r[name] for r in failed[1:]]
+    others = " (the others are written)" if len(failed) < total else ""
+    also = f"; also failed: {', '.join(rest[:5])}{' ...' if len(rest) > 5 else ''}" if rest else ""
+    raise BleepError(f"{len(failed)} of {total} {what} failed{others}: {_named(first[name], first['error'])}{also}")
+
+
 def _collect(future, slide: str, out: str, distributed) -> dict:
     """A finished task's record; a task that raised, or whose workers kept dying, as an error record."""
     try:
@@ -153,6 +163,23 @@ def _collect(future, slide: str, out: str, distributed) -> dict:
                 "error": f"the workers running it died each time it was tried ({e}): is it too large for a worker's memory?"}
     except Exception as e:  # the task's own exception, as Dask hands it over
         return {"slide": slide, "out": out, "status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def check_cohort(model_path, reference_path, slides: Sequence, out_dir, *, fmt: str = "h5ad", overwrite: bool = False) -> dict:
+    """The checks a cohort passes before any work (and before a cluster is started for it): the model,
+    the reference and every slide exist, and the outputs (see :func:`bleep_rs.predict.slide_outputs`).
+    Returns ``{slide: output path}``."""
+    from .predict import prediction_format, slide_outputs
+
+    prediction_format(f"x.{fmt}", fmt)
+    if not (Path(model_path) / "config.json").is_file():
+        raise BleepError(f"{model_path}: not a bleep-rs model directory (no config.json): give the folder bleep-rs train wrote")
+    if not Path(reference_path).exists():
+        raise BleepError(f"{reference_path}: no such reference (a file or a folder of shards from bleep-rs reference)")
+    missing = [str(s) for s in slides if not Path(s).exists()]
+    if missing:
+        raise BleepError(f"{len(missing)} of {len(slides)} slides do not exist ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+    return slide_outputs([str(s) for s in slides], Path(out_dir), fmt, overwrite=overwrite)
 
 
 def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, client, fmt: str = "h5ad", overwrite: bool = False,
@@ -169,15 +196,14 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     Returns ``{slide: output path}`` for every slide. Slides that failed do not stop the others; once
     all have finished, a BleepError names the failed slides and the first failure's reason. The model,
     reference, slides and ``out_dir`` must be reachable from every worker at the same paths."""
-    from .predict import output_state, prediction_format, slide_outputs
+    from .predict import output_state
 
     unknown = set(predict_options) - set(SLIDE_OPTIONS)
     if unknown:
         raise BleepError(f"predict_cohort: unknown options {sorted(unknown)} (known: {', '.join(SLIDE_OPTIONS)})")
-    prediction_format(f"x.{fmt}", fmt)
     distributed = _distributed()
     slides = [str(s) for s in slides]
-    outputs = slide_outputs(slides, Path(out_dir), fmt, overwrite=overwrite)
+    outputs = check_cohort(model_path, reference_path, slides, out_dir, fmt=fmt, overwrite=overwrite)
     provenance = (str(model_path), str(reference_path))
     model_abs, ref_abs = str(Path(model_path).resolve()), str(Path(reference_path).resolve())
     futures, records = {}, []
@@ -201,11 +227,7 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
         records.append(record)
         if report is not None:
             report(record)
-    failed = [r for r in records if r["status"] == "error"]
-    if failed:
-        first = failed[0]
-        raise BleepError(f"{len(failed)} of {len(slides)} slides failed (the others are written); "
-                         f"{', '.join(r['slide'] for r in failed)}; first: {_named(first['slide'], first['error'])}")
+    _raise_failures([r for r in records if r["status"] == "error"], len(slides), "slides", "slide")
     return {slide: outputs[slide] for slide in slides}
 
 
@@ -249,8 +271,9 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
                    report: Optional[Callable[[dict], None]] = None) -> list:
     """Fills the training feature cache with the frozen backbone features of ``sections`` across the Dask
     cluster of ``client``, one task per section not cached yet; :func:`bleep_rs.train` then reads them
-    from the cache as if it had computed them. Called by ``train(..., client=...)`` with its model (whose
-    backbone weights go once to every worker), config and resolution. The cache folder
+    from the cache as if it had computed them: ``train(..., feature_pass=functools.partial(cache_features,
+    client))`` calls it with its model (whose backbone weights go once to every worker), sections,
+    config and resolution. ``report(record)``: called for each section done. The cache folder
     (``config.cache_dir``, else ``$BLEEP_RS_CACHE``) must be one the workers reach at the same path.
     Returns the task records; a BleepError names the sections that failed."""
     import dataclasses
@@ -282,10 +305,7 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
         record = {**_collect(future, name, "", distributed), "section": name}
         future.release()
         records.append(record)
-        if report is not None:
+        if report is not None and record["status"] == "done":
             report(record)
-    failed = [r for r in records if r["status"] == "error"]
-    if failed:
-        raise BleepError(f"the backbone features of {len(failed)} of {len(todo)} sections failed: "
-                         f"{', '.join(r['section'] for r in failed)}; first: {_named(failed[0]['section'], failed[0]['error'])}")
+    _raise_failures([r for r in records if r["status"] == "error"], len(todo), "sections' backbone features", "section")
     return records
