@@ -101,6 +101,8 @@ def test_command_line_with_local_workers(trained, expected, tmp_path, capsys):
 
 def test_outputs_equal_the_single_process_path_and_a_rerun_skips_them(trained, expected, client, tmp_path):
     model_dir, ref_path, slides = trained
+    # The workers run this bleep_rs (spawned processes inherit the test's sys.path), not another install.
+    assert set(client.run(lambda: __import__("bleep_rs").__file__).values()) == {bleep_rs.__file__}
     records = []
     outputs = predict_cohort(model_dir, ref_path, slides, tmp_path, client=client, report=records.append, **OPTIONS)
     assert set(outputs) == {str(s) for s in slides}
@@ -132,8 +134,16 @@ def executing(dask_worker) -> list:
     return [str(ts.key) for ts in dask_worker.state.executing]
 
 
-def test_a_worker_killed_mid_slide_loses_nothing(trained, expected, client, tmp_path):
+@pytest.mark.parametrize("tiles_per_task", [None, 8])
+def test_a_worker_killed_mid_slide_loses_nothing(trained, expected, client, tmp_path, tiles_per_task):
+    """Killed while it runs a slide (or, in blocks, a block, holding the blocks it finished)."""
+    from bleep_rs.model import load_model
+
     model_dir, ref_path, slides = trained
+    options = OPTIONS if tiles_per_task is None else {**OPTIONS, "batch_size": 8}
+    if tiles_per_task is not None:
+        model, ref = load_model(model_dir), bleep_rs.Reference.load(ref_path)
+        expected = {str(s): predict_slide(model, ref, s, progress=False, **options) for s in slides}
     slides = slides + [s.with_name(s.stem + "x.jpg") for s in slides]  # eight slides, so that work remains after the kill
     for s in slides[4:]:
         shutil.copyfile(s.with_name(s.name.replace("x.jpg", ".jpg")), s)
@@ -143,7 +153,7 @@ def test_a_worker_killed_mid_slide_loses_nothing(trained, expected, client, tmp_
     def run():
         try:
             box["outputs"] = predict_cohort(model_dir, ref_path, slides, tmp_path, client=client, report=box.setdefault("records", []).append,
-                                            **OPTIONS)
+                                            tiles_per_task=tiles_per_task, **options)
         except BaseException as e:
             box["error"] = e
 
@@ -199,6 +209,33 @@ def test_a_failing_slide_is_one_bleep_error_naming_it(trained, expected, client,
         predict_cohort(model_dir, ref_path, slides, out, client=client, kk=5)
     with pytest.raises(BleepError, match="either --scheduler"), connect():
         pass
+
+
+def test_a_slide_in_blocks_of_tiles_equals_the_single_process_path(trained, client, tmp_path, capsys):
+    from bleep_rs.model import load_model
+
+    model_dir, ref_path, slides = trained
+    model, ref = load_model(model_dir), bleep_rs.Reference.load(ref_path)
+    options = {**OPTIONS, "batch_size": 8, "neighbours": True}
+    want = {str(s): predict_slide(model, ref, s, progress=False, **options) for s in slides[::2]}
+    records = []
+    outputs = predict_cohort(model_dir, ref_path, slides[::2], tmp_path, client=client, tiles_per_task=5, report=records.append, **options)
+    assert sorted(r["blocks"] for r in records) == [5, 5]  # 34 and 36 tiles in blocks of 8 (5 rounded up to a whole batch)
+    assert_equal(outputs, want)
+    for slide, out in outputs.items():
+        got = ad.read_h5ad(out)
+        assert np.array_equal(got.obsm["bleep_neighbours"], want[slide].obsm["bleep_neighbours"])
+        assert got.uns["spatial"].keys() == want[slide].uns["spatial"].keys()
+        assert set(got.uns["bleep"]["seconds"]) == set(want[slide].uns["bleep"]["seconds"])
+    # The command line; a broken slide is one error naming it.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    args = ["predict", "--model", str(model_dir), "--reference", str(ref_path), "--um-per-px", str(UM), "--out", str(tmp_path / "cli"),
+            "--k", "5", "--min-tissue", "0.05", "--batch-size", "8", "--tiles-per-task", "5", "--scheduler", client.scheduler.address, "--slide"]
+    assert main([*args, str(slides[1])]) == 0
+    assert capsys.readouterr().out.strip().endswith("5 blocks)")
+    assert main([*args, str(broken)]) == 2
+    assert "1 of 1 slides failed: " in capsys.readouterr().err
 
 
 def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, tmp_path, capsys):

@@ -168,6 +168,8 @@ def _add_others(sub) -> None:
     pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
     _cluster_options(pr, "one task per slide; --out is then a folder (one STEM.h5ad per slide)")
+    pr.add_argument("--tiles-per-task", type=int, metavar="N",
+                    help="with --scheduler / --workers: each slide in blocks of about N tiles or bins, one task each (for huge slides)")
 
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
     ev.add_argument("prediction", type=Path)
@@ -228,6 +230,8 @@ def _run_predict(args) -> None:
     if args.scheduler is not None or args.workers is not None:
         _run_predict_cohort(args)
         return
+    if args.tiles_per_task is not None:
+        raise BleepError("--tiles-per-task splits slides into tasks of a Dask cluster: give --scheduler ADDRESS or --workers N")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     several = args.slide is not None and len(args.slide) > 1
@@ -288,7 +292,8 @@ def _run_predict_cohort(args) -> None:
         done[0] += 1
         count = f"[{done[0]}/{len(slides)}]"
         if record["status"] == "done":
-            print(f"{count} {record['n_obs']} {record['mode']} predicted: {record['out']} ({record['seconds']:.1f} s)", flush=True)
+            blocks = f", {record['blocks']} blocks" if "blocks" in record else ""
+            print(f"{count} {record['n_obs']} {record['mode']} predicted: {record['out']} ({record['seconds']:.1f} s{blocks})", flush=True)
         elif record["status"] == "skipped":
             print(f"{count} {record['out']}: complete, skipped", flush=True)
         else:
@@ -298,7 +303,7 @@ def _run_predict_cohort(args) -> None:
                    queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision)
     with connect(args.scheduler, args.workers) as client:
         predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=fmt, overwrite=args.overwrite,
-                       device=args.device, report=report, **options)
+                       device=args.device, report=report, tiles_per_task=args.tiles_per_task, **options)
 
 
 def _run_evaluate(args) -> None:

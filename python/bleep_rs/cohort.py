@@ -47,8 +47,8 @@ def _distributed():
 def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, threads_per_worker: int = 1) -> Iterator:
     """A ``distributed.Client``: of the running scheduler at ``scheduler`` (e.g. ``tcp://host:8786``), or
     of a ``LocalCluster`` of ``workers`` worker processes started here and closed on leaving the block.
-    Each local worker's numerical libraries (torch, BLAS) get this machine's cores divided among the
-    workers (Dask's default is one thread each). The one place that makes a client for the CLI."""
+    Each local worker's numerical libraries (torch, BLAS, bleep-rs's own pool) get this machine's cores
+    divided among the workers (Dask's default is one thread each). The one place that makes a client for the CLI."""
     if (scheduler is None) == (workers is None):
         raise BleepError("give either --scheduler ADDRESS (a running Dask scheduler) or --workers N (worker processes started here)")
     distributed = _distributed()
@@ -63,7 +63,7 @@ def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, t
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BleepError(f"--workers must be a number of worker processes, at least 1, not {workers!r}")
     cores = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {name: cores for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env = {name: cores for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLEEP_RS_NUM_THREADS")}
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                                        dashboard_address=None, env=env)
     with contextlib.closing(cluster), contextlib.closing(distributed.Client(cluster)) as client:
@@ -102,12 +102,17 @@ def _cached(kind: str, key, open_: Callable):
         return _CACHE[kind][1]
 
 
-def _model_and_reference(model_path: str, reference_path: str, device: str) -> tuple:
+def _load_model(model_path: str, device: str):
     from .model import load_model
-    from .reference import Reference
     from .training import pick_device
 
-    model = _cached("model", _fingerprint(Path(model_path)), lambda: load_model(model_path, device=str(pick_device(device))))
+    return load_model(model_path, device=str(pick_device(device)))
+
+
+def _model_and_reference(model_path: str, reference_path: str, device: str) -> tuple:
+    from .reference import Reference
+
+    model = _cached("model", (_fingerprint(Path(model_path)), device), lambda: _load_model(model_path, device))
     ref = _cached("reference", _fingerprint(Path(reference_path)), lambda: Reference.load(reference_path))
     return model, ref
 
@@ -137,6 +142,78 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
             "seconds": time.perf_counter() - started, "loads": {k: LOADS[k] for k in ("model", "reference")}}
 
 
+class TaskError(Exception):
+    """A BleepError raised on a worker, carried back to the client (BleepError itself does not pickle)."""
+
+
+def _as_task_error(fn: Callable):
+    try:
+        return fn()
+    except BleepError as e:
+        raise TaskError(str(e)) from None
+
+
+def _grid_task(slide: str, model_path: str, device: str, options: dict) -> dict:
+    """A huge slide split into blocks, first step: its tissue and its grid of outputs (see
+    :func:`bleep_rs.predict.slide_grid`), on a worker."""
+    from .predict import _open_slide
+
+    def run():
+        started = time.perf_counter()
+        model = _cached("model", (_fingerprint(Path(model_path)), device), lambda: _load_model(model_path, device))
+        opened, n, _ = _open_slide(model, slide, um_per_px=options.get("um_per_px"), min_tissue=options.get("min_tissue", 0.5),
+                                   bin_um=options.get("bin_um"), hd_run=None)
+        return {"grid": opened.grid, "thumbnail": opened.thumbnail, "target": opened.target_um_per_px, "n": n,
+                "tissue": time.perf_counter() - started}
+
+    return _as_task_error(run)
+
+
+def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, device: str, options: dict) -> tuple:
+    """The embeddings of outputs ``start:stop`` of a slide's grid, on a worker (the single-process
+    pipeline on those rows: the same batches when ``start`` is a multiple of the batch size)."""
+    from .predict import embed_batches
+    from .slide import Slide
+
+    def run():
+        model = _cached("model", (_fingerprint(Path(model_path)), device), lambda: _load_model(model_path, device))
+        cfg, centres = model.config, grid["grid"].centres[start:stop]
+        image = Slide(slide, um_per_px=options.get("um_per_px"))
+        read = lambda sl: image.spot_patches(centres[sl], cfg.patch_size, grid["target"], fields=cfg.fields_of_view)  # noqa: E731
+        return embed_batches(model, len(centres), read, name=slide, batch_size=options.get("batch_size"), progress=False,
+                             queue_depth=options.get("queue_depth", 2), precision=options.get("precision", "auto"))
+
+    return _as_task_error(run)
+
+
+def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, model_path: str, reference_path: str, device: str,
+                   provenance: tuple, options: dict) -> dict:
+    """A huge slide's last step, on a worker: the blocks' embeddings imputed together, the prediction
+    assembled as the single-process path does and written atomically."""
+    from .predict import _impute, _OpenSlide, _retrieval, _slide_prediction, check_compatible, write_prediction
+    from .slide import Slide
+
+    def run():
+        started = time.perf_counter()
+        model, ref = _model_and_reference(model_path, reference_path, device)
+        check_compatible(model, ref)
+        k, method = _retrieval(model, options.get("k"), options.get("method"))
+        emb = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, model.config.embedding_dim), np.float32)
+        seconds = {"tissue": grid["tissue"], **{key: sum(b[1][key] for b in blocks) for key in ("engine", "read", "encode", "wait")}}
+        t = time.perf_counter()
+        imputed = _impute(ref, emb, k=k, method=method)
+        seconds["impute"] = time.perf_counter() - t
+        opened = _OpenSlide(slide, Slide(slide, um_per_px=options.get("um_per_px")), grid["target"], grid["grid"], grid["thumbnail"])
+        adata = _slide_prediction(model, ref, opened, imputed, seconds, k=k, method=method, min_tissue=options.get("min_tissue", 0.5),
+                                  neighbours=bool(options.get("neighbours")), model_path=provenance[0], reference_path=provenance[1], hd_run=None)
+        adata.uns["bleep"]["seconds"]["total"] = sum(seconds.values()) + time.perf_counter() - started
+        write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked on the client
+        return {"slide": slide, "out": out, "pid": os.getpid(), "status": "done", "n_obs": int(adata.n_obs),
+                "mode": adata.uns["bleep"]["mode"], "seconds": adata.uns["bleep"]["seconds"]["total"], "blocks": len(blocks)}
+
+    return _as_task_error(run)
+
+
 # -- on the client -------------------------------------------------------------------------------------
 
 
@@ -161,6 +238,8 @@ def _collect(future, slide: str, out: str, distributed) -> dict:
     except distributed.KilledWorker as e:
         return {"slide": slide, "out": out, "status": "error",
                 "error": f"the workers running it died each time it was tried ({e}): is it too large for a worker's memory?"}
+    except TaskError as e:
+        return {"slide": slide, "out": out, "status": "error", "error": str(e)}
     except Exception as e:  # the task's own exception, as Dask hands it over
         return {"slide": slide, "out": out, "status": "error", "error": f"{type(e).__name__}: {e}"}
 
@@ -183,7 +262,8 @@ def check_cohort(model_path, reference_path, slides: Sequence, out_dir, *, fmt: 
 
 
 def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, client, fmt: str = "h5ad", overwrite: bool = False,
-                   device: str = "auto", report: Optional[Callable[[dict], None]] = None, **predict_options) -> dict:
+                   device: str = "auto", report: Optional[Callable[[dict], None]] = None, tiles_per_task: Optional[int] = None,
+                   **predict_options) -> dict:
     """Predicts whole slides across the Dask cluster of ``client``, one task per slide, each written to
     ``out_dir/STEM.FMT`` by the worker that predicted it (see the module's notes). Outputs already
     complete are skipped unless ``overwrite``; a file there that bleep-rs did not write is an error
@@ -192,6 +272,10 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     ``batch_size``, ``queue_depth``, ``neighbours``, ``bin_um``, ``precision``); ``device`` where each
     worker runs the encoder. ``report(record)`` is called here for each slide as it finishes (in order
     of completion), the record's ``status`` being "done", "skipped" or "error".
+
+    ``tiles_per_task``: a huge slide in several tasks: one finds its tissue and grid, one per block of
+    about this many outputs (rounded up to whole encoder batches, so that the answer is the single
+    process's) embeds them, and a last one imputes them all, assembles and writes the prediction.
 
     Returns ``{slide: output path}`` for every slide. Slides that failed do not stop the others; once
     all have finished, a BleepError names the failed slides and the first failure's reason. The model,
@@ -206,24 +290,46 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     outputs = check_cohort(model_path, reference_path, slides, out_dir, fmt=fmt, overwrite=overwrite)
     provenance = (str(model_path), str(reference_path))
     model_abs, ref_abs = str(Path(model_path).resolve()), str(Path(reference_path).resolve())
-    futures, records = {}, []
+    step = None
+    if tiles_per_task is not None:
+        if int(tiles_per_task) < 1:
+            raise BleepError(f"--tiles-per-task must be at least 1, not {tiles_per_task!r}")
+        bs = int(predict_options.get("batch_size") or 256)  # 256: whole batches of the CPU's (64) and a GPU's (256) encoder
+        step = -(-int(tiles_per_task) // bs) * bs  # whole batches: the same batches as one process, the same answer
+    done, records, roles = distributed.as_completed(), [], {}
+
+    def submit(kind: str, slide: str, fn: Callable, *args, follow: bool = True):
+        # pure=False: a rerun is new work, not a result the scheduler may still hold from before.
+        future = client.submit(fn, *args, key=f"bleep-{kind}-{Path(slide).stem}-{os.urandom(4).hex()}", pure=False)
+        if follow:
+            roles[future.key] = (kind, slide)
+            done.add(future)
+        return future
+
     for slide in slides:
         out = outputs[slide]
         if output_state(out) == "complete" and not overwrite:
             records.append({"slide": slide, "out": str(out), "status": "skipped"})
-            continue
-        # pure=False: a rerun is new work, not a result the scheduler may still hold from before.
-        future = client.submit(_predict_task, str(Path(slide).resolve()), str(out.resolve()), fmt, overwrite, model_abs, ref_abs,
-                               device, provenance, predict_options, key=f"bleep-predict-{Path(slide).stem}-{os.urandom(4).hex()}",
-                               pure=False)
-        futures[future.key] = (future, slide, str(out))
+        elif step is None:
+            submit("predict", slide, _predict_task, str(Path(slide).resolve()), str(out.resolve()), fmt, overwrite, model_abs, ref_abs,
+                   device, provenance, predict_options)
+        else:
+            submit("grid", slide, _grid_task, str(Path(slide).resolve()), model_abs, device, predict_options)
     for record in records:
         if report is not None:
             report(record)
-    for future in distributed.as_completed([f for f, _, _ in futures.values()]):
-        _, slide, out = futures.pop(future.key)
-        record = {**_collect(future, slide, out, distributed), "slide": slide, "out": out}
+    for future in done:
+        kind, slide = roles.pop(future.key)
+        out = outputs[slide]
+        record = _collect(future, slide, str(out), distributed)
+        if kind == "grid" and "status" not in record:  # the grid: its blocks, then the task that assembles them
+            blocks = [submit("block", slide, _block_task, str(Path(slide).resolve()), future, start, min(start + step, record["n"]), model_abs,
+                             device, predict_options, follow=False) for start in range(0, record["n"], step)]
+            submit("assemble", slide, _assemble_task, str(Path(slide).resolve()), str(out.resolve()), fmt, future, blocks, model_abs, ref_abs,
+                   device, provenance, predict_options)
+            continue
         future.release()
+        record = {**record, "slide": slide, "out": str(out)}
         records.append(record)
         if report is not None:
             report(record)
