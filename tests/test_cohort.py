@@ -64,7 +64,8 @@ def expected(trained):
 @pytest.fixture(scope="module")
 def client():
     """Two worker processes of one thread each; they inherit PYTHONPATH and so import this bleep_rs."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       scheduler_kwargs={"dashboard_address": ":0"})
     with cluster, distributed.Client(cluster) as c:
         yield c
 
@@ -260,12 +261,18 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
         assert np.array_equal(np.load(entry), np.load(tmp_path / "local" / "features" / entry.name))
     a, b = on_cluster.state_dict(), alone.state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
-    # Everything cached: no task; through the command line on the running scheduler.
+    # Everything cached: no task. The command line: on the running scheduler, and on a worker started for
+    # the backbone pass (a new cache): the same entries and model.
     args = ["train", str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3"), "--out", str(tmp_path / "m3"), "--epochs", "1",
             "--n-top-genes", "64", "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0", "--fields-of-view", "1",
-            "--no-tta", "--no-augment", "--cache-dir", str(tmp_path / "cache"), "--scheduler", client.scheduler.address]
-    assert main(args) == 0
+            "--no-tta", "--no-augment", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--scheduler", client.scheduler.address]) == 0
     assert "backbone features of" not in capsys.readouterr().out
     assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 2
+    args[4], args[-1] = str(tmp_path / "m5"), str(tmp_path / "cache2")
+    assert main([*args, "--workers", "1"]) == 0
+    assert capsys.readouterr().out.count("backbone features of") == 2
+    for entry in entries:
+        assert np.array_equal(np.load(entry), np.load(tmp_path / "cache2" / "features" / entry.name))
     with pytest.raises(BleepError, match="frozen"):
         train(sections, tmp_path / "m4", dataclasses.replace(cfg, freeze_backbone=False), feature_pass=functools.partial(cache_features, client))

@@ -108,15 +108,16 @@ def _run_train(args) -> None:
     cfg = _config_from_args(TrainConfig, args)
     sections = _read_sections(args.sections, args)
     if args.scheduler is not None or args.workers is not None:
-        import functools
-
         from bleep_rs.cohort import cache_features, connect
 
         def report(r: dict) -> None:
             print(f"backbone features of {r['section']}: {r['shape'][1]} spots ({r['seconds']:.1f} s)", flush=True)
 
-        with connect(args.scheduler, args.workers) as client:
-            train(sections, args.out, cfg, feature_pass=functools.partial(cache_features, client, report=report))
+        def feature_pass(model, secs, config, um) -> None:  # the cluster lives for the backbone pass only, not the training
+            with connect(args.scheduler, args.workers) as client:
+                cache_features(client, model, secs, config, um, report=report)
+
+        train(sections, args.out, cfg, feature_pass=feature_pass)
     else:
         train(sections, args.out, cfg)
     if os.environ.get("RANK", "0") == "0":

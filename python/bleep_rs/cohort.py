@@ -64,8 +64,9 @@ def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, t
         raise BleepError(f"--workers must be a number of worker processes, at least 1, not {workers!r}")
     cores = str(max(1, (os.cpu_count() or 1) // workers))
     env = {name: cores for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLEEP_RS_NUM_THREADS")}
+    # No dashboard, and the scheduler's HTTP routes on a free port (not 8787, which another cluster may hold).
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                                       dashboard_address=None, env=env)
+                                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"}, env=env)
     with contextlib.closing(cluster), contextlib.closing(distributed.Client(cluster)) as client:
         yield client
 
