@@ -54,6 +54,7 @@ def _add_train(sub) -> None:
     _section_options(p)
     p.add_argument("--out", type=Path, required=True, help="model directory to write (model.safetensors + config.json)")
     _add_config_options(p, TrainConfig)
+    _cluster_options(p, "the frozen backbone's features of the sections, one task per section, into the feature cache")
 
 
 def _add_config_options(p, cls) -> None:
@@ -105,7 +106,20 @@ def _run_train(args) -> None:
     from bleep_rs.training import train
 
     cfg = _config_from_args(TrainConfig, args)
-    train(_read_sections(args.sections, args), args.out, cfg)
+    sections = _read_sections(args.sections, args)
+    if args.scheduler is not None or args.workers is not None:
+        from bleep_rs.cohort import cache_features, connect
+
+        def report(r: dict) -> None:
+            print(f"backbone features of {r['section']}: {r['shape'][1]} spots ({r['seconds']:.1f} s)", flush=True)
+
+        def feature_pass(model, secs, config, um) -> None:  # the cluster lives for the backbone pass only, not the training
+            with connect(args.scheduler, args.workers) as client:
+                cache_features(client, model, secs, config, um, report=report)
+
+        train(sections, args.out, cfg, feature_pass=feature_pass)
+    else:
+        train(sections, args.out, cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {args.out}")
 
@@ -154,6 +168,9 @@ def _add_others(sub) -> None:
                     help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
     pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
+    _cluster_options(pr, "one task per slide; --out is then a folder (one STEM.h5ad per slide)")
+    pr.add_argument("--tiles-per-task", type=int, metavar="N",
+                    help="with --scheduler / --workers: each slide in blocks of about N tiles or bins, one task each (for huge slides)")
 
     ev = sub.add_parser("evaluate", help="per-gene Pearson r of a prediction against the measured section")
     ev.add_argument("prediction", type=Path)
@@ -170,6 +187,13 @@ def _add_others(sub) -> None:
     pl.add_argument("--genes", nargs="+", required=True)
     pl.add_argument("--out", type=Path, required=True, help="FIGURE.png (or .pdf, .svg ...)")
     pl.add_argument("--overwrite", action="store_true")
+
+
+def _cluster_options(p, what: str) -> None:
+    """--scheduler / --workers: the work spread over a Dask cluster (the dask extra)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--scheduler", metavar="ADDRESS", help=f"a running Dask scheduler (tcp://host:8786) to spread the work over: {what}")
+    group.add_argument("--workers", type=int, metavar="N", help=f"start N Dask worker processes here for this command (closed after): {what}")
 
 
 def _read_gene_file(path: Path) -> list:
@@ -204,6 +228,11 @@ def _run_predict(args) -> None:
 
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
+    if args.scheduler is not None or args.workers is not None:
+        _run_predict_cohort(args)
+        return
+    if args.tiles_per_task is not None:
+        raise BleepError("--tiles-per-task splits slides into tasks of a Dask cluster: give --scheduler ADDRESS or --workers N")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     several = args.slide is not None and len(args.slide) > 1
@@ -244,6 +273,38 @@ def _run_predict(args) -> None:
             # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
             write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
             print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
+
+
+def _run_predict_cohort(args) -> None:
+    """predict --slide ... across a Dask cluster: one line per slide as it finishes."""
+    from bleep_rs.cohort import check_cohort, connect, predict_cohort
+    from bleep_rs.predict import shard
+
+    if args.slide is None:
+        raise BleepError("--scheduler / --workers spread whole slides (--slide IMAGE ...) over a cluster; predict a SECTION without them")
+    if args.hd_run:
+        raise BleepError("--hd-run aligns the bins of one slide: predict it without --scheduler / --workers")
+    slides = shard(args.slide, args.shard)
+    fmt = args.format or "h5ad"
+    check_cohort(args.model, args.reference, slides, args.out, fmt=fmt, overwrite=args.overwrite)  # before a cluster starts
+    done = [0]
+
+    def report(record: dict) -> None:
+        done[0] += 1
+        count = f"[{done[0]}/{len(slides)}]"
+        if record["status"] == "done":
+            blocks = f", {record['blocks']} blocks" if "blocks" in record else ""
+            print(f"{count} {record['n_obs']} {record['mode']} predicted: {record['out']} ({record['seconds']:.1f} s{blocks})", flush=True)
+        elif record["status"] == "skipped":
+            print(f"{count} {record['out']}: complete, skipped", flush=True)
+        else:
+            print(f"{count} {record['slide']}: failed: {record['error']}", flush=True)
+
+    options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
+                   queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision)
+    with connect(args.scheduler, args.workers) as client:
+        predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=fmt, overwrite=args.overwrite,
+                       device=args.device, report=report, tiles_per_task=args.tiles_per_task, **options)
 
 
 def _run_evaluate(args) -> None:

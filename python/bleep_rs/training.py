@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -429,11 +429,14 @@ def train(
     *,
     features: Optional[Sequence[np.ndarray]] = None,
     data: Optional[TrainingData] = None,
+    feature_pass: Optional[Callable] = None,
 ) -> BleepModel:
     """Trains BLEEP on ``sections`` (paths or AnnData from :func:`~bleep_rs.read_section`) and writes the
     best model (lowest validation loss) to ``out_dir``. ``features``: per-section precomputed patch
     features for a ``features:D`` backbone; ``data``: inputs prepared already (see :func:`prepare_data`).
-    Returns the best model."""
+    ``feature_pass(model, sections, config, um_per_px)``: called before the frozen backbone's features
+    are read from the feature cache, to fill it elsewhere (e.g. :func:`bleep_rs.cohort.cache_features`
+    bound to a Dask client: ``functools.partial(cache_features, client)``). Returns the best model."""
     cfg = config or TrainConfig()
     if cfg.loss not in LOSSES:
         raise BleepError(f"loss must be one of {LOSSES}, not {cfg.loss!r}")
@@ -463,6 +466,13 @@ def train(
     if frozen:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
+    if feature_pass is not None:
+        if not (frozen and model.spec.takes_images and features is None and data is None):
+            raise BleepError("a feature pass (--scheduler / --workers) computes a frozen image backbone's features: "
+                             "not with --no-freeze-backbone, a features:D backbone or inputs prepared already")
+        if world > 1:
+            raise BleepError("--scheduler / --workers or torchrun: not both")
+        feature_pass(model, secs, cfg, um)
     if data is None:
         data = prepare_data(secs, cfg, panel=panel, features=features, model=model if frozen and features is None else None)
     if not frozen and data.are_features:
