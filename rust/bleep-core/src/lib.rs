@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 mod aggregate;
+mod buf;
 pub mod cpu;
 mod error;
 mod kernel;
@@ -31,9 +32,10 @@ mod mutation;
 pub mod pool;
 mod reference;
 mod search;
+mod sparse;
 mod topk;
 
-pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Method, Table};
+pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Format, Method, Table};
 pub use cpu::Kernel;
 pub use error::{Error, Result};
 pub use matrix::Matrix;

@@ -11,6 +11,7 @@
 //! rows as given and their norms: no normalised copy is kept), so the result is the exact top k all the
 //! same.
 
+use crate::buf::Buf;
 use crate::cpu::Kernel;
 use crate::error::{Error, Result};
 use crate::kernel::{
@@ -34,11 +35,16 @@ const L2_CHUNK_BYTES: usize = 384 * 1024;
 /// of kernel (packed on first use): the search structure of a [`Reference`](crate::Reference), usable
 /// alone. No normalised copy of the rows is kept: panels are packed and candidates rescored from the
 /// rows and their norms.
+///
+/// The rows and norms may be borrowed from a mapped reference file ([`PackedIndex::from_file`]); such
+/// an index is checked (finite rows, each stored norm that of its row and not zero) on first use.
 pub struct PackedIndex {
     n: usize,
     d: usize,
-    rows: Vec<f32>,
-    norms: Vec<f64>,
+    rows: Buf<f32>,
+    norms: Buf<f64>,
+    /// The outcome of the check of rows read from a file (set at once for rows given in memory).
+    checked: OnceLock<std::result::Result<(), String>>,
     panels_f32: OnceLock<Vec<f32>>,
     panels_bf16: OnceLock<(Vec<u32>, Bf16Rounding)>,
 }
@@ -81,8 +87,9 @@ impl PackedIndex {
         let index = PackedIndex {
             n,
             d,
-            norms: row_norms(&rows, d),
-            rows,
+            norms: Buf::from(row_norms(&rows, d)),
+            rows: Buf::from(rows),
+            checked: OnceLock::from(Ok(())),
             panels_f32: OnceLock::new(),
             panels_bf16: OnceLock::new(),
         };
@@ -93,6 +100,62 @@ impl PackedIndex {
             index.f32_panels();
         }
         Ok(index)
+    }
+
+    /// Rows (n x d) and their norms as read from a file: not packed (the first search packs them) and
+    /// not checked ([`PackedIndex::check`] does, once, on first use).
+    pub(crate) fn from_file(rows: Buf<f32>, norms: Buf<f64>, n: usize, d: usize) -> Result<Self> {
+        if n.checked_mul(d) != Some(rows.len())
+            || norms.len() != n
+            || d == 0
+            || n > u32::MAX as usize
+        {
+            return Err(Error::invalid(format!(
+                "{} embedding values and {} norms are not {n} rows x {d} dimensions (at least 1, at most 2^32 rows)",
+                rows.len(),
+                norms.len()
+            )));
+        }
+        Ok(PackedIndex {
+            n,
+            d,
+            rows,
+            norms,
+            checked: OnceLock::new(),
+            panels_f32: OnceLock::new(),
+            panels_bf16: OnceLock::new(),
+        })
+    }
+
+    /// Check, once, rows read from a file: finite, not zero, and each stored norm exactly that of its
+    /// row (a damaged file is an error here, before a search trusts it). Rows given in memory were
+    /// checked when the reference was built.
+    pub fn check(&self) -> Result<()> {
+        let d = self.d;
+        let outcome = self.checked.get_or_init(|| {
+            let bad = (0..self.n).into_par_iter().find_first(|&i| {
+                let row = &self.rows[i * d..(i + 1) * d];
+                let stored = self.norms[i];
+                !row.iter().all(|v| v.is_finite()) || norm(row) != stored || stored == 0.0
+            });
+            match bad {
+                None => Ok(()),
+                Some(i) => Err(format!(
+                    "reference embedding row {i} is not finite, is all zeros, or does not match its stored norm: the reference file is damaged; rebuild it"
+                )),
+            }
+        });
+        outcome.clone().map_err(Error::invalid)
+    }
+
+    /// Whether the rows are read from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        self.rows.is_mapped()
+    }
+
+    /// The rows and norms as stored (for saving).
+    pub(crate) fn stored(&self) -> (&Buf<f32>, &Buf<f64>) {
+        (&self.rows, &self.norms)
     }
 
     fn f32_panels(&self) -> &[f32] {
@@ -152,6 +215,7 @@ impl PackedIndex {
                 self.d
             )));
         }
+        self.check()?;
         Ok(self.search_with(crate::cpu::kernel(), queries, nq, k))
     }
 
