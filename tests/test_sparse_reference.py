@@ -247,3 +247,30 @@ def test_damaged_files_are_errors(rng, tmp_path):
         damaged(expression_indices=cols.astype(np.int64))
     with pytest.raises(BleepError, match="norms"):
         damaged(norms=norms[:5])
+    # Names are parsed when first asked for: a damaged list is an error then, not at load.
+    ids = damaged(spot_ids=np.frombuffer(b'["a", 1', np.uint8))
+    assert ids.n_spots == 20
+    with pytest.raises(BleepError, match="spot_ids are not a JSON list"):
+        _ = ids.spot_ids
+    with pytest.raises(BleepError, match="3 spot_ids for 20 spots"):
+        _ = damaged(spot_ids=np.frombuffer(b'["a", "b", "c"]', np.uint8)).spot_ids
+
+
+def test_spot_ids_and_sections_are_tensors_parsed_on_demand(rng, tmp_path):
+    from safetensors import safe_open
+
+    emb, expr, genes = random_reference(rng, n=30, g=3)
+    ids, sections = [f"spot-{i}" for i in range(30)], ["A"] * 10 + ["B"] * 20
+    ref = Reference.build(emb, expr, genes, spot_ids=ids, sections=sections)
+    ref.save(tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "r.safetensors"), "np") as f:
+        assert json.loads(f.get_tensor("spot_ids").tobytes()) == ids
+        assert json.loads(f.get_tensor("sections").tobytes()) == sections
+    back = Reference.load(tmp_path / "r.safetensors")
+    assert back.spot_ids == ids and back.sections == sections
+    # Default ids are not stored, and read back as the default.
+    Reference.build(emb, expr, genes).save(tmp_path / "d.safetensors")
+    with safe_open(str(tmp_path / "d.safetensors"), "np") as f:
+        keys = set(f.keys())
+        assert "spot_ids" not in keys and "sections" not in keys
+    assert Reference.load(tmp_path / "d.safetensors").spot_ids == [str(i) for i in range(30)]

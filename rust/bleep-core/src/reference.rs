@@ -9,9 +9,13 @@
 //!   sparse, as compressed sparse rows: `expression_indptr` (N + 1, I64), `expression_indices` (nnz,
 //!   U32, strictly increasing within a row) and `expression_values` (nnz, F32, F16 or BF16);
 //!
+//! * `spot_ids` and `sections` (each optional; U8: the UTF-8 text of a JSON list of N strings; no
+//!   `spot_ids` means "0", "1", ...): tensors rather than metadata, so that opening the file does not
+//!   parse N names (they are parsed when first asked for);
+//!
 //! and string metadata `format` = "bleep-rs.reference", `format_version`, `n_spots`, `dim`,
-//! `expression_dtype`, `expression_format` ("dense" or "sparse"), and JSON-encoded `genes`, `spot_ids`,
-//! `sections` (optional) and `provenance`. Any safetensors reader opens it.
+//! `expression_dtype`, `expression_format` ("dense" or "sparse"), and JSON-encoded `genes` and
+//! `provenance`. Any safetensors reader opens it.
 //!
 //! bleep-rs memory-maps the file and borrows the tensors from the map: loading reads the header only,
 //! and the rows a search or an aggregation needs are paged in as it reads them. Such values are
@@ -32,7 +36,7 @@ use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The `format` entry of a reference file's metadata.
 pub const FORMAT: &str = "bleep-rs.reference";
@@ -49,9 +53,85 @@ pub struct Reference {
     index: PackedIndex,
     expression: Expression,
     genes: Vec<String>,
-    spot_ids: Vec<String>,
-    sections: Option<Vec<String>>,
+    spot_ids: Names,
+    sections: Option<Names>,
     provenance: String,
+}
+
+/// One name per spot (ids, sections): given, the default "0", "1", ..., or the JSON text of a list in the
+/// mapped file, parsed when first asked for.
+struct Names {
+    n: usize,
+    what: &'static str,
+    json: Option<Buf<u8>>,
+    parsed: OnceLock<std::result::Result<Vec<String>, String>>,
+}
+
+impl Names {
+    fn given(names: Vec<String>) -> Names {
+        Names {
+            n: names.len(),
+            what: "",
+            json: None,
+            parsed: OnceLock::from(Ok(names)),
+        }
+    }
+
+    fn default_ids(n: usize) -> Names {
+        Names {
+            n,
+            what: "spot_ids",
+            json: None,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    fn mapped(n: usize, what: &'static str, json: Buf<u8>) -> Names {
+        Names {
+            n,
+            what,
+            json: Some(json),
+            parsed: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&[String]> {
+        let parsed = self.parsed.get_or_init(|| match &self.json {
+            None => Ok((0..self.n).map(|i| i.to_string()).collect()),
+            Some(text) => {
+                let what = self.what;
+                let names: Vec<String> = serde_json::from_slice(text).map_err(|e| {
+                    format!("the reference file's {what} are not a JSON list of strings ({e}): the file is damaged; rebuild it")
+                })?;
+                if names.len() != self.n {
+                    return Err(format!(
+                        "the reference file holds {} {what} for {} spots: the file is damaged; rebuild it",
+                        names.len(),
+                        self.n
+                    ));
+                }
+                Ok(names)
+            }
+        });
+        match parsed {
+            Ok(v) => Ok(v),
+            Err(e) => Err(Error::invalid(e.clone())),
+        }
+    }
+
+    /// The JSON text of the list (for saving): the mapped bytes as they are, else serialised; None for
+    /// default ids not yet asked for (the file then stores none).
+    fn json(&self) -> Result<Option<std::borrow::Cow<'_, [u8]>>> {
+        if let Some(text) = &self.json {
+            return Ok(Some(std::borrow::Cow::Borrowed(text)));
+        }
+        match self.parsed.get() {
+            None => Ok(None),
+            Some(_) => Ok(Some(std::borrow::Cow::Owned(
+                serde_json::to_vec(self.get()?).expect("strings serialise"),
+            ))),
+        }
+    }
 }
 
 /// What `Reference::build` takes besides the numbers.
@@ -162,6 +242,55 @@ impl Reference {
 
     /// The reference from its checked (or lazily checked) numbers: the labels are checked here.
     fn assemble(index: PackedIndex, expression: Expression, labels: Labels) -> Result<Reference> {
+        let Labels {
+            genes,
+            spot_ids,
+            sections,
+            provenance,
+        } = labels;
+        let n = index.len();
+        let spot_ids = match spot_ids {
+            Some(ids) if ids.len() != n => {
+                return Err(Error::invalid(format!(
+                    "spot_ids has {} entries for {n} spots",
+                    ids.len()
+                )))
+            }
+            Some(ids) => Names::given(ids),
+            None => Names::default_ids(n),
+        };
+        if let Some(s) = &sections {
+            if s.len() != n {
+                return Err(Error::invalid(format!(
+                    "sections has {} entries for {n} spots",
+                    s.len()
+                )));
+            }
+        }
+        Reference::assemble_names(
+            index,
+            expression,
+            genes,
+            spot_ids,
+            sections.map(Names::given),
+            provenance,
+        )
+    }
+
+    /// The reference from its numbers and names (the names' counts checked by the caller).
+    fn assemble_names(
+        index: PackedIndex,
+        expression: Expression,
+        genes: Vec<String>,
+        spot_ids: Names,
+        sections: Option<Names>,
+        provenance: Option<String>,
+    ) -> Result<Reference> {
+        let labels = Labels {
+            genes,
+            provenance,
+            ..Default::default()
+        };
         let (n, dim) = (index.len(), index.dim());
         let g = labels.genes.len();
         if g == 0 {
@@ -177,24 +306,6 @@ impl Reference {
             )));
         }
         check_unique(&labels.genes, "gene")?;
-        let spot_ids = match labels.spot_ids {
-            Some(ids) if ids.len() != n => {
-                return Err(Error::invalid(format!(
-                    "spot_ids has {} entries for {n} spots",
-                    ids.len()
-                )))
-            }
-            Some(ids) => ids,
-            None => (0..n).map(|i| i.to_string()).collect(),
-        };
-        if let Some(s) = &labels.sections {
-            if s.len() != n {
-                return Err(Error::invalid(format!(
-                    "sections has {} entries for {n} spots",
-                    s.len()
-                )));
-            }
-        }
         let provenance = labels.provenance.unwrap_or_else(|| "{}".into());
         match serde_json::from_str::<serde_json::Value>(&provenance) {
             Ok(serde_json::Value::Object(_)) => {}
@@ -207,7 +318,7 @@ impl Reference {
             expression,
             genes: labels.genes,
             spot_ids,
-            sections: labels.sections,
+            sections,
             provenance,
         })
     }
@@ -224,13 +335,13 @@ impl Reference {
     pub fn genes(&self) -> &[String] {
         &self.genes
     }
-    /// The spot ids.
-    pub fn spot_ids(&self) -> &[String] {
-        &self.spot_ids
+    /// The spot ids (read from a mapped file when first asked for: an error if it holds no valid list).
+    pub fn spot_ids(&self) -> Result<&[String]> {
+        self.spot_ids.get()
     }
-    /// Each spot's section, when given.
-    pub fn sections(&self) -> Option<&[String]> {
-        self.sections.as_deref()
+    /// Each spot's section, when given (read from a mapped file when first asked for).
+    pub fn sections(&self) -> Result<Option<&[String]>> {
+        self.sections.as_ref().map(Names::get).transpose()
     }
     /// The provenance, a JSON object.
     pub fn provenance(&self) -> &str {
@@ -390,6 +501,14 @@ impl Reference {
                 .map_err(|e| Error::invalid(format!("cannot lay out tensor: {e}")))
         };
         let (rows, norms) = self.index.stored();
+        let (ids_json, sections_json) = (
+            self.spot_ids.json()?,
+            self.sections
+                .as_ref()
+                .map(Names::json)
+                .transpose()?
+                .flatten(),
+        );
         let mut tensors = vec![
             (
                 "embeddings",
@@ -421,8 +540,13 @@ impl Reference {
                 ),
             ]);
         }
+        for (name, text) in [("spot_ids", &ids_json), ("sections", &sections_json)] {
+            if let Some(text) = text {
+                tensors.push((name, view(StDtype::U8, vec![text.len()], text)?));
+            }
+        }
         let json = |v: &Vec<String>| serde_json::to_string(v).expect("strings serialise");
-        let mut meta = HashMap::from([
+        let meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("format_version".into(), FORMAT_VERSION.to_string()),
             ("n_spots".into(), self.n.to_string()),
@@ -436,12 +560,8 @@ impl Reference {
                 self.expression.format().name().into(),
             ),
             ("genes".into(), json(&self.genes)),
-            ("spot_ids".into(), json(&self.spot_ids)),
             ("provenance".into(), self.provenance.clone()),
         ]);
-        if let Some(s) = &self.sections {
-            meta.insert("sections".into(), json(s));
-        }
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -504,16 +624,7 @@ impl Reference {
             serde_json::from_str(&field(key)?)
                 .map_err(|e| bad(format!("{key} is not a JSON list of strings: {e}")))
         };
-        let labels = Labels {
-            genes: parse_list("genes")?,
-            spot_ids: Some(parse_list("spot_ids")?),
-            sections: if meta.contains_key("sections") {
-                Some(parse_list("sections")?)
-            } else {
-                None
-            },
-            provenance: meta.get("provenance").cloned(),
-        };
+        let genes = parse_list("genes")?;
         let tensor = |name: &str| {
             st.tensor(name)
                 .map_err(|_| bad(format!("missing tensor {name:?}")))
@@ -528,6 +639,16 @@ impl Reference {
             )));
         }
         if version < 2 {
+            let labels = Labels {
+                genes,
+                spot_ids: Some(parse_list("spot_ids")?),
+                sections: if meta.contains_key("sections") {
+                    Some(parse_list("sections")?)
+                } else {
+                    None
+                },
+                provenance: meta.get("provenance").cloned(),
+            };
             let expr = tensor("expression")?;
             let (n_expr, g) = matrix_shape(expr.shape())
                 .ok_or_else(|| bad("expression is not a matrix".into()))?;
@@ -557,7 +678,7 @@ impl Reference {
                 norms.shape()
             )));
         }
-        let g = labels.genes.len();
+        let g = genes.len();
         let values = |t: &safetensors::tensor::TensorView<'_>, name: &str| {
             expression_values(t.dtype(), t.data(), &map).ok_or_else(|| {
                 bad(format!(
@@ -616,7 +737,27 @@ impl Reference {
             dim,
         )
         .map_err(|e| bad(e.to_string()))?;
-        Reference::assemble(index, expression, labels).map_err(|e| bad(e.to_string()))
+        let names = |name: &str, what: &'static str| match st.tensor(name) {
+            Err(_) => Ok(None),
+            Ok(t) if t.dtype() == StDtype::U8 => {
+                Ok(Some(Names::mapped(n, what, Buf::mapped(&map, t.data()))))
+            }
+            Ok(t) => Err(bad(format!(
+                "{name} is {:?}, expected U8 (JSON text)",
+                t.dtype()
+            ))),
+        };
+        let spot_ids = names("spot_ids", "spot_ids")?.unwrap_or_else(|| Names::default_ids(n));
+        let sections = names("sections", "sections")?;
+        Reference::assemble_names(
+            index,
+            expression,
+            genes,
+            spot_ids,
+            sections,
+            meta.get("provenance").cloned(),
+        )
+        .map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -761,8 +902,8 @@ mod tests {
             assert_eq!(back.embeddings(), r.embeddings());
             assert_eq!(back.expression(), r.expression());
             assert_eq!(back.genes(), r.genes());
-            assert_eq!(back.spot_ids(), ["0", "1", "2"]);
-            assert_eq!(back.sections(), r.sections());
+            assert_eq!(back.spot_ids().unwrap(), ["0", "1", "2"]);
+            assert_eq!(back.sections().unwrap(), r.sections().unwrap());
             assert_eq!(back.provenance(), r.provenance());
         }
         // No temporary files are left beside the outputs.
@@ -844,7 +985,7 @@ mod tests {
             ("genes".into(), serde_json::to_string(r.genes()).unwrap()),
             (
                 "spot_ids".into(),
-                serde_json::to_string(r.spot_ids()).unwrap(),
+                serde_json::to_string(r.spot_ids().unwrap()).unwrap(),
             ),
         ]);
         let tensors = vec![

@@ -333,12 +333,20 @@ impl PyReference {
         self.inner.genes().to_vec()
     }
     #[getter]
-    fn spot_ids(&self) -> Vec<String> {
-        self.inner.spot_ids().to_vec()
+    fn spot_ids(&self) -> PyResult<Vec<String>> {
+        Ok(self
+            .inner
+            .spot_ids()
+            .map_err(|e| BleepError::new_err(e.to_string()))?
+            .to_vec())
     }
     #[getter]
-    fn sections(&self) -> Option<Vec<String>> {
-        self.inner.sections().map(<[String]>::to_vec)
+    fn sections(&self) -> PyResult<Option<Vec<String>>> {
+        let sections = self
+            .inner
+            .sections()
+            .map_err(|e| BleepError::new_err(e.to_string()))?;
+        Ok(sections.map(<[String]>::to_vec))
     }
     #[getter]
     fn provenance(&self) -> String {
