@@ -247,6 +247,17 @@ def test_damaged_files_are_errors(rng, tmp_path):
         damaged(expression_indices=cols.astype(np.int64))
     with pytest.raises(BleepError, match="norms"):
         damaged(norms=norms[:5])
+    # Stored search panels that differ from the rows are not trusted: the search packs its own and
+    # stays exact (a wrong panel would otherwise change the neighbours silently).
+    panels = tensors["search_panels_f32"].copy()
+    panels[0, :, :] = -panels[0, :, :]
+    bf16 = tensors["search_panels_bf16"].copy()
+    bf16[0] ^= 0x80008000  # flip the signs of both halves of each word
+    q = rng.standard_normal((7, emb.shape[1])).astype(np.float32)
+    want = Reference.build(emb, expr, genes).search(q, k=6)
+    got = damaged(search_panels_f32=panels, search_panels_bf16=bf16).search(q, k=6)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
     # Names are parsed when first asked for: a damaged list is an error then, not at load.
     ids = damaged(spot_ids=np.frombuffer(b'["a", 1', np.uint8))
     assert ids.n_spots == 20

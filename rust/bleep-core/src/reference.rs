@@ -9,6 +9,12 @@
 //!   sparse, as compressed sparse rows: `expression_indptr` (N + 1, I64), `expression_indices` (nnz,
 //!   U32, strictly increasing within a row) and `expression_values` (nnz, F32, F16 or BF16);
 //!
+//! * the search panels of the embeddings (optional; what the exact search scans, so that a mapped
+//!   reference searches without packing them in memory): `search_panels_f32` (ceil(N / 16) x d x 16,
+//!   F32: each panel of 16 rows, normalised, dimension-major), `search_panels_bf16` (ceil(N / 16) x
+//!   ceil(d / 2) x 16, U32: pairs of bf16 dimensions) and `search_bf16_rounding` (2, F64: the largest
+//!   rounding residual norm and rounded row norm). They are checked against the rows (re-packed chunk
+//!   by chunk) on the first search, and packed afresh where absent or different;
 //! * `spot_ids` and `sections` (each optional; U8: the UTF-8 text of a JSON list of N strings; no
 //!   `spot_ids` means "0", "1", ...): tensors rather than metadata, so that opening the file does not
 //!   parse N names (they are parsed when first asked for);
@@ -29,8 +35,9 @@
 use crate::aggregate::{weights, Dtype, Expression, Format, Method, Table, Values};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
+use crate::kernel::{Bf16Rounding, NR};
 use crate::matrix::Matrix;
-use crate::search::{normalise_rows, row_norms, Neighbours, PackedIndex};
+use crate::search::{normalise_rows, row_norms, Neighbours, PackedIndex, StoredPanels};
 use crate::sparse::SparseRows;
 use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -490,6 +497,9 @@ impl Reference {
     /// flushed, then renamed. The numbers are written as stored (a mapped reference is read from its
     /// file as it is written; the file it was loaded from stays intact until the rename).
     pub fn save(&self, path: &Path) -> Result<()> {
+        // A mapped reference's embeddings are checked (once) before they are copied, and its stored
+        // panels then written as they are rather than packed again.
+        self.index.check()?;
         let g = self.genes.len();
         let st_dtype = match self.expression.dtype() {
             Dtype::F32 => StDtype::F32,
@@ -501,6 +511,10 @@ impl Reference {
                 .map_err(|e| Error::invalid(format!("cannot lay out tensor: {e}")))
         };
         let (rows, norms) = self.index.stored();
+        let (panels_f32, (panels_bf16, rounding)) = self.index.all_panels();
+        let rounding = [rounding.max_residual, rounding.max_rounded_norm];
+        let rounding_bytes: Vec<u8> = rounding.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (n_panels, dp) = (self.n.div_ceil(NR), self.dim.div_ceil(2));
         let (ids_json, sections_json) = (
             self.spot_ids.json()?,
             self.sections
@@ -515,6 +529,22 @@ impl Reference {
                 view(StDtype::F32, vec![self.n, self.dim], rows.as_bytes())?,
             ),
             ("norms", view(StDtype::F64, vec![self.n], norms.as_bytes())?),
+            (
+                "search_panels_f32",
+                view(
+                    StDtype::F32,
+                    vec![n_panels, self.dim, NR],
+                    panels_f32.as_bytes(),
+                )?,
+            ),
+            (
+                "search_panels_bf16",
+                view(StDtype::U32, vec![n_panels, dp, NR], panels_bf16.as_bytes())?,
+            ),
+            (
+                "search_bf16_rounding",
+                view(StDtype::F64, vec![2], &rounding_bytes)?,
+            ),
         ];
         if let Some(blocks) = self.expression.blocks_values() {
             let shape = vec![g.div_ceil(BLOCK), self.n, BLOCK];
@@ -730,11 +760,32 @@ impl Reference {
             }
         }
         .map_err(|e| bad(e.to_string()))?;
+        let (n_panels, dp) = (n.div_ceil(NR), dim.div_ceil(2));
+        let shaped = |name: &str, dtype: StDtype, shape: &[usize]| {
+            st.tensor(name)
+                .ok()
+                .filter(|t| t.dtype() == dtype && t.shape() == shape)
+        };
+        // Panels of another shape or type (another layout) are ignored: the first search packs its own.
+        let stored = StoredPanels {
+            f32: shaped("search_panels_f32", StDtype::F32, &[n_panels, dim, NR])
+                .map(|t| Buf::mapped(&map, t.data())),
+            bf16: shaped("search_panels_bf16", StDtype::U32, &[n_panels, dp, NR]).and_then(|t| {
+                let r = shaped("search_bf16_rounding", StDtype::F64, &[2])?;
+                let r: Buf<f64> = Buf::mapped(&map, r.data());
+                let rounding = Bf16Rounding {
+                    max_residual: r[0],
+                    max_rounded_norm: r[1],
+                };
+                Some((Buf::mapped(&map, t.data()), rounding))
+            }),
+        };
         let index = PackedIndex::from_file(
             Buf::mapped(&map, emb.data()),
             Buf::mapped(&map, norms.data()),
             n,
             dim,
+            stored,
         )
         .map_err(|e| bad(e.to_string()))?;
         let names = |name: &str, what: &'static str| match st.tensor(name) {
@@ -959,6 +1010,8 @@ mod tests {
                 );
                 assert_eq!(a.expression, b.expression);
                 assert_eq!(a.expression, vec![0.5, 0.0]);
+                // The search read the panels stored in the file.
+                assert!(back.index().panels_mapped() && !r.index().panels_mapped());
                 // Saving a mapped reference over its own file leaves the mapped one intact.
                 back.save(&path).unwrap();
                 assert_eq!(back.expression(), r.expression());
