@@ -153,12 +153,14 @@ class Reference:
     def load(cls, path: PathLike, *, threads: Optional[int] = None) -> "Reference":
         """Open a reference file written by :meth:`save`.
 
-        The file is memory-mapped, not read: the expression, the embeddings and their norms are read
-        from it where they lie, as searches and aggregations need them, so loading takes the time of the
-        header whatever the number of spots, and memory holds only what is being used (the first search
-        packs the embeddings into its search panels, and checks them). Files of format version 1 are read
-        into memory. Do not overwrite a loaded file in place (:meth:`save` never does: it writes a new
-        file and renames it).
+        The file is memory-mapped, not read: the expression, the embeddings, their norms and their search
+        panels are read from it where they lie, as searches and aggregations need them, so loading takes
+        the time of the header whatever the number of spots, and memory holds little beyond the batch
+        being imputed (the pages read from the file are the operating system's cache, which it can drop).
+        What is read is checked when first used: the embeddings, norms and panels in full by the first
+        search (one parallel pass, a few seconds per million spots), each sparse expression row as it is
+        read; a damaged file is a BleepError then. Files of format version 1 are read into memory. Do not
+        overwrite a loaded file in place (:meth:`save` never does: it writes a new file and renames it).
         """
         path = Path(path).expanduser()
         if not path.exists():
