@@ -115,12 +115,30 @@ def test_auto_picks_the_smaller_and_sparse_meets_a_quarter_of_dense(rng):
     emb = rng.standard_normal((2000, 8)).astype(np.float32)
     genes = [f"g{i}" for i in range(512)]
     sparse_table = random_table(rng, 2000, 512, 0.9)
-    dense = Reference.build(emb, sparse_table, genes, expression_format="dense")
-    auto = Reference.build(emb, sparse_table, genes)
-    assert auto.expression_format == "sparse" and "sparse" in repr(auto)
-    assert auto.expression_nbytes <= 0.25 * dense.expression_nbytes
+    for dtype in ("float32", "float16", "bfloat16"):
+        dense = Reference.build(emb, sparse_table, genes, expression_format="dense", expression_dtype=dtype)
+        auto = Reference.build(emb, sparse_table, genes, expression_dtype=dtype)
+        assert auto.expression_format == "sparse" and "sparse" in repr(auto)
+        assert auto.expression_nbytes <= 0.25 * dense.expression_nbytes, dtype
     full = Reference.build(emb, random_table(rng, 2000, 512, 0.0), genes)
     assert full.expression_format == "dense"
+
+
+@pytest.mark.parametrize(("n_genes", "dtype"), [(300, np.uint16), (65_536, np.uint16), (70_000, np.uint32)])
+def test_gene_columns_take_16_bits_up_to_65536_genes(rng, tmp_path, n_genes, dtype):
+    from safetensors import safe_open
+
+    cols = np.array([0, 7, n_genes - 1, 3, n_genes // 2])
+    x = sp.csr_matrix((np.arange(1.0, 6.0), cols, [0, 3, 3, 5]), shape=(3, n_genes))
+    emb = rng.standard_normal((3, 4)).astype(np.float32)
+    ref = Reference.build(emb, x, [f"g{i}" for i in range(n_genes)], expression_format="sparse")
+    ref.save(tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "r.safetensors"), "np") as f:
+        assert f.get_tensor("expression_indices").dtype == dtype
+    back = Reference.load(tmp_path / "r.safetensors")
+    assert (back.expression_sparse() != x).nnz == 0
+    idx = np.array([[0, 2], [1, 0]])
+    np.testing.assert_allclose(back.aggregate(idx, np.ones((2, 2))), _oracle.aggregate(x.toarray(), idx, np.ones((2, 2))))
 
 
 def test_bad_formats_and_sparse_shapes_are_named(rng):

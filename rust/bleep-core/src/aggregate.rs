@@ -7,7 +7,7 @@
 use crate::buf::Buf;
 use crate::cpu::Kernel;
 use crate::error::{Error, Result};
-use crate::sparse::SparseRows;
+use crate::sparse::{Cols, SparseRows};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -415,7 +415,7 @@ impl Expression {
             Format::Sparse => true,
             Format::Auto => {
                 let nnz = values.par_iter().filter(|&&v| v != 0.0).count();
-                sparse_bytes(n, nnz, dtype) < dense_bytes(n, g, dtype)
+                sparse_bytes(n, g, nnz, dtype) < dense_bytes(n, g, dtype)
             }
         };
         if sparse {
@@ -453,14 +453,14 @@ impl Expression {
             n,
             g,
             Buf::from(indptr),
-            Buf::from(indices),
+            Cols::narrowest(indices, g),
             Values::from_f32(values, dtype),
         )?;
         rows.check_all()?;
         let dense = match format {
             Format::Dense => true,
             Format::Sparse => false,
-            Format::Auto => dense_bytes(n, g, dtype) <= sparse_bytes(n, values.len(), dtype),
+            Format::Auto => dense_bytes(n, g, dtype) <= sparse_bytes(n, g, values.len(), dtype),
         };
         let store = if dense {
             Store::Blocked(rows.to_blocks(BLOCK_GENES)?)
@@ -583,7 +583,7 @@ impl Expression {
             }
             Store::Sparse(s) => first_non_finite_par(&s.values, s.values.len()).map(|p| {
                 let row = s.indptr.partition_point(|&o| o as usize <= p) - 1;
-                (row, s.indices[p] as usize)
+                (row, s.indices.get(p))
             }),
         };
         match bad {
@@ -709,10 +709,10 @@ impl Expression {
             }),
             Store::Sparse(rows) => {
                 let range = rows.row_range(r).ok()?;
-                let cols = &rows.indices[range.clone()];
+                let start = range.start;
                 rows.values
                     .first_non_finite(range)
-                    .map(|j| cols[j] as usize)
+                    .map(|j| rows.indices.get(start + j))
             }
         }
     }
@@ -921,11 +921,13 @@ pub(crate) fn dense_bytes(n: usize, g: usize, dtype: Dtype) -> usize {
         .saturating_mul(dtype.size())
 }
 
-/// Bytes of a sparse table: 8-byte row offsets, 4-byte gene columns and the values.
-pub(crate) fn sparse_bytes(n: usize, nnz: usize, dtype: Dtype) -> usize {
+/// Bytes of a sparse table: 8-byte row offsets, the gene columns (2 bytes each up to 65,536 genes,
+/// else 4) and the values.
+pub(crate) fn sparse_bytes(n: usize, g: usize, nnz: usize, dtype: Dtype) -> usize {
+    let column = if g <= 1 << 16 { 2 } else { 4 };
     (n + 1)
         .saturating_mul(8)
-        .saturating_add(nnz.saturating_mul(4 + dtype.size()))
+        .saturating_add(nnz.saturating_mul(column + dtype.size()))
 }
 
 /// Position of the first NaN or infinite value among the first `len` of `values` (in parallel).

@@ -18,6 +18,7 @@ use std::sync::Arc;
 /// Plain numbers for which every bit pattern is a valid value (so any file bytes can be viewed as them).
 pub trait Pod: Copy + Send + Sync + 'static {}
 impl Pod for u8 {}
+impl Pod for u16 {}
 impl Pod for f32 {}
 impl Pod for f64 {}
 impl Pod for f16 {}

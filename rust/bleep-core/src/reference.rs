@@ -7,7 +7,7 @@
 //! * the expression, either dense, `expression_blocks` (ceil(G / 16) x N x 16, F32, F16 or BF16: the
 //!   gene blocks the aggregation kernels read, block b holding genes 16b..16b+15, zero-padded), or
 //!   sparse, as compressed sparse rows: `expression_indptr` (N + 1, I64), `expression_indices` (nnz,
-//!   U32, strictly increasing within a row) and `expression_values` (nnz, F32, F16 or BF16);
+//!   U16 where G <= 65,536, else U32; strictly increasing within a row) and `expression_values` (nnz, F32, F16 or BF16);
 //!
 //! * the search panels of the embeddings (optional; what the exact search scans, so that a mapped
 //!   reference searches without packing them in memory): `search_panels_f32` (ceil(N / 16) x d x 16,
@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{Bf16Rounding, NR};
 use crate::matrix::Matrix;
 use crate::search::{normalise_rows, row_norms, Neighbours, PackedIndex, StoredPanels};
-use crate::sparse::SparseRows;
+use crate::sparse::{Cols, SparseRows};
 use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{HashMap, HashSet};
@@ -562,7 +562,14 @@ impl Reference {
                 ),
                 (
                     "expression_indices",
-                    view(StDtype::U32, vec![nnz], sp.indices.as_bytes())?,
+                    view(
+                        match sp.indices {
+                            Cols::U16(_) => StDtype::U16,
+                            Cols::U32(_) => StDtype::U32,
+                        },
+                        vec![nnz],
+                        sp.indices.as_bytes(),
+                    )?,
                 ),
                 (
                     "expression_values",
@@ -732,18 +739,23 @@ impl Reference {
             "sparse" => {
                 let (indptr, indices) = (tensor("expression_indptr")?, tensor("expression_indices")?);
                 let vals = tensor("expression_values")?;
-                if indptr.dtype() != StDtype::I64 || indices.dtype() != StDtype::U32 {
+                let cols = match indices.dtype() {
+                    StDtype::U16 => Some(Cols::U16(Buf::mapped(&map, indices.data()))),
+                    StDtype::U32 => Some(Cols::U32(Buf::mapped(&map, indices.data()))),
+                    _ => None,
+                };
+                let (Some(cols), StDtype::I64) = (cols, indptr.dtype()) else {
                     return Err(bad(format!(
-                        "expression_indptr is {:?} and expression_indices {:?}: expected I64 and U32",
+                        "expression_indptr is {:?} and expression_indices {:?}: expected I64, and U16 or U32",
                         indptr.dtype(),
                         indices.dtype()
                     )));
-                }
+                };
                 let rows = SparseRows::new(
                     n,
                     g,
                     Buf::mapped(&map, indptr.data()),
-                    Buf::mapped(&map, indices.data()),
+                    cols,
                     values(&vals, "expression_values")?,
                 )
                 .and_then(|rows| {
@@ -1079,7 +1091,11 @@ mod tests {
         assert!(cols > header && norms >= header);
         // A gene column out of range (row 1 holds one value, at column 1): an error when row 1 is read.
         let mut bad = bytes.clone();
-        bad[cols + 4..cols + 8].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(
+            st.tensor("expression_indices").unwrap().dtype(),
+            StDtype::U16
+        );
+        bad[cols + 2..cols + 4].copy_from_slice(&7u16.to_le_bytes());
         std::fs::write(&path, &bad).unwrap();
         let r = Reference::load(&path).unwrap();
         let e = r

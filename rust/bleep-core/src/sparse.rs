@@ -1,7 +1,8 @@
 //! A sparse expression table: compressed sparse rows (CSR), as scipy.sparse keeps them.
 //!
 //! Row r's stored entries are `indptr[r]..indptr[r + 1]`: their gene columns in `indices` (strictly
-//! increasing within a row, each below the number of genes) and their values in `values`. Every other
+//! increasing within a row, each below the number of genes; 16-bit when every column fits, as for any
+//! panel of up to 65,536 genes, else 32-bit) and their values in `values`. Every other
 //! value is zero. A table built in memory is checked in full ([`SparseRows::check_all`]); a table mapped
 //! from a file is checked row by row as the kernels read it ([`SparseRows::row_range`]), so that loading
 //! reads nothing but the header and a damaged file is an error, never an out-of-bounds read.
@@ -16,6 +17,70 @@ use std::ops::Range;
 /// Queries per parallel task.
 const QUERY_CHUNK: usize = 64;
 
+/// The gene column of each stored value: 16 bits where every column fits, else 32.
+#[derive(Clone, Debug)]
+pub(crate) enum Cols {
+    U16(Buf<u16>),
+    U32(Buf<u32>),
+}
+
+impl Cols {
+    /// The narrowest columns for a table of `g` genes (kept 32-bit when a column is out of range, so
+    /// that the check reports it rather than a narrowing hiding it).
+    pub fn narrowest(cols: Vec<u32>, g: usize) -> Cols {
+        if g <= 1 << 16 && cols.iter().all(|&c| (c as usize) < g) {
+            Cols::U16(Buf::from(
+                cols.iter().map(|&c| c as u16).collect::<Vec<u16>>(),
+            ))
+        } else {
+            Cols::U32(Buf::from(cols))
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Cols::U16(c) => c.len(),
+            Cols::U32(c) => c.len(),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Cols::U16(c) => c.as_bytes(),
+            Cols::U32(c) => c.as_bytes(),
+        }
+    }
+
+    /// Column of entry `e`.
+    #[inline]
+    pub fn get(&self, e: usize) -> usize {
+        match self {
+            Cols::U16(c) => c[e] as usize,
+            Cols::U32(c) => c[e] as usize,
+        }
+    }
+
+    /// Whether the columns `range` are strictly increasing and below `g` (branch-free, so that it
+    /// vectorises).
+    fn valid(&self, range: Range<usize>, g: usize) -> bool {
+        fn ok<T: Copy + Ord + Into<u64>>(c: &[T], g: usize) -> bool {
+            let unordered = c.windows(2).fold(false, |acc, p| acc | (p[0] >= p[1]));
+            !unordered && c.last().is_none_or(|&l| (l.into() as usize) < g)
+        }
+        match self {
+            Cols::U16(c) => ok(&c[range], g),
+            Cols::U32(c) => ok(&c[range], g),
+        }
+    }
+
+    pub fn to_u32(&self) -> Vec<u32> {
+        match self {
+            Cols::U16(c) => c.iter().map(|&x| x as u32).collect(),
+            Cols::U32(c) => c.to_vec(),
+        }
+    }
+}
+
 /// n spots x g genes as compressed sparse rows.
 #[derive(Clone, Debug)]
 pub(crate) struct SparseRows {
@@ -24,7 +89,7 @@ pub(crate) struct SparseRows {
     /// n + 1 offsets into `indices` and `values`.
     pub indptr: Buf<i64>,
     /// The gene column of each stored value.
-    pub indices: Buf<u32>,
+    pub indices: Cols,
     pub values: Values,
 }
 
@@ -34,7 +99,7 @@ impl SparseRows {
         n: usize,
         g: usize,
         indptr: Buf<i64>,
-        indices: Buf<u32>,
+        indices: Cols,
         values: Values,
     ) -> Result<SparseRows> {
         if indptr.len() != n + 1 {
@@ -100,10 +165,7 @@ impl SparseRows {
             ));
         }
         let range = a as usize..b as usize;
-        let cols = &self.indices[range.clone()];
-        // Branch-free over the row, so the check vectorises.
-        let unordered = cols.windows(2).fold(false, |acc, p| acc | (p[0] >= p[1]));
-        if unordered || cols.last().is_some_and(|&c| c as usize >= self.g) {
+        if !self.indices.valid(range.clone(), self.g) {
             return Err(self.corrupt(
                 r,
                 &format!(
@@ -169,9 +231,25 @@ impl SparseRows {
             n,
             g,
             Buf::from(indptr),
-            Buf::from(indices),
+            Cols::narrowest(indices, g),
             Values::from_f32(&kept, dtype),
         )
+    }
+
+    /// Each stored entry of `range` as (gene column, value as float32); one monomorphised loop per
+    /// (column type, value type).
+    #[inline]
+    pub fn for_each_entry(&self, range: Range<usize>, mut f: impl FnMut(usize, f32)) {
+        match &self.indices {
+            Cols::U16(c) => {
+                let c = &c[range.clone()];
+                self.values.for_each(range, |e, v| f(c[e] as usize, v))
+            }
+            Cols::U32(c) => {
+                let c = &c[range.clone()];
+                self.values.for_each(range, |e, v| f(c[e] as usize, v))
+            }
+        }
     }
 
     /// Bytes of the offsets, columns and values.
@@ -203,8 +281,8 @@ impl SparseRows {
         let mut out = crate::memory::huge_zeroed::<T>(len, "the expression table")?;
         for r in 0..n {
             let range = self.indptr[r] as usize..self.indptr[r + 1] as usize;
-            for (&c, &v) in self.indices[range.clone()].iter().zip(&values[range]) {
-                let c = c as usize;
+            for (e, &v) in range.clone().zip(&values[range]) {
+                let c = self.indices.get(e);
                 out[(c / width) * n * width + r * width + c % width] = v;
             }
         }
@@ -229,8 +307,8 @@ impl SparseRows {
                 // A malformed row (possible only in a damaged file) reads as zeros here; the kernels
                 // report it.
                 if let Ok(range) = self.row_range(r) {
-                    for (&c, &v) in self.indices[range.clone()].iter().zip(&values[range]) {
-                        row[c as usize] = v;
+                    for (e, &v) in range.clone().zip(&values[range]) {
+                        row[self.indices.get(e)] = v;
                     }
                 }
             });
@@ -245,7 +323,7 @@ impl SparseRows {
             Values::F16(v) => v.par_iter().map(|x: &f16| x.to_f32()).collect(),
             Values::Bf16(v) => v.par_iter().map(|x: &bf16| x.to_f32()).collect(),
         };
-        Ok((self.indptr.to_vec(), self.indices.to_vec(), values))
+        Ok((self.indptr.to_vec(), self.indices.to_u32(), values))
     }
 
     /// `out[q, :] = sum_j w[q, j] * row(idx[q, j])`: each query's rows scattered into its output row
@@ -269,10 +347,8 @@ impl SparseRows {
                             continue;
                         }
                         let range = self.row_range(i as usize)?;
-                        let cols = &self.indices[range.clone()];
                         // Columns are checked below g = row.len().
-                        self.values
-                            .for_each(range, |e, v| row[cols[e] as usize] += wj * v);
+                        self.for_each_entry(range, |c, v| row[c] += wj * v);
                     }
                 }
                 Ok(())
@@ -298,9 +374,7 @@ impl SparseRows {
                         let mut ranges = Vec::with_capacity(k);
                         for &i in iq {
                             let range = self.row_range(i as usize)?;
-                            let cols = &self.indices[range.clone()];
-                            self.values.for_each(range.clone(), |e, v| {
-                                let c = cols[e] as usize;
+                            self.for_each_entry(range.clone(), |c, v| {
                                 mean[c] += v as f64;
                                 count[c] += 1;
                             });
@@ -309,9 +383,7 @@ impl SparseRows {
                         let kf = k as f64;
                         mean.iter_mut().for_each(|m| *m /= kf);
                         for range in ranges {
-                            let cols = &self.indices[range.clone()];
-                            self.values.for_each(range, |e, v| {
-                                let c = cols[e] as usize;
+                            self.for_each_entry(range, |c, v| {
                                 let d = v as f64 - mean[c];
                                 dev[c] += d * d;
                             });
@@ -393,6 +465,40 @@ mod tests {
     }
 
     #[test]
+    fn wide_panels_use_32_bit_columns() {
+        let (n, g) = (3, 70_000);
+        let mut values = vec![0f32; n * g];
+        for (r, c) in [(0, 5), (0, 69_999), (1, 65_536), (2, 0), (2, 65_535)] {
+            values[r * g + c] = (r * 7 + c % 13) as f32 + 1.0;
+        }
+        let sparse = Expression::from_dense(&values, n, g, Dtype::F32, Format::Sparse).unwrap();
+        assert!(matches!(
+            sparse.sparse_rows().unwrap().indices,
+            Cols::U32(_)
+        ));
+        let dense = Expression::from_dense(&values, n, g, Dtype::F32, Format::Dense).unwrap();
+        assert_eq!(sparse.row_major(), dense.row_major());
+        let (idx, w) = ([0u32, 1, 2, 2], [0.5f32, 0.25, 1.0, 0.0]);
+        let (mut a, mut b) = (vec![0f32; 2 * g], vec![0f32; 2 * g]);
+        dense.gather_weighted_sum(&idx, &w, 2, &mut a).unwrap();
+        sparse.gather_weighted_sum(&idx, &w, 2, &mut b).unwrap();
+        assert_eq!(a, b);
+        let (mut a, mut b) = (vec![0f32; 2], vec![0f32; 2]);
+        dense.neighbour_spread(&idx, 2, &mut a).unwrap();
+        sparse.neighbour_spread(&idx, 2, &mut b).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+        // Up to 65,536 genes the columns take 16 bits.
+        let narrow =
+            Expression::from_dense(&values[..3 * 65_536], 3, 65_536, Dtype::F32, Format::Sparse);
+        assert!(matches!(
+            narrow.unwrap().sparse_rows().unwrap().indices,
+            Cols::U16(_)
+        ));
+    }
+
+    #[test]
     fn malformed_rows_are_errors_not_panics() {
         let make = |indptr: Vec<i64>, indices: Vec<u32>| {
             let values = vec![1.0f32; indices.len()];
@@ -416,7 +522,7 @@ mod tests {
             2,
             3,
             Buf::from(vec![0i64, 1, 5]),
-            Buf::from(vec![0u32, 1]),
+            Cols::U32(Buf::from(vec![0u32, 1])),
             Values::from_f32(&[1.0, 2.0], Dtype::F32),
         )
         .unwrap();
@@ -440,7 +546,7 @@ mod tests {
             2,
             2,
             Buf::from(vec![0i64, 1, 2]),
-            Buf::from(vec![0u32, 1]),
+            Cols::U32(Buf::from(vec![0u32, 1])),
             Values::from_f32(&[1.0, f32::NAN], Dtype::F32),
         )
         .unwrap();
