@@ -142,3 +142,20 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
     blocks = image[: h - h % factor, : w - w % factor].astype(np.float64)
     blocks = blocks.reshape(h // factor, factor, w // factor, factor, 3).mean((1, 3))
     return np.round(blocks).astype(np.uint8)
+
+
+# -- the sparse reference (the dense functions above are the spec; these only lay the rows out) ---------
+
+
+def csr_to_dense(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_genes: int) -> np.ndarray:
+    """Compressed sparse rows as a dense float64 table (entries at the same place add up)."""
+    n = len(indptr) - 1
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    dense = np.zeros((n, n_genes))
+    np.add.at(dense, (rows, np.asarray(indices, np.int64)), np.asarray(values, np.float64))
+    return dense
+
+
+def aggregate(expression: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``out[q] = sum_j weights[q, j] * expression[indices[q, j]]`` in float64."""
+    return np.einsum("qk,qkg->qg", np.asarray(weights, np.float64), np.asarray(expression, np.float64)[indices])

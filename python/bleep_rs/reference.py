@@ -19,12 +19,46 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Ways of combining the k neighbours' expression (method.md, section 5).
 METHODS = ("mean", "weighted", "softmax", "top1")
+#: How the reference stores its expression: "auto" picks whichever of the other two takes fewer bytes.
+EXPRESSION_FORMATS = ("auto", "dense", "sparse")
+
+
+def is_sparse_matrix(x: Any) -> bool:
+    """Whether ``x`` is a scipy.sparse matrix or array (checked without importing scipy)."""
+    return hasattr(x, "tocsr") and hasattr(x, "nnz") and not isinstance(x, np.ndarray)
+
+
+def csr_parts(x: Any, name: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """A scipy.sparse matrix (csr, csc, coo, any sparray) as canonical compressed sparse rows, never
+    densified: ``(shape, indptr int64, indices uint32, values float32)``, columns sorted within each row
+    and duplicates summed. The caller's matrix is not modified (a copy is canonicalised)."""
+    try:
+        csr = x.tocsr(copy=True)
+        csr.sum_duplicates()  # sorts each row's columns and adds up repeated entries
+    except Exception as e:
+        raise BleepError(f"{name} could not be read as a sparse matrix ({e})") from e
+    shape = tuple(int(s) for s in csr.shape)
+    if len(shape) != 2:
+        raise BleepError(f"{name} must be 2-D (rows x columns), got shape {shape}")
+    data = np.asarray(csr.data)
+    if data.dtype == object or not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
+        raise BleepError(f"{name} must hold numbers, got dtype {data.dtype}")
+    indices = np.asarray(csr.indices)
+    if indices.size and int(indices.min()) < 0:
+        raise BleepError(f"{name} has a negative column index: it is not a valid sparse matrix")
+    return (
+        (shape[0], shape[1]),
+        np.ascontiguousarray(csr.indptr, dtype=np.int64),
+        np.ascontiguousarray(indices, dtype=np.uint32),
+        np.ascontiguousarray(data, dtype=np.float32),
+    )
 
 
 def as_float32_matrix(x: Any, name: str) -> np.ndarray:
     """``x`` as a C-contiguous float32 2-D array, or a BleepError that says what is wrong with it.
 
-    float64, integer and non-contiguous input is converted; scipy sparse matrices are densified.
+    float64, integer and non-contiguous input is converted; scipy sparse matrices are densified (the
+    expression of :meth:`Reference.build` is not: it stays sparse).
     """
     if hasattr(x, "toarray") and not isinstance(x, np.ndarray):
         x = x.toarray()
@@ -88,14 +122,21 @@ class Reference:
         metadata: Optional[Mapping[str, Any]] = None,
         expression_dtype: str = "float32",
         threads: Optional[int] = None,
+        expression_format: str = "auto",
     ) -> "Reference":
         """A reference from spot embeddings (N x d) and expression (N x G) on ``genes`` (G names).
 
+        ``expression``: a dense array, or a scipy.sparse matrix (csr, csc, coo or sparray), which is
+        converted to compressed sparse rows and never densified (unless dense storage is asked for or
+        found smaller).
         ``expression_dtype``: "float32", or "float16" / "bfloat16" to halve memory and bandwidth.
+        ``expression_format``: "auto" (the default: sparse rows when they take fewer bytes than the dense
+        table, as for a table of mostly zeros), "dense" or "sparse".
         ``metadata``: JSON-serialisable provenance (the model that made the embeddings, ...).
         """
+        if expression_format not in EXPRESSION_FORMATS:
+            raise BleepError(f"unknown expression_format {expression_format!r}: use one of {', '.join(EXPRESSION_FORMATS)}")
         emb = as_float32_matrix(embeddings, "embeddings")
-        expr = as_float32_matrix(expression, "expression")
         genes_list = _names(genes, "genes")
         assert genes_list is not None
         if metadata is None:
@@ -107,23 +148,39 @@ class Reference:
                 provenance = json.dumps(dict(metadata))
             except TypeError as e:
                 raise BleepError(f"metadata must be JSON-serialisable: {e}") from e
-        core = ReferenceCore.build(
-            emb,
-            expr,
-            genes_list,
+        labels = dict(
             spot_ids=_names(spot_ids, "spot_ids"),
             sections=_names(sections, "sections"),
             provenance=provenance,
             expression_dtype=expression_dtype,
+            expression_format=expression_format,
             threads=threads,
         )
-        return cls(core)
+        if is_sparse_matrix(expression):
+            (rows, cols), indptr, indices, values = csr_parts(expression, "expression")
+            if cols != len(genes_list):
+                raise BleepError(f"expression has {cols} columns but {len(genes_list)} gene names were given: one name per column")
+            if rows != emb.shape[0]:
+                raise BleepError(f"embeddings have {emb.shape[0]} rows but expression has {rows}: give one row per reference spot in both")
+            return cls(ReferenceCore.build_csr(emb, indptr, indices, values, genes_list, **labels))
+        expr = as_float32_matrix(expression, "expression")
+        return cls(ReferenceCore.build(emb, expr, genes_list, **labels))
 
     @classmethod
     def load(cls, path: PathLike, *, threads: Optional[int] = None, client: Any = None) -> "Reference":
-        """Read a reference file written by :meth:`save`, or the folder of a sharded reference written by
+        """Open a reference file written by :meth:`save`, or the folder of a sharded reference written by
         ``save(folder, shard_spots=N)`` (a :class:`~bleep_rs.shards.ShardedReference`, same API). With a
-        ``dask.distributed`` ``client``, each shard is held by a worker of its cluster (bleep_rs.cluster)."""
+        ``dask.distributed`` ``client``, each shard is held by a worker of its cluster (bleep_rs.cluster).
+
+        A file is memory-mapped, not read: the expression, the embeddings, their norms and their search
+        panels are read from it where they lie, as searches and aggregations need them, so loading takes
+        the time of the header whatever the number of spots, and memory holds little beyond the batch
+        being imputed (the pages read from the file are the operating system's cache, which it can drop).
+        What is read is checked when first used: the embeddings, norms and panels in full by the first
+        search (one parallel pass, a few seconds per million spots), each sparse expression row as it is
+        read; a damaged file is a BleepError then. Files of format version 1 are read into memory. Do not
+        overwrite a loaded file in place (:meth:`save` never does: it writes a new file and renames it).
+        """
         path = Path(path).expanduser()
         if path.is_dir() or client is not None:
             return Reference._folders.load(path, threads=threads, client=client)
@@ -183,13 +240,38 @@ class Reference:
         return self._core.expression_dtype
 
     @property
+    def expression_format(self) -> str:
+        """How the expression is stored: "dense" or "sparse" (compressed sparse rows)."""
+        return self._core.expression_format
+
+    @property
+    def expression_nbytes(self) -> int:
+        """Bytes of the stored expression (values, plus row offsets and gene columns when sparse)."""
+        return self._core.expression_nbytes
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the expression and embeddings are read from the mapped file rather than held in memory."""
+        return self._core.mapped
+
+    def expression_sparse(self) -> Any:
+        """The reference expression as a ``scipy.sparse.csr_matrix`` (N x G float32, a copy; needs scipy)."""
+        try:
+            import scipy.sparse
+        except ImportError as e:  # pragma: no cover - scipy ships with anndata
+            raise BleepError("expression_sparse() needs scipy: pip install scipy") from e
+        indptr, indices, values = self._core.expression_csr()
+        return scipy.sparse.csr_matrix((values, indices, indptr), shape=(self.n_spots, self.n_genes))
+
+    @property
     def embeddings(self) -> np.ndarray:
         """The reference embeddings as given (N x d float32, a copy)."""
         return self._core.embeddings()
 
     @property
     def expression(self) -> np.ndarray:
-        """The reference expression (N x G float32, a copy)."""
+        """The reference expression (N x G float32): a dense copy, whether it is stored dense or sparse
+        (see :meth:`expression_sparse` for a sparse one)."""
         return self._core.expression()
 
     # ---- retrieval --------------------------------------------------------------------------------
@@ -255,7 +337,7 @@ class Reference:
     def __repr__(self) -> str:
         return (
             f"Reference({self.n_spots} spots, {self.dim}-d embeddings, {self.n_genes} genes, "
-            f"expression {self.expression_dtype})"
+            f"expression {self.expression_format} {self.expression_dtype})"
         )
 
 

@@ -4,10 +4,13 @@
 //! The table is walked in blocks of genes whose slice of the table fits in L3, so the rows that many
 //! queries share are read from DRAM once per block rather than once per query.
 
+use crate::buf::Buf;
 use crate::cpu::Kernel;
 use crate::error::{Error, Result};
+use crate::sparse::{Cols, SparseRows};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// How the k neighbours' expression is combined.
@@ -119,6 +122,14 @@ impl Dtype {
         }
     }
 
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
     /// The dtype's name, as [`Dtype::parse`] reads it.
     pub fn name(self) -> &'static str {
         match self {
@@ -173,31 +184,132 @@ impl Table {
         self.len() == 0
     }
 
-    /// `out[j] += w * self[start + j]` for j < out.len(), widening 16-bit values (the portable kernels).
-    fn add_scaled(&self, start: usize, w: f32, out: &mut [f32]) {
-        let range = start..start + out.len();
-        match self {
-            Table::F32(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, &v)| *o += w * v),
-            Table::F16(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, v)| *o += w * v.to_f32()),
-            Table::Bf16(t) => out
-                .iter_mut()
-                .zip(&t[range])
-                .for_each(|(o, v)| *o += w * v.to_f32()),
-        }
-    }
-
     /// The values as float32 (16-bit values widened exactly).
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Table::F32(v) => v.clone(),
             Table::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
             Table::Bf16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// Expression values of one storage type, owned or borrowed from a mapped file: the gene blocks of a
+/// dense table, or the non-zero values of a sparse one.
+#[derive(Clone, Debug)]
+pub(crate) enum Values {
+    /// float32 values.
+    F32(Buf<f32>),
+    /// float16 values.
+    F16(Buf<f16>),
+    /// bfloat16 values.
+    Bf16(Buf<bf16>),
+}
+
+impl Values {
+    /// Owned values converted from float32 to `dtype`.
+    pub(crate) fn from_f32(values: &[f32], dtype: Dtype) -> Values {
+        Values::from(Table::from_f32(values, dtype))
+    }
+
+    /// The storage type.
+    pub(crate) fn dtype(&self) -> Dtype {
+        match self {
+            Values::F32(_) => Dtype::F32,
+            Values::F16(_) => Dtype::F16,
+            Values::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    /// Number of values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+
+    /// The values as little-endian bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Values::F32(v) => v.as_bytes(),
+            Values::F16(v) => v.as_bytes(),
+            Values::Bf16(v) => v.as_bytes(),
+        }
+    }
+
+    /// Whether the values are read from a mapped file.
+    pub(crate) fn is_mapped(&self) -> bool {
+        match self {
+            Values::F32(v) => v.is_mapped(),
+            Values::F16(v) => v.is_mapped(),
+            Values::Bf16(v) => v.is_mapped(),
+        }
+    }
+
+    /// The values `range` as float32, each passed to `f` with its position in the range.
+    #[inline]
+    pub(crate) fn for_each(&self, range: Range<usize>, mut f: impl FnMut(usize, f32)) {
+        match self {
+            Values::F32(t) => t[range].iter().enumerate().for_each(|(j, &v)| f(j, v)),
+            Values::F16(t) => t[range]
+                .iter()
+                .enumerate()
+                .for_each(|(j, v)| f(j, v.to_f32())),
+            Values::Bf16(t) => t[range]
+                .iter()
+                .enumerate()
+                .for_each(|(j, v)| f(j, v.to_f32())),
+        }
+    }
+
+    /// Position of the first value that is NaN or infinite in `range`.
+    pub(crate) fn first_non_finite(&self, range: Range<usize>) -> Option<usize> {
+        match self {
+            Values::F32(t) => t[range].iter().position(|v| !v.is_finite()),
+            Values::F16(t) => t[range].iter().position(|v| !v.is_finite()),
+            Values::Bf16(t) => t[range].iter().position(|v| !v.is_finite()),
+        }
+    }
+
+    /// `out[j] += w * self[start + j]` for j < out.len(), widening 16-bit values (the portable kernels).
+    fn add_scaled(&self, start: usize, w: f32, out: &mut [f32]) {
+        let range = start..start + out.len();
+        match self {
+            Values::F32(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, &v)| *o += w * v),
+            Values::F16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += w * v.to_f32()),
+            Values::Bf16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += w * v.to_f32()),
+        }
+    }
+}
+
+impl From<Values> for Table {
+    /// A copy of the values in memory.
+    fn from(v: Values) -> Table {
+        match v {
+            Values::F32(v) => Table::F32(v.to_vec()),
+            Values::F16(v) => Table::F16(v.to_vec()),
+            Values::Bf16(v) => Table::Bf16(v.to_vec()),
+        }
+    }
+}
+
+impl From<Table> for Values {
+    fn from(t: Table) -> Values {
+        match t {
+            Table::F32(v) => Values::F32(Buf::from(v)),
+            Table::F16(v) => Values::F16(Buf::from(v)),
+            Table::Bf16(v) => Values::Bf16(Buf::from(v)),
         }
     }
 }
@@ -211,51 +323,274 @@ const MAX_BLOCKS_PER_PASS: usize = 8;
 /// Queries per parallel task when gathering row by row.
 const QUERY_CHUNK: usize = 64;
 
-/// The reference expression, n spots x g genes, stored in gene blocks 16 genes wide: block b
-/// (genes `b*width..(b+1)*width`, zero-padded) is its own dense n x width matrix.
+/// How the expression table is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Whichever of dense and sparse takes fewer bytes.
+    Auto,
+    /// Every value, in gene blocks.
+    Dense,
+    /// Compressed sparse rows: the non-zero values of each spot with their gene columns.
+    Sparse,
+}
+
+impl Format {
+    /// The format called `name`: "auto", "dense" or "sparse".
+    pub fn parse(name: &str) -> Result<Format> {
+        match name {
+            "auto" => Ok(Format::Auto),
+            "dense" => Ok(Format::Dense),
+            "sparse" => Ok(Format::Sparse),
+            other => Err(Error::invalid(format!(
+                "unknown expression format {other:?}: use \"auto\", \"dense\" or \"sparse\""
+            ))),
+        }
+    }
+
+    /// The format's name, as [`Format::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Dense => "dense",
+            Format::Sparse => "sparse",
+        }
+    }
+}
+
+/// The reference expression, n spots x g genes, stored dense or sparse.
 ///
-/// Aggregation then runs one of two ways. With many neighbour references per row (Q*k of the order of
-/// n or more) it streams each block once, in row order, and scatters every row into the results of the
-/// queries that picked it (an inverted index built per call): the table is read from DRAM exactly once
-/// as a sequential stream and the scattered writes land in an L2-sized buffer. With few references it
-/// gathers each query's rows directly.
-#[derive(Clone, Debug, PartialEq)]
+/// Dense, it is kept in gene blocks 16 genes wide: block b (genes `b*width..(b+1)*width`,
+/// zero-padded) is its own dense n x width matrix. Aggregation then runs one of two ways. With many
+/// neighbour references per row (Q*k of the order of n or more) it streams each block once, in row
+/// order, and scatters every row into the results of the queries that picked it (an inverted index
+/// built per call): the table is read from DRAM exactly once as a sequential stream and the scattered
+/// writes land in an L2-sized buffer. With few references it gathers each query's rows directly.
+///
+/// Sparse, it is kept as compressed sparse rows ([`crate::sparse`]) and each query's rows are
+/// scattered into its output row.
+///
+/// Either way the values may be borrowed from a mapped reference file rather than held in memory.
+/// Values read from a file are not checked for NaN or infinity when it is loaded: a result that comes
+/// out non-finite is traced back to its rows, and a row holding such a value is an error.
+#[derive(Clone, Debug)]
 pub struct Expression {
     n: usize,
     g: usize,
-    blocked: Table,
+    store: Store,
+}
+
+#[derive(Clone, Debug)]
+enum Store {
+    Blocked(Values),
+    Sparse(SparseRows),
 }
 
 impl Expression {
-    /// From a row-major n x g table.
+    /// From a row-major n x g table, stored dense.
     pub fn new(row_major: &Table, n: usize, g: usize) -> Result<Expression> {
-        if n.checked_mul(g) != Some(row_major.len()) {
+        check_len(row_major.len(), n, g)?;
+        let blocked = match row_major {
+            Table::F32(v) => Values::F32(Buf::from(to_blocks(v, n, g)?)),
+            Table::F16(v) => Values::F16(Buf::from(to_blocks(v, n, g)?)),
+            Table::Bf16(v) => Values::Bf16(Buf::from(to_blocks(v, n, g)?)),
+        };
+        Ok(Expression {
+            n,
+            g,
+            store: Store::Blocked(blocked),
+        })
+    }
+
+    /// From row-major float32 values (n x g), stored as `dtype` in `format` (`Auto`: the smaller).
+    pub fn from_dense(
+        values: &[f32],
+        n: usize,
+        g: usize,
+        dtype: Dtype,
+        format: Format,
+    ) -> Result<Expression> {
+        check_len(values.len(), n, g)?;
+        let sparse = match format {
+            Format::Dense => false,
+            Format::Sparse => true,
+            Format::Auto => {
+                let nnz = values.par_iter().filter(|&&v| v != 0.0).count();
+                sparse_bytes(n, g, nnz, dtype) < dense_bytes(n, g, dtype)
+            }
+        };
+        if sparse {
+            let rows = SparseRows::from_dense(values, n, g, dtype)?;
+            Ok(Expression {
+                n,
+                g,
+                store: Store::Sparse(rows),
+            })
+        } else {
+            Expression::new(&Table::from_f32(values, dtype), n, g)
+        }
+    }
+
+    /// From compressed sparse rows (n + 1 row offsets, and the gene column and float32 value of each
+    /// stored entry, columns increasing within a row), stored as `dtype` in `format` (`Auto`: the
+    /// smaller). The structure is checked in full.
+    pub fn from_csr(
+        n: usize,
+        g: usize,
+        indptr: Vec<i64>,
+        indices: Vec<u32>,
+        values: &[f32],
+        dtype: Dtype,
+        format: Format,
+    ) -> Result<Expression> {
+        if indices.len() != values.len() {
             return Err(Error::invalid(format!(
-                "an expression table of {n} spots x {g} genes needs {} values, not {}",
-                n.saturating_mul(g),
-                row_major.len()
+                "the sparse expression has {} column indices but {} values: give one of each per stored entry",
+                indices.len(),
+                values.len()
             )));
         }
-        let blocked = match row_major {
-            Table::F32(v) => Table::F32(to_blocks(v, n, g)?),
-            Table::F16(v) => Table::F16(to_blocks(v, n, g)?),
-            Table::Bf16(v) => Table::Bf16(to_blocks(v, n, g)?),
+        let rows = SparseRows::new(
+            n,
+            g,
+            Buf::from(indptr),
+            Cols::narrowest(indices, g),
+            Values::from_f32(values, dtype),
+        )?;
+        rows.check_all()?;
+        let dense = match format {
+            Format::Dense => true,
+            Format::Sparse => false,
+            Format::Auto => dense_bytes(n, g, dtype) <= sparse_bytes(n, g, values.len(), dtype),
         };
-        Ok(Expression { n, g, blocked })
+        let store = if dense {
+            Store::Blocked(rows.to_blocks(BLOCK_GENES)?)
+        } else {
+            Store::Sparse(rows)
+        };
+        Ok(Expression { n, g, store })
+    }
+
+    /// Dense gene blocks (`blocks(g) x n x 16` values) as they are stored in a file: not checked.
+    pub(crate) fn from_blocks(n: usize, g: usize, blocked: Values) -> Result<Expression> {
+        if n.checked_mul(g.div_ceil(BLOCK_GENES) * BLOCK_GENES) != Some(blocked.len()) {
+            return Err(Error::invalid(format!(
+                "the expression blocks hold {} values, not {n} spots x {g} genes in blocks of {BLOCK_GENES}",
+                blocked.len()
+            )));
+        }
+        Ok(Expression {
+            n,
+            g,
+            store: Store::Blocked(blocked),
+        })
+    }
+
+    /// Sparse rows as they are stored in a file: sizes checked now, each row's structure when it is read.
+    pub(crate) fn from_sparse(rows: SparseRows) -> Expression {
+        Expression {
+            n: rows.n,
+            g: rows.g,
+            store: Store::Sparse(rows),
+        }
+    }
+
+    /// (spots, genes).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.g)
     }
 
     /// The storage type.
     pub fn dtype(&self) -> Dtype {
-        self.blocked.dtype()
+        match &self.store {
+            Store::Blocked(v) => v.dtype(),
+            Store::Sparse(s) => s.values.dtype(),
+        }
     }
 
-    /// The table in plain row-major order (for saving and for users).
+    /// How it is stored: [`Format::Dense`] or [`Format::Sparse`].
+    pub fn format(&self) -> Format {
+        match &self.store {
+            Store::Blocked(_) => Format::Dense,
+            Store::Sparse(_) => Format::Sparse,
+        }
+    }
+
+    /// Bytes of the stored values (and of the sparse structure).
+    pub fn nbytes(&self) -> usize {
+        match &self.store {
+            Store::Blocked(v) => v.as_bytes().len(),
+            Store::Sparse(s) => s.nbytes(),
+        }
+    }
+
+    /// Whether the values are read from a mapped file rather than held in memory.
+    pub fn is_mapped(&self) -> bool {
+        match &self.store {
+            Store::Blocked(v) => v.is_mapped(),
+            Store::Sparse(s) => s.values.is_mapped(),
+        }
+    }
+
+    /// The dense gene blocks, when stored dense.
+    pub(crate) fn blocks_values(&self) -> Option<&Values> {
+        match &self.store {
+            Store::Blocked(v) => Some(v),
+            Store::Sparse(_) => None,
+        }
+    }
+
+    /// The sparse rows, when stored sparse.
+    pub(crate) fn sparse_rows(&self) -> Option<&SparseRows> {
+        match &self.store {
+            Store::Blocked(_) => None,
+            Store::Sparse(s) => Some(s),
+        }
+    }
+
+    /// The table in plain row-major order (for users; a dense copy either way).
     pub fn row_major(&self) -> Table {
         let (n, g) = (self.n, self.g);
-        match &self.blocked {
-            Table::F32(v) => Table::F32(from_blocks(v, n, g)),
-            Table::F16(v) => Table::F16(from_blocks(v, n, g)),
-            Table::Bf16(v) => Table::Bf16(from_blocks(v, n, g)),
+        match &self.store {
+            Store::Blocked(Values::F32(v)) => Table::F32(from_blocks(v, n, g)),
+            Store::Blocked(Values::F16(v)) => Table::F16(from_blocks(v, n, g)),
+            Store::Blocked(Values::Bf16(v)) => Table::Bf16(from_blocks(v, n, g)),
+            Store::Sparse(s) => s.row_major(),
+        }
+    }
+
+    /// The table as compressed sparse rows in float32: (row offsets, gene columns, values), the stored
+    /// entries of a sparse table or the non-zero values of a dense one.
+    pub fn to_csr(&self) -> Result<(Vec<i64>, Vec<u32>, Vec<f32>)> {
+        match &self.store {
+            Store::Sparse(s) => s.to_csr(),
+            Store::Blocked(_) => {
+                let dense = self.row_major().to_f32();
+                let rows = SparseRows::from_dense(&dense, self.n, self.g, Dtype::F32)?;
+                rows.to_csr()
+            }
+        }
+    }
+
+    /// Refuse NaN and infinite values (what `build` does; a loaded table is checked lazily instead).
+    pub fn check_finite(&self) -> Result<()> {
+        let bad = match &self.store {
+            Store::Blocked(v) => {
+                let total = v.len();
+                first_non_finite_par(v, total).map(|p| {
+                    let (b, rest) = (p / (self.n * BLOCK_GENES), p % (self.n * BLOCK_GENES));
+                    (rest / BLOCK_GENES, b * BLOCK_GENES + rest % BLOCK_GENES)
+                })
+            }
+            Store::Sparse(s) => first_non_finite_par(&s.values, s.values.len()).map(|p| {
+                let row = s.indptr.partition_point(|&o| o as usize <= p) - 1;
+                (row, s.indices.get(p))
+            }),
+        };
+        match bad {
+            None => Ok(()),
+            Some((row, gene)) => Err(Error::invalid(format!(
+                "expression row {row} has a NaN or infinite value (gene column {gene}; values beyond the float16 range become infinite)"
+            ))),
         }
     }
 
@@ -282,20 +617,25 @@ impl Expression {
         if g == 0 || nq == 0 {
             return Ok(());
         }
-        let kernel = crate::cpu::kernel();
-        if 4 * nq * k >= self.n {
-            self.stream(kernel, idx, w, k, out);
-        } else {
-            self.gather(kernel, idx, w, k, out);
+        match &self.store {
+            Store::Blocked(table) => {
+                let kernel = crate::cpu::kernel();
+                if 4 * nq * k >= self.n {
+                    self.stream(table, kernel, idx, w, k, out);
+                } else {
+                    self.gather(table, kernel, idx, w, k, out);
+                }
+            }
+            Store::Sparse(rows) => rows.gather_weighted_sum(idx, w, k, out)?,
         }
-        Ok(())
+        self.trace_non_finite(out, idx)
     }
 
     /// `out[q]`: the mean over genes of the standard deviation (ddof 0) of the expression of query q's
     /// `k` neighbours (`idx`, queries x k), computed as NumPy's `std` does (the mean, then the squared
-    /// deviations). Gene blocks are the outer loop, so that a block (n x 16 values) stays in cache for
-    /// every query of a chunk (row by row, each row's blocks lie far apart: 3x slower than NumPy's
-    /// contiguous gathers). Runs on the current rayon pool.
+    /// deviations). Dense, gene blocks are the outer loop, so that a block (n x 16 values) stays in
+    /// cache for every query of a chunk (row by row, each row's blocks lie far apart: 3x slower than
+    /// NumPy's contiguous gathers). Runs on the current rayon pool.
     pub fn neighbour_spread(&self, idx: &[u32], k: usize, out: &mut [f32]) -> Result<()> {
         if k == 0 || idx.len() != out.len() * k {
             return Err(Error::invalid(format!(
@@ -306,6 +646,13 @@ impl Expression {
         }
         self.check_rows(idx)?;
         let g = self.g;
+        let table = match &self.store {
+            Store::Blocked(table) => table,
+            Store::Sparse(rows) => {
+                rows.neighbour_spread(idx, k, out)?;
+                return self.trace_non_finite(out, idx);
+            }
+        };
         out.par_chunks_mut(QUERY_CHUNK)
             .enumerate()
             .for_each(|(c, chunk)| {
@@ -313,7 +660,7 @@ impl Expression {
                 for b in 0..self.blocks() {
                     for (r, total) in totals.iter_mut().enumerate() {
                         let q = c * QUERY_CHUNK + r;
-                        *total += self.block_spread(b, &idx[q * k..(q + 1) * k]);
+                        *total += self.block_spread(table, b, &idx[q * k..(q + 1) * k]);
                     }
                 }
                 // No genes: NaN, as the mean of nothing.
@@ -321,19 +668,65 @@ impl Expression {
                     *o = (t / g as f64) as f32;
                 }
             });
+        if g == 0 {
+            return Ok(());
+        }
+        self.trace_non_finite(out, idx)
+    }
+
+    /// When a result is NaN or infinite, the first of the rows `idx` that holds such a value is an
+    /// error (a table read from a file is not checked when loaded). A non-finite result from finite
+    /// rows (a sum that overflows) is returned as it is.
+    fn trace_non_finite(&self, out: &[f32], idx: &[u32]) -> Result<()> {
+        // Whole chunks, branch-free (so the test vectorises): a few ms for the largest outputs.
+        if out
+            .par_chunks(1 << 14)
+            .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+        {
+            return Ok(());
+        }
+        let mut rows = idx.to_vec();
+        rows.sort_unstable();
+        rows.dedup();
+        for r in rows {
+            if let Some(gene) = self.non_finite_in_row(r as usize) {
+                return Err(Error::invalid(format!(
+                    "the reference expression of spot row {r} has a NaN or infinite value (gene column {gene}): the reference file is damaged; rebuild it"
+                )));
+            }
+        }
         Ok(())
     }
 
+    /// The gene column of a NaN or infinite value in row `r`, if any.
+    fn non_finite_in_row(&self, r: usize) -> Option<usize> {
+        match &self.store {
+            Store::Blocked(table) => (0..self.blocks()).find_map(|b| {
+                let at = b * self.n * BLOCK_GENES + r * BLOCK_GENES;
+                table
+                    .first_non_finite(at..at + BLOCK_GENES)
+                    .map(|j| b * BLOCK_GENES + j)
+            }),
+            Store::Sparse(rows) => {
+                let range = rows.row_range(r).ok()?;
+                let start = range.start;
+                rows.values
+                    .first_non_finite(range)
+                    .map(|j| rows.indices.get(start + j))
+            }
+        }
+    }
+
     /// The sum over the genes of block `b` of the standard deviation of the rows `iq`.
-    fn block_spread(&self, b: usize, iq: &[u32]) -> f64 {
+    fn block_spread(&self, table: &Values, b: usize, iq: &[u32]) -> f64 {
         let (base, valid) = (
             b * self.n * BLOCK_GENES,
             BLOCK_GENES.min(self.g - b * BLOCK_GENES),
         );
-        match &self.blocked {
-            Table::F32(t) => rows_spread(&t[base..], iq, valid, |v| *v),
-            Table::F16(t) => rows_spread(&t[base..], iq, valid, |v| v.to_f32()),
-            Table::Bf16(t) => rows_spread(&t[base..], iq, valid, |v| v.to_f32()),
+        match table {
+            Values::F32(t) => rows_spread(&t[base..], iq, valid, |v| *v),
+            Values::F16(t) => rows_spread(&t[base..], iq, valid, |v| v.to_f32()),
+            Values::Bf16(t) => rows_spread(&t[base..], iq, valid, |v| v.to_f32()),
         }
     }
 
@@ -352,7 +745,15 @@ impl Expression {
         }
     }
 
-    fn gather(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+    fn gather(
+        &self,
+        table: &Values,
+        kernel: Kernel,
+        idx: &[u32],
+        w: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
         let (g, width, n) = (self.g, BLOCK_GENES, self.n);
         let kernel = accumulate_kernel(kernel);
         out.par_chunks_mut(QUERY_CHUNK * g)
@@ -363,7 +764,7 @@ impl Expression {
                     let q = c * QUERY_CHUNK + r;
                     let (iq, wq) = (&idx[q * k..(q + 1) * k], &w[q * k..(q + 1) * k]);
                     for b in 0..self.blocks() {
-                        kernel(&self.blocked, b * n * width, width, iq, wq, &mut part);
+                        kernel(table, b * n * width, width, iq, wq, &mut part);
                         let g0 = b * width;
                         let valid = width.min(g - g0);
                         row[g0..g0 + valid].copy_from_slice(&part[..valid]);
@@ -372,7 +773,15 @@ impl Expression {
             });
     }
 
-    fn stream(&self, kernel: Kernel, idx: &[u32], w: &[f32], k: usize, out: &mut [f32]) {
+    fn stream(
+        &self,
+        table: &Values,
+        kernel: Kernel,
+        idx: &[u32],
+        w: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
         let (g, n) = (self.g, self.n);
         let nq = out.len() / g;
         // Blocks per pass: as many as keep every query's results in the L2 budget (amortising the walk
@@ -406,7 +815,7 @@ impl Expression {
             part.clear();
             part.resize((q1 - q0) * width, 0.0);
             scatter(
-                &self.blocked,
+                table,
                 p * nv * n * BLOCK_GENES,
                 n,
                 blocks,
@@ -496,11 +905,49 @@ impl Csr {
     }
 }
 
+fn check_len(len: usize, n: usize, g: usize) -> Result<()> {
+    if n.checked_mul(g) != Some(len) {
+        return Err(Error::invalid(format!(
+            "an expression table of {n} spots x {g} genes needs {} values, not {len}",
+            n.saturating_mul(g),
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of a dense table (gene blocks, padded to 16 genes).
+pub(crate) fn dense_bytes(n: usize, g: usize, dtype: Dtype) -> usize {
+    n.saturating_mul(g.div_ceil(BLOCK_GENES) * BLOCK_GENES)
+        .saturating_mul(dtype.size())
+}
+
+/// Bytes of a sparse table: 8-byte row offsets, the gene columns (2 bytes each up to 65,536 genes,
+/// else 4) and the values.
+pub(crate) fn sparse_bytes(n: usize, g: usize, nnz: usize, dtype: Dtype) -> usize {
+    let column = if g <= 1 << 16 { 2 } else { 4 };
+    (n + 1)
+        .saturating_mul(8)
+        .saturating_add(nnz.saturating_mul(column + dtype.size()))
+}
+
+/// Position of the first NaN or infinite value among the first `len` of `values` (in parallel).
+fn first_non_finite_par(values: &Values, len: usize) -> Option<usize> {
+    const CHUNK: usize = 1 << 14;
+    (0..len.div_ceil(CHUNK))
+        .into_par_iter()
+        .find_map_first(|c| {
+            let start = c * CHUNK;
+            values
+                .first_non_finite(start..(start + CHUNK).min(len))
+                .map(|p| start + p)
+        })
+}
+
 fn to_blocks<T: Copy + Default + Send + Sync>(v: &[T], n: usize, g: usize) -> Result<Vec<T>> {
     let width = BLOCK_GENES;
     let blocks = g.div_ceil(width);
     let mut out = crate::memory::huge_zeroed::<T>(blocks * n * width, "the expression table")?;
-    out.par_chunks_mut(n * width)
+    out.par_chunks_mut((n * width).max(1))
         .enumerate()
         .for_each(|(b, slab)| {
             let g0 = b * width;
@@ -527,7 +974,7 @@ fn from_blocks<T: Copy + Send + Sync>(v: &[T], n: usize, g: usize) -> Vec<T> {
 
 /// One query, one gene block: `out = sum_j w[j] * table[base + idx[j] * stride ..][..out.len()]`
 /// (`out.len()` is BLOCK_GENES).
-type AccumulateFn = fn(&Table, usize, usize, &[u32], &[f32], &mut [f32]);
+type AccumulateFn = fn(&Values, usize, usize, &[u32], &[f32], &mut [f32]);
 
 fn accumulate_kernel(kernel: Kernel) -> AccumulateFn {
     #[cfg(target_arch = "x86_64")]
@@ -541,7 +988,7 @@ fn accumulate_kernel(kernel: Kernel) -> AccumulateFn {
 }
 
 fn accumulate_portable(
-    table: &Table,
+    table: &Values,
     base: usize,
     stride: usize,
     idx: &[u32],
@@ -561,7 +1008,7 @@ fn accumulate_portable(
 /// `blocks` consecutive gene blocks (from element `base`, each n x 16), one range of queries: for each
 /// table row in order, `part[q] += w * row` for every (q, w) of the row in `csr`. `part`: the range's
 /// queries x (16 * blocks).
-type ScatterFn = fn(&Table, usize, usize, usize, &Csr, &mut [f32]);
+type ScatterFn = fn(&Values, usize, usize, usize, &Csr, &mut [f32]);
 
 fn scatter_kernel(kernel: Kernel) -> ScatterFn {
     #[cfg(target_arch = "x86_64")]
@@ -575,7 +1022,7 @@ fn scatter_kernel(kernel: Kernel) -> ScatterFn {
 }
 
 fn scatter_portable(
-    table: &Table,
+    table: &Values,
     base: usize,
     n: usize,
     blocks: usize,
@@ -605,7 +1052,7 @@ fn scatter_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Table, BLOCK_GENES};
+    use super::{Values, BLOCK_GENES};
     use std::arch::x86_64::*;
 
     /// A table element that loads as 16 f32 lanes.
@@ -730,7 +1177,7 @@ mod x86 {
 
     /// SAFETY: the CPU must have AVX-512F; `blocks` is 1 to 8.
     pub unsafe fn scatter_avx512(
-        table: &Table,
+        table: &Values,
         base: usize,
         n: usize,
         blocks: usize,
@@ -738,15 +1185,15 @@ mod x86 {
         part: &mut [f32],
     ) {
         match table {
-            Table::F32(t) => scatter_typed(t, base, n, blocks, csr, part),
-            Table::F16(t) => scatter_typed(t, base, n, blocks, csr, part),
-            Table::Bf16(t) => scatter_typed(t, base, n, blocks, csr, part),
+            Values::F32(t) => scatter_typed(&t[..], base, n, blocks, csr, part),
+            Values::F16(t) => scatter_typed(&t[..], base, n, blocks, csr, part),
+            Values::Bf16(t) => scatter_typed(&t[..], base, n, blocks, csr, part),
         }
     }
 
     /// SAFETY: the CPU must have AVX-512F. Row ranges are checked against the table.
     pub unsafe fn accumulate_avx512(
-        table: &Table,
+        table: &Values,
         base: usize,
         stride: usize,
         idx: &[u32],
@@ -754,9 +1201,9 @@ mod x86 {
         out: &mut [f32],
     ) {
         match table {
-            Table::F32(t) => accumulate(t, base, stride, idx, w, out),
-            Table::F16(t) => accumulate(t, base, stride, idx, w, out),
-            Table::Bf16(t) => accumulate(t, base, stride, idx, w, out),
+            Values::F32(t) => accumulate(&t[..], base, stride, idx, w, out),
+            Values::F16(t) => accumulate(&t[..], base, stride, idx, w, out),
+            Values::Bf16(t) => accumulate(&t[..], base, stride, idx, w, out),
         }
     }
 }
@@ -803,8 +1250,9 @@ mod tests {
                     let mut streamed = vec![f32::NAN; nq * g];
                     let mut gathered = vec![f32::NAN; nq * g];
                     if nq > 0 {
-                        expr.stream(kernel, &idx, &w, k, &mut streamed);
-                        expr.gather(kernel, &idx, &w, k, &mut gathered);
+                        let t = expr.blocks_values().unwrap();
+                        expr.stream(t, kernel, &idx, &w, k, &mut streamed);
+                        expr.gather(t, kernel, &idx, &w, k, &mut gathered);
                     }
                     all.extend([streamed, gathered]);
                 }

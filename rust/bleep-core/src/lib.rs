@@ -12,6 +12,8 @@
 //!   packing and the bf16 error bound; `topk`: the bounded selection of the best k.
 //! * `aggregate`: neighbour weights and the fused gather-and-weighted-sum of expression ([`Expression`]).
 //! * `reference`: the reference and its file format.
+//! * `sparse`: the expression as compressed sparse rows, and its kernels; `buf`: numbers owned or borrowed
+//!   from a memory-mapped reference file.
 //! * [`cpu`]: the one place that asks the CPU which vector extensions it has.
 //! * [`pool`]: the named rayon pools all native work runs on (bounded, reused, safe after `fork`).
 //! * [`memory`]: allocations checked against a memory budget, failing with an error instead of an abort.
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod aggregate;
+mod buf;
 pub mod calibrate;
 pub mod cpu;
 mod error;
@@ -34,9 +37,10 @@ mod mutation;
 pub mod pool;
 mod reference;
 mod search;
+mod sparse;
 mod topk;
 
-pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Method, Table};
+pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Format, Method, Table};
 pub use cpu::Kernel;
 pub use error::{Error, Result};
 pub use matrix::Matrix;

@@ -11,6 +11,7 @@
 //! rows as given and their norms: no normalised copy is kept), so the result is the exact top k all the
 //! same.
 
+use crate::buf::Buf;
 use crate::cpu::Kernel;
 use crate::error::{Error, Result};
 use crate::kernel::{
@@ -34,14 +35,40 @@ const L2_CHUNK_BYTES: usize = 384 * 1024;
 /// of kernel (packed on first use): the search structure of a [`Reference`](crate::Reference), usable
 /// alone. No normalised copy of the rows is kept: panels are packed and candidates rescored from the
 /// rows and their norms.
+///
+/// The rows and norms may be borrowed from a mapped reference file ([`PackedIndex::from_file`]); such
+/// an index is checked (finite rows, each stored norm that of its row and not zero) on first use.
 pub struct PackedIndex {
     n: usize,
     d: usize,
-    rows: Vec<f32>,
-    norms: Vec<f64>,
-    panels_f32: OnceLock<Vec<f32>>,
-    panels_bf16: OnceLock<(Vec<u32>, Bf16Rounding)>,
+    rows: Buf<f32>,
+    norms: Buf<f64>,
+    /// The outcome of the check of rows read from a file (set at once for rows given in memory).
+    checked: OnceLock<std::result::Result<Verified, String>>,
+    /// Panels read from a file, used once [`PackedIndex::check`] has found them equal to a fresh packing.
+    stored: StoredPanels,
+    panels_f32: OnceLock<Buf<f32>>,
+    panels_bf16: OnceLock<(Buf<u32>, Bf16Rounding)>,
 }
+
+/// Search panels as a reference file may store them (see [`PackedIndex::from_file`]).
+#[derive(Default)]
+pub(crate) struct StoredPanels {
+    /// The fp32 panels (`pack_panels`).
+    pub f32: Option<Buf<f32>>,
+    /// The bf16 panels and their rounding statistics (`pack_panels_bf16`).
+    pub bf16: Option<(Buf<u32>, Bf16Rounding)>,
+}
+
+/// Which stored panels the check found equal to a fresh packing of the rows.
+#[derive(Clone, Copy, Default)]
+struct Verified {
+    f32: bool,
+    bf16: bool,
+}
+
+/// Panels compared per parallel task when checking stored ones.
+const CHECK_PANELS: usize = 64;
 
 /// Search results: `indices[q * k + j]` is query q's j-th best reference row, `scores` their cosines.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -81,8 +108,10 @@ impl PackedIndex {
         let index = PackedIndex {
             n,
             d,
-            norms: row_norms(&rows, d),
-            rows,
+            norms: Buf::from(row_norms(&rows, d)),
+            rows: Buf::from(rows),
+            checked: OnceLock::from(Ok(Verified::default())),
+            stored: StoredPanels::default(),
             panels_f32: OnceLock::new(),
             panels_bf16: OnceLock::new(),
         };
@@ -95,14 +124,152 @@ impl PackedIndex {
         Ok(index)
     }
 
-    fn f32_panels(&self) -> &[f32] {
-        self.panels_f32
-            .get_or_init(|| pack_panels(&self.rows, &self.norms, self.d))
+    /// Rows (n x d), their norms and, optionally, their search panels as read from a file: nothing is
+    /// checked or packed here ([`PackedIndex::check`] checks, once, on first use; panels the file lacks,
+    /// or whose check fails, are packed in memory on first search).
+    pub(crate) fn from_file(
+        rows: Buf<f32>,
+        norms: Buf<f64>,
+        n: usize,
+        d: usize,
+        stored: StoredPanels,
+    ) -> Result<Self> {
+        if n.checked_mul(d) != Some(rows.len())
+            || norms.len() != n
+            || d == 0
+            || n > u32::MAX as usize
+        {
+            return Err(Error::invalid(format!(
+                "{} embedding values and {} norms are not {n} rows x {d} dimensions (at least 1, at most 2^32 rows)",
+                rows.len(),
+                norms.len()
+            )));
+        }
+        Ok(PackedIndex {
+            n,
+            d,
+            rows,
+            norms,
+            checked: OnceLock::new(),
+            stored,
+            panels_f32: OnceLock::new(),
+            panels_bf16: OnceLock::new(),
+        })
     }
 
-    fn bf16_panels(&self) -> &(Vec<u32>, Bf16Rounding) {
-        self.panels_bf16
-            .get_or_init(|| pack_panels_bf16(&self.rows, &self.norms, self.d))
+    /// Check, once, rows read from a file: finite, not zero, and each stored norm exactly that of its
+    /// row (a damaged file is an error here, before a search trusts it); and stored panels, chunk by
+    /// chunk, against a fresh packing of the rows (panels that differ are not used: the first search
+    /// packs its own). Rows given in memory were checked when the reference was built. The check reads
+    /// the whole file's embeddings once, in parallel, and allocates only a chunk per thread.
+    pub fn check(&self) -> Result<()> {
+        let outcome = self.checked.get_or_init(|| self.verify());
+        outcome.clone().map(|_| ()).map_err(Error::invalid)
+    }
+
+    fn verify(&self) -> std::result::Result<Verified, String> {
+        let (n, d) = (self.n, self.d);
+        let bad = (0..n).into_par_iter().find_first(|&i| {
+            let row = &self.rows[i * d..(i + 1) * d];
+            let stored = self.norms[i];
+            !row.iter().all(|v| v.is_finite()) || norm(row) != stored || stored == 0.0
+        });
+        if let Some(i) = bad {
+            return Err(format!(
+                "reference embedding row {i} is not finite, is all zeros, or does not match its stored norm: the reference file is damaged; rebuild it"
+            ));
+        }
+        let n_panels = n.div_ceil(NR);
+        let chunk_rows = |c: usize| {
+            let (r0, r1) = (c * CHECK_PANELS * NR, ((c + 1) * CHECK_PANELS * NR).min(n));
+            (&self.rows[r0 * d..r1 * d], &self.norms[r0..r1], r0 / NR)
+        };
+        let chunks = n_panels.div_ceil(CHECK_PANELS);
+        let f32_ok = self.stored.f32.as_ref().is_some_and(|stored| {
+            stored.len() == n_panels * d * NR
+                && (0..chunks).into_par_iter().all(|c| {
+                    let (rows, norms, p0) = chunk_rows(c);
+                    let fresh = pack_panels(rows, norms, d);
+                    let at = p0 * d * NR;
+                    fresh
+                        .iter()
+                        .zip(&stored[at..at + fresh.len()])
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                })
+        });
+        let dp = d.div_ceil(2);
+        let bf16_ok = self.stored.bf16.as_ref().is_some_and(|(stored, rounding)| {
+            if stored.len() != n_panels * dp * NR {
+                return false;
+            }
+            let most = (0..chunks)
+                .into_par_iter()
+                .map(|c| {
+                    let (rows, norms, p0) = chunk_rows(c);
+                    let (fresh, r) = pack_panels_bf16(rows, norms, d);
+                    let at = p0 * dp * NR;
+                    let same = fresh == stored[at..at + fresh.len()];
+                    (same, r.max_residual, r.max_rounded_norm)
+                })
+                .reduce(
+                    || (true, 0.0, 0.0),
+                    |a, b| (a.0 && b.0, a.1.max(b.1), a.2.max(b.2)),
+                );
+            most.0
+                && most.1.to_bits() == rounding.max_residual.to_bits()
+                && most.2.to_bits() == rounding.max_rounded_norm.to_bits()
+        });
+        Ok(Verified {
+            f32: f32_ok,
+            bf16: bf16_ok,
+        })
+    }
+
+    /// The panels of both kernels (packed now where they are not yet), for saving.
+    pub(crate) fn all_panels(&self) -> (&Buf<f32>, &(Buf<u32>, Bf16Rounding)) {
+        (self.f32_panels(), self.bf16_panels())
+    }
+
+    /// Whether the search reads panels stored in a mapped file (rather than packed in memory).
+    /// (Known after the first search, false before it.)
+    pub fn panels_mapped(&self) -> bool {
+        self.panels_f32.get().is_some_and(|p| p.is_mapped())
+            || self.panels_bf16.get().is_some_and(|p| p.0.is_mapped())
+    }
+
+    /// Whether the rows are read from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        self.rows.is_mapped()
+    }
+
+    /// The rows and norms as stored (for saving).
+    pub(crate) fn stored(&self) -> (&Buf<f32>, &Buf<f64>) {
+        (&self.rows, &self.norms)
+    }
+
+    /// What the check found of the stored panels (nothing yet: none of them is trusted).
+    fn verified(&self) -> Verified {
+        match self.checked.get() {
+            Some(Ok(v)) => *v,
+            _ => Verified::default(),
+        }
+    }
+
+    fn f32_panels(&self) -> &Buf<f32> {
+        self.panels_f32.get_or_init(|| match &self.stored.f32 {
+            Some(stored) if self.verified().f32 => stored.clone(),
+            _ => Buf::from(pack_panels(&self.rows, &self.norms, self.d)),
+        })
+    }
+
+    fn bf16_panels(&self) -> &(Buf<u32>, Bf16Rounding) {
+        self.panels_bf16.get_or_init(|| match &self.stored.bf16 {
+            Some((stored, rounding)) if self.verified().bf16 => (stored.clone(), *rounding),
+            _ => {
+                let (panels, rounding) = pack_panels_bf16(&self.rows, &self.norms, self.d);
+                (Buf::from(panels), rounding)
+            }
+        })
     }
 
     /// Reference rows.
@@ -152,6 +319,7 @@ impl PackedIndex {
                 self.d
             )));
         }
+        self.check()?;
         Ok(self.search_with(crate::cpu::kernel(), queries, nq, k))
     }
 
@@ -181,7 +349,7 @@ impl PackedIndex {
                 .collect();
             let keep: Vec<f32> = margins.iter().map(|m| 2.0 * m).collect();
             let scan = Scan {
-                panels,
+                panels: &panels[..],
                 dk: d.div_ceil(2),
                 pack: pack_tile_bf16,
                 tile: &tile_bf16,
@@ -199,7 +367,7 @@ impl PackedIndex {
                     kernel.tile(q, d, p, thr, s)
                 };
             let scan = Scan {
-                panels: self.f32_panels(),
+                panels: &self.f32_panels()[..],
                 dk: self.d,
                 pack: pack_tile,
                 tile: &tile,

@@ -7,11 +7,11 @@
 //! child; `bleep_core::pool::run`), and an error or a panic anywhere in native code comes back as
 //! `BleepError`.
 
-use bleep_core::{pool, Dtype, Matrix, Method, Reference, Table};
+use bleep_core::{pool, Dtype, Format, Matrix, Method, Reference, Table};
 use bleep_slide::{MacenkoParams, Mask, Slide, Stains};
 use numpy::{
-    PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArrayMethods,
+    PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -159,7 +159,7 @@ struct PyReference {
 #[pymethods]
 impl PyReference {
     #[staticmethod]
-    #[pyo3(signature = (embeddings, expression, genes, spot_ids=None, sections=None, provenance=None, expression_dtype="float32", threads=None))]
+    #[pyo3(signature = (embeddings, expression, genes, spot_ids=None, sections=None, provenance=None, expression_dtype="float32", threads=None, expression_format="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn build(
         py: Python<'_>,
@@ -171,6 +171,7 @@ impl PyReference {
         provenance: Option<String>,
         expression_dtype: &str,
         #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+        expression_format: &str,
     ) -> PyResult<Self> {
         let (emb, expr) = (
             matrix_of(&embeddings, "embeddings")?,
@@ -183,7 +184,60 @@ impl PyReference {
             provenance,
         };
         let inner = native(py, threads, || {
-            Reference::build(emb, expr, Dtype::parse(expression_dtype)?, labels)
+            let (dtype, format) = (
+                Dtype::parse(expression_dtype)?,
+                Format::parse(expression_format)?,
+            );
+            Reference::build_as(emb, expr, dtype, format, labels)
+        })?;
+        Ok(PyReference { inner })
+    }
+
+    /// A reference whose expression arrives as compressed sparse rows (canonical: columns strictly
+    /// increasing within each row): `indptr` (N + 1 int64), `indices` (nnz uint32), `values` (nnz float32).
+    #[staticmethod]
+    #[pyo3(signature = (embeddings, indptr, indices, values, genes, spot_ids=None, sections=None, provenance=None, expression_dtype="float32", expression_format="auto", threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn build_csr(
+        py: Python<'_>,
+        embeddings: PyReadonlyArray2<'_, f32>,
+        indptr: PyReadonlyArray1<'_, i64>,
+        indices: PyReadonlyArray1<'_, u32>,
+        values: PyReadonlyArray1<'_, f32>,
+        genes: Vec<String>,
+        spot_ids: Option<Vec<String>>,
+        sections: Option<Vec<String>>,
+        provenance: Option<String>,
+        expression_dtype: &str,
+        expression_format: &str,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let emb = matrix_of(&embeddings, "embeddings")?;
+        let (indptr, indices, values) = (
+            contiguous(&indptr, "indptr")?,
+            contiguous(&indices, "indices")?,
+            contiguous(&values, "values")?,
+        );
+        let labels = bleep_core::Labels {
+            genes,
+            spot_ids,
+            sections,
+            provenance,
+        };
+        let inner = native(py, threads, || {
+            let (dtype, format) = (
+                Dtype::parse(expression_dtype)?,
+                Format::parse(expression_format)?,
+            );
+            Reference::build_csr(
+                emb,
+                indptr.to_vec(),
+                indices.to_vec(),
+                values,
+                dtype,
+                format,
+                labels,
+            )
         })?;
         Ok(PyReference { inner })
     }
@@ -296,12 +350,20 @@ impl PyReference {
         self.inner.genes().to_vec()
     }
     #[getter]
-    fn spot_ids(&self) -> Vec<String> {
-        self.inner.spot_ids().to_vec()
+    fn spot_ids(&self) -> PyResult<Vec<String>> {
+        Ok(self
+            .inner
+            .spot_ids()
+            .map_err(|e| BleepError::new_err(e.to_string()))?
+            .to_vec())
     }
     #[getter]
-    fn sections(&self) -> Option<Vec<String>> {
-        self.inner.sections().map(<[String]>::to_vec)
+    fn sections(&self) -> PyResult<Option<Vec<String>>> {
+        let sections = self
+            .inner
+            .sections()
+            .map_err(|e| BleepError::new_err(e.to_string()))?;
+        Ok(sections.map(<[String]>::to_vec))
     }
     #[getter]
     fn provenance(&self) -> String {
@@ -310,6 +372,44 @@ impl PyReference {
     #[getter]
     fn expression_dtype(&self) -> &'static str {
         self.inner.expression_dtype().name()
+    }
+    /// "dense" or "sparse".
+    #[getter]
+    fn expression_format(&self) -> &'static str {
+        self.inner.expression_table().format().name()
+    }
+    /// Bytes of the stored expression (values, and the sparse structure).
+    #[getter]
+    fn expression_nbytes(&self) -> usize {
+        self.inner.expression_table().nbytes()
+    }
+    /// Whether the expression and the embeddings are read from the mapped file (not held in memory).
+    #[getter]
+    fn mapped(&self) -> bool {
+        self.inner.expression_table().is_mapped() && self.inner.index().is_mapped()
+    }
+
+    /// The expression as compressed sparse rows, copies: (indptr int64 N + 1, indices int32, values
+    /// float32).
+    #[allow(clippy::type_complexity)]
+    fn expression_csr<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<f32>>,
+    )> {
+        let r = &self.inner;
+        let (indptr, indices, values) = native(py, None, || {
+            let (p, i, v) = r.expression_table().to_csr()?;
+            Ok((p, i.into_iter().map(|c| c as i32).collect::<Vec<i32>>(), v))
+        })?;
+        Ok((
+            PyArray1::from_vec(py, indptr),
+            PyArray1::from_vec(py, indices),
+            PyArray1::from_vec(py, values),
+        ))
     }
 
     /// The reference embeddings as given (not normalised), a float32 copy.
