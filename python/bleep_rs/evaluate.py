@@ -91,7 +91,7 @@ def measured_on(pred, section) -> np.ndarray:
     """The section's measured expression, normalised as the reference's (median library size, log1p),
     on the prediction's genes and in its spot order (spots matched by id: each must be unique)."""
     from .expression import Panel, panel_expression
-    from .readers._common import check_unique
+    from .readers._files import check_unique
 
     check_unique(pred.obs_names, "spot ids", "the prediction", "each predicted spot must be one spot of the section")
     check_unique(section.obs_names, "spot ids", "the measured section", "each spot needs its own id")

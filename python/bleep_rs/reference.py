@@ -57,7 +57,7 @@ def csr_parts(x: Any, name: str) -> tuple[tuple[int, int], np.ndarray, np.ndarra
 def as_float32_matrix(x: Any, name: str) -> np.ndarray:
     """``x`` as a C-contiguous float32 2-D array, or a BleepError that says what is wrong with it.
 
-    float64, integer and non-contiguous input is converted; scipy sparse matrices are densified (the
+    float64, integer, non-contiguous and unaligned input is converted; scipy sparse matrices are densified (the
     expression of :meth:`Reference.build` is not: it stays sparse).
     """
     if hasattr(x, "toarray") and not isinstance(x, np.ndarray):
@@ -70,7 +70,8 @@ def as_float32_matrix(x: Any, name: str) -> np.ndarray:
         raise BleepError(f"{name} must hold numbers, got dtype {a.dtype}")
     if a.ndim != 2:
         raise BleepError(f"{name} must be 2-D (rows x columns), got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    # Aligned too: arrays that arrive over a network (Dask) or from a byte buffer may not be.
+    return np.require(a, dtype=np.float32, requirements=["C_CONTIGUOUS", "ALIGNED"])
 
 
 def _names(values: Optional[Sequence[Any]], name: str) -> Optional[list[str]]:

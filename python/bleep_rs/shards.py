@@ -54,7 +54,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError, ReferenceCore, neighbour_weights
-from .reference import METHODS, PathLike, Reference, _check_k, _names, as_float32_matrix
+from .reference import METHODS, PathLike, Reference, _check_k, _names, as_float32_matrix, is_sparse_matrix
 
 __all__ = ["MANIFEST", "ShardWriter", "ShardedReference", "merge_topk", "read_manifest", "write_shards"]
 
@@ -156,12 +156,6 @@ def _check_shard_file(path: Path, entry: Mapping[str, Any]) -> None:
     if _sample_digest(path) != entry["sample_sha256"]:
         raise BleepError(f"{path}: shard file changed since the manifest was written (its sample digest differs): "
                          "restore the file or rewrite the reference")
-
-
-def _header_labels(path: Path) -> dict:
-    """The string metadata of a reference file's safetensors header (spot ids, sections ...)."""
-    with open(path, "rb") as f:
-        return json.loads(_header_bytes(f)[8:]).get("__metadata__", {})
 
 
 def read_manifest(directory: PathLike) -> dict:
@@ -454,11 +448,18 @@ class ShardedReference(Reference, reads_folders=True):
     def expression_dtype(self) -> str:
         return str(self.manifest["expression_dtype"])
 
+    @property
+    def expression_format(self) -> str:
+        """"sparse" or "dense" (the shards' storage of the expression; "mixed" when they differ)."""
+        formats = {e.get("expression_format", "unknown") for e in self.manifest["shards"]}
+        return formats.pop() if len(formats) == 1 else "mixed"
+
     def _label(self, key: str) -> list[str]:
-        """A per-spot label of every shard, read from the shard headers (not their tables)."""
+        """A per-spot label ("spot_ids" or "sections") of every shard, read from the mapped shard files
+        (their label tensors, not their tables)."""
         if key not in self._labels:
             files = [self.directory / s["file"] for s in self.manifest["shards"]]
-            self._labels[key] = [v for f in files for v in json.loads(_header_labels(f)[key])]
+            self._labels[key] = [v for f in files for v in getattr(ReferenceCore.load(f), key) or []]
         return self._labels[key]
 
     @property
@@ -599,7 +600,7 @@ class ShardWriter:
     """
 
     def __init__(self, directory: PathLike, genes: Sequence[str], *, shard_spots: int, metadata: Optional[Mapping[str, Any]] = None,
-                 expression_dtype: str = "float32", overwrite: bool = False, threads: Optional[int] = None):
+                 expression_dtype: str = "float32", expression_format: str = "auto", overwrite: bool = False, threads: Optional[int] = None):
         from ._atomic import atomic_path
 
         if isinstance(shard_spots, bool) or not isinstance(shard_spots, (int, np.integer)) or shard_spots < 1:
@@ -614,13 +615,14 @@ class ShardWriter:
             raise BleepError("gene names must be unique")
         self.genes, self.shard_spots, self.threads = genes_list, int(shard_spots), threads
         self.metadata = _metadata(metadata)
-        self.expression_dtype = expression_dtype
-        self._emb: Optional[np.ndarray] = None
-        self._expr: Optional[np.ndarray] = None
+        self.expression_dtype, self.expression_format = expression_dtype, expression_format
+        # The shard being filled: its batches as given (slices, no copy), dense or sparse.
+        self._emb: list[np.ndarray] = []
+        self._expr: list[Any] = []
         self._ids: list[str] = []
         self._sections: Optional[list[str]] = None
         self._with_sections: Optional[bool] = None
-        self._fill = 0  # rows in the buffers
+        self._fill = 0  # rows in the shard being filled
         self._written = 0  # spots in finished shards
         self._entries: list[dict] = []
         self._dim = 0
@@ -636,14 +638,14 @@ class ShardWriter:
 
     def add(self, embeddings: Any, expression: Any, *, spot_ids: Optional[Sequence[str]] = None,
             sections: Optional[Sequence[str]] = None) -> None:
-        """Adds spots: embeddings (n x d) and expression (n x G, dense or scipy.sparse) on the writer's
-        genes, their ids (default: their global index) and sections (given for every batch or none)."""
+        """Adds spots: embeddings (n x d) and expression (n x G, dense or scipy.sparse: sparse stays sparse)
+        on the writer's genes, their ids (default: their global index) and sections (given for every batch
+        or none)."""
         if self._closed:
             raise BleepError("this ShardWriter is closed" + (" (abandoned after an error)" if self._aborted else ""))
         emb = as_float32_matrix(embeddings, "embeddings")
         n = emb.shape[0]
-        sparse = hasattr(expression, "tocsr") and not isinstance(expression, np.ndarray)
-        expr: Any = expression.tocsr() if sparse else as_float32_matrix(expression, "expression")
+        expr: Any = expression.tocsr() if is_sparse_matrix(expression) else as_float32_matrix(expression, "expression")
         if expr.shape != (n, len(self.genes)):
             raise BleepError(f"expression has shape {expr.shape}; {n} spots x {len(self.genes)} genes expected (one row per embedding, one column per gene)")
         ids = _names(spot_ids, "spot_ids")
@@ -655,26 +657,17 @@ class ShardWriter:
                 raise BleepError(f"{what} has {len(labels)} entries for {n} spots")
         if self._with_sections is None:
             self._with_sections = secs is not None
+            self._sections = [] if self._with_sections else None
         elif self._with_sections != (secs is not None):
             raise BleepError("sections must be given for every batch or for none")
-        if self._emb is None or self._expr is None:
-            self._emb = np.empty((self.shard_spots, emb.shape[1]), np.float32)
-            self._expr = np.empty((self.shard_spots, len(self.genes)), np.float32)
-            self._sections = [] if self._with_sections else None
-        elif emb.shape[1] != self._emb.shape[1]:
-            raise BleepError(f"embeddings have {emb.shape[1]} columns, earlier batches {self._emb.shape[1]}")
-        emb_buf, expr_buf = self._emb, self._expr
+        if self._dim and emb.shape[1] != self._dim:
+            raise BleepError(f"embeddings have {emb.shape[1]} columns, earlier batches {self._dim}")
+        self._dim = int(emb.shape[1])
         at = 0
-        while at < n:  # copy into the shard buffer, flushing each time it fills
+        while at < n:  # split at shard boundaries, flushing each shard as it fills
             take = min(n - at, self.shard_spots - self._fill)
-            emb_buf[self._fill:self._fill + take] = emb[at:at + take]
-            if sparse:  # densified a few rows at a time, straight into the buffer
-                step = max(1, _GATHER_VALUES // len(self.genes))
-                for a in range(0, take, step):
-                    b = min(take, a + step)
-                    expr_buf[self._fill + a:self._fill + b] = expr[at + a:at + b].toarray()
-            else:
-                expr_buf[self._fill:self._fill + take] = expr[at:at + take]
+            self._emb.append(emb[at:at + take])
+            self._expr.append(expr[at:at + take])
             self._ids += ids[at:at + take]
             if self._sections is not None and secs is not None:
                 self._sections += secs[at:at + take]
@@ -684,19 +677,27 @@ class ShardWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        assert self._emb is not None and self._expr is not None
+        import scipy.sparse as sp
+
         n, start = self._fill, self._written
         name = f"shard-{len(self._entries):05d}.safetensors"
+        emb = np.concatenate(self._emb)
+        if any(is_sparse_matrix(x) for x in self._expr):
+            expr: Any = sp.vstack([x if is_sparse_matrix(x) else sp.csr_matrix(x) for x in self._expr], format="csr")
+        else:
+            expr = np.concatenate(self._expr)
+        self._emb, self._expr = [], []
         try:
-            core = ReferenceCore.build(self._emb[:n], self._expr[:n], self.genes, spot_ids=self._ids, sections=self._sections,
-                                       provenance=json.dumps(self.metadata), expression_dtype=self.expression_dtype, threads=self.threads)
+            shard = Reference.build(emb, expr, self.genes, spot_ids=self._ids, sections=self._sections, metadata=self.metadata,
+                                    expression_dtype=self.expression_dtype, expression_format=self.expression_format, threads=self.threads)
         except BleepError as e:
             self.abort()  # a reference without these spots would look complete: nothing is written
             raise BleepError(f"spots {start} to {start + n - 1} (shard {name}): {e}; nothing was written") from e
-        core.save(self._tmp / name)
-        del core
-        self._entries.append({"file": name, "start": start, "stop": start + n, **_digests(self._tmp / name)})
-        self._dim = int(self._emb.shape[1])
+        del emb, expr
+        shard._core.save(self._tmp / name)
+        fmt = shard.expression_format
+        del shard
+        self._entries.append({"file": name, "start": start, "stop": start + n, "expression_format": fmt, **_digests(self._tmp / name)})
         self._written += n
         self._fill, self._ids = 0, []
         self._sections = [] if self._with_sections else None
@@ -773,12 +774,17 @@ def write_shards(reference: Reference, directory: PathLike, *, shard_spots: int,
     :class:`ShardWriter`); what :meth:`Reference.save(directory, shard_spots=N) <Reference.save>` does."""
     ids, sections = reference.spot_ids, reference.sections
     emb = reference.embeddings
+    import scipy.sparse as sp
+
+    fmt = reference.expression_format
     with ShardWriter(directory, reference.genes, shard_spots=shard_spots, metadata=reference.metadata,
-                     expression_dtype=reference.expression_dtype, overwrite=overwrite) as w:
+                     expression_dtype=reference.expression_dtype, expression_format=fmt if fmt in ("dense", "sparse") else "auto",
+                     overwrite=overwrite) as w:
         step = max(1, min(int(shard_spots), _GATHER_VALUES // max(1, reference.n_genes)))
         for a in range(0, reference.n_spots, step):
             b = min(a + step, reference.n_spots)
             rows = reference.aggregate(np.arange(a, b).reshape(-1, 1), np.ones((b - a, 1), np.float32))
-            w.add(emb[a:b], rows, spot_ids=ids[a:b], sections=None if sections is None else sections[a:b])
+            w.add(emb[a:b], sp.csr_matrix(rows) if fmt == "sparse" else rows, spot_ids=ids[a:b],
+                  sections=None if sections is None else sections[a:b])
     return Path(directory)
 

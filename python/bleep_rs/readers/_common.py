@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._core import BleepError
+from ._files import check_unique
 
 #: Centre-to-centre spot distance of each platform, micrometres (Visium HD: the bin size).
 PITCH_UM = {"visium": 100.0, "legacy-st": 200.0}
@@ -382,16 +383,6 @@ def as_matrix(counts, spot_ids: Sequence[str], genes: Sequence[str], where: str)
     if problem:
         raise BleepError(f"{where}: the expression is not a well-formed matrix of numbers ({problem}): bleep-rs needs raw UMI counts")
     return sp.csr_matrix(counts, dtype=np.float32)
-
-
-def check_unique(names: Sequence[str], what: str, where, fix: str) -> None:
-    """Raises when ``names`` repeat, naming the first repeats."""
-    import pandas as pd
-
-    index = pd.Index([str(n) for n in names])
-    if not index.is_unique:
-        dup = index[index.duplicated()].unique()[:3].tolist()
-        raise BleepError(f"{where}: duplicated {what} ({dup} ...): {fix}")
 
 
 def _check_positions(pixel_xy: np.ndarray, spot_ids: Sequence[str], where: str) -> None:

@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._core import BleepError
-from ._common import check_unique
 
 _KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"))
@@ -139,3 +138,13 @@ def flags(df, column: str, path) -> np.ndarray:
         i = int(np.argmax(other))
         raise BleepError(f"{path}: {column} of {df.index[i]!r} is {values[i]:g}; it must be 0 or 1: fix the file")
     return values == 1
+
+
+def check_unique(names: Sequence[str], what: str, where, fix: str) -> None:
+    """Raises when ``names`` repeat, naming the first repeats."""
+    import pandas as pd
+
+    index = pd.Index([str(n) for n in names])
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()[:3].tolist()
+        raise BleepError(f"{where}: duplicated {what} ({dup} ...): {fix}")

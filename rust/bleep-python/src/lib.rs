@@ -20,7 +20,7 @@ use pyo3::types::PyInt;
 use std::path::PathBuf;
 
 create_exception!(
-    _core,
+    bleep_rs._core,
     BleepError,
     PyException,
     "The error bleep-rs raises for bad input and unreadable files; the message says what to fix."
