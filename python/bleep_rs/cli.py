@@ -19,18 +19,19 @@ def _section_options(p, *, pooling: bool = True) -> None:
         p.add_argument("--bin-um", type=float, help="Visium HD: pool the bins into square pseudo-spots of about this many um (e.g. 55)")
 
 
-def _read_sections(paths, args, **kwargs) -> list:
-    """The sections named on the command line (a HEST folder stands for its --ids)."""
-    from bleep_rs.sections import expand_sections, read_section
+def _read_sections(paths, args, *, lazy: bool = False, **kwargs):
+    """The sections named on the command line (a HEST folder stands for its --ids): read now, or with
+    ``lazy=True`` a SectionList that reads each when it is used (a cohort never all in memory)."""
+    from bleep_rs.sections import SectionList
 
     for key in ("layer", "bin_um", "image"):
         if getattr(args, key, None) is not None:
             kwargs.setdefault(key, getattr(args, key))
-    named = expand_sections(paths, args.ids)
-    if "image" in kwargs and len(named) > 1:
+    sections = SectionList(paths, args.ids, **kwargs)
+    if "image" in kwargs and len(sections) > 1:
         raise BleepError("--image is the image of one section; with several, give each its own (a HEST folder, an .h5ad with "
                          "uns['bleep']['image_path'], a SpatialData store)")
-    return [read_section(path, sample=sample, **kwargs) for path, sample in named]
+    return sections if lazy else list(sections)
 
 
 def _read_one(path, args, **kwargs):
@@ -131,7 +132,8 @@ def _add_others(sub) -> None:
     ref.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
     _section_options(ref)
     ref.add_argument("--model", type=Path, required=True, help="model directory from bleep-rs train")
-    ref.add_argument("--out", type=Path, required=True, help="reference file to write (.safetensors)")
+    ref.add_argument("--out", type=Path, required=True,
+                     help="reference file to write (.safetensors), or with --shard-spots a folder of shard files and a manifest.json")
     ref.add_argument(
         "--genes", default="all",
         help="the genes the reference stores and predict outputs: all (default: every gene with a non-zero count in "
@@ -141,6 +143,11 @@ def _add_others(sub) -> None:
     ref.add_argument("--min-spots", type=int, default=MIN_SPOTS, help=f"with --genes all: spots a gene must be non-zero in (default {MIN_SPOTS})")
     ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="expression storage; bfloat16 halves the size of an all-gene reference (default float32)")
+    ref.add_argument("--expression-format", choices=["auto", "sparse", "dense"], default="auto",
+                     help="expression as compressed sparse rows or dense (default auto: whichever is smaller)")
+    ref.add_argument("--shard-spots", type=int, metavar="N",
+                     help="write a sharded reference folder (shards of N spots + manifest.json), section by section: peak memory "
+                     "about one shard and one section, whatever the number of sections (for cohorts and atlases)")
     ref.add_argument("--overwrite", action="store_true")
 
     pr = sub.add_parser("predict", help="predict expression at a section's spots or over a whole slide's tissue")
@@ -212,9 +219,19 @@ def _run_reference(args) -> None:
     if genes not in ("all", "panel"):
         genes = _read_gene_file(Path(genes))
     model = load_model(args.model)
-    ref = build_reference(model, _read_sections(args.sections, args), genes=genes, min_spots=args.min_spots, name=str(args.model), expression_dtype=args.dtype)
-    ref.save(args.out)
-    print(f"reference of {ref.n_spots} spots x {len(ref.genes)} genes written to {args.out}")
+    sections = _read_sections(args.sections, args, lazy=True)
+    options = dict(genes=genes, min_spots=args.min_spots, name=str(args.model), expression_dtype=args.dtype,
+                   expression_format=args.expression_format, progress=sys.stderr.isatty())
+    if args.shard_spots is not None:
+        from bleep_rs.model import write_reference
+        from bleep_rs.reference import Reference
+
+        write_reference(model, sections, args.out, shard_spots=args.shard_spots, overwrite=args.overwrite, **options)
+        ref = Reference.load(args.out)
+    else:
+        ref = build_reference(model, sections, **options)
+        ref.save(args.out)
+    print(f"reference of {ref.n_spots} spots x {len(ref.genes)} genes ({ref.expression_format} expression) written to {args.out}")
 
 
 def _run_predict(args) -> None:

@@ -54,9 +54,10 @@ def _counts(adata) -> "np.ndarray | object":
     return X
 
 
-def normalise_log1p(X) -> np.ndarray:
-    """Dense float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0). A NaN
-    or infinite count is an error (it would zero its spot's whole profile)."""
+def normalise_log1p(X, *, sparse: bool = False):
+    """float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0): dense, or
+    with ``sparse=True`` and sparse counts a scipy CSR matrix (log1p keeps zeros zero, so a sparse section
+    is never densified). A NaN or infinite count is an error (it would zero its spot's whole profile)."""
     import scipy.sparse as sp
 
     from .readers._common import check_finite
@@ -66,12 +67,16 @@ def normalise_log1p(X) -> np.ndarray:
     X = X.astype(np.float64) if not sp.issparse(X) else X.astype(np.float64).tocsr()
     totals = np.asarray(X.sum(axis=1)).ravel()
     if X.shape[0] == 0:
-        return np.zeros(X.shape, np.float32)
+        return sp.csr_matrix(X.shape, dtype=np.float32) if sparse and sp.issparse(X) else np.zeros(X.shape, np.float32)
     target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
     scale = np.divide(target, totals, out=np.zeros_like(totals), where=totals > 0)
-    scaled = sp.diags(scale) @ X if sp.issparse(X) else X * scale[:, None]
-    dense = scaled.toarray() if sp.issparse(scaled) else scaled
-    return np.log1p(dense).astype(np.float32)
+    if sp.issparse(X):
+        scaled = (sp.diags(scale) @ X).tocsr()
+        if sparse:
+            scaled.data = np.log1p(scaled.data)
+            return scaled.astype(np.float32)
+        return np.log1p(scaled.toarray()).astype(np.float32)
+    return np.log1p(X * scale[:, None]).astype(np.float32)
 
 
 def highly_variable_genes(log_expression: np.ndarray, n_top: int, n_bins: int = 20) -> np.ndarray:
@@ -140,13 +145,16 @@ def choose_panel(
     return Panel(genes=panel, n_top_genes=n_top_genes, mode=mode, sources=names)
 
 
-def panel_expression(adata, panel: "Panel | Sequence[str]", *, warn: bool = True) -> np.ndarray:
+def panel_expression(adata, panel: "Panel | Sequence[str]", *, warn: bool = True, sparse: bool = False):
     """The section's normalised log expression on the panel (or on a list of genes), float32 (n_spots,
-    n_genes). Genes the section lacks are zeros, with a warning naming how many."""
+    n_genes): a dense array, or with ``sparse=True`` and sparse counts a scipy CSR matrix (an all-gene
+    reference of a cohort is mostly zeros). Genes the section lacks are zeros, with a warning naming how many."""
+    import scipy.sparse as sp
+
     genes = list(panel.genes) if isinstance(panel, Panel) else [str(g) for g in panel]
     if adata.n_obs == 0:
         raise BleepError("the section has no spots")
-    log = normalise_log1p(_counts(adata))
+    log = normalise_log1p(_counts(adata), sparse=sparse)
     index = {g: i for i, g in enumerate(adata.var_names)}
     cols = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]
@@ -157,8 +165,15 @@ def panel_expression(adata, panel: "Panel | Sequence[str]", *, warn: bool = True
         )
     if missing and warn:
         warnings.warn(f"{len(missing)} of the panel's {len(genes)} genes are missing from this section and set to 0 (e.g. {missing[:5]})", stacklevel=2)
-    out = np.zeros((adata.n_obs, len(genes)), np.float32)
     present = cols >= 0
+    if sp.issparse(log):
+        # Select the section's columns in panel order, then renumber them to the panel's positions.
+        picked = log[:, cols[present]].tocsr()
+        where = np.flatnonzero(present).astype(np.int64)
+        out = sp.csr_matrix((picked.data, where[picked.indices], picked.indptr), shape=(adata.n_obs, len(genes)))
+        out.sort_indices()
+        return out
+    out = np.zeros((adata.n_obs, len(genes)), np.float32)
     out[:, present] = log[:, cols[present]]
     return out
 

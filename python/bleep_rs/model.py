@@ -16,7 +16,7 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
 from .slide import check_fields
 
-__all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "MODEL_FORMAT_VERSION"]
+__all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "MODEL_FORMAT_VERSION"]
 
 MODEL_FORMAT_VERSION = 2
 
@@ -389,34 +389,103 @@ def _weights_problem(state: dict, expected: dict) -> Optional[str]:
 
 def build_reference(
     model: BleepModel,
-    sections: Sequence,
+    sections: Iterable,
     *,
     genes: "str | Sequence[str]" = "all",
     min_spots: int = MIN_SPOTS,
     name: Optional[str] = None,
     expression_dtype: str = "float32",
+    expression_format: str = "auto",
     progress: bool = False,
 ):
-    """The :class:`~bleep_rs.Reference` of reference sections: their spots' expression embeddings (the
-    model's expression encoder on its panel) and the expression imputation returns (normalised log), on
+    """The :class:`~bleep_rs.Reference` of reference sections, in memory: their spots' expression embeddings
+    (the model's expression encoder on its panel) and the expression imputation returns (normalised log), on
     ``genes``: ``"all"`` (default: every gene with a non-zero count in at least ``min_spots`` spots of at
     least one section; a section whose file does not list a gene counts as zeros), ``"panel"`` (the
-    model's input panel) or a list of gene names."""
-    from . import __version__
-    from .predict import model_id
+    model's input panel) or a list of gene names. Sparse counts stay sparse; ``expression_format`` says how
+    the reference stores them ("auto": sparse where that is smaller). ``sections``: AnnData sections, or any
+    iterable that yields them each time it is iterated (e.g. :class:`~bleep_rs.sections.SectionList`,
+    which reads one section at a time). For a cohort larger than memory use :func:`write_reference`."""
+    import scipy.sparse as sp
+
     from .reference import Reference
 
-    if not sections:
-        raise BleepError("build_reference needs at least one section")
-    out_genes = reference_genes(sections, genes, panel=model.config.panel, min_spots=min_spots)
+    out_genes, parts = _reference_parts(model, sections, genes, min_spots, expression_format, progress)
     emb, expr, ids, labels = [], [], [], []
-    for s in sections:
-        emb.append(model.embed_expression(model.panel_expression(s)))
-        expr.append(panel_expression(s, out_genes, warn=not isinstance(genes, str)))
-        lib = s.uns.get("bleep", {}).get("library_id", "section")
-        ids += [f"{lib}:{i}" for i in s.obs_names]
-        labels += [lib] * s.n_obs
-    meta = {
+    for e, x, i, lab in parts:
+        emb.append(e)
+        expr.append(x)
+        ids += i
+        labels += lab
+    stacked = sp.vstack([sp.csr_matrix(x) for x in expr], format="csr") if any(sp.issparse(x) for x in expr) else np.concatenate(expr)
+    return Reference.build(
+        np.concatenate(emb), stacked, out_genes, spot_ids=ids, sections=labels,
+        metadata=_reference_metadata(model, genes, min_spots, name), expression_dtype=expression_dtype,
+        expression_format=expression_format,
+    )
+
+
+def write_reference(
+    model: BleepModel,
+    sections: Iterable,
+    out: "os.PathLike[str] | str",
+    *,
+    shard_spots: int,
+    genes: "str | Sequence[str]" = "all",
+    min_spots: int = MIN_SPOTS,
+    name: Optional[str] = None,
+    expression_dtype: str = "float32",
+    expression_format: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """:func:`build_reference` written section by section into a sharded reference folder ``out`` (shard
+    files of at most ``shard_spots`` spots and a ``manifest.json``; open it with ``Reference.load(out)``).
+    Peak memory is about one shard and one section, whatever the number of sections: ``sections`` should
+    then be a :class:`~bleep_rs.sections.SectionList` (read one at a time, twice when ``genes="all"``)."""
+    from .shards import ShardWriter
+
+    out_genes, parts = _reference_parts(model, sections, genes, min_spots, expression_format, progress)
+    meta = _reference_metadata(model, genes, min_spots, name)
+    with ShardWriter(out, out_genes, shard_spots=shard_spots, metadata=meta, expression_dtype=expression_dtype,
+                     expression_format=expression_format, overwrite=overwrite) as writer:
+        for e, x, i, lab in parts:
+            writer.add(e, x, spot_ids=i, sections=lab)
+    return Path(out)
+
+
+def _reference_parts(model, sections, genes, min_spots, expression_format, progress):
+    """The reference's genes, and a generator of each section's (embeddings, expression, spot ids,
+    section labels): one section in memory at a time."""
+    from tqdm.auto import tqdm
+
+    if expression_format not in ("auto", "dense", "sparse"):
+        raise BleepError(f'expression_format must be "auto", "dense" or "sparse", not {expression_format!r}')
+    if isinstance(sections, (str, bytes, os.PathLike)) or not isinstance(sections, Iterable):
+        raise BleepError("sections must be a list of sections (AnnData) or a SectionList")
+    if hasattr(sections, "__len__") and len(sections) == 0:
+        raise BleepError("building a reference needs at least one section")
+    out_genes = reference_genes(sections, genes, panel=model.config.panel, min_spots=min_spots)
+
+    def parts():
+        n = 0
+        total = len(sections) if hasattr(sections, "__len__") else None
+        for s in tqdm(sections, total=total, desc="reference sections", unit="section", disable=not progress):
+            n += 1
+            lib = s.uns.get("bleep", {}).get("library_id", "section")
+            x = panel_expression(s, out_genes, warn=not isinstance(genes, str), sparse=expression_format != "dense")
+            yield (model.embed_expression(model.panel_expression(s)), x, [f"{lib}:{i}" for i in s.obs_names], [lib] * s.n_obs)
+        if n == 0:
+            raise BleepError("building a reference needs at least one section")
+
+    return out_genes, parts()
+
+
+def _reference_metadata(model, genes, min_spots, name) -> dict:
+    from . import __version__
+    from .predict import model_id
+
+    return {
         "model": name or "",
         "model_id": model_id(model),
         "backbone": model.config.backbone,
@@ -427,7 +496,3 @@ def build_reference(
         "package_version": __version__,
         "normalisation": "per-section median library size, log1p",
     }
-    return Reference.build(
-        np.concatenate(emb), np.concatenate(expr), out_genes,
-        spot_ids=ids, sections=labels, metadata=meta, expression_dtype=expression_dtype,
-    )

@@ -183,3 +183,25 @@ def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *
     if not found.all():
         patches[~found] = slide.spot_patches(centres[~found], size, um_per_px, **kwargs)
     return patches if fields is None else patches[:, None]
+
+
+class SectionList(Sequence):
+    """Sections named by path (and HEST sample id), read when they are used: iterating reads one section at
+    a time and lets it go, so a cohort's reference is built without every section in memory at once
+    (:func:`~bleep_rs.write_reference`). ``read_kwargs`` go to :func:`read_section` for each."""
+
+    def __init__(self, paths: Sequence["os.PathLike[str] | str"], ids: Optional[Sequence[str]] = None, **read_kwargs):
+        self.named = expand_sections(paths, ids)
+        self.read_kwargs = read_kwargs
+
+    def __len__(self) -> int:
+        return len(self.named)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        path, sample = self.named[i]
+        return read_section(path, sample=sample, **self.read_kwargs)
+
+    def __repr__(self) -> str:
+        return f"SectionList({len(self)} sections)"
