@@ -143,6 +143,8 @@ def test_a_second_writer_of_an_output_stops_at_once(tmp_path, tiny, capsys):
     assert (tmp_path / ".p.h5ad.lock").exists()
     with output_lock(pred), output_lock(pred):
         pass
+    with output_lock(tmp_path / "new" / "deeper" / "p.h5ad"):  # its folders are made, and removed if left empty
+        assert (tmp_path / "new" / "deeper" / ".p.h5ad.lock").exists()
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 

@@ -229,7 +229,6 @@ def _acquire(lock: Path) -> int:
     holder removed on release is not the one a new writer must lock)."""
     import fcntl
 
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
@@ -253,6 +252,14 @@ def _acquire(lock: Path) -> int:
         os.close(fd)  # removed by its holder between our open and our lock: lock the new one
 
 
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def output_lock(path: "os.PathLike[str] | str") -> Iterator[Path]:
     """Holds the output ``path`` for this process for the block: a ``.NAME.lock`` file beside it, locked
@@ -261,10 +268,16 @@ def output_lock(path: "os.PathLike[str] | str") -> Iterator[Path]:
     same process may enter it again (a command that locks its output, then calls a library writer that
     locks it too)."""
     lock = _lock_path(Path(path))
+    made = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()]
     with _HELD_LOCK:
         fd, depth = _HELD.get(lock, (-1, 0))
         if depth == 0:
-            fd = _acquire(lock)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = _acquire(lock)
+            except BaseException:
+                _remove_empty(made)
+                raise
         _HELD[lock] = (fd, depth + 1)
     try:
         yield Path(path)
@@ -276,5 +289,6 @@ def output_lock(path: "os.PathLike[str] | str") -> Iterator[Path]:
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()  # before unlocking: a new writer locks a new file, see _acquire
                 os.close(fd)
+                _remove_empty(made)  # the folders made for the lock, when nothing was written in them
             else:
                 _HELD[lock] = (fd, depth - 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
@@ -42,9 +43,9 @@ def _range(meta) -> str:
         return "a positive finite number"
     parts = []
     if low is not None:
-        parts.append(f"{'>' if meta['low_open'] else '>='} {low:g}")
+        parts.append(f"{'>' if meta['low_open'] else '>='} {low}")
     if high is not None:
-        parts.append(f"{'<' if meta['high_open'] else '<='} {high:g}")
+        parts.append(f"{'<' if meta['high_open'] else '<='} {high}")
     return "a finite number " + " and ".join(parts) if parts else "a finite number"
 
 
@@ -66,6 +67,8 @@ def _problem(value, kind, meta) -> Optional[str]:
     if kind is bool:
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if kind is str:
+        if meta.get("path") and isinstance(value, os.PathLike):
+            return None
         if not isinstance(value, str):
             return f"must be a string, got {value!r}"
         choices = meta.get("choices")
@@ -100,7 +103,7 @@ class TrainConfig:
     um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; "
                                                      "recorded in the model and used by predict)", low=0, low_open=True)
     backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), timm:NAME (with --backbone-weights) or features:D")
-    backbone_weights: Optional[str] = _opt(None, "a local weights file for the backbone")
+    backbone_weights: Optional[str] = _opt(None, "a local weights file for the backbone", path=True)
     random_init: bool = _opt(False, "build a timm backbone with random weights (only when asked: without weights it is an error)")
     freeze_backbone: bool = _opt(True, "train the heads on cached backbone features (default); --no-freeze-backbone fine-tunes the whole encoder (a GPU job)")
     augment: bool = _opt(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
@@ -136,7 +139,8 @@ class TrainConfig:
     k: int = _opt(50, "neighbours per prediction", low=1)
     method: str = _opt("mean", "aggregation of the neighbours", choices=["mean", "weighted", "softmax", "top1"])
     # The run.
-    cache_dir: Optional[str] = _opt(None, "where backbone features are cached (default $BLEEP_RS_CACHE or ~/.cache/bleep-rs); 'none' to disable")
+    cache_dir: Optional[str] = _opt(None, "where backbone features are cached (default $BLEEP_RS_CACHE or ~/.cache/bleep-rs); 'none' to disable",
+                                    path=True)
     progress: bool = _opt(True, "progress bars and a line per epoch")
     resume: bool = _opt(True, "start over instead of resuming from the output's checkpoint", flag="--fresh", invert=True)
     overwrite: bool = _opt(False, "replace an existing model directory")
@@ -161,6 +165,8 @@ class TrainConfig:
                 raise BleepError(f"{flag(f) if flags else f.name} {why}")
             if hints[f.name] in (int, float) and not isinstance(value, bool):
                 setattr(self, f.name, hints[f.name](value))  # numpy numbers as Python's (config.json)
+            if f.metadata.get("path") and isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))
 
     @classmethod
     def from_flags(cls, values: dict) -> "TrainConfig":
