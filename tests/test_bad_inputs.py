@@ -354,7 +354,8 @@ def test_a_model_directory_that_is_not_one(model_dir, tmp_path):
         load_model(bad)
     with pytest.raises(BleepError, match=r"not a bleep-rs model directory"):
         load_model(C2)
-    res = cli("reference", C2, "--model", tmp_path, "--out", tmp_path / "r.safetensors")
+    (tmp_path / "empty").mkdir()  # (an output inside the --model folder is refused first)
+    res = cli("reference", C2, "--model", tmp_path / "empty", "--out", tmp_path / "r.safetensors")
     refused(res, "not a bleep-rs model directory")
 
 

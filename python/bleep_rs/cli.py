@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -97,7 +98,7 @@ def _config_from_args(cls, args):
         if f.metadata.get("file") and value is not None:
             value = _read_gene_file(value)
         values[f.name] = value
-    return cls(**values)
+    return cls.from_flags(values)
 
 
 def _run_train(args) -> None:
@@ -107,6 +108,8 @@ def _run_train(args) -> None:
     from bleep_rs.training import train
 
     cfg = _config_from_args(TrainConfig, args)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes
+        _claim(args, args.out, [*args.sections, args.image, args.genes], overwrite=cfg.overwrite)
     sections = _read_sections(args.sections, args)
     if args.scheduler is not None or args.workers is not None:
         from bleep_rs.cohort import cache_features, connect
@@ -203,6 +206,39 @@ def _cluster_options(p, what: str) -> None:
     group.add_argument("--workers", type=int, metavar="N", help=f"start N Dask worker processes here for this command (closed after): {what}")
 
 
+def _claim(args, path, inputs, **kwargs) -> Path:
+    """An output of the command: held against other writers until the command ends (a second command
+    writing it stops at once), then checked by the one output check, with every input of the command
+    (bleep_rs._atomic). What was there before is recorded, to say what an interrupt left."""
+    from bleep_rs._atomic import check_output, output_lock
+
+    inputs = [i for i in inputs if i is not None]
+    check_output(path, inputs=inputs, **kwargs)  # before the lock makes its folder; again under it, where it counts
+    args.locks.enter_context(output_lock(path))
+    path = check_output(path, inputs=inputs, **kwargs)
+    args.claimed.append((path, _stamp(path)))
+    return path
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def _interrupted(args) -> str:
+    """What a Ctrl-C left: the outputs written before it, a training checkpoint, or nothing (the writers
+    remove their temporaries)."""
+    written = [str(p) for p, before in getattr(args, "claimed", []) if _stamp(p) not in (None, before)]
+    if args.command == "train":
+        ckpt = args.out.with_name(f".{args.out.name}.checkpoint")
+        if not written and ckpt.exists():
+            return f"interrupted: checkpoint kept at {ckpt}, resume with the same command"
+    return f"interrupted: {', '.join(written)} written before the interrupt" if written else "interrupted: nothing written"
+
+
 def _read_gene_file(path: Path) -> list:
     """One gene per line (blank lines ignored): :func:`bleep_rs.expression.read_gene_list`."""
     from bleep_rs.expression import read_gene_list
@@ -213,8 +249,8 @@ def _read_gene_file(path: Path) -> list:
 def _run_reference(args) -> None:
     from bleep_rs.model import build_reference, load_model
 
-    if args.out.exists() and not args.overwrite:
-        raise BleepError(f"{args.out} exists: choose another --out or pass --overwrite")
+    genes_file = None if args.genes in ("all", "panel") else args.genes
+    _claim(args, args.out, [*args.sections, args.model, args.image, genes_file], overwrite=args.overwrite)
     genes = args.genes
     if genes not in ("all", "panel"):
         genes = _read_gene_file(Path(genes))
@@ -237,7 +273,6 @@ def _run_reference(args) -> None:
 def _run_predict(args) -> None:
     import contextlib
 
-    from bleep_rs._atomic import check_output
     from bleep_rs.model import load_model
     from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, shard, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
@@ -253,13 +288,15 @@ def _run_predict(args) -> None:
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
     several = args.slide is not None and len(args.slide) > 1
+    inputs = [args.model, args.reference, args.section, args.image, args.hd_run, *(args.slide or [])]
     if several:
         fmt = args.format or "h5ad"
         outputs = slide_outputs(args.slide, args.out, fmt, overwrite=args.overwrite)
+        for target in outputs.values():  # existing outputs: slide_outputs decided
+            _claim(args, target, inputs, overwrite=True)
     else:
         fmt = prediction_format(args.out, args.format)
-        inputs = [args.model, args.reference, args.section, args.image, args.hd_run, *(args.slide or [])]
-        check_output(args.out, inputs=[i for i in inputs if i], overwrite=args.overwrite)
+        _claim(args, args.out, inputs, overwrite=args.overwrite)
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
                   precision=args.precision, batch_size=args.batch_size, queue_depth=args.queue_depth)
@@ -325,12 +362,11 @@ def _run_predict_cohort(args) -> None:
 
 
 def _run_evaluate(args) -> None:
-    from bleep_rs._atomic import check_output
     from bleep_rs.evaluate import evaluate_prediction, report_paths, write_report
     from bleep_rs.predict import read_prediction
 
     for path in report_paths(args.out):
-        check_output(path, inputs=[args.prediction, args.section], overwrite=args.overwrite)
+        _claim(args, path, [args.prediction, args.section, args.image], overwrite=args.overwrite)
     report = evaluate_prediction(read_prediction(args.prediction), _read_one(args.section, args), markers=args.markers or None)
     path, csv_path = write_report(report, args.out, overwrite=args.overwrite)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731  (None: every gene of the set constant)
@@ -339,11 +375,10 @@ def _run_evaluate(args) -> None:
 
 
 def _run_plot(args) -> None:
-    from bleep_rs._atomic import check_output
     from bleep_rs.plot import FIGURE_SUFFIXES, plot_genes
     from bleep_rs.predict import read_prediction
 
-    check_output(args.out, suffixes=FIGURE_SUFFIXES, inputs=[args.prediction, args.truth], overwrite=args.overwrite)
+    _claim(args, args.out, [args.prediction, args.truth, args.image], suffixes=FIGURE_SUFFIXES, overwrite=args.overwrite)
     truth = _read_one(args.truth, args) if args.truth else None
     print(f"figure written to {plot_genes(read_prediction(args.prediction), args.genes, args.out, truth=truth, overwrite=args.overwrite)}")
 
@@ -360,6 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_train(sub)
     _add_others(sub)
     args = parser.parse_args(argv)
+    args.locks, args.claimed = contextlib.ExitStack(), []
     try:
         if args.command == "demo":
             from bleep_rs import demo as demo_module
@@ -370,11 +406,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BleepError as e:
         print(f"bleep-rs: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
+        print(f"bleep-rs: {_interrupted(args)}", file=sys.stderr)
+        return 130
     except ImportError as e:
         if e.name and e.name.split(".")[0] in ("torch", "safetensors", "efficientnet_lite_pytorch"):
             print(f"bleep-rs: error: {args.command} needs the training extra ({e.name} is missing): pip install 'bleep-rs[train]'", file=sys.stderr)
             return 2
         raise
+    finally:
+        args.locks.close()
     return 0
 
 

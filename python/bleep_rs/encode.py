@@ -219,6 +219,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bleep-rs"
 
 
+def usable_cache(folder: Path, what: str) -> Optional[Path]:
+    """``folder`` (created) when files can be written in it; otherwise None, with a warning saying that
+    ``what`` is not cached (a cache is an optimisation: a cache path that is a file, or a folder that is
+    not writable, costs time, not the run)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        warnings.warn(f"the cache folder {folder} cannot be used ({e.strerror or e}; set BLEEP_RS_CACHE to a writable folder): "
+                      f"{what} are not cached", stacklevel=3)
+        return None
+    return folder
+
+
 def weights_digest(module: nn.Module) -> str:
     """sha256 of a module's state (names and bytes, any dtype): the key of what is computed from its
     weights and cached on disk (the exported ONNX model, the training feature cache)."""

@@ -77,10 +77,24 @@ def summarise(
     return out
 
 
+def check_prediction(pred) -> None:
+    """Refuses an AnnData that bleep-rs's predict did not write (a measured section given as the
+    prediction would be scored against itself or another section's counts): a prediction carries
+    ``uns["bleep"]`` with its ``mode`` (spots, tiles or bins) and the neighbours ``k`` it used."""
+    from collections.abc import Mapping
+
+    info = pred.uns.get("bleep") if hasattr(pred, "uns") else None
+    if not (isinstance(info, Mapping) and "mode" in info and "k" in info):
+        raise BleepError("this is not a bleep-rs prediction (its uns['bleep'] does not say how it was predicted): give the output "
+                         "of bleep-rs predict as the prediction, and the measured section second")
+
+
 def predicted_of(pred) -> np.ndarray:
-    """A prediction AnnData's expression as a dense array (spots, genes)."""
+    """A prediction AnnData's expression as a dense array (spots, genes); anything but a bleep-rs
+    prediction is an error (:func:`check_prediction`)."""
     import scipy.sparse as sp
 
+    check_prediction(pred)
     X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
     if X.ndim != 2 or X.dtype.kind not in "iuf":
         raise BleepError(f"the prediction's X is {X.dtype} {X.shape}, not numbers (spots, genes): is this a bleep-rs prediction?")
@@ -107,6 +121,7 @@ def measured_on(pred, section) -> np.ndarray:
 
 def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = None, top: int = 50) -> Dict[str, object]:
     """:func:`summarise` of a prediction AnnData against the measured section (spots matched by id)."""
+    check_prediction(pred)
     present = set(section.var_names)
     if not any(g in present for g in pred.var_names):
         raise BleepError("none of the predicted genes is in the measured section: are they the same kind of gene names?")

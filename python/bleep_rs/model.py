@@ -291,6 +291,8 @@ class BleepModel(nn.Module):
         inference that keeps the float32 answer) or ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
         tta = self.config.tta if tta is None else tta
         views = tuple(range(N_VIEWS)) if tta and self.spec.takes_images else (0,)
+        if len(self.check_patches(patches)) == 0:  # nothing to encode: the backbone is not run on no input
+            return np.zeros((0, self.config.embedding_dim), np.float32)
         f = self.features(patches, views=views, precision=precision, progress=progress)
         return self.embed_features(f if len(views) > 1 else f[0])
 
@@ -300,6 +302,11 @@ class BleepModel(nn.Module):
         an array already on the panel (normalised log expression, n x n_genes)."""
         self.eval()
         x = self.panel_expression(expression)
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(bad):
+            names = list(expression.obs_names[bad[:3]]) if hasattr(expression, "obs_names") else list(bad[:3])
+            raise BleepError(f"expression row {bad[0]} ({len(bad)} rows in all, e.g. {names}) holds NaN or infinite values: "
+                             "embeddings of them would be NaN; remove or fix those spots")
         out = [
             self.expression_head(torch.from_numpy(x[s : s + batch_size]).to(self.device)).float().cpu().numpy()
             for s in range(0, len(x), batch_size)

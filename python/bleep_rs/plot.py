@@ -83,7 +83,8 @@ def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optio
         ax.set_title("per-gene correlation")
         ax.set_xlim(min(-0.1, float(np.nanmin(r)) - 0.1) if np.isfinite(r).any() else -0.1, 1.0)
         axes[-1][1].set_axis_off()
-    fig.suptitle(f"{pred.uns.get('bleep', {}).get('library_id', '')}: measured and predicted expression", fontsize=13)
+    what = "measured and predicted expression" if measured is not None else "predicted expression"
+    fig.suptitle(f"{pred.uns.get('bleep', {}).get('library_id', '')}: {what}", fontsize=13)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -31,7 +31,7 @@ import torch
 
 from ._core import BleepError
 from .augment import N_VIEWS, random_views
-from .config import LOSSES, TrainConfig
+from .config import TrainConfig
 from .expression import Panel, choose_panel, panel_expression
 from .loss import bleep_loss, clip_loss
 from .model import BleepModel, ModelConfig, save_model
@@ -63,9 +63,20 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    from .config import DEVICES
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise BleepError(f"device {name!r} is not a device: use one of {DEVICES}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BleepError(f"device {name!r}: bleep-rs runs on {DEVICES}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BleepError(f"device {name!r} was asked for but torch sees no CUDA device: use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BleepError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise BleepError(f"device {name!r} was asked for but torch sees no MPS device: use --device cpu or auto")
     return dev
 
 
@@ -132,17 +143,40 @@ def prepare_data(
 # -- the backbone-feature cache -----------------------------------------------------------------------
 
 #: Bump when the way features are computed changes, so that no stale cache entry is reused.
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2
 #: Seconds between checkpoints of a training run (see train()).
 CHECKPOINT_SECONDS = 30.0
 
 
 def _cache_dir(config: TrainConfig) -> Optional[Path]:
-    from .encode import cache_dir
+    """The feature cache's folder, or None (no caching: asked for, or, with a warning, not a writable folder)."""
+    from .encode import cache_dir, usable_cache
 
     if config.cache_dir is not None and str(config.cache_dir).lower() == "none":
         return None
-    return Path(config.cache_dir or cache_dir()) / "features"
+    return usable_cache(Path(config.cache_dir or cache_dir()) / "features", "backbone features")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
+
+
+def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
+    """The cache entry ``KEY-SHA.npy`` whose contents have the digest its name records and the expected
+    shape; an entry that fails either (damaged, or replaced by other features) is a miss, with a warning."""
+    import warnings
+
+    for path in sorted(folder.glob(f"{key}-*.npy")):
+        try:
+            cached = np.load(path, allow_pickle=False)
+            ok = cached.shape == shape and cached.dtype == np.float32 and _digest(cached) == path.stem.split("-", 1)[1]
+        except (OSError, ValueError, IndexError):
+            ok = False
+        if ok:
+            return cached
+        warnings.warn(f"{path}: the cached features do not match their checksum or shape (damaged or replaced): computing them again",
+                      stacklevel=3)
+    return None
 
 
 def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int) -> str:
@@ -172,22 +206,24 @@ def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px
 
     views = N_VIEWS if config.augment else 1
     folder = _cache_dir(config)
-    path = folder / f"{feature_cache_key(model, section, config, um_per_px, views)}.npy" if folder else None
-    if path is not None and path.exists():
-        try:
-            cached = np.load(path, allow_pickle=False)
-            if cached.shape == (views, section.n_obs, model.feature_dim):
-                return cached
-        except (OSError, ValueError):
-            pass  # a damaged entry is recomputed and replaced
+    key = feature_cache_key(model, section, config, um_per_px, views)
+    if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
+        return cached
     patches = section_patches(section, config.patch_size, um_per_px, fields=config.fields_of_view)
-    feats = model.features(patches, views=tuple(range(views)), progress=config.progress)
-    if path is not None:
+    feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
+    if folder is not None:
+        import warnings
+
         from ._atomic import atomic_path
 
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, feats, allow_pickle=False)
+        # The entry's name carries the digest of its contents: a replaced or damaged entry is a miss.
+        try:
+            for old in folder.glob(f"{key}-*.npy"):
+                old.unlink()
+            with atomic_path(folder / f"{key}-{_digest(feats)}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, feats, allow_pickle=False)
+        except (OSError, BleepError) as e:
+            warnings.warn(f"cannot cache the backbone features in {folder} ({e}): they are computed again next time", stacklevel=2)
     return feats
 
 
@@ -386,24 +422,32 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
     checkpoint of another run is an error that says how to start over."""
     from safetensors.torch import load_file
 
-    if not (path / "state.json").exists():
+    if not path.exists():
         return None
+    damaged = f"{path}: the checkpoint is damaged or not of this version ({{}}): pass --fresh to start over (or delete it)"
     try:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, ValueError) as e:
-        raise BleepError(f"{path}: the checkpoint is damaged ({e}): delete it or pass --fresh") from e
+    except Exception as e:  # missing, truncated, not JSON or safetensors: safetensors raises its own kinds
+        raise BleepError(damaged.format(e)) from e
+    required = {"epoch": int, "best": (int, float), "stale": int, "history": list, "param_groups": list}
+    wrong = [k for k, kind in required.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise BleepError(damaged.format(f"state.json lacks {', '.join(wrong)}" if isinstance(state, dict) else "state.json is not an object"))
     if state.get("identity") != identity:
         raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass --fresh to start over")
     if state["epoch"] >= epochs:
         raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise --epochs or pass --fresh")
-    _load_own_state(trainer.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, key = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[key] = v.to(trainer.device)
-    trainer.opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    try:
+        _load_own_state(trainer.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, key = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[key] = v.to(trainer.device)
+        trainer.opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # tensors of another shape, a foreign optimizer state
+        raise BleepError(damaged.format(str(e).splitlines()[0] if str(e) else type(e).__name__)) from e
     trainer.step = state.pop("step", 0)
     return state
 
@@ -411,17 +455,38 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
 # -- the loop -----------------------------------------------------------------------------------------
 
 
-def _check_out(out: Path, cfg: TrainConfig) -> None:
-    """Refuses to start work whose result could not be written, or would replace a model unasked."""
-    if out.exists() and not cfg.overwrite:
-        raise BleepError(f"{out} exists: choose another --out or pass --overwrite")
+def _check_out(out: Path, cfg: TrainConfig, sections: Sequence) -> None:
+    """Refuses to start work whose result could not be written, would replace a model unasked, or would
+    replace a section it reads (the one output check, bleep_rs._atomic.check_output)."""
+    from ._atomic import check_output
+
+    inputs = [s for s in sections if isinstance(s, (str, os.PathLike))] + [cfg.backbone_weights]
+    check_output(out, inputs=inputs, overwrite=cfg.overwrite)
     if out.exists() and not out.is_dir():
         raise BleepError(f"{out} exists and is not a model directory")
-    parent = out.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise BleepError(f"{parent}: not writable: choose another --out")
 
 
+def _one_writer(train_fn):
+    """Holds the model directory (bleep_rs._atomic.output_lock) for the whole run on rank 0: a second run
+    writing the same model, or resuming its checkpoint, stops at once instead of replacing the first's."""
+    import functools
+
+    @functools.wraps(train_fn)
+    def run(sections, out_dir, *args, **kwargs):
+        import contextlib
+
+        from ._atomic import check_output, output_lock
+
+        first = os.environ.get("RANK", "0") == "0"
+        if first:
+            check_output(out_dir, overwrite=True)  # a folder the lock can be made in; the rest once it is held
+        with output_lock(out_dir) if first else contextlib.nullcontext():
+            return train_fn(sections, out_dir, *args, **kwargs)
+
+    return run
+
+
+@_one_writer
 def train(
     sections: Sequence,
     out_dir: "os.PathLike[str] | str",
@@ -438,14 +503,11 @@ def train(
     are read from the feature cache, to fill it elsewhere (e.g. :func:`bleep_rs.cohort.cache_features`
     bound to a Dask client: ``functools.partial(cache_features, client)``). Returns the best model."""
     cfg = config or TrainConfig()
-    if cfg.loss not in LOSSES:
-        raise BleepError(f"loss must be one of {LOSSES}, not {cfg.loss!r}")
-    if not (np.isfinite(cfg.temperature) and cfg.temperature > 0):
-        raise BleepError(f"temperature must be a positive number, not {cfg.temperature}")
+    cfg.validate()  # fields changed after construction
     out = Path(out_dir)
     rank, world, local = _distributed()
     if rank == 0:
-        _check_out(out, cfg)
+        _check_out(out, cfg, sections)
     device = pick_device(cfg.device, local)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -479,6 +541,9 @@ def train(
         raise BleepError("fine-tuning the backbone needs patches, not precomputed features")
     trainer = _Trainer(model, data, cfg, device, rank, world)
     train_idx, val_idx = _split(data, cfg, rng)
+    if len(train_idx) // world < 2:
+        raise BleepError(f"{len(train_idx)} training spots over {world} processes leave no batch of two spots (a batch contrasts "
+                         "its spots): add sections, lower --val-fraction, or use fewer processes")
     ckpt = out.with_name(f".{out.name}.checkpoint")
     identity = _run_identity(cfg, panel)
     state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "identity": identity}
@@ -499,17 +564,20 @@ def train(
         t0 = time.perf_counter()
         order = train_idx[np.random.default_rng(cfg.seed + epoch).permutation(len(train_idx))]
         train_loss = trainer.epoch(order)
-        val_loss = trainer.evaluate(val_idx) if len(val_idx) >= 2 else train_loss
-        # Without a validation split the loss is the one measured during the epoch's updates, before its
-        # last step: weights that step made non-finite must not count as an improvement.
-        improved = bool(np.isfinite(val_loss) and val_loss < state["best"] and _finite_weights(model))
+        val_loss = trainer.evaluate(val_idx) if len(val_idx) >= 2 else None
+        # Without a validation split the epoch is scored by its training loss, measured during the
+        # epoch's updates, before its last step: weights that step made non-finite must not count as an
+        # improvement. Only what was measured is logged and kept in the history.
+        score = train_loss if val_loss is None else val_loss
+        improved = bool(np.isfinite(score) and score < state["best"] and _finite_weights(model))
         state.update(epoch=epoch + 1, stale=0 if improved else state["stale"] + 1)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
+        measured = {"train_loss": train_loss} if val_loss is None else {"train_loss": train_loss, "val_loss": val_loss}
+        state["history"].append({"epoch": epoch + 1, **measured, "seconds": time.perf_counter() - t0})
         if improved:
-            state["best"] = val_loss
+            state["best"] = score
             best_state, best_saved = {k: v.detach().clone() for k, v in _own_state(model).items()}, False
         if log:
-            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train {train_loss:.4f}  val {val_loss:.4f}"
+            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  train {train_loss:.4f}{'' if val_loss is None else f'  val {val_loss:.4f}'}"
                   f"{'  *best' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
         # A checkpoint (and the best epoch's, when it changed) at most every CHECKPOINT_SECONDS: epochs on
         # cached features take a fraction of a second, and a kill loses at most that much work.
@@ -521,7 +589,7 @@ def train(
             last_save = time.perf_counter()
         if state["stale"] >= cfg.patience:
             if log:
-                print(f"no better validation loss for {cfg.patience} epochs: stopping")
+                print(f"no better {'training' if len(val_idx) < 2 else 'validation'} loss for {cfg.patience} epochs: stopping")
             break
     if rank == 0:
         _finish(model, best_state, ckpt, out, state)
@@ -547,7 +615,7 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
 
         best_state = {k[6:]: v for k, v in load_file(str(best_ckpt / "state.safetensors")).items() if k.startswith("model.")}
     if best_state is None:
-        losses = [h["val_loss"] for h in state["history"]]
+        losses = [h.get("val_loss", h["train_loss"]) for h in state["history"]]
         shutil.rmtree(ckpt, ignore_errors=True)
         raise BleepError(
             f"training gave no model: {len(losses)} epochs ran and none ended with a finite loss and finite weights (losses: {losses[-3:] or 'none'}); "
