@@ -441,3 +441,14 @@ def test_embedding_no_patches_gives_an_empty_array():
     assert feats.embed_images(np.zeros((0, 8), np.float32)).shape == (0, 16)
     with pytest.raises(BleepError, match="patches must be uint8"):
         images.embed_images(np.zeros((0, 3, 32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("threads", [2.5, "2", [2]])
+def test_a_thread_count_that_is_not_a_whole_number_is_a_bleep_error(threads):
+    import numpy as np
+
+    import bleep_rs
+
+    ref = bleep_rs.Reference.build(np.eye(3, dtype=np.float32), np.ones((3, 2), np.float32), ["a", "b"])
+    with pytest.raises(bleep_rs.BleepError, match="threads=.* must be a whole number"):
+        ref.search(np.eye(3, dtype=np.float32), 2, threads=threads)

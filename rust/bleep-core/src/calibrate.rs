@@ -195,7 +195,7 @@ fn write_cache(kernel: Kernel, rates: &[(Kernel, f64)]) {
     if std::fs::create_dir_all(dir).is_err() {
         return;
     }
-    let tmp = dir.join(format!(".search-kernel.json.{}.tmp", std::process::id()));
+    let tmp = dir.join(crate::memory::temporary_name("search-kernel.json"));
     if std::fs::write(&tmp, body.to_string()).is_ok() && std::fs::rename(&tmp, &path).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -190,6 +190,21 @@ fn advise_huge(ptr: *mut u8, bytes: usize) {
 #[cfg(not(target_os = "linux"))]
 fn advise_huge(_ptr: *mut u8, _bytes: usize) {}
 
+/// `.NAME.PID-SEQ-NANOS.tmp`: the name of a writer's temporary file beside `NAME`, never shared by two
+/// writers (processes, or threads of one: a counter), in the shape bleep-rs's Python side recognises as
+/// a leftover to clean up once its process is gone.
+pub fn temporary_name(name: &str) -> String {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        ".{name}.{}-{:x}-{nanos:x}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

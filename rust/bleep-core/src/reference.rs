@@ -606,11 +606,7 @@ impl Reference {
         let name = path
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = dir.join(crate::memory::temporary_name(&name.to_string_lossy()));
         let written = safetensors::serialize_to_file(tensors, Some(meta), &tmp)
             .map_err(|e| Error::format(path, format!("cannot write: {e}")))
             .and_then(|_| {

@@ -50,7 +50,12 @@ macro_rules! whole_numbers {
                     <$t>::MIN,
                     <$t>::MAX
                 ))),
-                other => Ok(other?),
+                Err(_) => Err(BleepError::new_err(format!(
+                    "{}={} must be a whole number",
+                    $name,
+                    v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+                ))),
+                Ok(n) => Ok(n),
             }
         }
     )*};
