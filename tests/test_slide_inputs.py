@@ -306,3 +306,18 @@ def test_a_slide_pickles_by_path_and_reopens(small_slide, tmp_path):
     moved.unlink()
     with pytest.raises(BleepError, match="gone.tif: no such image file"):
         pickle.loads(data)
+
+
+def test_with_no_tissue_required_every_tile_centred_on_the_slide_is_kept_and_read():
+    """predict --slide --min-tissue 0: every tile whose centre lies on the slide, none past its edge (their
+    patches were refused as 'spot centres outside the image', a thing the user never gave)."""
+    from conftest import DATA
+
+    slide = Slide(DATA / "tiny" / "C2" / "image.jpg", um_per_px=1.3873)
+    w, h = slide.dimensions
+    size = 100  # 100 px at 1.3873 um/px: a footprint that does not divide the image
+    coords = slide.tile_grid(size, 1.3873, min_tissue=0.0)
+    centres = coords + size / 2
+    assert len(coords) == (w // size + (w % size > size / 2)) * (h // size + (h % size > size / 2))
+    assert (centres[:, 0] < w).all() and (centres[:, 1] < h).all()
+    assert slide.spot_patches(centres, 32).shape == (len(coords), 32, 32, 3)

@@ -263,6 +263,11 @@ pub fn tissue_grid(
     for j in 0..rows {
         for i in 0..cols {
             let (x, y) = (i as f64 * tile, j as f64 * tile);
+            // A tile is the patch centred on it: its centre must lie on the slide (with a low
+            // min_tissue an edge tile mostly past the edge would otherwise qualify).
+            if x + tile / 2.0 >= width as f64 || y + tile / 2.0 >= height as f64 {
+                continue;
+            }
             let to_mask = |v: f64, limit: usize| ((v / mask_scale).round() as usize).min(limit);
             let (x0, y0) = (to_mask(x, mw), to_mask(y, mh));
             let (x1, y1) = (
