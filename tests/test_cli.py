@@ -158,6 +158,9 @@ def test_clear_errors(run, tmp_path):
         from bleep_rs.predict import shard
 
         shard(["a"], "3")
+    with pytest.raises(BleepError, match=r"--shard 2/2 selects none of the 1 slide\(s\)"):
+        shard(["a"], "2/2")
+    assert shard(["b", "a", "c"], "2/2") == ["b"]
 
 
 def test_scanpy_draws_the_prediction_as_is(run, tmp_path):
@@ -262,3 +265,23 @@ def test_predictions_as_spatialdata_drawn_by_spatialdata_plot(run, tmp_path):
         fig.savefig(tmp_path / f"{name}.png")
         plt.close(fig)
         assert (tmp_path / f"{name}.png").stat().st_size > 20_000
+
+
+def test_a_sharded_reference_is_written_section_by_section_and_answers_as_one_file(run, tmp_path):
+    """reference --shard-spots: sections read one at a time, shards written as they fill; the folder searches and
+    imputes as the single file built from the same sections, and predict takes it."""
+    from bleep_rs.cli import main
+
+    assert main(["reference", "--model", str(run / "model"), C2, C3, "--out", str(tmp_path / "atlas"), "--shard-spots", "20"]) == 0
+    assert main(["reference", "--model", str(run / "model"), C2, C3, "--out", str(tmp_path / "one.safetensors")]) == 0
+    atlas, one = bleep_rs.Reference.load(tmp_path / "atlas"), bleep_rs.Reference.load(tmp_path / "one.safetensors")
+    assert len(atlas.shards) == 3 and atlas.n_spots == one.n_spots == 49 and atlas.genes == one.genes
+    assert atlas.spot_ids == one.spot_ids and atlas.sections == one.sections and atlas.metadata == one.metadata
+    q = one.embeddings[::3] + 0.01
+    (ia, sa), (io, so) = atlas.search(q, k=10), one.search(q, k=10)
+    np.testing.assert_array_equal(ia, io)
+    np.testing.assert_array_equal(sa, so)
+    np.testing.assert_allclose(atlas.impute(q, k=10), one.impute(q, k=10), rtol=1e-5, atol=1e-6)
+    assert main(["predict", C3, "--model", str(run / "model"), "--reference", str(tmp_path / "atlas"), "--out", str(tmp_path / "p.h5ad"),
+                 "--k", "5"]) == 0
+    assert ad.read_h5ad(tmp_path / "p.h5ad").shape[1] == len(atlas.genes)

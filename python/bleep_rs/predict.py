@@ -460,6 +460,8 @@ def shard(items: Sequence, spec: Optional[str]) -> list:
         raise BleepError(f"--shard must look like I/N (e.g. 2/8), not {spec!r}") from e
     if not 1 <= i <= n:
         raise BleepError(f"--shard {spec}: I must be between 1 and N")
+    if i > len(items):
+        raise BleepError(f"--shard {spec} selects none of the {len(items)} slide(s): use at most {len(items)} shards")
     return list(items[i - 1 :: n])
 
 
