@@ -42,8 +42,8 @@ __all__ = ["DaskShards", "RemoteBleepError"]
 
 
 class RemoteBleepError(Exception):
-    """A BleepError raised on a worker, in a form that pickles (the binding's class does not: it names
-    its module ``_core``); the client raises it again as a BleepError."""
+    """A BleepError raised on a worker, carried back without the worker's traceback; the client raises it
+    again as a BleepError whose message is the worker's, one line."""
 
 
 def _on_worker(fn: Callable, *args):

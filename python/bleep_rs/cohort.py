@@ -144,7 +144,8 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
 
 
 class TaskError(Exception):
-    """A BleepError raised on a worker, carried back to the client (BleepError itself does not pickle)."""
+    """A BleepError raised on a worker, carried back to the client without the worker's traceback: the
+    slide's error record is its one-line message."""
 
 
 def _as_task_error(fn: Callable):
@@ -386,7 +387,7 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
     import dataclasses
 
     from .encode import weights_digest
-    from .training import N_VIEWS, _cache_dir, _library, feature_cache_key
+    from .training import N_VIEWS, _cache_dir, _library, cache_entries, feature_cache_key
 
     distributed = _distributed()
     folder = _cache_dir(config)
@@ -394,7 +395,7 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
         raise BleepError("--scheduler / --workers on train fill the feature cache: not with --cache-dir none")
     config = dataclasses.replace(config, cache_dir=str(folder.parent.resolve()), progress=False)  # the workers' cache is this one
     views = N_VIEWS if config.augment else 1
-    todo = [(i, s) for i, s in enumerate(sections) if not (folder / f"{feature_cache_key(model, s, config, um_per_px, views)}.npy").exists()]
+    todo = [(i, s) for i, s in enumerate(sections) if not cache_entries(folder, feature_cache_key(model, s, config, um_per_px, views))]
     if not todo:
         return []
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}

@@ -161,12 +161,17 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
 
 
+def cache_entries(folder: Path, key: str) -> list:
+    """The cache entries of ``key`` (files ``KEY-SHA.npy``: the digest of their contents in their name)."""
+    return sorted(folder.glob(f"{key}-*.npy"))
+
+
 def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
     """The cache entry ``KEY-SHA.npy`` whose contents have the digest its name records and the expected
     shape; an entry that fails either (damaged, or replaced by other features) is a miss, with a warning."""
     import warnings
 
-    for path in sorted(folder.glob(f"{key}-*.npy")):
+    for path in cache_entries(folder, key):
         try:
             cached = np.load(path, allow_pickle=False)
             ok = cached.shape == shape and cached.dtype == np.float32 and _digest(cached) == path.stem.split("-", 1)[1]
@@ -218,7 +223,7 @@ def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px
 
         # The entry's name carries the digest of its contents: a replaced or damaged entry is a miss.
         try:
-            for old in folder.glob(f"{key}-*.npy"):
+            for old in cache_entries(folder, key):
                 old.unlink()
             with atomic_path(folder / f"{key}-{_digest(feats)}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, feats, allow_pickle=False)
