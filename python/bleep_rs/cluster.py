@@ -107,6 +107,22 @@ class DaskShards:
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
+    def run_summed(self, fn: Callable, per_shard: Mapping[int, tuple]) -> Any:
+        """The sum of ``fn(shard, *per_shard[i])`` over the shards of ``per_shard``, summed on each worker
+        over the shards it holds (one task per worker), then here: a Q x G partial prediction crosses the
+        network once per worker, not once per shard."""
+        from .shards import summed
+
+        if not self.futures:
+            raise BleepError("this reference was closed: load it again")
+        held, groups = self.who_has(), {}
+        for i, args in per_shard.items():
+            groups.setdefault((held.get(i) or [None])[0], []).append((self.futures[i], args))
+        tasks = [self.client.submit(_on_worker, summed, fn, items, workers=None if addr is None else [addr],
+                                    allow_other_workers=True, pure=False) for addr, items in groups.items()]
+        with _bleep_errors():
+            return summed(lambda part: part, [(p, ()) for p in self.client.gather(tasks)])
+
     def who_has(self) -> dict:
         """Which worker(s) hold each shard: {shard number: [worker addresses]}."""
         held = self.client.who_has(self.futures)

@@ -324,6 +324,18 @@ def _split(indices: np.ndarray, starts: Sequence[int]) -> dict:
 # ---- where the shards live -----------------------------------------------------------------------
 
 
+def summed(fn: Callable, items: Sequence[tuple]) -> Any:
+    """``sum(fn(shard, *args) for shard, args in items)``, added up in place as each comes."""
+    total = None
+    for shard, args in items:
+        part = fn(shard, *args)
+        if total is None:
+            total = part
+        else:
+            total += part
+    return total
+
+
 class _LocalShards:
     """The shards in this process, each opened (and checked) on first use."""
 
@@ -342,6 +354,10 @@ class _LocalShards:
     def run(self, fn: Callable, per_shard: Mapping[int, tuple], shared: tuple = ()) -> dict:
         """``fn(shard, *shared, *per_shard[i])`` for each shard i of ``per_shard``."""
         return {i: fn(self.shard(i), *shared, *args) for i, args in per_shard.items()}
+
+    def run_summed(self, fn: Callable, per_shard: Mapping[int, tuple]) -> Any:
+        """The sum of ``fn(shard, *per_shard[i])`` over the shards of ``per_shard``."""
+        return summed(fn, [(self.shard(i), args) for i, args in per_shard.items()])
 
     def close(self) -> None:
         self.opened = [None] * len(self.opened)
@@ -531,10 +547,10 @@ class ShardedReference(Reference, reads_folders=True):
     def _aggregate(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> np.ndarray:
         jobs = {i: (local, np.where(valid, np.take_along_axis(w, cols, axis=1), 0).astype(np.float32), threads)
                 for i, (local, cols, valid) in _split(idx, self._starts).items()}
-        out = np.zeros((idx.shape[0], self.n_genes), np.float32)
-        for partial in self._shards.run(_aggregate_part, jobs).values():
-            out += partial
-        return out
+        # Summed where the shards are (per worker on a cluster): Q x G crosses the network once per worker,
+        # not once per shard.
+        out = self._shards.run_summed(_aggregate_part, jobs) if jobs else None
+        return np.zeros((idx.shape[0], self.n_genes), np.float32) if out is None else out
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
         """As :meth:`Reference.aggregate` (global indices): each shard's share, summed."""
