@@ -309,7 +309,7 @@ def main() -> None:
     p.add_argument("--zeros", type=float, default=0.9, help="fraction of zeros in the expression")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--shard-spots", type=int, default=50_000, help="spots per shard (the writer holds about one shard)")
+    p.add_argument("--shard-spots", type=int, default=25_000, help="spots per shard (the writer holds about one shard)")
     p.add_argument("--chunk", type=int, default=5_000, help="spots generated (and handed to the writer) at a time")
     p.add_argument("--queries", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
