@@ -69,6 +69,11 @@ def _client_type():
     return Client
 
 
+def reduced(fn: Callable, items: list, shared: tuple, reduce: Callable) -> Any:
+    """On a worker: ``reduce([fn(shard, *shared, *args) for shard, args in items])`` over the shards it holds."""
+    return reduce([fn(shard, *shared, *args) for shard, args in items])
+
+
 class DaskShards:
     """The shards of a sharded reference, each opened once on a worker of ``client``'s cluster and kept
     there as a future (what :class:`~bleep_rs.shards.ShardedReference` uses with a client).
@@ -107,21 +112,21 @@ class DaskShards:
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
-    def run_summed(self, fn: Callable, per_shard: Mapping[int, tuple]) -> Any:
-        """The sum of ``fn(shard, *per_shard[i])`` over the shards of ``per_shard``, summed on each worker
-        over the shards it holds (one task per worker), then here: a Q x G partial prediction crosses the
-        network once per worker, not once per shard."""
-        from .shards import summed
-
+    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], reduce: Callable, shared: tuple = ()) -> Any:
+        """``reduce`` of ``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``: one task per
+        worker reduces the shards it holds (the shared arguments travel once per worker, and one result
+        comes back per worker: a Q x G partial prediction, or a merged top-k), then ``reduce`` again here."""
         if not self.futures:
             raise BleepError("this reference was closed: load it again")
         held, groups = self.who_has(), {}
         for i, args in per_shard.items():
             groups.setdefault((held.get(i) or [None])[0], []).append((self.futures[i], args))
-        tasks = [self.client.submit(_on_worker, summed, fn, items, workers=None if addr is None else [addr],
-                                    allow_other_workers=True, pure=False) for addr, items in groups.items()]
+        # A shard whose worker died has no holder until Dask reopens it: that group goes anywhere.
+        where = lambda addr: {} if addr is None else {"workers": [addr], "allow_other_workers": True}  # noqa: E731
+        tasks = [self.client.submit(_on_worker, reduced, fn, items, shared, reduce, pure=False, **where(addr))
+                 for addr, items in groups.items()]
         with _bleep_errors():
-            return summed(lambda part: part, [(p, ()) for p in self.client.gather(tasks)])
+            return reduce(self.client.gather(tasks))
 
     def who_has(self) -> dict:
         """Which worker(s) hold each shard: {shard number: [worker addresses]}."""

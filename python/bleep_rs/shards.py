@@ -43,6 +43,7 @@ and so reads every byte.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -324,16 +325,19 @@ def _split(indices: np.ndarray, starts: Sequence[int]) -> dict:
 # ---- where the shards live -----------------------------------------------------------------------
 
 
-def summed(fn: Callable, items: Sequence[tuple]) -> Any:
-    """``sum(fn(shard, *args) for shard, args in items)``, added up in place as each comes."""
-    total = None
-    for shard, args in items:
-        part = fn(shard, *args)
-        if total is None:
-            total = part
-        else:
-            total += part
+def sum_parts(parts: Sequence[Any]) -> Any:
+    """The sum of partial results (arrays), added up in place (in a copy of the first where it is read-only,
+    as arrays that came over the network can be)."""
+    total = parts[0] if parts[0].flags.writeable else parts[0].copy()
+    for part in parts[1:]:
+        total += part
     return total
+
+
+def merged(parts: Sequence[tuple], k: int, with_norms: bool) -> tuple:
+    """The top-k of partial top-k lists (:func:`merge_topk`), with or without the neighbours' norms: a
+    merge of merges is the merge of the whole, so shards are merged where they are, then here."""
+    return merge_topk([p if with_norms else p[:2] for p in parts], k)
 
 
 class _LocalShards:
@@ -355,9 +359,9 @@ class _LocalShards:
         """``fn(shard, *shared, *per_shard[i])`` for each shard i of ``per_shard``."""
         return {i: fn(self.shard(i), *shared, *args) for i, args in per_shard.items()}
 
-    def run_summed(self, fn: Callable, per_shard: Mapping[int, tuple]) -> Any:
-        """The sum of ``fn(shard, *per_shard[i])`` over the shards of ``per_shard``."""
-        return summed(fn, [(self.shard(i), args) for i, args in per_shard.items()])
+    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], reduce: Callable, shared: tuple = ()) -> Any:
+        """``reduce`` of ``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``."""
+        return reduce([fn(self.shard(i), *shared, *args) for i, args in per_shard.items()])
 
     def close(self) -> None:
         self.opened = [None] * len(self.opened)
@@ -508,9 +512,8 @@ class ShardedReference(Reference, reads_folders=True):
 
     def _search(self, q: np.ndarray, k: int, with_norms: bool, threads: Optional[int]) -> tuple:
         every = dict.fromkeys(range(len(self.manifest["shards"])), ())
-        parts = self._shards.run(_search_part, every, shared=(q, k, with_norms, threads))
-        parts = [p if with_norms else p[:2] for _, p in sorted(parts.items())]
-        return merge_topk(parts, k)
+        reduce = functools.partial(merged, k=k, with_norms=with_norms)
+        return self._shards.run_reduced(_search_part, every, reduce, shared=(q, k, with_norms, threads))
 
     def search(self, queries: Any, k: int = 50, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`Reference.search`: the merge of the shards' exact top-k (:func:`merge_topk`)."""
@@ -549,7 +552,7 @@ class ShardedReference(Reference, reads_folders=True):
                 for i, (local, cols, valid) in _split(idx, self._starts).items()}
         # Summed where the shards are (per worker on a cluster): Q x G crosses the network once per worker,
         # not once per shard.
-        out = self._shards.run_summed(_aggregate_part, jobs) if jobs else None
+        out = self._shards.run_reduced(_aggregate_part, jobs, sum_parts) if jobs else None
         return np.zeros((idx.shape[0], self.n_genes), np.float32) if out is None else out
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
