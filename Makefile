@@ -16,7 +16,7 @@ test: build
 	$(VENV)/bin/ruff check python tests benches
 	cargo test --release
 	$(PY) -m mypy.stubtest bleep_rs._core
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The build log is
 # shown only when the build fails.
