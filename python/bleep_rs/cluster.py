@@ -69,9 +69,13 @@ def _client_type():
     return Client
 
 
-def reduced(fn: Callable, items: list, shared: tuple, reduce: Callable) -> Any:
-    """On a worker: ``reduce([fn(shard, *shared, *args) for shard, args in items])`` over the shards it holds."""
-    return reduce([fn(shard, *shared, *args) for shard, args in items])
+def reduced(fn: Callable, items: list, shared: tuple, combine: Callable) -> Any:
+    """On a worker: ``fn(shard, *shared, *args)`` over the shards it holds, combined as each comes."""
+    total = None
+    for shard, args in items:
+        part = fn(shard, *shared, *args)
+        total = part if total is None else combine(total, part)
+    return total
 
 
 class DaskShards:
@@ -112,10 +116,11 @@ class DaskShards:
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
-    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], reduce: Callable, shared: tuple = ()) -> Any:
-        """``reduce`` of ``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``: one task per
-        worker reduces the shards it holds (the shared arguments travel once per worker, and one result
-        comes back per worker: a Q x G partial prediction, or a merged top-k), then ``reduce`` again here."""
+    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
+        """``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``, combined pairwise as each
+        comes (``combine(total, next)``): one task per worker combines the shards it holds (the shared
+        arguments travel once per worker, and one result comes back per worker: a Q x G partial
+        prediction, or a merged top-k), then the workers' results are combined here as they arrive."""
         if not self.futures:
             raise BleepError("this reference was closed: load it again")
         held, groups = self.who_has(), {}
@@ -123,10 +128,15 @@ class DaskShards:
             groups.setdefault((held.get(i) or [None])[0], []).append((self.futures[i], args))
         # A shard whose worker died has no holder until Dask reopens it: that group goes anywhere.
         where = lambda addr: {} if addr is None else {"workers": [addr], "allow_other_workers": True}  # noqa: E731
-        tasks = [self.client.submit(_on_worker, reduced, fn, items, shared, reduce, pure=False, **where(addr))
+        tasks = [self.client.submit(_on_worker, reduced, fn, items, shared, combine, pure=False, **where(addr))
                  for addr, items in groups.items()]
+        from distributed import as_completed
+
         with _bleep_errors():
-            return reduce(self.client.gather(tasks))
+            total = None
+            for _, part in as_completed(tasks, with_results=True):
+                total = part if total is None else combine(total, part)
+            return total
 
     def who_has(self) -> dict:
         """Which worker(s) hold each shard: {shard number: [worker addresses]}."""
