@@ -523,7 +523,10 @@ class ShardedReference(Reference, reads_folders=True):
     def _search(self, q: np.ndarray, k: int, with_norms: bool, threads: Optional[int]) -> tuple:
         every = dict.fromkeys(range(len(self.manifest["shards"])), ())
         combine = functools.partial(merge_two, k=k, with_norms=with_norms)
-        return merge_topk([self._shards.run_reduced(_search_part, every, combine, shared=(q, k, with_norms, threads))[:3 if with_norms else 2]], k)
+        # Already in merge order (a shard's search orders as merge_topk does); only a lone shard's result
+        # still carries its unused norms slot.
+        found = self._shards.run_reduced(_search_part, every, combine, shared=(q, k, with_norms, threads))
+        return tuple(found[:3 if with_norms else 2])
 
     def search(self, queries: Any, k: int = 50, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`Reference.search`: the merge of the shards' exact top-k (:func:`merge_topk`)."""
