@@ -1,7 +1,7 @@
 //! `cargo bench`: retrieval throughput of bleep-core (search, and search + aggregation).
 //! Side-by-side ratios against faiss / numpy / torch come from `benches/bench_retrieval.py`.
 
-use bleep_core::{normalise_rows, Dtype, Expression, PackedIndex, Table};
+use bleep_core::{normalise_rows, Dtype, Expression, PackedIndex, Table, Write};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const D: usize = 256;
@@ -50,14 +50,14 @@ fn search_and_aggregate(c: &mut Criterion) {
     for dtype in [Dtype::F32, Dtype::Bf16] {
         let table = Expression::new(&Table::from_f32(&values, dtype), n, g).unwrap();
         group.bench_function(BenchmarkId::new("aggregate_g3000", dtype.name()), |b| {
-            b.iter(|| table.gather_weighted_sum(&nb.indices, &w, K, &mut out))
+            b.iter(|| table.gather_weighted_sum(&nb.indices, &w, K, &mut out, Write::Store))
         });
         group.bench_function(
             BenchmarkId::new("search_and_aggregate", dtype.name()),
             |b| {
                 b.iter(|| {
                     let nb = index.search(&queries, Q, K).unwrap();
-                    table.gather_weighted_sum(&nb.indices, &w, K, &mut out)
+                    table.gather_weighted_sum(&nb.indices, &w, K, &mut out, Write::Store)
                 })
             },
         );

@@ -17,6 +17,10 @@ from bleep_rs import BleepError, Reference
 distributed = pytest.importorskip("distributed")
 
 
+#: Worker processes of a real LocalCluster (a developer need not run them on every change; `make test` does).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
@@ -61,10 +65,23 @@ def test_answers_equal_one_reference(single, served):
         np.testing.assert_array_equal(idx2, idx)
         np.testing.assert_array_equal(sims2, sims)
         for method in bleep_rs.METHODS:
-            got, i3, _ = served.impute(q, k, method, return_neighbors=True)
+            got, i3, _ = served.impute(q, k, method, return_neighbours=True)
             np.testing.assert_array_equal(i3, idx)
             np.testing.assert_allclose(got, ref.impute(q, k, method), rtol=2e-5, atol=2e-5, err_msg=method)
         np.testing.assert_allclose(served.neighbour_spread(idx), ref.neighbour_spread(idx), rtol=1e-4, atol=1e-5)
+
+
+def test_imputation_in_blocks_of_queries_equals_one_reference(single, served, monkeypatch):
+    """The pipelined imputation (searches queued at once, each block's aggregation as its neighbours
+    come) over blocks of 7 queries, the last one short: the same answers as one reference."""
+    ref, q = single[0], queries(single)
+    monkeypatch.setattr(served._shards, "query_block", 7)
+    for method in bleep_rs.METHODS:
+        got, idx, sims = served.impute(q, 20, method, return_neighbours=True)
+        want, idx1, sims1 = ref.impute(q, 20, method, return_neighbours=True)
+        np.testing.assert_array_equal(idx, idx1)
+        np.testing.assert_array_equal(sims, sims1)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=method)
 
 
 def test_shards_live_on_the_workers(client, served, single):

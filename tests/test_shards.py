@@ -34,7 +34,7 @@ def assert_same_answers(single, sharded, queries, k):
     np.testing.assert_array_equal(sims2, sims)
     for method in bleep_rs.METHODS:
         want = single.impute(queries, k, method, temperature=0.2)
-        got, i3, s3 = sharded.impute(queries, k, method, temperature=0.2, return_neighbors=True)
+        got, i3, s3 = sharded.impute(queries, k, method, temperature=0.2, return_neighbours=True)
         np.testing.assert_array_equal(i3, idx)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=method)
     np.testing.assert_allclose(sharded.neighbour_spread(idx), single.neighbour_spread(idx), rtol=1e-4, atol=1e-5)

@@ -69,6 +69,28 @@ def test_aggregate_and_spread_match_the_dense_oracle(n, nq, g, k, zeros, dtype, 
     np.testing.assert_allclose(got, _oracle.aggregate(stored, idx, w), rtol=1e-4, atol=1e-4)
     spread = ref.neighbour_spread(idx)
     np.testing.assert_allclose(spread, _oracle.neighbour_spread(stored.astype(np.float64), idx), rtol=1e-4, atol=1e-5)
+    # Added into an output that holds values (how a sharded reference sums its shards).
+    base = rng.standard_normal((nq, g)).astype(np.float32)
+    out = base.copy()
+    ref._core.aggregate_add(idx.astype(np.int64), w.astype(np.float32), out)
+    np.testing.assert_allclose(out, base + _oracle.aggregate(stored, idx, w), rtol=1e-4, atol=1e-4)
+
+
+def test_aggregate_add_checks_its_output(rng):
+    ref = Reference.build(*random_reference(rng, n=20, g=5))
+    idx, w = np.zeros((3, 2), np.int64), np.ones((3, 2), np.float32)
+    for out, message in ((np.zeros((3, 4), np.float32), r"shape \[3, 4\] but 3 queries x 5 genes"),
+                         (np.zeros((3, 5), np.float64), "must be a NumPy array of float32"),
+                         (np.zeros((5, 3), np.float32).T, "out must be C-contiguous")):
+        with pytest.raises(BleepError, match=message):
+            ref._core.aggregate_add(idx, w, out)
+    # A Fortran-ordered input is refused too, not read in the wrong order (the binding's one check).
+    with pytest.raises(BleepError, match="indices must be C-contiguous"):
+        ref._core.aggregate(np.asfortranarray(np.zeros((3, 2), np.int64)), w)
+    frozen = np.zeros((3, 5), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(BleepError, match="writable"):
+        ref._core.aggregate_add(idx, w, frozen)
 
 
 @settings(max_examples=25, deadline=None)
@@ -88,7 +110,7 @@ def test_sparse_impute_matches_oracle(n, nq, g, k, method, dtype, seed):
     q = rng.standard_normal((nq, 12)).astype(np.float32)
     ref = Reference.build(emb, sp.csr_matrix(table), [f"g{i}" for i in range(g)], expression_dtype=dtype,
                           expression_format="sparse")
-    pred, idx, sims = ref.impute(q, k=k, method=method, temperature=0.2, return_neighbors=True)
+    pred, idx, sims = ref.impute(q, k=k, method=method, temperature=0.2, return_neighbours=True)
     want_idx, _ = _oracle.search(emb, q, k)
     np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(want_idx, axis=1))
     qn = np.linalg.norm(q.astype(np.float64), axis=1)
@@ -198,8 +220,8 @@ def test_files_are_mapped_and_round_trip(rng, tmp_path, fmt, dtype):
     np.testing.assert_array_equal(back.embeddings, emb)
     q = rng.standard_normal((40, emb.shape[1])).astype(np.float32)
     for method in bleep_rs.METHODS:
-        a = ref.impute(q, k=9, method=method, return_neighbors=True)
-        b = back.impute(q, k=9, method=method, return_neighbors=True)
+        a = ref.impute(q, k=9, method=method, return_neighbours=True)
+        b = back.impute(q, k=9, method=method, return_neighbours=True)
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
     idx = a[1]

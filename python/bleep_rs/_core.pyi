@@ -81,6 +81,13 @@ class ReferenceCore:
         weights: npt.NDArray[np.float32],
         threads: Optional[int] = None,
     ) -> npt.NDArray[np.float32]: ...
+    def aggregate_add(
+        self,
+        indices: npt.NDArray[np.int64],
+        weights: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+        threads: Optional[int] = None,
+    ) -> None: ...
     def neighbour_spread(self, indices: npt.NDArray[np.int64], threads: Optional[int] = None) -> npt.NDArray[np.float32]: ...
     def norms_of(self, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
     @property

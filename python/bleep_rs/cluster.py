@@ -6,24 +6,28 @@
     predicted = atlas.impute(embeddings, k=50)           # same answers as in one process
 
 Every worker must see the reference's folder at the same path (a shared file system). Loading submits
-one task per shard that opens the shard file (checked against the manifest) on a worker; its result, the
-opened shard, stays there as a Dask future for as long as the reference is used. Each query then:
+one task per shard that opens the shard file (checked against the manifest);
+its result, the opened shard, stays there as a Dask future for as long as the reference is used. An
+imputation then runs in blocks of queries (``DaskShards.query_block``), one task per worker and step:
 
-1. scatters the queries once; each shard's task, run on the worker holding it, returns its exact top-k
-   (indices made global, similarities, and for "weighted" the neighbours' norms);
-2. merges them on the client (:func:`bleep_rs.shards.merge_topk`) and computes the weights once there
-   with the Rust weighting (``_core.neighbour_weights``);
-3. sends each shard only its own neighbours and weights; each returns a Q x G partial prediction, and the
-   client sums them. Expression never leaves its worker.
+1. each worker searches the shards it holds and merges their top-k (a merge of merges is the merge of
+   the whole); the client merges the workers' lists (:func:`bleep_rs.shards.merge_topk`) and computes
+   the weights once, with the Rust weighting (``_core.neighbour_weights``);
+2. each worker gets its shards' neighbours and weights back and sums its shards' weighted rows into one
+   block x G partial prediction; the client adds the workers' partials. Expression never leaves its
+   worker.
+
+Every block's search is queued at once; each block's aggregation is queued ahead of them as soon as its
+neighbours are known, and its partials are fetched while the workers go on: moving block x G float32
+from each worker overlaps the work instead of following it.
 
 A lost worker: its shards were results of tasks with no inputs but the file path, so the scheduler
 recomputes them on another worker (reading the files again) and the queries in flight wait for that.
 Spilled to disk or moved, a shard pickles as its path (no copy of the table). If a file went missing or
 changed meanwhile, reopening it fails with a BleepError naming it.
 
-Threads: each worker process runs the Rust kernels on a pool of all the machine's cores by default;
-with several workers per machine pass ``threads=`` to ``Reference.load`` (or set BLEEP_RS_NUM_THREADS
-in the workers' environment) so that they do not oversubscribe it. ``verify()`` reads the files from
+Threads: each worker runs the Rust kernels on as many threads as Dask gave it (its ``nthreads``) unless
+``threads=`` of ``Reference.load`` says otherwise. ``verify()`` reads the files from
 the client's machine.
 
 This module imports ``distributed``; ``import bleep_rs`` does not import it (nor dask).
@@ -61,21 +65,36 @@ def _bleep_errors():
         raise BleepError(str(e)) from None
 
 
+def _open(open_shard: Callable, path: str, entry: Mapping, threads: Optional[int]) -> Any:
+    """On a worker: a shard opened to run on the worker's own thread count unless told otherwise (several
+    workers on one machine, each on every core, would oversubscribe it: 20 % slower on 2 cores)."""
+    if threads is None:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    return open_shard(path, entry, threads)
+
+
+def _fold(step: Callable, items: list, shared: tuple) -> Any:
+    """On a worker: the shards it holds folded into one total (as ``bleep_rs.shards.fold``)."""
+    total = None
+    for shard, args in items:
+        total = step(total, shard, *shared, *args)
+    return total
+
+
+def _pinned(addr: Optional[str], *, loose: bool) -> dict:
+    """The submit options that run a task on worker ``addr`` (anywhere where None); ``loose``: elsewhere
+    when that worker is gone or busy."""
+    return {} if addr is None else {"workers": [addr], "allow_other_workers": loose}
+
+
 def _client_type():
     try:
         from distributed import Client
     except ImportError as e:
         raise BleepError("a client= needs dask.distributed: pip install 'bleep-rs[dask]'") from e
     return Client
-
-
-def reduced(fn: Callable, items: list, shared: tuple, combine: Callable) -> Any:
-    """On a worker: ``fn(shard, *shared, *args)`` over the shards it holds, combined as each comes."""
-    total = None
-    for shard, args in items:
-        part = fn(shard, *shared, *args)
-        total = part if total is None else combine(total, part)
-    return total
 
 
 class DaskShards:
@@ -92,8 +111,10 @@ class DaskShards:
             raise BleepError(f"client must be a dask.distributed Client, got {type(client).__name__}")
         self.client = client
         tag = uuid.uuid4().hex[:12]
+        # Placed by Dask, unrestricted: pinned to a worker (even loosely), a shard whose workers were all lost
+        # with its file gone left the next query waiting instead of failing (test_cluster).
         self.futures = [
-            client.submit(_on_worker, open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
+            client.submit(_on_worker, _open, open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
             for i, s in enumerate(manifest["shards"])
         ]
         wait(self.futures)  # open every shard now: a missing or changed file is an error of load
@@ -116,27 +137,56 @@ class DaskShards:
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
-    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
-        """``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``, combined pairwise as each
-        comes (``combine(total, next)``): one task per worker combines the shards it holds (the shared
-        arguments travel once per worker, and one result comes back per worker: a Q x G partial
-        prediction, or a merged top-k), then the workers' results are combined here as they arrive."""
-        if not self.futures:
-            raise BleepError("this reference was closed: load it again")
-        held, groups = self.who_has(), {}
-        for i, args in per_shard.items():
-            groups.setdefault((held.get(i) or [None])[0], []).append((self.futures[i], args))
-        # A shard whose worker died has no holder until Dask reopens it: that group goes anywhere.
-        where = lambda addr: {} if addr is None else {"workers": [addr], "allow_other_workers": True}  # noqa: E731
-        tasks = [self.client.submit(_on_worker, reduced, fn, items, shared, combine, pure=False, **where(addr))
-                 for addr, items in groups.items()]
-        from distributed import as_completed
+    #: Queries per block of a pipelined imputation (ShardedReference.impute): while the workers work on
+    #: one block, the previous block's partial predictions (block x genes float32 from each worker) travel.
+    query_block = 512
 
+    def run_reduced(self, step: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
+        """``total = step(total, shard, *shared, *per_shard[i])`` folded over the shards each worker holds
+        (:func:`bleep_rs.shards.fold`, one task per worker: the shared arguments travel once per worker,
+        and one result comes back per worker: a Q x G partial prediction, or a merged top-k), then the
+        workers' totals combined here as they arrive (``combine(total, next)``)."""
+        return self.result(self.submit_reduced(step, per_shard, shared), combine)
+
+    def result(self, submitted: Any, combine: Callable) -> Any:
+        """The workers' totals of :meth:`submit_reduced`, combined here as each arrives."""
         with _bleep_errors():
             total = None
-            for _, part in as_completed(tasks, with_results=True):
+            for _, part in submitted:
                 total = part if total is None else combine(total, part)
             return total
+
+    def submit_reduced(self, step: Callable, per_shard: Mapping[int, tuple], shared: tuple = (), priority: int = 0) -> Any:
+        """Queues :meth:`run_reduced`'s tasks (one per worker; ``priority``: higher runs first) and returns
+        them as ``distributed.as_completed(..., with_results=True)``, which fetches each result in the
+        background as soon as it is done (:meth:`result` combines them)."""
+        from distributed import as_completed
+
+        if not self.futures:
+            raise BleepError("this reference was closed: load it again")
+        groups: dict = {}
+        for i, addr in self._holders(per_shard).items():
+            groups.setdefault(addr, []).append((self.futures[i], per_shard[i]))
+        # Each group on the worker holding its shards (their size, that of the files, keeps Dask from moving
+        # them); loose, so that a worker lost meanwhile does not leave its group waiting for it. A shard whose
+        # worker died has no holder until Dask reopens it: that group goes anywhere.
+        return as_completed([self.client.submit(_on_worker, _fold, step, items, shared, pure=False, priority=priority, **_pinned(addr, loose=True))
+                             for addr, items in groups.items()], with_results=True)
+
+    def _holders(self, shards) -> dict:
+        """One worker per shard among those holding it, the least loaded first: a shard held by two
+        workers (copied once) must not pile every task on the first of them."""
+        held, load = self.who_has(), {}
+        for addrs in held.values():
+            for a in addrs:
+                load.setdefault(a, 0)
+        chosen = {}
+        for i in sorted(shards, key=lambda i: len(held.get(i) or ())):  # the shards with one holder first
+            addrs = held.get(i) or []
+            chosen[i] = min(addrs, key=lambda a: load[a]) if addrs else None
+            if chosen[i] is not None:
+                load[chosen[i]] += 1
+        return chosen
 
     def who_has(self) -> dict:
         """Which worker(s) hold each shard: {shard number: [worker addresses]}."""

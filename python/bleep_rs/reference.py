@@ -82,6 +82,11 @@ def _names(values: Optional[Sequence[Any]], name: str) -> Optional[list[str]]:
     return [str(v) for v in values]
 
 
+def _neighbours_asked(return_neighbours: bool, return_neighbors: Optional[bool]) -> bool:
+    """``impute``'s ``return_neighbours``, or its older spelling ``return_neighbors`` (kept as an alias)."""
+    return bool(return_neighbours if return_neighbors is None else return_neighbors)
+
+
 class Reference:
     """Reference spots (embeddings + expression on a gene panel) to impute new patches from.
 
@@ -293,20 +298,22 @@ class Reference:
         method: str = "mean",
         *,
         temperature: float = 0.1,
-        return_neighbors: bool = False,
+        return_neighbours: bool = False,
         threads: Optional[int] = None,
+        return_neighbors: Optional[bool] = None,
     ):
         """Predicted expression (Q x G float32) of each query embedding from its k nearest spots.
 
         ``method``: "mean" (BLEEP's default), "weighted" (BLEEP's exp(-squared Euclidean distance)
         weights on the un-normalised embeddings), "softmax" (softmax of cosine / ``temperature``) or
-        "top1". With ``return_neighbors=True`` returns ``(prediction, indices, similarities)``.
+        "top1". With ``return_neighbours=True`` returns ``(prediction, indices, similarities)``
+        (``return_neighbors``: the same, the older spelling).
         """
         if method not in METHODS:
             raise BleepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         q = as_float32_matrix(queries, "queries")
         pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
-        return (pred, idx, sims) if return_neighbors else pred
+        return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
         """Weighted sums of reference expression rows: ``out[q] = sum_j weights[q, j] * expression[indices[q, j]]``.

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError, ReferenceCore, neighbour_weights
-from .reference import METHODS, PathLike, Reference, _check_k, _names, as_float32_matrix, is_sparse_matrix
+from .reference import METHODS, PathLike, Reference, _check_k, _names, _neighbours_asked, as_float32_matrix, is_sparse_matrix
 
 __all__ = ["MANIFEST", "ShardWriter", "ShardedReference", "merge_topk", "read_manifest", "write_shards"]
 
@@ -255,8 +255,19 @@ def _search_part(shard: _Shard, queries: np.ndarray, k: int, with_norms: bool, t
     return idx + shard.start, sims, norms
 
 
-def _aggregate_part(shard: _Shard, local: np.ndarray, weights: np.ndarray, threads: Optional[int]) -> np.ndarray:
-    return shard.core.aggregate(_native(local, np.int64), _native(weights, np.float32), threads=shard.pool(threads))
+def _search_step(total: Optional[tuple], shard: _Shard, queries: np.ndarray, k: int, with_norms: bool, threads: Optional[int]) -> tuple:
+    """The running top-k merged with this shard's."""
+    part = _search_part(shard, queries, k, with_norms, threads)
+    return part if total is None else merge_two(total, part, k, with_norms)
+
+
+def _aggregate_step(total: Optional[np.ndarray], shard: _Shard, local: np.ndarray, weights: np.ndarray, threads: Optional[int]) -> np.ndarray:
+    """This shard's weighted rows added into the running Q x G sum (one array for all the shards: a
+    sparse shard then touches only its stored values)."""
+    if total is None:
+        total = np.zeros((len(local), len(shard.core.genes)), np.float32)
+    shard.core.aggregate_add(_native(local, np.int64), _native(weights, np.float32), total, threads=shard.pool(threads))
+    return total
 
 
 def _rows(core: ReferenceCore, local: np.ndarray, threads: Optional[int]) -> np.ndarray:
@@ -340,13 +351,13 @@ def merge_two(a: tuple, b: tuple, k: int, with_norms: bool) -> tuple:
     return merge_topk([p if with_norms else p[:2] for p in (a, b)], k)
 
 
-def fold(results: Iterable[Any], combine: Callable) -> Any:
-    """The shards' results combined as each comes (``combine(total, next)``): one partial result in memory
-    beside the running total, never one per shard (86 Q x G partial predictions of HEST-1k's 19,000 genes
-    for 4,096 queries are 27 GB)."""
+def fold(step: Callable, items: Iterable[tuple], shared: tuple = ()) -> Any:
+    """``total = step(total, shard, *shared, *args)`` over the (shard, args) of ``items``, starting from
+    None: the shards' results folded into one running total as each comes, never one per shard in memory
+    (86 Q x G partial predictions of HEST-1k's 19,000 genes for 4,096 queries are 27 GB)."""
     total = None
-    for r in results:
-        total = r if total is None else combine(total, r)
+    for shard, args in items:
+        total = step(total, shard, *shared, *args)
     return total
 
 
@@ -369,9 +380,20 @@ class _LocalShards:
         """``fn(shard, *shared, *per_shard[i])`` for each shard i of ``per_shard``."""
         return {i: fn(self.shard(i), *shared, *args) for i, args in per_shard.items()}
 
-    def run_reduced(self, fn: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
-        """``fn(shard, *shared, *per_shard[i])`` over the shards of ``per_shard``, combined as each comes (:func:`fold`)."""
-        return fold((fn(self.shard(i), *shared, *args) for i, args in per_shard.items()), combine)
+    #: Queries per block of a pipelined imputation: one block, as nothing here overlaps.
+    query_block = None
+
+    def submit_reduced(self, step: Callable, per_shard: Mapping[int, tuple], shared: tuple = (), priority: int = 0) -> Any:
+        """``step`` folded over the shards of ``per_shard`` (:func:`fold`), now (``priority``: for a
+        cluster's queue)."""
+        return fold(step, ((self.shard(i), args) for i, args in per_shard.items()), shared)
+
+    def result(self, submitted: Any, combine: Callable) -> Any:
+        """What :meth:`submit_reduced` returned, combined (``combine`` adds the totals of several processes)."""
+        return submitted
+
+    def run_reduced(self, step: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
+        return self.result(self.submit_reduced(step, per_shard, shared), combine)
 
     def close(self) -> None:
         self.opened = [None] * len(self.opened)
@@ -525,7 +547,7 @@ class ShardedReference(Reference, reads_folders=True):
         combine = functools.partial(merge_two, k=k, with_norms=with_norms)
         # Already in merge order (a shard's search orders as merge_topk does); only a lone shard's result
         # still carries its unused norms slot.
-        found = self._shards.run_reduced(_search_part, every, combine, shared=(q, k, with_norms, threads))
+        found = self._shards.run_reduced(_search_step, every, combine, shared=(q, k, with_norms, threads))
         return tuple(found[:3 if with_norms else 2])
 
     def search(self, queries: Any, k: int = 50, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -534,19 +556,42 @@ class ShardedReference(Reference, reads_folders=True):
         return idx, sims
 
     def impute(self, queries: Any, k: int = 50, method: str = "mean", *, temperature: float = 0.1,
-               return_neighbors: bool = False, threads: Optional[int] = None):
+               return_neighbours: bool = False, threads: Optional[int] = None, return_neighbors: Optional[bool] = None):
         """As :meth:`Reference.impute`: neighbours merged from the shards, weighted once here by the
         Rust weighting, each shard's weighted rows summed (only Q x G partial sums leave a shard)."""
         if method not in METHODS:
             raise BleepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        q = self._queries(queries)
-        merged = self._search(q, _check_k(k), method == "weighted", threads)
-        idx, sims = merged[0], merged[1]
-        norms = merged[2] if method == "weighted" else np.zeros(idx.shape)
-        qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
-        w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
-        pred = self._aggregate(idx, w, threads)
-        return (pred, idx, sims) if return_neighbors else pred
+        q, k, with_norms = self._queries(queries), _check_k(k), method == "weighted"
+        every = dict.fromkeys(range(len(self.manifest["shards"])), ())
+        combine = functools.partial(merge_two, k=k, with_norms=with_norms)
+        block = self._shards.query_block or max(1, len(q))
+        spans = [(a, min(a + block, len(q))) for a in range(0, len(q), block)]
+        # Every block's search is queued at once; each block's aggregation is queued (ahead of the
+        # searches) as soon as its neighbours are known, and the previous block's partial predictions
+        # are fetched meanwhile: on a cluster, moving Q x G float32 from each worker overlaps the work.
+        # (Explicit priorities: Dask orders tasks submitted within 100 ms of each other as it likes.)
+        searches = [self._shards.submit_reduced(_search_step, every, (q[a:b], k, with_norms, threads), priority=-c)
+                    for c, (a, b) in enumerate(spans)]
+        pred = np.zeros((len(q), self.n_genes), np.float32)
+        idx, sims = np.zeros((len(q), min(k, self.n_spots)), np.int64), np.zeros((len(q), min(k, self.n_spots)), np.float32)
+        pending = None
+        for (a, b), submitted in zip(spans, searches):
+            merged = self._shards.result(submitted, combine)
+            idx[a:b], sims[a:b] = merged[0], merged[1]
+            norms = merged[2] if with_norms else np.zeros(merged[0].shape)
+            qnorms = np.sqrt(np.square(q[a:b], dtype=np.float64).sum(axis=1))
+            w = neighbour_weights(np.ascontiguousarray(sims[a:b]), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
+            jobs = self._aggregate_jobs(idx[a:b], w, threads)
+            if pending is not None:
+                self._collect(pred, *pending)
+            pending = (a, b, self._shards.submit_reduced(_aggregate_step, jobs, (), priority=1) if jobs else None)
+        if pending is not None:
+            self._collect(pred, *pending)
+        return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
+
+    def _collect(self, pred: np.ndarray, a: int, b: int, submitted: Any) -> None:
+        if submitted is not None:
+            pred[a:b] = self._shards.result(submitted, add_parts)
 
     def _check_indices(self, indices: Any) -> np.ndarray:
         idx = np.asarray(indices)
@@ -560,12 +605,16 @@ class ShardedReference(Reference, reads_folders=True):
             raise BleepError(f"index {idx[bad][0]} (row {row} of indices) is out of range for a reference of {self.n_spots} spots")
         return idx.astype(np.int64, copy=False)
 
-    def _aggregate(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        jobs = {i: (local, np.where(valid, np.take_along_axis(w, cols, axis=1), 0).astype(np.float32), threads)
+    def _aggregate_jobs(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> dict:
+        """{shard: (its neighbours' local indices, their weights (0 where not real), threads)}."""
+        return {i: (local, np.where(valid, np.take_along_axis(w, cols, axis=1), 0).astype(np.float32), threads)
                 for i, (local, cols, valid) in _split(idx, self._starts).items()}
+
+    def _aggregate(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        jobs = self._aggregate_jobs(idx, w, threads)
         # Summed where the shards are (per worker on a cluster): Q x G crosses the network once per worker,
         # not once per shard.
-        out = self._shards.run_reduced(_aggregate_part, jobs, add_parts) if jobs else None
+        out = self._shards.run_reduced(_aggregate_step, jobs, add_parts) if jobs else None
         return np.zeros((idx.shape[0], self.n_genes), np.float32) if out is None else out
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:

@@ -595,13 +595,17 @@ impl Expression {
     }
 
     /// `out[q, :] = sum_j w[q, j] * expression[idx[q, j], :]` for `out.len() / g` queries of `k`
-    /// neighbours. Zero weights are skipped. Runs on the current rayon pool.
+    /// neighbours ([`Write::Store`]), or that sum added to what `out` holds ([`Write::Add`]: how a
+    /// sharded reference sums its shards' shares into one output instead of a fresh queries x genes
+    /// array per shard; a sparse shard then touches only its stored values). Zero weights are skipped.
+    /// Runs on the current rayon pool.
     pub fn gather_weighted_sum(
         &self,
         idx: &[u32],
         w: &[f32],
         k: usize,
         out: &mut [f32],
+        write: Write,
     ) -> Result<()> {
         let g = self.g;
         let nq = out.len() / g.max(1);
@@ -621,12 +625,12 @@ impl Expression {
             Store::Blocked(table) => {
                 let kernel = crate::cpu::kernel();
                 if 4 * nq * k >= self.n {
-                    self.stream(table, kernel, idx, w, k, out);
+                    self.stream(table, kernel, idx, w, k, out, write);
                 } else {
-                    self.gather(table, kernel, idx, w, k, out);
+                    self.gather(table, kernel, idx, w, k, out, write);
                 }
             }
-            Store::Sparse(rows) => rows.gather_weighted_sum(idx, w, k, out)?,
+            Store::Sparse(rows) => rows.gather_weighted_sum(idx, w, k, out, write)?,
         }
         self.trace_non_finite(out, idx)
     }
@@ -745,6 +749,7 @@ impl Expression {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gather(
         &self,
         table: &Values,
@@ -753,6 +758,7 @@ impl Expression {
         w: &[f32],
         k: usize,
         out: &mut [f32],
+        write: Write,
     ) {
         let (g, width, n) = (self.g, BLOCK_GENES, self.n);
         let kernel = accumulate_kernel(kernel);
@@ -767,12 +773,13 @@ impl Expression {
                         kernel(table, b * n * width, width, iq, wq, &mut part);
                         let g0 = b * width;
                         let valid = width.min(g - g0);
-                        row[g0..g0 + valid].copy_from_slice(&part[..valid]);
+                        write.put(&mut row[g0..g0 + valid], &part[..valid]);
                     }
                 }
             });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
         table: &Values,
@@ -781,6 +788,7 @@ impl Expression {
         w: &[f32],
         k: usize,
         out: &mut [f32],
+        write: Write,
     ) {
         let (g, n) = (self.g, self.n);
         let nq = out.len() / g;
@@ -826,7 +834,8 @@ impl Expression {
             let valid = width.min(g - g0);
             for (q, src) in (q0..q1).zip(part.chunks_exact(width)) {
                 // SAFETY: tasks own disjoint (query range, gene range) rectangles of `out`.
-                unsafe { out_ptr.write(q * g + g0, &src[..valid]) };
+                let dst = unsafe { out_ptr.slice(q * g + g0, valid) };
+                write.put(dst, &src[..valid]);
             }
         });
     }
@@ -862,8 +871,28 @@ fn rows_spread<T>(block: &[T], iq: &[u32], valid: usize, to_f32: impl Fn(&T) -> 
 struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
-    unsafe fn write(&self, at: usize, values: &[f32]) {
-        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len());
+    /// `len` values of the output from `at`. SAFETY: no other task holds an overlapping slice.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// Whether a weighted sum replaces the output's values or is added to them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Write {
+    /// Replace the output's values.
+    Store,
+    /// Add to them.
+    Add,
+}
+
+impl Write {
+    pub(crate) fn put(self, dst: &mut [f32], src: &[f32]) {
+        match self {
+            Write::Store => dst.copy_from_slice(src),
+            Write::Add => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+        }
     }
 }
 
@@ -1244,17 +1273,25 @@ mod tests {
                 prop_assert_eq!(expr.row_major(), table);
                 // Both strategies with every kernel this CPU has, and the automatic choice.
                 let mut chosen = vec![f32::NAN; nq * g];
-                expr.gather_weighted_sum(&idx, &w, k, &mut chosen).unwrap();
+                expr.gather_weighted_sum(&idx, &w, k, &mut chosen, Write::Store)
+                    .unwrap();
                 let mut all = vec![chosen];
                 for kernel in crate::cpu::cpu().available.clone() {
                     let mut streamed = vec![f32::NAN; nq * g];
                     let mut gathered = vec![f32::NAN; nq * g];
+                    // Added to an output of ones: the same sums once the ones are taken away.
+                    let (mut streamed_add, mut gathered_add) = (vec![1f32; nq * g], vec![1f32; nq * g]);
                     if nq > 0 {
                         let t = expr.blocks_values().unwrap();
-                        expr.stream(t, kernel, &idx, &w, k, &mut streamed);
-                        expr.gather(t, kernel, &idx, &w, k, &mut gathered);
+                        expr.stream(t, kernel, &idx, &w, k, &mut streamed, Write::Store);
+                        expr.gather(t, kernel, &idx, &w, k, &mut gathered, Write::Store);
+                        expr.stream(t, kernel, &idx, &w, k, &mut streamed_add, Write::Add);
+                        expr.gather(t, kernel, &idx, &w, k, &mut gathered_add, Write::Add);
                     }
-                    all.extend([streamed, gathered]);
+                    for v in streamed_add.iter_mut().chain(gathered_add.iter_mut()) {
+                        *v -= 1.0;
+                    }
+                    all.extend([streamed, gathered, streamed_add, gathered_add]);
                 }
                 for got in &all {
                     for (a, b) in got.iter().zip(&want) {

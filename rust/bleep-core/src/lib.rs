@@ -40,7 +40,9 @@ mod search;
 mod sparse;
 mod topk;
 
-pub use aggregate::{weights as neighbour_weights, Dtype, Expression, Format, Method, Table};
+pub use aggregate::{
+    weights as neighbour_weights, Dtype, Expression, Format, Method, Table, Write,
+};
 pub use cpu::Kernel;
 pub use error::{Error, Result};
 pub use matrix::Matrix;

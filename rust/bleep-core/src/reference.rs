@@ -32,7 +32,7 @@
 //! Version 1 files (tensors `embeddings` and a row-major N x G `expression`) still load; they are copied
 //! into memory and checked in full, as before.
 
-use crate::aggregate::{weights, Dtype, Expression, Format, Method, Table, Values};
+use crate::aggregate::{weights, Dtype, Expression, Format, Method, Table, Values, Write};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
 use crate::kernel::{Bf16Rounding, NR};
@@ -420,7 +420,7 @@ impl Reference {
         let mut out =
             crate::memory::huge_zeroed::<f32>(nq * g, "the prediction (queries x genes, float32)")?;
         self.expression
-            .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out)?;
+            .gather_weighted_sum(&nb.indices, &w, nb.k, &mut out, Write::Store)?;
         Ok(Imputation {
             expression: out,
             neighbours: nb,
@@ -434,6 +434,23 @@ impl Reference {
         indices: Matrix<'_, i64>,
         weights: Matrix<'_, f32>,
     ) -> Result<Vec<f32>> {
+        let mut out = crate::memory::huge_zeroed::<f32>(
+            indices.rows * self.genes.len(),
+            "the aggregate (queries x genes, float32)",
+        )?;
+        self.aggregate_into(indices, weights, &mut out, false)?;
+        Ok(out)
+    }
+
+    /// As [`Self::aggregate`], into `out` (queries x genes): replacing its values, or added to them
+    /// where `add` (how a sharded reference sums its shards' shares into one output).
+    pub fn aggregate_into(
+        &self,
+        indices: Matrix<'_, i64>,
+        weights: Matrix<'_, f32>,
+        out: &mut [f32],
+        add: bool,
+    ) -> Result<()> {
         let w = weights.check("weights")?;
         if (indices.rows, indices.cols) != (weights.rows, weights.cols) {
             return Err(Error::invalid(format!(
@@ -443,12 +460,17 @@ impl Reference {
         }
         let (idx, k) = self.spot_indices(indices)?;
         check_finite(w, k, "weights")?;
-        let mut out = crate::memory::huge_zeroed::<f32>(
-            indices.rows * self.genes.len(),
-            "the aggregate (queries x genes, float32)",
-        )?;
-        self.expression.gather_weighted_sum(&idx, w, k, &mut out)?;
-        Ok(out)
+        if out.len() != indices.rows * self.genes.len() {
+            return Err(Error::invalid(format!(
+                "out has {} values but {} queries x {} genes need {}",
+                out.len(),
+                indices.rows,
+                self.genes.len(),
+                indices.rows * self.genes.len()
+            )));
+        }
+        let write = if add { Write::Add } else { Write::Store };
+        self.expression.gather_weighted_sum(&idx, w, k, out, write)
     }
 
     /// Per query, the mean over genes of the standard deviation of its neighbours' expression

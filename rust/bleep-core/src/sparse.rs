@@ -7,7 +7,7 @@
 //! from a file is checked row by row as the kernels read it ([`SparseRows::row_range`]), so that loading
 //! reads nothing but the header and a damaged file is an error, never an out-of-bounds read.
 
-use crate::aggregate::{Dtype, Table, Values};
+use crate::aggregate::{Dtype, Table, Values, Write};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
 use half::{bf16, f16};
@@ -326,14 +326,15 @@ impl SparseRows {
         Ok((self.indptr.to_vec(), self.indices.to_u32(), values))
     }
 
-    /// `out[q, :] = sum_j w[q, j] * row(idx[q, j])`: each query's rows scattered into its output row
-    /// (zero weights skipped). `idx` must be rows of the table.
+    /// `out[q, :] = sum_j w[q, j] * row(idx[q, j])` (or `+=` with [`Write::Add`]): each query's rows
+    /// scattered into its output row (zero weights skipped). `idx` must be rows of the table.
     pub fn gather_weighted_sum(
         &self,
         idx: &[u32],
         w: &[f32],
         k: usize,
         out: &mut [f32],
+        write: Write,
     ) -> Result<()> {
         let g = self.g;
         out.par_chunks_mut(QUERY_CHUNK * g)
@@ -341,7 +342,9 @@ impl SparseRows {
             .try_for_each(|(c, rows)| {
                 for (r, row) in rows.chunks_exact_mut(g).enumerate() {
                     let q = c * QUERY_CHUNK + r;
-                    row.fill(0.0);
+                    if write == Write::Store {
+                        row.fill(0.0);
+                    }
                     for (&i, &wj) in idx[q * k..(q + 1) * k].iter().zip(&w[q * k..(q + 1) * k]) {
                         if wj == 0.0 {
                             continue;
@@ -442,10 +445,21 @@ mod tests {
                 prop_assert_eq!(sparse.row_major(), dense.row_major());
                 let exact = dense.row_major().to_f32();
                 let (mut a, mut b) = (vec![f32::NAN; nq * g], vec![f32::NAN; nq * g]);
-                dense.gather_weighted_sum(&idx, &w, k, &mut a).unwrap();
-                sparse.gather_weighted_sum(&idx, &w, k, &mut b).unwrap();
+                dense.gather_weighted_sum(&idx, &w, k, &mut a, Write::Store).unwrap();
+                sparse.gather_weighted_sum(&idx, &w, k, &mut b, Write::Store).unwrap();
                 for (x, y) in a.iter().zip(&b) {
                     prop_assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{dtype:?}: {x} vs {y}");
+                }
+                // Added to an output that holds values: base + the sum, dense and sparse alike.
+                let base: Vec<f32> = (0..nq * g).map(|i| (i % 7) as f32 - 3.0).collect();
+                for table in [&dense, &sparse] {
+                    let mut c = base.clone();
+                    table
+                        .gather_weighted_sum(&idx, &w, k, &mut c, Write::Add)
+                        .unwrap();
+                    for ((x, y), z) in c.iter().zip(&base).zip(&a) {
+                        prop_assert!((x - (y + z)).abs() <= 1e-4 * (1.0 + x.abs()), "{dtype:?}: add {x} vs {y} + {z}");
+                    }
                 }
                 let (mut a, mut b) = (vec![0f32; nq], vec![0f32; nq]);
                 dense.neighbour_spread(&idx, k, &mut a).unwrap();
@@ -480,8 +494,12 @@ mod tests {
         assert_eq!(sparse.row_major(), dense.row_major());
         let (idx, w) = ([0u32, 1, 2, 2], [0.5f32, 0.25, 1.0, 0.0]);
         let (mut a, mut b) = (vec![0f32; 2 * g], vec![0f32; 2 * g]);
-        dense.gather_weighted_sum(&idx, &w, 2, &mut a).unwrap();
-        sparse.gather_weighted_sum(&idx, &w, 2, &mut b).unwrap();
+        dense
+            .gather_weighted_sum(&idx, &w, 2, &mut a, Write::Store)
+            .unwrap();
+        sparse
+            .gather_weighted_sum(&idx, &w, 2, &mut b, Write::Store)
+            .unwrap();
         assert_eq!(a, b);
         let (mut a, mut b) = (vec![0f32; 2], vec![0f32; 2]);
         dense.neighbour_spread(&idx, 2, &mut a).unwrap();
@@ -529,12 +547,14 @@ mod tests {
         let expr = Expression::from_sparse(rows);
         let mut out = vec![0f32; 3];
         let e = expr
-            .gather_weighted_sum(&[1], &[1.0], 1, &mut out)
+            .gather_weighted_sum(&[1], &[1.0], 1, &mut out, Write::Store)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("spot row 1"), "{e}");
-        assert!(expr.gather_weighted_sum(&[0], &[1.0], 1, &mut out).is_ok());
+        assert!(expr
+            .gather_weighted_sum(&[0], &[1.0], 1, &mut out, Write::Store)
+            .is_ok());
         assert_eq!(out, vec![1.0, 0.0, 0.0]);
         let mut spread = vec![0f32; 1];
         assert!(expr.neighbour_spread(&[1], 1, &mut spread).is_err());
@@ -553,9 +573,10 @@ mod tests {
         let expr = Expression::from_sparse(rows);
         assert!(expr.check_finite().is_err());
         let mut out = vec![0f32; 2];
-        expr.gather_weighted_sum(&[0], &[1.0], 1, &mut out).unwrap();
+        expr.gather_weighted_sum(&[0], &[1.0], 1, &mut out, Write::Store)
+            .unwrap();
         let e = expr
-            .gather_weighted_sum(&[1], &[1.0], 1, &mut out)
+            .gather_weighted_sum(&[1], &[1.0], 1, &mut out, Write::Store)
             .err()
             .unwrap()
             .to_string();

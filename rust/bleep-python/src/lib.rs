@@ -87,13 +87,33 @@ fn threads_arg(v: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
     threads_count(v).map(Some)
 }
 
-/// The values of a C-contiguous array.
+/// The values of a C-contiguous array. (rust-numpy's `as_slice` also takes a Fortran-ordered one, whose
+/// values would then be read in the wrong order.)
 fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| BleepError::new_err(format!("{what} must be C-contiguous")))
+    if !a.is_c_contiguous() {
+        return Err(not_c_contiguous(what));
+    }
+    a.as_slice().map_err(|_| not_c_contiguous(what))
+}
+
+/// The values of a C-contiguous array to write into (as [`contiguous`]).
+fn contiguous_mut<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a mut numpy::PyReadwriteArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    if !a.is_c_contiguous() {
+        return Err(not_c_contiguous(what));
+    }
+    a.as_slice_mut().map_err(|_| not_c_contiguous(what))
+}
+
+fn not_c_contiguous(what: &str) -> PyErr {
+    BleepError::new_err(format!(
+        "{what} must be C-contiguous (np.ascontiguousarray makes it so)"
+    ))
 }
 
 /// A 2-D array as a core matrix.
@@ -318,6 +338,34 @@ impl PyReference {
         matrix(py, out, idx.rows, self.inner.genes().len())
     }
 
+    /// Adds the weighted sums of expression rows to `out` (Q x G float32, C-contiguous, written in
+    /// place): how a sharded reference sums its shards' shares into one output.
+    #[pyo3(signature = (indices, weights, out, threads=None))]
+    fn aggregate_add<'py>(
+        &self,
+        py: Python<'py>,
+        indices: PyReadonlyArray2<'py, i64>,
+        weights: PyReadonlyArray2<'py, f32>,
+        out: &Bound<'py, PyAny>,
+        #[pyo3(from_py_with = threads_arg)] threads: Option<usize>,
+    ) -> PyResult<()> {
+        let (idx, w) = (
+            matrix_of(&indices, "indices")?,
+            matrix_of(&weights, "weights")?,
+        );
+        let mut out = writable::<f32>(out, "out")?;
+        let g = self.inner.genes().len();
+        if out.shape() != [idx.rows, g] {
+            return Err(BleepError::new_err(format!(
+                "out has shape {:?} but {} queries x {g} genes are needed",
+                out.shape(),
+                idx.rows
+            )));
+        }
+        let dst = contiguous_mut(&mut out, "out")?;
+        native(py, threads, || self.inner.aggregate_into(idx, w, dst, true))
+    }
+
     /// Per query, the mean over genes of the std of its neighbours' expression: (Q x k int64) -> Q.
     #[pyo3(signature = (indices, threads=None))]
     fn neighbour_spread<'py>(
@@ -540,9 +588,7 @@ impl PySlide {
     ) -> PyResult<()> {
         let xy = matrix_of(&origins, "origins")?;
         let mut out = writable::<u8>(out, "out")?;
-        let dst = out
-            .as_slice_mut()
-            .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+        let dst = contiguous_mut(&mut out, "out")?;
         native(py, threads, || {
             self.inner.fields_into(xy, size, &scales, batch, dst)
         })
@@ -668,9 +714,7 @@ fn macenko_transform<'py>(
     let he = matrix_of(&he, "the stain matrix")?;
     let params = MacenkoParams { io, alpha, beta };
     // Into the caller's (uninitialised) array: a copy transformed in place would cost a pass more.
-    let dst = out
-        .as_slice_mut()
-        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    let dst = contiguous_mut(&mut out, "out")?;
     native(py, threads, || {
         let target = Stains::from_parts(he, &max_c)?;
         bleep_slide::macenko_transform_into(data, dst, shape, &target, &params)
@@ -700,9 +744,7 @@ fn reinhard_transform(
 ) -> PyResult<()> {
     let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
     let target = matrix_of(&stats, "the Reinhard statistics")?;
-    let dst = out
-        .as_slice_mut()
-        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    let dst = contiguous_mut(&mut out, "out")?;
     native(py, threads, || {
         bleep_slide::reinhard_transform(data, shape, target, dst)
     })
@@ -722,9 +764,7 @@ fn to_tensor_into(
     let (data, shape) = (contiguous(&patches, "patches")?, patches.shape());
     let mut out = writable::<f32>(out, "out")?;
     let out_shape = out.shape().to_vec();
-    let dst = out
-        .as_slice_mut()
-        .map_err(|_| BleepError::new_err("out must be C-contiguous"))?;
+    let dst = contiguous_mut(&mut out, "out")?;
     native(py, threads, || {
         bleep_slide::to_tensor(data, shape, mean, std, dst, &out_shape)
     })
