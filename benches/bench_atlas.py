@@ -17,7 +17,7 @@ What it does (every step prints what it measured; the scratch folder is deleted 
   cluster    the same through Reference.load(folder, client=...) on a LocalCluster of 2 worker processes
              (1 thread each): ratio to one process, neighbours identical
   big        (--big-spots, default 0 = skipped) a larger atlas over --big-workers workers, each with a memory
-             limit below the whole atlas: shows no worker needs all of it
+             limit below the whole atlas: shows no worker needs all of it (--only-big: this step alone)
 
 Every heavy step runs in its own process (its RSS is its own). Prints the CPU model, the kernel and the peers'
 versions.
@@ -187,7 +187,7 @@ def worker_bleep(folder: str, queries: str, out: str, workers: str, memory_limit
     best, result = float("inf"), None
     for _ in range(2):
         t = time.perf_counter()
-        pred, idx, sims = ref.impute(q, k=K, return_neighbors=True)
+        pred, idx, sims = ref.impute(q, k=K, return_neighbours=True)
         best = min(best, time.perf_counter() - t)
         result = (pred, idx, sims)
     pred, idx, sims = result
@@ -317,6 +317,7 @@ def main() -> None:
     p.add_argument("--big-genes", type=int, default=None, help="genes of the larger atlas (default: --genes)")
     p.add_argument("--big-workers", type=int, default=4)
     p.add_argument("--big-memory-limit", default="3GiB", help="each big-run worker's Dask memory limit")
+    p.add_argument("--only-big", action="store_true", help="run only the larger atlas (the disk need not hold both)")
     p.add_argument("--scratch", type=Path, default=None, help="folder for the atlas (default: a temporary folder)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--out", type=Path, default=Path(".bench/atlas.json"))
@@ -336,33 +337,34 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bleep-atlas-", dir=args.scratch))
     try:
         settings = {k: getattr(args, k) for k in ("spots", "genes", "zeros", "dim", "dtype", "shard_spots", "chunk", "seed")} | {"peer": True}
-        r = results["build"] = in_child("generate", json.dumps(settings), scratch)
-        print(f"build: bleep-rs's ShardWriter {r['writer_seconds']:.0f} s of {r['seconds']:.0f} s (generating the data and the "
-              f"peer's copy take the rest); peak RSS of the process {r['peak_rss_mb']:,.0f} MB")
-        atlas = scratch / "atlas"
-        dense = args.spots * args.genes * np.dtype(np.float32 if args.dtype == "float32" else np.float16).itemsize
-        sparse = expression_bytes(atlas)
-        results["size"] = {"dense_bytes_per_spot": dense / args.spots, "sparse_bytes_per_spot": sparse / args.spots, "ratio": sparse / dense}
-        print(f"size: expression {sparse / args.spots:,.0f} bytes per spot sparse vs {dense / args.spots:,.0f} dense "
-              f"({sparse / dense:.1%} of dense)")
-        r = results["load"] = in_child("load", atlas)
-        print(f"load: {r['seconds'] * 1000:.1f} ms for {r['shards']} shards; RSS {r['rss_before_mb']:,.0f} MB before, "
-              f"{r['rss_after_mb']:,.0f} MB after")
         queries = scratch / "queries.npy"
         np.save(queries, queries_for(scratch, args.queries, args.dim, args.seed))
-        one = results["one_process"] = in_child("bleep", atlas, queries, scratch / "one", 0)
-        peer = results["peer"] = in_child("peer", scratch, queries, scratch / "peer-run")
-        cmp = results["one_vs_peer"] = compare(str(scratch / "one"), str(scratch / "peer-run"))
         q = args.queries
-        print(f"search + impute, one process: bleep-rs {q / one['seconds']:,.0f} q/s (peak RSS {one['peak_rss_mb']:,.0f} MB), "
-              f"faiss + scipy {q / peer['seconds']:,.0f} q/s (peak RSS {peer['peak_rss_mb']:,.0f} MB): "
-              f"{peer['seconds'] / one['seconds']:.2f}x; {cmp['sets_differ']} neighbour sets differ ({cmp['not_near_ties']} not near-ties), "
-              f"max rel. err of the predictions {cmp['max_rel_err']:.1e}")
-        two = results["cluster_2"] = in_child("bleep", atlas, queries, scratch / "two", 2)
-        cmp2 = results["cluster_vs_one"] = compare(str(scratch / "two"), str(scratch / "one"))
-        print(f"LocalCluster, 2 worker processes: {q / two['seconds']:,.0f} q/s = {one['seconds'] / two['seconds']:.2f}x one process "
-              f"(load {two['load_seconds']:.1f} s; workers' peak RSS {two['worker_peak_rss_mb']} MB); "
-              f"neighbour lists identical: {cmp2['identical_lists']}, max rel. err {cmp2['max_rel_err']:.1e}")
+        if not args.only_big:
+            r = results["build"] = in_child("generate", json.dumps(settings), scratch)
+            print(f"build: bleep-rs's ShardWriter {r['writer_seconds']:.0f} s of {r['seconds']:.0f} s (generating the data and the "
+                  f"peer's copy take the rest); peak RSS of the process {r['peak_rss_mb']:,.0f} MB")
+            atlas = scratch / "atlas"
+            dense = args.spots * args.genes * np.dtype(np.float32 if args.dtype == "float32" else np.float16).itemsize
+            sparse = expression_bytes(atlas)
+            results["size"] = {"dense_bytes_per_spot": dense / args.spots, "sparse_bytes_per_spot": sparse / args.spots, "ratio": sparse / dense}
+            print(f"size: expression {sparse / args.spots:,.0f} bytes per spot sparse vs {dense / args.spots:,.0f} dense "
+                  f"({sparse / dense:.1%} of dense)")
+            r = results["load"] = in_child("load", atlas)
+            print(f"load: {r['seconds'] * 1000:.1f} ms for {r['shards']} shards; RSS {r['rss_before_mb']:,.0f} MB before, "
+                  f"{r['rss_after_mb']:,.0f} MB after")
+            one = results["one_process"] = in_child("bleep", atlas, queries, scratch / "one", 0)
+            peer = results["peer"] = in_child("peer", scratch, queries, scratch / "peer-run")
+            cmp = results["one_vs_peer"] = compare(str(scratch / "one"), str(scratch / "peer-run"))
+            print(f"search + impute, one process: bleep-rs {q / one['seconds']:,.0f} q/s (peak RSS {one['peak_rss_mb']:,.0f} MB), "
+                  f"faiss + scipy {q / peer['seconds']:,.0f} q/s (peak RSS {peer['peak_rss_mb']:,.0f} MB): "
+                  f"{peer['seconds'] / one['seconds']:.2f}x; {cmp['sets_differ']} neighbour sets differ ({cmp['not_near_ties']} not near-ties), "
+                  f"max rel. err of the predictions {cmp['max_rel_err']:.1e}")
+            two = results["cluster_2"] = in_child("bleep", atlas, queries, scratch / "two", 2)
+            cmp2 = results["cluster_vs_one"] = compare(str(scratch / "two"), str(scratch / "one"))
+            print(f"LocalCluster, 2 worker processes: {q / two['seconds']:,.0f} q/s = {one['seconds'] / two['seconds']:.2f}x one process "
+                  f"(load {two['load_seconds']:.1f} s; workers' peak RSS {two['worker_peak_rss_mb']} MB); "
+                  f"neighbour lists identical: {cmp2['identical_lists']}, max rel. err {cmp2['max_rel_err']:.1e}")
         if args.big_spots:
             big = scratch / "big"
             big.mkdir()

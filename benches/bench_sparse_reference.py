@@ -62,7 +62,7 @@ def measure(path: str, queries: int, k: int) -> dict:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((queries, ref.dim)).astype(np.float32)
     t = time.perf_counter()
-    _, idx, _ = ref.impute(q, k=k, return_neighbors=True)
+    _, idx, _ = ref.impute(q, k=k, return_neighbours=True)
     out["first_impute_s"] = time.perf_counter() - t
     out["rss_after_first_impute_mb"] = rss_mb()
     t = time.perf_counter()

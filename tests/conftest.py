@@ -1,5 +1,8 @@
+import contextlib
+import io
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -29,6 +32,40 @@ def run_with_kernel(kernel: str, code: str, folder) -> str:
     child = subprocess.run([sys.executable, "-c", f"{code}; print(bleep_rs.kernel_name())", str(folder)], env=env,
                            capture_output=True, text=True, check=True)
     return child.stdout.strip().splitlines()[-1]
+
+
+class CliRun(NamedTuple):
+    """What a command line run left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, ok: bool = True) -> CliRun:
+    """``bleep-rs ARGS`` run in this process, through the entry point's own ``main`` (the installed
+    script and ``python -m bleep_rs`` call it and nothing else; test_package runs the real process once).
+    In process it costs no interpreter and torch start-up (2-3 s a run). ``ok``: the run must succeed."""
+    from bleep_rs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors, as the process would exit
+            code = e.code if isinstance(e.code, int) else 2
+    res = CliRun(code, out.getvalue(), err.getvalue())
+    if ok:
+        assert code == 0, res.stderr[-2000:]
+    return res
+
+
+def refused(res: CliRun, *words: str) -> None:
+    """A command line refused with exit status 2, one line of error naming each of ``words``."""
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("bleep-rs: error: ") and "Traceback" not in res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
 
 
 @pytest.fixture

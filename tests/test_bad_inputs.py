@@ -20,10 +20,15 @@ import bleep_rs
 from bleep_rs import BleepError, read_section
 from bleep_rs._atomic import atomic_path, check_output, remove_stale
 
-from conftest import DATA, tiny_slides, writable_copy
+from conftest import DATA, cli as run_cli, refused, tiny_slides, writable_copy
 from fuzz_readers import copy_section, mutations
 
 C2 = DATA / "tiny" / "C2"
+
+
+def cli(*args):
+    """A command line run in process that may fail (the tests check its status)."""
+    return run_cli(*args, ok=False)
 
 
 def read(path, **kwargs):
@@ -32,17 +37,6 @@ def read(path, **kwargs):
         return read_section(path, **kwargs)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "bleep_rs", *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-
-
-def refused(res, *words):
-    """A command line refused with exit status 2 and a message naming each of ``words``."""
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("bleep-rs: error: ") and "Traceback" not in res.stderr
-    for w in words:
-        assert w in res.stderr, (w, res.stderr)
 
 
 # -- readers: every damaged copy of a real section reads or is a BleepError --------------------------
@@ -105,7 +99,7 @@ def test_one_nan_count_is_an_error_naming_spot_and_gene(st):
 def test_nan_reaching_the_normalisation_is_an_error_not_a_zeroed_spot():
     import scipy.sparse as sp
 
-    from bleep_rs.expression import Panel, normalise_log1p, panel_expression
+    from bleep_rs.expression import Panel, normalize_log1p, panel_expression
 
     section = read(C2)
     X = section.X.toarray()
@@ -114,10 +108,10 @@ def test_nan_reaching_the_normalisation_is_an_error_not_a_zeroed_spot():
     with pytest.raises(BleepError, match=rf"NaN.*spot '{section.obs_names[3]}', gene '{section.var_names[5]}'"):
         panel_expression(section, Panel(genes=list(section.var_names)))
     with pytest.raises(BleepError, match=r"NaN.*row 3, column 5"):
-        normalise_log1p(X)
+        normalize_log1p(X)
     X[3, 5] = np.inf
     with pytest.raises(BleepError, match=r"inf"):
-        normalise_log1p(sp.csr_matrix(X))
+        normalize_log1p(sp.csr_matrix(X))
 
 
 def test_duplicated_spot_ids(st):
@@ -565,6 +559,14 @@ def test_check_output(tmp_path):
         check_output(tmp_path / "sub" / ".." / "in.h5ad", inputs=[tmp_path / "in.h5ad"], overwrite=True)
     with pytest.raises(BleepError, match=r"in.h5ad exists: choose another --out or pass --overwrite"):
         check_output(tmp_path / "in.h5ad")
+    # The library's writers name their arguments, not the command line's flags.
+    from bleep_rs._atomic import LIBRARY_OUTPUT
+    from bleep_rs.predict import write_h5ad
+
+    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path or pass overwrite=True"):
+        check_output(tmp_path / "in.h5ad", **LIBRARY_OUTPUT)
+    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path or pass overwrite=True"):
+        write_h5ad(read(C2), tmp_path / "in.h5ad")
     assert check_output(tmp_path / "new" / "deeper" / "p.h5ad", suffixes=(".h5ad",)) == tmp_path / "new" / "deeper" / "p.h5ad"
 
 

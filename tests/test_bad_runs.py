@@ -181,6 +181,7 @@ def test_outputs_follow_the_umask(tmp_path, tiny):
                      "history.json": 0o664, "model": 0o775}
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_train_ends_with_one_line_and_status_130(tmp_path):
     """A real ``python -m bleep_rs train`` child, interrupted during its epochs: no traceback, one line
     saying what was kept, exit status 130, and no partial output."""

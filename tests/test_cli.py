@@ -1,9 +1,8 @@
-"""The command line end to end on ../shared/data/tiny, as a user runs it, and its outputs read back."""
+"""The command line end to end on ../shared/data/tiny, as a user runs it (in process, through the entry point's
+``main``), and its outputs read back."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,25 +13,21 @@ import anndata as ad
 import bleep_rs
 from bleep_rs import BleepError
 
-from conftest import DATA, tiny_slides
+from conftest import DATA, cli, tiny_slides
 
 C2, C3 = str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3")
-
-
-def cli(*args, ok=True):
-    res = subprocess.run([sys.executable, "-m", "bleep_rs", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
-    if ok:
-        assert res.returncode == 0, res.stderr[-2000:]
-    return res
+#: Training flags of the models these tests train: one field of view, no flips or rotations.
+CHEAP = ("--fields-of-view", "1", "--no-tta", "--no-augment")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    # A panel of 16 of the tiny sections' 64 genes: the reference and the prediction carry all 64.
+    # A panel of 16 of the tiny sections' 64 genes: the reference and the prediction carry all 64. One field
+    # of view and no test-time views: the backbone runs once per spot or tile, not 24 times (the default
+    # recipe's flags are tested in test_recipe; here, what the commands do with any model).
     cli("train", C2, "--out", d / "model", "--epochs", "15", "--freeze-backbone", "--n-top-genes", "16",
-        "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0")
+        "--patch-size", "128", "--batch-size", "32", "--val-fraction", "0", *CHEAP)
     cli("reference", "--model", d / "model", C2, "--out", d / "ref.safetensors")
     cli("predict", C3, "--model", d / "model", "--reference", d / "ref.safetensors", "--out", d / "pred.h5ad", "--k", "5", "--neighbours")
     return d
@@ -142,7 +137,7 @@ def test_clear_errors(run, tmp_path):
     assert res.returncode == 2 and "pixel size" in res.stderr
     # A reference built with another model (same panel, other weights) and one on other genes.
     cli("train", C2, "--out", tmp_path / "other", "--epochs", "2", "--freeze-backbone", "--n-top-genes", "64",
-        "--patch-size", "128", "--seed", "7", "--val-fraction", "0")
+        "--patch-size", "128", "--seed", "7", "--val-fraction", "0", *CHEAP)
     res = cli("predict", C3, "--model", tmp_path / "other", "--reference", run / "ref.safetensors", "--out", tmp_path / "p.h5ad", ok=False)
     assert res.returncode == 2 and "another model" in res.stderr
     # A reference that does not name its model is refused; its genes are its own (not the model's panel).
@@ -197,7 +192,7 @@ def test_hest_samples_through_the_command_line(run, tmp_path):
     for name, path in (("C2", C2), ("C3", C3)):
         write_hest_sample(bleep_rs.read_section(path), hest, name, patches=False)
     cli("train", hest, "--ids", "C2", "C3", "--out", tmp_path / "model", "--epochs", "1", "--freeze-backbone",
-        "--n-top-genes", "64", "--patch-size", "128", "--val-fraction", "0")
+        "--n-top-genes", "64", "--patch-size", "128", "--val-fraction", "0", *CHEAP)
     cli("reference", "--model", run / "model", hest, "--ids", "C2", "--out", tmp_path / "ref.safetensors")
     ref = bleep_rs.Reference.load(tmp_path / "ref.safetensors")
     assert set(ref.sections) == {"C2"} and ref.n_spots == 25

@@ -31,6 +31,10 @@ UM = 1.3873  # the tiny images' um/px
 OPTIONS = dict(um_per_px=UM, k=5, min_tissue=0.05)
 
 
+#: Worker processes of a real LocalCluster (a developer need not run them on every change; `make test` does).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model directory, its reference file, and four slides (the tiny C2 and C3 images, twice each)."""

@@ -70,6 +70,7 @@ def _child(conn, ref, q):
     conn.send(ref.search(q, k=5)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
 def test_usable_after_fork():
     ref, q = big_reference()

@@ -60,7 +60,7 @@ def test_impute_matches_oracle(n, nq, g, k, method, dtype, seed):
     expr = rng.gamma(2.0, 1.0, size=(n, g)).astype(np.float32)
     q = rng.standard_normal((nq, d)).astype(np.float32)
     ref = Reference.build(emb, expr, [f"g{i}" for i in range(g)], expression_dtype=dtype)
-    pred, idx, sims = ref.impute(q, k=k, method=method, temperature=0.2, return_neighbors=True)
+    pred, idx, sims = ref.impute(q, k=k, method=method, temperature=0.2, return_neighbours=True)
     assert pred.shape == (nq, g) and pred.dtype == np.float32
     assert_same_neighbours(emb, q, k, idx, sims)
     # The aggregation over the neighbours the core chose, in float64, from the table it stores.
@@ -159,8 +159,12 @@ def test_threads_argument_and_setting(rng):
         ref.impute(q, k=10, threads=0)
 
 
-def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path):
-    """The portable fallback, run in a child process with BLEEP_RS_KERNEL=portable."""
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512", "avx512bf16"])
+def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path, kernel):
+    """Each score kernel, run in a child process with BLEEP_RS_KERNEL (read once per process), against the
+    float64 oracle; a kernel this CPU lacks is reported as skipped, not passed."""
+    if kernel not in bleep_rs._core.available_kernels():
+        pytest.skip(f"this CPU has no {kernel} kernel (it runs {', '.join(bleep_rs._core.available_kernels())})")
     emb, _, _ = random_reference(rng, n=400, d=40)
     q = rng.standard_normal((50, 40)).astype(np.float32)
     np.save(tmp_path / "emb.npy", emb)
@@ -170,9 +174,17 @@ def test_every_score_kernel_gives_the_same_neighbours(rng, tmp_path):
         "r=bleep_rs.Reference.build(np.load(d+'/emb.npy'), np.ones((400,1)), ['g']);"
         "np.save(d+'/idx.npy', r.search(np.load(d+'/q.npy'), k=20)[0])"
     )
-    assert run_with_kernel("portable", code, tmp_path) == "portable"
+    assert run_with_kernel(kernel, code, tmp_path) == kernel
     idx, sims = Reference.build(emb, np.ones((400, 1)), ["g"]).search(q, k=20)
     assert_same_neighbours(emb, q, 20, np.load(tmp_path / "idx.npy"), sims)
+
+
+def test_return_neighbors_is_an_alias_of_return_neighbours(rng):
+    emb, expr, genes = random_reference(rng, n=60, g=5)
+    ref, q = Reference.build(emb, expr, genes), emb[:4]
+    new, old = ref.impute(q, 3, return_neighbours=True), ref.impute(q, 3, return_neighbors=True)
+    assert len(new) == len(old) == 3 and all(np.array_equal(a, b) for a, b in zip(new, old))
+    assert isinstance(ref.impute(q, 3, return_neighbors=False), np.ndarray)
 
 
 def test_aggregate_alone_matches_oracle(rng):

@@ -61,7 +61,7 @@ _check_kernel_request()
 
 
 def _version() -> str:
-    """The installed distribution's version: pyproject.toml's ``version`` is its one source."""
+    """The installed distribution's version: Cargo.toml's workspace ``version`` is its one source (maturin)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -82,6 +82,13 @@ _LAZY = {
     "build_reference": "bleep_rs.model",
     "Panel": "bleep_rs.expression",
     "choose_panel": "bleep_rs.expression",
+    # Prediction and evaluation without the command line.
+    "predict_section": "bleep_rs.predict",
+    "predict_slide": "bleep_rs.predict",
+    "predict_slides": "bleep_rs.predict",
+    "read_prediction": "bleep_rs.predict",
+    "write_prediction": "bleep_rs.predict",
+    "evaluate_prediction": "bleep_rs.evaluate",
     # Formats (anndata, spatialdata, tifffile on first use).
     "write_hest_sample": "bleep_rs.readers.hest",
     "to_spatialdata": "bleep_rs.sdata",
@@ -103,7 +110,13 @@ __all__ = [
     "TrainConfig",
     "build_reference",
     "choose_panel",
+    "evaluate_prediction",
     "load_model",
+    "predict_section",
+    "predict_slide",
+    "predict_slides",
+    "read_prediction",
+    "write_prediction",
     "save_model",
     "train",
     "METHODS",

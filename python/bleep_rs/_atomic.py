@@ -169,6 +169,11 @@ def _writable(folder: Path) -> Optional[str]:
         return e.strerror or str(e)
 
 
+#: How the library's writers (write_h5ad, write_zarr ...) name their output in :func:`check_output`'s errors:
+#: by their arguments; the command line checks its outputs first, naming its flags.
+LIBRARY_OUTPUT = {"option": "path", "overwrite_option": "overwrite=True"}
+
+
 def check_output(
     path: "os.PathLike[str] | str",
     *,
@@ -176,12 +181,14 @@ def check_output(
     inputs: Sequence[Optional["os.PathLike[str] | str"]] = (),
     overwrite: bool = False,
     option: str = "--out",
+    overwrite_option: str = "--overwrite",
 ) -> Path:
     """Checks an output path before any work: its suffix is one of ``suffixes`` (when given), it neither
     is, holds nor lies inside any of ``inputs`` (resolved, links followed; ``None`` entries are skipped:
     with or without ``overwrite``, no output ever replaces what the command reads), it does not exist
     unless ``overwrite``, and its folder is (or can be created in) a writable folder. The one check of an
-    output path. Raises :class:`BleepError` naming ``option`` and the fix."""
+    output path. Raises :class:`BleepError` naming ``option`` and the fix (``overwrite_option``: how the
+    caller says overwrite; the library's writers name their arguments, the command line its flags)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise BleepError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
@@ -195,7 +202,7 @@ def check_output(
             raise BleepError(f"{option} {path} {how} {source}, an input of this command: writing it would replace what is read; "
                              "choose an output path outside the inputs")
     if path.exists() and not overwrite:
-        raise BleepError(f"{path} exists: choose another {option} or pass --overwrite")
+        raise BleepError(f"{path} exists: choose another {option} or pass {overwrite_option}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

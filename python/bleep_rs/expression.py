@@ -17,7 +17,7 @@ import numpy as np
 
 from ._core import BleepError
 
-__all__ = ["Panel", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression", "detected_genes", "reference_genes",
+__all__ = ["Panel", "normalize_log1p", "normalise_log1p", "highly_variable_genes", "choose_panel", "panel_expression", "detected_genes", "reference_genes",
            "read_gene_list", "MIN_SPOTS"]
 
 #: A gene is "detected" in a section when at least this many of its spots have a non-zero count.
@@ -54,7 +54,7 @@ def _counts(adata) -> "np.ndarray | object":
     return X
 
 
-def normalise_log1p(X, *, sparse: bool = False):
+def normalize_log1p(X, *, sparse: bool = False):
     """float32 ``log1p(counts * median_total / total)`` per spot (spots with no counts stay 0): dense, or
     with ``sparse=True`` and sparse counts a scipy CSR matrix (log1p keeps zeros zero, so a sparse section
     is never densified). A NaN or infinite count is an error (it would zero its spot's whole profile)."""
@@ -62,7 +62,7 @@ def normalise_log1p(X, *, sparse: bool = False):
 
     from .readers._common import check_finite
 
-    check_finite(X, "normalise_log1p")
+    check_finite(X, "normalize_log1p")
 
     X = X.astype(np.float64) if not sp.issparse(X) else X.astype(np.float64).tocsr()
     totals = np.asarray(X.sum(axis=1)).ravel()
@@ -77,6 +77,10 @@ def normalise_log1p(X, *, sparse: bool = False):
             return scaled.astype(np.float32)
         return np.log1p(scaled.toarray()).astype(np.float32)
     return np.log1p(X * scale[:, None]).astype(np.float32)
+
+
+#: The older spelling, kept as an alias.
+normalise_log1p = normalize_log1p
 
 
 def highly_variable_genes(log_expression: np.ndarray, n_top: int, n_bins: int = 20) -> np.ndarray:
@@ -128,7 +132,7 @@ def choose_panel(
     for s, name in zip(sections, names):
         if s.n_obs < 2:
             raise BleepError(f"{name}: {s.n_obs} spots; a section needs at least two to choose variable genes")
-        mask = highly_variable_genes(normalise_log1p(_counts(s)), n_top_genes)
+        mask = highly_variable_genes(normalize_log1p(_counts(s)), n_top_genes)
         chosen.append([g for g, m in zip(s.var_names, mask) if m])
     if mode == "union":
         seen, panel = set(), []
@@ -154,7 +158,7 @@ def panel_expression(adata, panel: "Panel | Sequence[str]", *, warn: bool = True
     genes = list(panel.genes) if isinstance(panel, Panel) else [str(g) for g in panel]
     if adata.n_obs == 0:
         raise BleepError("the section has no spots")
-    log = normalise_log1p(_counts(adata), sparse=sparse)
+    log = normalize_log1p(_counts(adata), sparse=sparse)
     index = {g: i for i, g in enumerate(adata.var_names)}
     cols = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]

@@ -10,6 +10,7 @@ head on the panel's expression), saved as a directory of ``model.safetensors`` +
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
 from .slide import check_fields
 
-__all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "MODEL_FORMAT_VERSION"]
+__all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
+           "MODEL_FORMAT_VERSION"]
 
 MODEL_FORMAT_VERSION = 2
 
@@ -488,9 +490,19 @@ def _reference_parts(model, sections, genes, min_spots, expression_format, progr
     return out_genes, parts()
 
 
+def model_id(model) -> str:
+    """A fingerprint of a model's weights (sha256 of the expression and image heads), so that a
+    reference remembers which model embedded it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(("expression_head.", "image_head.")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _reference_metadata(model, genes, min_spots, name) -> dict:
     from . import __version__
-    from .predict import model_id
 
     return {
         "model": name or "",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import queue
 import threading
@@ -27,25 +26,16 @@ import numpy as np
 from ._core import BleepError
 
 __all__ = [
-    "model_id", "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
+    "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
     "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard", "output_state", "slide_outputs",
 ]
-
-
-def model_id(model) -> str:
-    """A fingerprint of a model's weights (sha256 of the expression and image heads), so that a
-    reference remembers which model embedded it."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if name.startswith(("expression_head.", "image_head.")):
-            h.update(name.encode())
-            h.update(t.detach().cpu().float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def check_compatible(model, reference) -> None:
     """Raises when the reference was not built with this model (other weights or dimension). The
     reference's genes are its own (all it measured, by default), not the model's input panel."""
+    from .model import model_id  # (torch: imported when a model is in hand)
+
     if reference.dim != model.config.embedding_dim:
         raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: "
                          "build the reference with this model (bleep-rs reference --model ...)")
@@ -63,7 +53,7 @@ def _impute(reference, emb: np.ndarray, *, k: int, method: str) -> tuple:
     """The prediction, its neighbours, their similarities and the uncertainty of each output. (Imputing
     each batch in a second thread while the encoder went on was slower on 2 cores: the gather of the
     neighbours' expression competes with the encoder for memory bandwidth.)"""
-    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbors=True)
+    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbours=True)
     return pred, idx, sims, reference.neighbour_spread(idx)
 
 
@@ -439,11 +429,9 @@ def predict_slide(model, reference, path, **kwargs):
 def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
     """Writes an .h5ad atomically (temporary file beside it, then rename); an existing file is an error
     unless ``overwrite``."""
-    from ._atomic import atomic_path
+    from ._atomic import LIBRARY_OUTPUT, atomic_path, check_output
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
+    path = check_output(path, overwrite=overwrite, **LIBRARY_OUTPUT)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path
+from ._atomic import LIBRARY_OUTPUT, atomic_path, check_output
 from ._core import BleepError
 
 __all__ = ["to_spatialdata", "write_zarr", "read_table"]
@@ -107,9 +107,7 @@ def to_spatialdata(adata):
 def write_zarr(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False) -> Path:
     """Writes :func:`to_spatialdata` of ``adata`` as a zarr store, atomically: written beside, then
     renamed into place (an existing store is an error unless ``overwrite``)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise BleepError(f"{path} exists: choose another --out or pass --overwrite")
+    path = check_output(path, overwrite=overwrite, **LIBRARY_OUTPUT)
     sdata = to_spatialdata(adata)
     with atomic_path(path, suffix=".zarr") as tmp:
         sdata.write(tmp)
