@@ -8,18 +8,17 @@
 Every worker must see the reference's folder at the same path (a shared file system). Loading submits
 one task per shard that opens the shard file (checked against the manifest);
 its result, the opened shard, stays there as a Dask future for as long as the reference is used. An
-imputation then runs in blocks of queries (``DaskShards.query_block``), one task per worker and step:
+imputation then runs one task per worker and step:
 
 1. each worker searches the shards it holds and merges their top-k (a merge of merges is the merge of
    the whole); the client merges the workers' lists (:func:`bleep_rs.shards.merge_topk`) and computes
    the weights once, with the Rust weighting (``_core.neighbour_weights``);
 2. each worker gets its shards' neighbours and weights back and sums its shards' weighted rows into one
-   block x G partial prediction; the client adds the workers' partials. Expression never leaves its
-   worker.
-
-Every block's search is queued at once; each block's aggregation is queued ahead of them as soon as its
-neighbours are known, and its partials are fetched while the workers go on: moving block x G float32
-from each worker overlaps the work instead of following it.
+   partial prediction; the client adds the workers' partials. Expression never leaves its worker. This
+   step runs in blocks of queries (``DaskShards.query_block``), all queued at once: each block's
+   partials (block x G float32 from each worker) are fetched while the workers sum the next, so their
+   transfer overlaps the work instead of following it. (Searching in blocks too would read every shard's
+   embeddings once per block.)
 
 A lost worker: its shards were results of tasks with no inputs but the file path, so the scheduler
 recomputes them on another worker (reading the files again) and the queries in flight wait for that.
@@ -137,8 +136,8 @@ class DaskShards:
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
-    #: Queries per block of a pipelined imputation (ShardedReference.impute): while the workers work on
-    #: one block, the previous block's partial predictions (block x genes float32 from each worker) travel.
+    #: Queries per block of the aggregation (ShardedReference.impute): while the workers sum one block, the
+    #: previous block's partial predictions (block x genes float32 from each worker) travel.
     query_block = 512
 
     def run_reduced(self, step: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:

@@ -561,37 +561,14 @@ class ShardedReference(Reference, reads_folders=True):
         Rust weighting, each shard's weighted rows summed (only Q x G partial sums leave a shard)."""
         if method not in METHODS:
             raise BleepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        q, k, with_norms = self._queries(queries), _check_k(k), method == "weighted"
-        every = dict.fromkeys(range(len(self.manifest["shards"])), ())
-        combine = functools.partial(merge_two, k=k, with_norms=with_norms)
-        block = self._shards.query_block or max(1, len(q))
-        spans = [(a, min(a + block, len(q))) for a in range(0, len(q), block)]
-        # Every block's search is queued at once; each block's aggregation is queued (ahead of the
-        # searches) as soon as its neighbours are known, and the previous block's partial predictions
-        # are fetched meanwhile: on a cluster, moving Q x G float32 from each worker overlaps the work.
-        # (Explicit priorities: Dask orders tasks submitted within 100 ms of each other as it likes.)
-        searches = [self._shards.submit_reduced(_search_step, every, (q[a:b], k, with_norms, threads), priority=-c)
-                    for c, (a, b) in enumerate(spans)]
-        pred = np.zeros((len(q), self.n_genes), np.float32)
-        idx, sims = np.zeros((len(q), min(k, self.n_spots)), np.int64), np.zeros((len(q), min(k, self.n_spots)), np.float32)
-        pending = None
-        for (a, b), submitted in zip(spans, searches):
-            merged = self._shards.result(submitted, combine)
-            idx[a:b], sims[a:b] = merged[0], merged[1]
-            norms = merged[2] if with_norms else np.zeros(merged[0].shape)
-            qnorms = np.sqrt(np.square(q[a:b], dtype=np.float64).sum(axis=1))
-            w = neighbour_weights(np.ascontiguousarray(sims[a:b]), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
-            jobs = self._aggregate_jobs(idx[a:b], w, threads)
-            if pending is not None:
-                self._collect(pred, *pending)
-            pending = (a, b, self._shards.submit_reduced(_aggregate_step, jobs, (), priority=1) if jobs else None)
-        if pending is not None:
-            self._collect(pred, *pending)
+        q = self._queries(queries)
+        merged = self._search(q, _check_k(k), method == "weighted", threads)
+        idx, sims = merged[0], merged[1]
+        norms = merged[2] if method == "weighted" else np.zeros(idx.shape)
+        qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
+        w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
+        pred = self._aggregate(idx, w, threads)
         return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
-
-    def _collect(self, pred: np.ndarray, a: int, b: int, submitted: Any) -> None:
-        if submitted is not None:
-            pred[a:b] = self._shards.result(submitted, add_parts)
 
     def _check_indices(self, indices: Any) -> np.ndarray:
         idx = np.asarray(indices)
@@ -611,11 +588,20 @@ class ShardedReference(Reference, reads_folders=True):
                 for i, (local, cols, valid) in _split(idx, self._starts).items()}
 
     def _aggregate(self, idx: np.ndarray, w: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        jobs = self._aggregate_jobs(idx, w, threads)
-        # Summed where the shards are (per worker on a cluster): Q x G crosses the network once per worker,
-        # not once per shard.
-        out = self._shards.run_reduced(_aggregate_step, jobs, add_parts) if jobs else None
-        return np.zeros((idx.shape[0], self.n_genes), np.float32) if out is None else out
+        """Each shard's weighted rows, summed where the shards are (per worker on a cluster: Q x G crosses
+        the network once per worker, not once per shard). In blocks of queries where the shards are
+        elsewhere (``query_block``): every block is queued at once (in order: explicit priorities, as Dask
+        orders tasks submitted within 100 ms of each other as it likes) and each block's partial sums are
+        fetched while the workers sum the next, so moving block x G float32 overlaps the work instead of
+        following it."""
+        pred = np.zeros((idx.shape[0], self.n_genes), np.float32)
+        block = self._shards.query_block or max(1, len(idx))
+        spans = [(a, min(a + block, len(idx))) for a in range(0, len(idx), block)]
+        submitted = [(a, b, self._shards.submit_reduced(_aggregate_step, jobs, (), priority=-c))
+                     for c, (a, b) in enumerate(spans) if (jobs := self._aggregate_jobs(idx[a:b], w[a:b], threads))]
+        for a, b, parts in submitted:
+            pred[a:b] = self._shards.result(parts, add_parts)
+        return pred
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
         """As :meth:`Reference.aggregate` (global indices): each shard's share, summed."""
