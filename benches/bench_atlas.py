@@ -265,7 +265,9 @@ def in_child(task: str, *args) -> dict:
     cmd = [sys.executable, str(HERE), "--worker", task, *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{task} failed:\n{out.stderr[-4000:]}")
+        # The cause first (Dask's shutdown noise after it can fill the tail), then the tail.
+        causes = [line for line in out.stderr.splitlines() if "Error" in line and "CancelledError" not in line][:10]
+        raise SystemExit(f"{task} failed:\n" + "\n".join(causes) + f"\n...\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

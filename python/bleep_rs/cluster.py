@@ -132,7 +132,9 @@ class DaskShards:
         queries, Q x d, are small beside the Q x G partial predictions that come back)."""
         if not self.futures:
             raise BleepError("this reference was closed: load it again")
-        tasks = {i: self.client.submit(_on_worker, fn, self.futures[i], *shared, *args, pure=False) for i, args in per_shard.items()}
+        where = self._holders(per_shard)
+        tasks = {i: self.client.submit(_on_worker, fn, self.futures[i], *shared, *args, pure=False, **_pinned(where[i], loose=True))
+                 for i, args in per_shard.items()}
         with _bleep_errors():
             return dict(zip(tasks, self.client.gather(list(tasks.values()))))
 
@@ -166,9 +168,9 @@ class DaskShards:
         groups: dict = {}
         for i, addr in self._holders(per_shard).items():
             groups.setdefault(addr, []).append((self.futures[i], per_shard[i]))
-        # Each group on the worker holding its shards (their size, that of the files, keeps Dask from moving
-        # them); loose, so that a worker lost meanwhile does not leave its group waiting for it. A shard whose
-        # worker died has no holder until Dask reopens it: that group goes anywhere.
+        # Each group on the worker holding its shards (Dask counts a shard as small: it would not keep the work
+        # there by itself); loose, so that a worker lost meanwhile does not leave its group waiting for it. A
+        # shard whose worker died has no holder until Dask reopens it: that group goes anywhere.
         return as_completed([self.client.submit(_on_worker, _fold, step, items, shared, pure=False, priority=priority, **_pinned(addr, loose=True))
                              for addr, items in groups.items()], with_results=True)
 

@@ -66,6 +66,8 @@ FORMAT_VERSION = 1
 _SHARD_NAME = re.compile(r"^shard-\d{5,}\.safetensors$")
 # Rows of the (query x neighbour x gene) block neighbour_spread gathers at once: about 64 MB of float32.
 _GATHER_VALUES = 16 * 1024 * 1024
+#: What an opened shard is counted as in Dask's memory accounting, at most (see _Shard).
+_HELD_OUTSIDE_MAP = 1 << 20
 
 
 # ---- the ordering rule ---------------------------------------------------------------------------
@@ -208,8 +210,11 @@ class _Shard:
     """One shard file opened (checked against its manifest entry first): its core and its spot range.
 
     Pickles by path (opened and checked again where it is unpickled), so that a Dask worker can spill
-    it or hand it to another worker without copying the table; its size (for Dask's memory accounting
-    and its scheduling, which then keeps the work beside the shard) is that of the file.
+    it or hand it to another worker without copying the table. Its size, for Dask's memory accounting,
+    is what it holds outside the map, at most 1 MiB: the file's pages are page cache, which the kernel
+    reclaims, not the worker's memory (counted as the file, a worker's shards summed past its memory
+    limit and Dask refused the task with a MemoryError). Work is sent to the worker holding the shard
+    explicitly (:class:`bleep_rs.cluster.DaskShards`), not drawn there by the size.
     """
 
     def __init__(self, path: str, entry: Mapping[str, Any], threads: Optional[int] = None):
@@ -231,7 +236,7 @@ class _Shard:
         return (_Shard, (self.path, self.entry, self.threads))
 
     def __sizeof__(self) -> int:
-        return int(self.entry["bytes"])
+        return min(int(self.entry["bytes"]), _HELD_OUTSIDE_MAP)
 
 
 def _open_shard(path: str, entry: Mapping[str, Any], threads: Optional[int] = None) -> _Shard:
