@@ -318,7 +318,8 @@ def main() -> None:
     p.add_argument("--big-spots", type=int, default=0, help="also a larger atlas over --big-workers workers (0: skip)")
     p.add_argument("--big-genes", type=int, default=None, help="genes of the larger atlas (default: --genes)")
     p.add_argument("--big-workers", type=int, default=4)
-    p.add_argument("--big-memory-limit", default="3GiB", help="each big-run worker's Dask memory limit")
+    p.add_argument("--big-memory-limit", default="12GiB",
+                   help="each big-run worker's Dask memory limit (Dask counts resident memory, mapped shard pages included)")
     p.add_argument("--only-big", action="store_true", help="run only the larger atlas (the disk need not hold both)")
     p.add_argument("--scratch", type=Path, default=None, help="folder for the atlas (default: a temporary folder)")
     p.add_argument("--keep", action="store_true")
