@@ -45,8 +45,9 @@ __all__ = ["DaskShards", "RemoteBleepError"]
 
 
 class RemoteBleepError(Exception):
-    """A BleepError raised on a worker, carried back without the worker's traceback; the client raises it
-    again as a BleepError whose message is the worker's, one line."""
+    """A BleepError raised on a worker, carried back without the worker's traceback (:func:`_on_worker`,
+    the one wrapper of every bleep-rs task, the shards' here and the cohort's): the client raises it again
+    as a BleepError, or records it as a slide's error, in the worker's one line."""
 
 
 def _on_worker(fn: Callable, *args):

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError
+from .cluster import RemoteBleepError, _on_worker
 
 __all__ = ["connect", "check_cohort", "predict_cohort", "cache_features"]
 
@@ -143,18 +144,6 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
             "seconds": time.perf_counter() - started, "loads": {k: LOADS[k] for k in ("model", "reference")}}
 
 
-class TaskError(Exception):
-    """A BleepError raised on a worker, carried back to the client without the worker's traceback: the
-    slide's error record is its one-line message."""
-
-
-def _as_task_error(fn: Callable):
-    try:
-        return fn()
-    except BleepError as e:
-        raise TaskError(str(e)) from None
-
-
 def _grid_task(slide: str, model_path: str, device: str, options: dict) -> dict:
     """A huge slide split into blocks, first step: its tissue and its grid of outputs (see
     :func:`bleep_rs.predict.slide_grid`), on a worker."""
@@ -168,7 +157,7 @@ def _grid_task(slide: str, model_path: str, device: str, options: dict) -> dict:
         return {"grid": opened.grid, "thumbnail": opened.thumbnail, "target": opened.target_um_per_px, "n": n,
                 "tissue": time.perf_counter() - started}
 
-    return _as_task_error(run)
+    return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
 
 def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, device: str, options: dict) -> tuple:
@@ -185,7 +174,7 @@ def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, 
         return embed_batches(model, len(centres), read, name=slide, batch_size=options.get("batch_size"), progress=False,
                              queue_depth=options.get("queue_depth", 2), precision=options.get("precision", "auto"))
 
-    return _as_task_error(run)
+    return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
 
 def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, model_path: str, reference_path: str, device: str,
@@ -213,7 +202,7 @@ def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, mod
         return {"slide": slide, "out": out, "pid": os.getpid(), "status": "done", "n_obs": int(adata.n_obs),
                 "mode": adata.uns["bleep"]["mode"], "seconds": adata.uns["bleep"]["seconds"]["total"], "blocks": len(blocks)}
 
-    return _as_task_error(run)
+    return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
 
 # -- on the client -------------------------------------------------------------------------------------
@@ -240,7 +229,7 @@ def _collect(future, slide: str, out: str, distributed) -> dict:
     except distributed.KilledWorker as e:
         return {"slide": slide, "out": out, "status": "error",
                 "error": f"the workers running it died each time it was tried ({e}): is it too large for a worker's memory?"}
-    except TaskError as e:
+    except RemoteBleepError as e:
         return {"slide": slide, "out": out, "status": "error", "error": str(e)}
     except Exception as e:  # the task's own exception, as Dask hands it over
         return {"slide": slide, "out": out, "status": "error", "error": f"{type(e).__name__}: {e}"}
