@@ -23,10 +23,9 @@ import torch
 import bleep_rs
 from bleep_rs import BleepError, TrainConfig, train
 from bleep_rs._atomic import atomic_path, check_output, output_lock, remove_stale, temporary_name
-from bleep_rs.cli import main
 from bleep_rs.model import BleepModel, ModelConfig
 
-from conftest import DATA, writable_copy
+from conftest import DATA, cli, writable_copy
 
 TINY = [DATA / "tiny" / "C2", DATA / "tiny" / "C3"]
 
@@ -36,12 +35,11 @@ def tiny():
     return [bleep_rs.read_section(p) for p in TINY]
 
 
-def refused(argv, capsys, message):
-    """``bleep-rs ARGV`` run in this process: exit status 2 and ``message`` (a regex) on stderr."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and re.search(message, err), (rc, err)
-    return err
+def refused(argv, message):
+    """``bleep-rs ARGV`` run in this process (conftest's ``cli``): exit status 2 and ``message`` (a regex) on stderr."""
+    res = cli(*argv, ok=False)
+    assert res.returncode == 2 and re.search(message, res.stderr), (res.returncode, res.stderr)
+    return res.stderr
 
 
 def _features_config(tmp_path, **kw):
@@ -85,7 +83,7 @@ def test_an_output_is_never_holds_or_lies_inside_an_input(tmp_path):
     assert (section / "meta.json").read_text() == "{}"
 
 
-def test_no_command_writes_over_its_inputs(tmp_path, capsys):
+def test_no_command_writes_over_its_inputs(tmp_path):
     """The commands of the issue, each with --overwrite: refused before any work, inputs untouched."""
     data = tmp_path / "data"
     data.mkdir()
@@ -106,7 +104,7 @@ def test_no_command_writes_over_its_inputs(tmp_path, capsys):
         (["predict", c2, "--model", model, "--reference", tmp_path / "sec.h5ad", "--out", tmp_path / "sec.h5ad"], "is an input"),
     ]
     for argv, message in runs:
-        refused([*argv, "--overwrite"], capsys, message)
+        refused([*argv, "--overwrite"], message)
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -120,7 +118,7 @@ def _hold(path, seconds=60):
     return child
 
 
-def test_a_second_writer_of_an_output_stops_at_once(tmp_path, tiny, capsys):
+def test_a_second_writer_of_an_output_stops_at_once(tmp_path, tiny):
     """Two runs writing one model (or prediction) both exited 0, one silently replacing the other: the
     output is locked for the whole run, and a second writer is a clear error naming the first's pid."""
     out, pred = tmp_path / "model", tmp_path / "p.h5ad"
@@ -128,9 +126,9 @@ def test_a_second_writer_of_an_output_stops_at_once(tmp_path, tiny, capsys):
     try:
         with pytest.raises(BleepError, match=rf"model is being written by another process \(pid {children[0].pid}\)"):
             train(tiny, out, _features_config(tmp_path), features=_features(tiny))
-        refused(["train", *TINY, "--out", out], capsys, rf"is being written by another process \(pid {children[0].pid}\)")
+        refused(["train", *TINY, "--out", out], rf"is being written by another process \(pid {children[0].pid}\)")
         refused(["predict", TINY[0], "--model", tmp_path / "m", "--reference", tmp_path / "r.safetensors", "--out", pred],
-                capsys, rf"p.h5ad is being written by another process \(pid {children[1].pid}\)")
+                rf"p.h5ad is being written by another process \(pid {children[1].pid}\)")
     finally:
         for child in children:
             child.kill()
@@ -337,7 +335,7 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("name,value,flag,message", BAD_VALUES, ids=[f"{b[0]}={b[1]}" for b in BAD_VALUES])
-def test_every_parameter_has_a_range_checked_where_the_config_is_made(name, value, flag, message, tmp_path, capsys):
+def test_every_parameter_has_a_range_checked_where_the_config_is_made(name, value, flag, message, tmp_path):
     """The library names the field, the command line the flag; nothing is read or written first."""
     with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
         TrainConfig(**{name: value})
@@ -346,7 +344,7 @@ def test_every_parameter_has_a_range_checked_where_the_config_is_made(name, valu
     with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
         train(TINY, tmp_path / "m", cfg)
     text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
-    refused(["train", *TINY, "--out", tmp_path / "m", flag, *text.split()], capsys, re.escape(f"{flag} {message}"))
+    refused(["train", *TINY, "--out", tmp_path / "m", flag, *text.split()], re.escape(f"{flag} {message}"))
     assert not (tmp_path / "m").exists()
 
 
@@ -361,7 +359,7 @@ def test_types_are_checked_too():
     assert type(cfg.epochs) is int and type(cfg.lr) is float  # config.json holds Python numbers
 
 
-def test_devices_that_are_not_there_are_errors_listing_the_valid_ones(capsys, tmp_path):
+def test_devices_that_are_not_there_are_errors_listing_the_valid_ones(tmp_path):
     from bleep_rs.training import pick_device
 
     for name in ("garbage", "cuda:x", "meta", "cpu:0:1"):
@@ -371,7 +369,7 @@ def test_devices_that_are_not_there_are_errors_listing_the_valid_ones(capsys, tm
         with pytest.raises(BleepError, match="no CUDA device"):
             pick_device("cuda:1")
     refused(["predict", TINY[0], "--model", tmp_path / "m", "--reference", tmp_path / "r", "--out", tmp_path / "p.h5ad", "--device", "garbage"],
-            capsys, "auto, cpu, cuda, cuda:N, mps")
+            "auto, cpu, cuda, cuda:N, mps")
 
 
 def test_unwritable_outputs_and_caches(tmp_path, tiny):

@@ -75,14 +75,6 @@ def _open(open_shard: Callable, path: str, entry: Mapping, threads: Optional[int
     return open_shard(path, entry, threads)
 
 
-def _fold(step: Callable, items: list, shared: tuple) -> Any:
-    """On a worker: the shards it holds folded into one total (as ``bleep_rs.shards.fold``)."""
-    total = None
-    for shard, args in items:
-        total = step(total, shard, *shared, *args)
-    return total
-
-
 def _pinned(addr: Optional[str], *, loose: bool) -> dict:
     """The submit options that run a task on worker ``addr`` (anywhere where None); ``loose``: elsewhere
     when that worker is gone or busy."""
@@ -100,16 +92,18 @@ def _client_type():
 class DaskShards:
     """The shards of a sharded reference, each opened once on a worker of ``client``'s cluster and kept
     there as a future (what :class:`~bleep_rs.shards.ShardedReference` uses with a client).
-    ``open_shard(path, manifest_entry, threads)`` opens one (on a worker) and checks it."""
+    ``open_shard(path, manifest_entry, threads)`` opens one (on a worker) and checks it; ``fold(step,
+    items, shared)`` folds the shards a worker holds into one total (:func:`bleep_rs.shards.fold`,
+    passed in: this module does not import that one)."""
 
     where = "on a Dask cluster"
 
-    def __init__(self, client: Any, directory: Path, manifest: dict, open_shard: Callable, threads: Optional[int] = None):
+    def __init__(self, client: Any, directory: Path, manifest: dict, open_shard: Callable, fold: Callable, threads: Optional[int] = None):
         from distributed import wait
 
         if not isinstance(client, _client_type()):
             raise BleepError(f"client must be a dask.distributed Client, got {type(client).__name__}")
-        self.client = client
+        self.client, self.fold = client, fold
         tag = uuid.uuid4().hex[:12]
         # Placed by Dask, unrestricted: pinned to a worker (even loosely), a shard whose workers were all lost
         # with its file gone left the next query waiting instead of failing (test_cluster).
@@ -145,7 +139,7 @@ class DaskShards:
 
     def run_reduced(self, step: Callable, per_shard: Mapping[int, tuple], combine: Callable, shared: tuple = ()) -> Any:
         """``total = step(total, shard, *shared, *per_shard[i])`` folded over the shards each worker holds
-        (:func:`bleep_rs.shards.fold`, one task per worker: the shared arguments travel once per worker,
+        (``fold``, one task per worker: the shared arguments travel once per worker,
         and one result comes back per worker: a Q x G partial prediction, or a merged top-k), then the
         workers' totals combined here as they arrive (``combine(total, next)``)."""
         return self.result(self.submit_reduced(step, per_shard, shared), combine)
@@ -172,7 +166,7 @@ class DaskShards:
         # Each group on the worker holding its shards (Dask counts a shard as small: it would not keep the work
         # there by itself); loose, so that a worker lost meanwhile does not leave its group waiting for it. A
         # shard whose worker died has no holder until Dask reopens it: that group goes anywhere.
-        return as_completed([self.client.submit(_on_worker, _fold, step, items, shared, pure=False, priority=priority, **_pinned(addr, loose=True))
+        return as_completed([self.client.submit(_on_worker, self.fold, step, items, shared, pure=False, priority=priority, **_pinned(addr, loose=True))
                              for addr, items in groups.items()], with_results=True)
 
     def _holders(self, shards) -> dict:

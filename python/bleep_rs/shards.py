@@ -429,7 +429,7 @@ class ShardedReference(Reference, reads_folders=True):
         else:
             from .cluster import DaskShards
 
-            self._shards = DaskShards(client, self.directory, self.manifest, _open_shard, threads)
+            self._shards = DaskShards(client, self.directory, self.manifest, _open_shard, fold, threads)
         self._labels: dict = {}
 
     @classmethod

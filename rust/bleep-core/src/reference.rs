@@ -438,18 +438,18 @@ impl Reference {
             indices.rows * self.genes.len(),
             "the aggregate (queries x genes, float32)",
         )?;
-        self.aggregate_into(indices, weights, &mut out, false)?;
+        self.aggregate_into(indices, weights, &mut out, Write::Store)?;
         Ok(out)
     }
 
     /// As [`Self::aggregate`], into `out` (queries x genes): replacing its values, or added to them
-    /// where `add` (how a sharded reference sums its shards' shares into one output).
+    /// ([`Write::Add`]: how a sharded reference sums its shards' shares into one output).
     pub fn aggregate_into(
         &self,
         indices: Matrix<'_, i64>,
         weights: Matrix<'_, f32>,
         out: &mut [f32],
-        add: bool,
+        write: Write,
     ) -> Result<()> {
         let w = weights.check("weights")?;
         if (indices.rows, indices.cols) != (weights.rows, weights.cols) {
@@ -469,7 +469,6 @@ impl Reference {
                 indices.rows * self.genes.len()
             )));
         }
-        let write = if add { Write::Add } else { Write::Store };
         self.expression.gather_weighted_sum(&idx, w, k, out, write)
     }
 

@@ -7,7 +7,7 @@
 //! child; `bleep_core::pool::run`), and an error or a panic anywhere in native code comes back as
 //! `BleepError`.
 
-use bleep_core::{pool, Dtype, Format, Matrix, Method, Reference, Table};
+use bleep_core::{pool, Dtype, Format, Matrix, Method, Reference, Table, Write};
 use bleep_slide::{MacenkoParams, Mask, Slide, Stains};
 use numpy::{
     PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
@@ -363,7 +363,9 @@ impl PyReference {
             )));
         }
         let dst = contiguous_mut(&mut out, "out")?;
-        native(py, threads, || self.inner.aggregate_into(idx, w, dst, true))
+        native(py, threads, || {
+            self.inner.aggregate_into(idx, w, dst, Write::Add)
+        })
     }
 
     /// Per query, the mean over genes of the std of its neighbours' expression: (Q x k int64) -> Q.
