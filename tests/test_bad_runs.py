@@ -186,9 +186,14 @@ def test_ctrl_c_during_train_ends_with_one_line_and_status_130(tmp_path):
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "bleep_rs", "train", *map(str, TINY), "--out", str(out), "--epochs", "100000", "--batch-size", "8",
            "--n-top-genes", "16", "--patch-size", "32", "--fields-of-view", "1", "--no-augment", "--device", "cpu",
-           "--cache-dir", str(tmp_path / "cache")]
+           "--cache-dir", str(tmp_path / "cache"), "--patience", "100000"]
+    # Unbuffered, so that the first epoch's line arrives as it is printed; no early stop. The child's
+    # SIGINT back to the default action: a suite started in the background by a shell inherits it
+    # ignored, and Python then never raises KeyboardInterrupt (the run trained on, or stopped early).
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(bleep_rs.__file__).parents[1])})
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                                  "PYTHONPATH": str(Path(bleep_rs.__file__).parents[1])})
     deadline = time.time() + 300
     while time.time() < deadline:
         line = child.stdout.readline()
