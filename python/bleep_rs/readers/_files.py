@@ -83,10 +83,23 @@ def metadata_number(data: dict, key: str, path) -> Optional[float]:
     return float(value)
 
 
+def _first_row(path: Path, kwargs: dict) -> list:
+    """The cells of a table's first line as text, read with the csv module: pandas would build one column
+    object per cell (a second for a section's 15,000 genes)."""
+    import csv
+
+    from pandas.io.common import get_handle
+
+    with get_handle(path, "r", compression=kwargs.get("compression", "infer"), encoding=kwargs.get("encoding")) as h:
+        line = h.handle.readline()
+    return next(csv.reader([line], delimiter=kwargs.get("sep", ",")), [])
+
+
 def read_table(path: Path, what: str, *, ids: bool = False, **kwargs):
     """``pandas.read_csv`` of ``path``; a missing, damaged or unparsable file is an error naming it, and
     so is a repeated column name (pandas would rename the repeat silently: IGKC, IGKC.1). ``ids``: the
     first column is the index, kept as text ("001" stays "001", not the number 1)."""
+    import csv
     import zlib
 
     import pandas as pd
@@ -94,20 +107,19 @@ def read_table(path: Path, what: str, *, ids: bool = False, **kwargs):
     checked_input(path, what)
     try:
         with_header = kwargs.get("header", "infer") in ("infer", 0) and not kwargs.get("names")
-        header = pd.read_csv(path, **{**kwargs, "header": None, "index_col": None, "nrows": 1, "dtype": str}) if with_header else None
+        header = _first_row(path, kwargs) if with_header else None
         if ids:
-            # The first column by the name pandas gives it ("Unnamed: 0" when its header cell is empty).
-            first = header.iloc[0, 0] if header is not None and len(header.columns) else None
-            first = first if isinstance(first, str) else ("Unnamed: 0" if header is not None else 0)
-            df = pd.read_csv(path, **{**kwargs, "dtype": {first: str}})
+            # The first column read as text: a converter, which pandas applies to that column alone (a
+            # dtype mapping costs as much as the rest of a 15,000-gene table); empty cells stay missing.
+            df = pd.read_csv(path, **{**kwargs, "converters": {0: lambda v: v if v != "" else np.nan}})
             df = df.set_index(df.columns[0])
             if str(df.index.name).startswith("Unnamed: 0"):
                 df.index.name = None
         else:
             df = pd.read_csv(path, **kwargs)
         if header is not None:
-            check_unique(header.iloc[0].dropna().tolist(), "column names", path, "each column needs its own name")
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error, ValueError, pd.errors.ParserError) as e:
+            check_unique([c for c in header if c != ""], "column names", path, "each column needs its own name")
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error, ValueError, csv.Error, pd.errors.ParserError) as e:
         # gzip raises OSError / EOFError / zlib.error; pandas ParserError / EmptyDataError (ValueErrors).
         raise BleepError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from e
     return df
