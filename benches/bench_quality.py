@@ -55,6 +55,25 @@ def load_set(name: str, config):
     return ids, sections, feats, um, model.spec.feature_dim
 
 
+def folds(name: str) -> list:
+    """(training indices, held-out index) of each fold of a set: each section left out in turn, then the
+    other patient's section (last) predicted from all the others."""
+    n_loso = len(SETS[name][0])
+    out = [([j for j in range(n_loso) if j != i], i) for i in range(n_loso)]
+    if SETS[name][2]:
+        out.append((list(range(n_loso)), n_loso))
+    return out
+
+
+def fold_targets(train_secs, held, n_top_genes: int) -> tuple:
+    """A fold's training panel, its predicted genes (all detected in the training sections) and the
+    held-out section's measured expression of them."""
+    from bleep_rs.expression import choose_panel, panel_expression, reference_genes
+
+    genes = reference_genes(train_secs, "all")
+    return choose_panel(train_secs, n_top_genes=n_top_genes), genes, panel_expression(held, genes, warn=False)
+
+
 def _l2(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -127,7 +146,7 @@ def main():
     warnings.simplefilter("ignore", UserWarning)
     import bleep_rs
     from bleep_rs.evaluate import summarise
-    from bleep_rs.expression import choose_panel, panel_expression, reference_genes
+    from bleep_rs.expression import panel_expression
 
     base = {}
     for item in args.set:
@@ -141,15 +160,10 @@ def main():
         ids, sections, feats, um, dim = load_set(name, config)
         timing[f"{name}: patches and features (cached after the first run)"] = time.perf_counter() - t
         n_loso = len(SETS[name][0])
-        folds = [([j for j in range(n_loso) if j != i], i) for i in range(n_loso)]
-        if SETS[name][2]:
-            folds.append((list(range(n_loso)), n_loso))
-        for tr, held in folds:
+        for tr, held in folds(name):
             train_secs = [sections[i] for i in tr]
-            panel = choose_panel(train_secs, n_top_genes=config.n_top_genes)
-            genes = reference_genes(train_secs, "all")
+            panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
             train_y = [panel_expression(s, genes, warn=False) for s in train_secs]
-            truth = panel_expression(sections[held], genes, warn=False)
             single = [f[0, :, :dim] for f in feats]  # field 1, view 0
             multi = [f[0] for f in feats]
             for method in args.methods:
