@@ -49,6 +49,26 @@ def test_prediction_anndata_fields(run):
     assert np.allclose(pred.X, ref.expression[pred.obsm["bleep_neighbours"]].mean(1), atol=1e-5)
 
 
+def test_tta_views_on_the_command_line_are_used_and_recorded(run, tmp_path):
+    """--tta-views N averages N views per spot (the model's own, 1 here, when not given), is recorded in the
+    prediction, and anything but 1, 2, 4 or 8 is refused by the command line."""
+    from bleep_rs.augment import TTA_VIEWS
+
+    model = bleep_rs.load_model(run / "model")
+    ref = bleep_rs.Reference.load(run / "ref.safetensors")
+    section = bleep_rs.read_section(C3)
+    cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "p2.h5ad", "--k", "5",
+        "--tta-views", "2")
+    pred = ad.read_h5ad(tmp_path / "p2.h5ad")
+    assert pred.uns["bleep"]["tta_views"] == 2 and ad.read_h5ad(run / "pred.h5ad").uns["bleep"]["tta_views"] == 1
+    patches = bleep_rs.section_patches(section, model.config.patch_size, model.config.um_per_px, fields=model.config.fields_of_view)
+    want = ref.impute(model.embed_features(model.features(patches, views=TTA_VIEWS[2])), k=5)
+    assert np.allclose(pred.X, want, atol=1e-4)
+    res = cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "p3.h5ad",
+              "--tta-views", "3", ok=False)
+    assert res.returncode == 2 and "--tta-views" in res.stderr and not (tmp_path / "p3.h5ad").exists()
+
+
 def test_evaluate_matches_a_hand_computed_r(run):
     cli("evaluate", run / "pred.h5ad", C3, "--out", run / "report.json")
     report = json.loads((run / "report.json").read_text())

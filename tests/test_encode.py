@@ -181,3 +181,20 @@ def test_bad_input(model, her2st):
     net, spec = create_backbone("features:8")
     with pytest.raises(BleepError, match="precomputed features"):
         backbone_features(net, spec, her2st[0][:2])
+
+
+def test_tta_views_average_the_named_views(model, her2st):
+    """tta_views=N: the mean of the embeddings of TTA_VIEWS[N]; 8 is the model's TTA, 1 none; nothing else."""
+    from bleep_rs.augment import TTA_VIEWS
+
+    patches = her2st[0][:4]
+    tta = copy.deepcopy(model)
+    tta.config.tta = True
+    assert np.allclose(tta.embed_images(patches, tta_views=8), tta.embed_images(patches), atol=1e-6)
+    assert np.allclose(tta.embed_images(patches, tta_views=1), tta.embed_images(patches, tta=False), atol=1e-6)
+    for n in (2, 4):
+        want = tta.embed_features(tta.features(patches, views=TTA_VIEWS[n]))
+        assert np.allclose(tta.embed_images(patches, tta_views=n), want, atol=1e-6)
+    for bad in (0, 3, 16, True, "2"):
+        with pytest.raises(BleepError, match="tta_views must be one of"):
+            tta.embed_images(patches, tta_views=bad)

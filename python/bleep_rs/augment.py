@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["N_VIEWS", "dihedral_view", "random_views"]
+__all__ = ["N_VIEWS", "TTA_VIEWS", "dihedral_view", "random_views", "tta_views"]
 
 N_VIEWS = 8
+#: The views averaged at prediction for 1, 2, 4 or 8 views a tile (each a backbone pass per field of view):
+#: the identity; and its mirror; the two mirrors and the half turn; all eight. benches/bench_cost.py
+#: measures what each costs and gives.
+TTA_VIEWS = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(N_VIEWS))}
+
+
+def tta_views(n) -> tuple:
+    """The views of :data:`TTA_VIEWS` for ``n`` views a tile; any other ``n`` is an error naming it."""
+    from ._core import BleepError
+
+    if isinstance(n, bool) or n not in TTA_VIEWS:
+        raise BleepError(f"tta_views must be one of {sorted(TTA_VIEWS)} (views averaged per tile), not {n!r}")
+    return TTA_VIEWS[n]
 
 
 def dihedral_view(patches: np.ndarray, view: int) -> np.ndarray:

@@ -172,6 +172,9 @@ def _add_others(sub) -> None:
     pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
                     help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
+    pr.add_argument("--tta-views", type=int, choices=[1, 2, 4, 8],
+                    help="dihedral views averaged per spot or tile, one backbone pass per field each (default: the model's, 8 with TTA): "
+                    "fewer is faster and a little less accurate (docs/benchmarks.md, 'The default model's cost per tile')")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
     pr.add_argument("--device", default="auto", help="where the image encoder runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
     pr.add_argument("--batch-size", type=int,
@@ -299,7 +302,7 @@ def _run_predict(args) -> None:
         _claim(args, args.out, inputs, overwrite=args.overwrite)
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
-                  precision=args.precision, batch_size=args.batch_size, queue_depth=args.queue_depth)
+                  precision=args.precision, tta_views=args.tta_views, batch_size=args.batch_size, queue_depth=args.queue_depth)
     if args.section is not None:
         section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um)
         write_prediction(predict_section(model, ref, section, **common), args.out, fmt=fmt, overwrite=args.overwrite)
@@ -355,7 +358,8 @@ def _run_predict_cohort(args) -> None:
             print(f"{count} {record['slide']}: failed: {record['error']}", flush=True)
 
     options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
-                   queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision)
+                   queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision,
+                   tta_views=args.tta_views)
     with connect(args.scheduler, args.workers) as client:
         predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=fmt, overwrite=args.overwrite,
                        device=args.device, report=report, tiles_per_task=args.tiles_per_task, **options)

@@ -33,7 +33,7 @@ from .cluster import RemoteBleepError, _on_worker
 __all__ = ["connect", "check_cohort", "predict_cohort", "cache_features"]
 
 #: The keywords of :func:`bleep_rs.predict.predict_slides` a cohort passes on to each slide.
-SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision")
+SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision", "tta_views")
 
 
 def _distributed():
@@ -172,7 +172,8 @@ def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, 
         image = Slide(slide, um_per_px=options.get("um_per_px"))
         read = lambda sl: image.spot_patches(centres[sl], cfg.patch_size, grid["target"], fields=cfg.fields_of_view)  # noqa: E731
         return embed_batches(model, len(centres), read, name=slide, batch_size=options.get("batch_size"), progress=False,
-                             queue_depth=options.get("queue_depth", 2), precision=options.get("precision", "auto"))
+                             queue_depth=options.get("queue_depth", 2), precision=options.get("precision", "auto"),
+                             tta_views=options.get("tta_views"))
 
     return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
@@ -196,7 +197,8 @@ def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, mod
         seconds["impute"] = time.perf_counter() - t
         opened = _OpenSlide(slide, Slide(slide, um_per_px=options.get("um_per_px")), grid["target"], grid["grid"], grid["thumbnail"])
         adata = _slide_prediction(model, ref, opened, imputed, seconds, k=k, method=method, min_tissue=options.get("min_tissue", 0.5),
-                                  neighbours=bool(options.get("neighbours")), model_path=provenance[0], reference_path=provenance[1], hd_run=None)
+                                  neighbours=bool(options.get("neighbours")), model_path=provenance[0], reference_path=provenance[1], hd_run=None,
+                                  tta_views=options.get("tta_views"))
         adata.uns["bleep"]["seconds"]["total"] = sum(seconds.values()) + time.perf_counter() - started
         write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked on the client
         return {"slide": slide, "out": out, "pid": os.getpid(), "status": "done", "n_obs": int(adata.n_obs),
@@ -260,7 +262,7 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     complete are skipped unless ``overwrite``; a file there that bleep-rs did not write is an error
     before any work (unless ``overwrite``). ``predict_options``: the keywords of
     :func:`bleep_rs.predict.predict_slides` (``um_per_px``, ``k``, ``method``, ``min_tissue``,
-    ``batch_size``, ``queue_depth``, ``neighbours``, ``bin_um``, ``precision``); ``device`` where each
+    ``batch_size``, ``queue_depth``, ``neighbours``, ``bin_um``, ``precision``, ``tta_views``); ``device`` where each
     worker runs the encoder. ``report(record)`` is called here for each slide as it finishes (in order
     of completion), the record's ``status`` being "done", "skipped" or "error".
 
@@ -271,11 +273,14 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     Returns ``{slide: output path}`` for every slide. Slides that failed do not stop the others; once
     all have finished, a BleepError names the failed slides and the first failure's reason. The model,
     reference, slides and ``out_dir`` must be reachable from every worker at the same paths."""
+    from .augment import tta_views
     from .predict import output_state
 
     unknown = set(predict_options) - set(SLIDE_OPTIONS)
     if unknown:
         raise BleepError(f"predict_cohort: unknown options {sorted(unknown)} (known: {', '.join(SLIDE_OPTIONS)})")
+    if predict_options.get("tta_views") is not None:
+        tta_views(predict_options["tta_views"])  # a bad value is refused here, not on every worker
     distributed = _distributed()
     slides = [str(s) for s in slides]
     outputs = check_cohort(model_path, reference_path, slides, out_dir, fmt=fmt, overwrite=overwrite)

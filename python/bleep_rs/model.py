@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._core import BleepError
-from .augment import N_VIEWS
+from .augment import N_VIEWS, tta_views as _tta_views
 from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
 from .slide import check_fields
@@ -286,13 +286,21 @@ class BleepModel(nn.Module):
             e = nn.functional.normalize(e, dim=-1).mean(0)
         return e.cpu().numpy()
 
-    def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, precision: str = "auto", progress: bool = False) -> np.ndarray:
+    def tta_views(self, tta: Optional[bool] = None) -> int:
+        """Views averaged per patch by default: 8 with test-time augmentation (``tta``, default the
+        model's), else 1."""
+        return N_VIEWS if (self.config.tta if tta is None else tta) and self.spec.takes_images else 1
+
+    def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, tta_views: Optional[int] = None, precision: str = "auto",
+                     progress: bool = False) -> np.ndarray:
         """Image embeddings float32 (n, d) of uint8 patches (n, fields, h, w, 3) (one field: (n, h, w, 3)
         too), or of precomputed features (n, D) for a ``features:D`` backbone. ``tta`` (default: the
-        model's): the mean of the 8 dihedral views' embeddings. ``precision``: ``"auto"`` (the fastest
-        inference that keeps the float32 answer) or ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
-        tta = self.config.tta if tta is None else tta
-        views = tuple(range(N_VIEWS)) if tta and self.spec.takes_images else (0,)
+        model's): the mean of the 8 dihedral views' embeddings; ``tta_views`` (1, 2, 4 or 8: see
+        :data:`bleep_rs.augment.TTA_VIEWS`) the mean of that many instead, each one backbone pass per
+        field. ``precision``: ``"auto"`` (the fastest inference that keeps the float32 answer) or
+        ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
+        views = _tta_views(self.tta_views(tta) if tta_views is None else tta_views)
+        views = views if self.spec.takes_images else (0,)
         if len(self.check_patches(patches)) == 0:  # nothing to encode: the backbone is not run on no input
             return np.zeros((0, self.config.embedding_dim), np.float32)
         f = self.features(patches, views=views, precision=precision, progress=progress)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError
+from .augment import tta_views as tta_views_of
 
 __all__ = [
     "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
@@ -166,7 +167,7 @@ def _naming(name: str):
 
 
 def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH,
-               precision: str = "auto", progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
+               precision: str = "auto", tta_views: Optional[int] = None, progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
     """Image embeddings of several inputs through one pipeline. Each job is ``(name, open)``: ``open()``,
     called in a background thread, opens the input and returns ``(context, n, read)``; ``read(slice)``
     returns the model's input for those rows (the Rust readers release the interpreter). The thread
@@ -178,7 +179,10 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
     Yields, per job: ``(context, embeddings (n, d), seconds, started)``; ``seconds`` has ``open``,
     ``read`` (both in the reader thread), ``engine`` (building the encoder's engine, while the first
     input opens; 0 when it was built before and for the later inputs), ``encode`` and ``wait`` (the
-    encoder waiting for this input); ``started`` is the ``time.perf_counter()`` at which the job began."""
+    encoder waiting for this input); ``started`` is the ``time.perf_counter()`` at which the job began.
+    ``precision``, ``tta_views``: see :meth:`~bleep_rs.model.BleepModel.embed_images`."""
+    if tta_views is not None:
+        tta_views_of(tta_views)  # checked before the reader starts
     bs = _encoder_batch(model) if batch_size is None else int(batch_size)
     if bs < 1:
         raise BleepError(f"batch_size must be at least 1, not {batch_size!r}")
@@ -213,7 +217,7 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
             engine_s = 0.0
             bar = _progress(n, desc, progress and n > 0)
             try:
-                out = _encode_batches(model, ahead, n, bs, precision, seconds, bar)
+                out = _encode_batches(model, ahead, n, bs, dict(precision=precision, tta_views=tta_views), seconds, bar)
             finally:
                 if bar is not None:
                     bar.close()
@@ -221,13 +225,13 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
             yield context, out, seconds, started
 
 
-def _encode_batches(model, ahead: Prefetch, n: int, bs: int, precision: str, seconds: dict, bar) -> np.ndarray:
+def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, seconds: dict, bar) -> np.ndarray:
     """The embeddings of one input's n rows, from its batches of ``bs`` as they come out of ``ahead``."""
     out = np.zeros((n, model.config.embedding_dim), np.float32)
     for s in range(0, n, bs):
         x, read_s = ahead.get()
         t = time.perf_counter()
-        out[s : s + len(x)] = model.embed_images(x, precision=precision)
+        out[s : s + len(x)] = model.embed_images(x, **encoding)
         seconds["encode"] += time.perf_counter() - t
         seconds["read"] += read_s
         if bar is not None:
@@ -251,10 +255,11 @@ def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
 
 def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False,
                     model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto",
-                    batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH):
+                    tta_views: Optional[int] = None, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH):
     """Predicts the spots of a section from its image alone (its counts are never read), from the model's
     fields of view at its resolution. ``k``, ``method``: default the model's. ``precision``: the image
-    encoder's (see :mod:`bleep_rs.encode`). The patches are read in a background thread ahead of the
+    encoder's (see :mod:`bleep_rs.encode`); ``tta_views``: dihedral views averaged per spot (1, 2, 4 or 8;
+    default the model's: 8 with TTA, else 1). The patches are read in a background thread ahead of the
     encoder (``batch_size`` spots a batch, ``queue_depth`` batches ahead: see :func:`embed_jobs`).
     ``uns["bleep"]["seconds"]`` has the stages: ``open`` (the image), ``engine``, ``read``, ``encode``,
     ``wait`` (the encoder waiting for patches), ``impute`` and ``total``."""
@@ -272,7 +277,8 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
         return None, section.n_obs, read
 
     name = str(info.get("image_path") or info.get("library_id", "section"))
-    steps = embed_jobs(model, [(name, open_section)], batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress)
+    steps = embed_jobs(model, [(name, open_section)], batch_size=batch_size, queue_depth=queue_depth, precision=precision, tta_views=tta_views,
+                       progress=progress)
     with contextlib.closing(steps):
         _, emb, seconds, started = next(steps)
     t = time.perf_counter()
@@ -282,7 +288,7 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": float(cfg.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta),
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views or model.tta_views(),
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
@@ -368,7 +374,7 @@ def _open_slide(model, path, *, um_per_px: Optional[float], min_tissue: float, b
 def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None,
                    min_tissue: float = 0.5, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH, neighbours: bool = False,
                    model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None,
-                   precision: str = "auto") -> Iterator:
+                   precision: str = "auto", tta_views: Optional[int] = None) -> Iterator:
     """The predictions of several whole slides, in order (see :func:`predict_slide` for one), through one
     pipeline with the same model, reference and encoder engine: a background thread opens each slide,
     finds its tissue and reads its patches ahead of the encoder (``queue_depth`` batches of
@@ -381,7 +387,7 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
     check_compatible(model, reference)
     k, method = _retrieval(model, k, method)
     jobs = [(str(p), functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run)) for p in paths]
-    steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, progress=progress,
+    steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, tta_views=tta_views, progress=progress,
                        desc="tiles" if bin_um is None and hd_run is None else "bins")
     with contextlib.closing(steps):
         for opened, emb, seconds, started in steps:
@@ -389,13 +395,14 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
             imputed = _impute(reference, emb, k=k, method=method)
             seconds = {"tissue": seconds.pop("open"), **seconds, "impute": time.perf_counter() - t}
             adata = _slide_prediction(model, reference, opened, imputed, seconds, k=k, method=method, min_tissue=min_tissue,
-                                      neighbours=neighbours, model_path=model_path, reference_path=reference_path, hd_run=hd_run)
+                                      neighbours=neighbours, model_path=model_path, reference_path=reference_path, hd_run=hd_run,
+                                      tta_views=tta_views)
             adata.uns["bleep"]["seconds"]["total"] = time.perf_counter() - started
             yield adata
 
 
 def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seconds: dict, *, k: int, method: str, min_tissue: float,
-                      neighbours: bool, model_path: str, reference_path: str, hd_run):
+                      neighbours: bool, model_path: str, reference_path: str, hd_run, tta_views: Optional[int] = None):
     """A slide's prediction as AnnData, with its provenance."""
     cfg, slide, grid, thumb = model.config, opened.slide, opened.grid, opened.thumbnail
     lib = Path(opened.path).stem
@@ -404,7 +411,7 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": opened.target_um_per_px, "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta),
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views or model.tta_views(),
         "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(cfg.patch_size),
         "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
@@ -421,7 +428,7 @@ def predict_slide(model, reference, path, **kwargs):
     (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
     view around its centre. Keywords: those of :func:`predict_slides` (``um_per_px`` the slide's pixel
     size when the file does not say it, ``k``, ``method``, ``min_tissue`` 0.5, ``batch_size``,
-    ``queue_depth``, ``neighbours``, ``bin_um``, ``hd_run``, ``precision``, ``progress``)."""
+    ``queue_depth``, ``neighbours``, ``bin_um``, ``hd_run``, ``precision``, ``tta_views``, ``progress``)."""
     with contextlib.closing(predict_slides(model, reference, [path], **kwargs)) as steps:
         return next(steps)
 
