@@ -1,0 +1,138 @@
+"""The default model's cost per tile: prediction quality against backbone passes per tile, in one run.
+
+    .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2]
+
+The folds of benches/bench_quality.py (leave one section out on MOB1-4 and HER2ST C2-C4, and HER2ST C2-C4 ->
+B4 across patients), the default recipe (bleep_rs.train on cached frozen EfficientNet-Lite0 features, 8
+dihedral views for augmentation), with the model's fields of view 1 / 1+2 / 1+2+3 and, at prediction, the
+mean embedding of 1, 2, 4 or 8 dihedral views of each tile (test-time augmentation):
+
+  views 1: (0,) identity; 2: (0, 4) and its mirror; 4: (0, 2, 4, 6) the two mirrors and the half turn; 8: all
+
+A tile costs fields x views backbone passes (today's default: 3 x 8 = 24). The features of every field and
+view come from one cache, so every point is scored on the same patches; each field set is trained once per
+fold and seed and predicted with each view set. Scores: mean per-gene Pearson r over HEG-50 and HVG-50 per
+held-out section; per set, the mean over LOSO folds per seed, then mean and sd over seeds; the cross-patient
+fold apart. Seconds per 1,000 tiles: passes x the backbone's measured seconds per 1,000 patches in this run
+(ONNX Runtime, one view of one field, the encoder predict uses), the rest of `predict --slide` aside
+(benches/bench_predict.py measures it: 0.90x the encoder's rate on a whole slide). Results: .bench/cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benches"))
+from bench_quality import SETS, fold_targets, folds, load_set  # noqa: E402
+
+FIELDS = {"1": [0], "1+2": [0, 1], "1+2+3": [0, 1, 2]}
+VIEWS = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(8))}
+SLIDE_TILES = 30_000
+
+
+def fields_of(feats: np.ndarray, idx: list, dim: int) -> np.ndarray:
+    """The fused features of a subset of the fields of view (each field's block, already L2-normalised)."""
+    return np.concatenate([feats[..., i * dim : (i + 1) * dim] for i in idx], axis=-1)
+
+
+def backbone_seconds_per_1000(section, um) -> float:
+    """The encoder's seconds per 1,000 patches (one field, one view), as predict runs it."""
+    import bleep_rs
+    from bleep_rs.model import BleepModel, ModelConfig
+
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=[1.0])).eval()
+    patches = bleep_rs.section_patches(section, 224, um)
+    patches = np.concatenate([patches] * max(1, -(-512 // len(patches))))[:512]
+    model.features(patches[:64])  # the engine built
+    t = time.perf_counter()
+    model.features(patches)
+    return (time.perf_counter() - t) / len(patches) * 1000
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "cost.json")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+    import bleep_rs
+    from bleep_rs.evaluate import summarise
+    from bleep_rs.expression import panel_expression
+    from bleep_rs.training import TrainingData, train
+
+    config = bleep_rs.TrainConfig()
+    work = ROOT / ".bench" / "cost-models"
+    rows, per_pass = [], None
+    for name in args.sets:
+        ids, sections, feats, um, dim = load_set(name, config)
+        if per_pass is None:
+            per_pass = backbone_seconds_per_1000(sections[0], um)
+            print(f"backbone: {per_pass:.2f} s per 1,000 patches (one field, one view)", flush=True)
+        n_loso = len(SETS[name][0])
+        for tr, held in folds(name):
+            train_secs = [sections[i] for i in tr]
+            panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
+            expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])
+            labels = np.concatenate([[str(i)] * s.n_obs for i, s in enumerate(train_secs)])
+            for fname, fidx in FIELDS.items():
+                train_f = np.concatenate([fields_of(feats[i], fidx, dim) for i in tr], axis=1)
+                test_f = fields_of(feats[held], fidx, dim)
+                for seed in args.seeds:
+                    cfg = bleep_rs.TrainConfig(fields_of_view=[float(i + 1) for i in fidx], seed=seed, um_per_px=um,
+                                               progress=False, overwrite=True, resume=False)
+                    model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=TrainingData(train_f, expr, labels, panel))
+                    ref = bleep_rs.build_reference(model, train_secs)
+                    for nv, views in VIEWS.items():
+                        emb = model.embed_features(test_f[list(views)] if nv > 1 else test_f[0])
+                        s = summarise(ref.impute(emb, k=model.config.k, method=model.config.method), truth, genes)
+                        passes = len(fidx) * nv
+                        rows.append({"set": name, "held_out": ids[held], "cross_patient": held >= n_loso, "fields": fname, "views": nv,
+                                     "passes": passes, "seed": seed, "heg50": s["heg50"], "hvg50": s["hvg50"]})
+                    last = rows[-len(VIEWS):]
+                    print(f"{name}/{ids[held]:<5} fields {fname:<6} seed {seed}: HEG-50 by views 1/2/4/8 "
+                          + " ".join(f"{r['heg50']:.3f}" for r in last), flush=True)
+    summary = summarise_points(rows, args.sets, per_pass)
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "summary": summary, "backbone_s_per_1000": per_pass}, indent=1))
+    print(f"results: {args.out}")
+
+
+def summarise_points(rows: list, sets: list, per_pass: float) -> list:
+    """Per point (fields, views) and set: LOSO mean per seed, then mean and sd over seeds; cross-patient."""
+    out = []
+    print(f"\n{'fields':<7}{'views':>5}{'passes':>7}{'s / 1,000 tiles':>16}{'30k-tile slide':>15}  per set: LOSO HEG-50 (mean ± sd over seeds) / "
+          "HVG-50; cross-patient HEG-50 / HVG-50")
+    for fname in FIELDS:
+        for nv in VIEWS:
+            mine = [r for r in rows if r["fields"] == fname and r["views"] == nv]
+            passes = mine[0]["passes"]
+            point = {"fields": fname, "views": nv, "passes": passes, "s_per_1000_tiles": passes * per_pass,
+                     "slide_minutes": passes * per_pass * SLIDE_TILES / 1000 / 60}
+            cells = []
+            for name in sets:
+                loso = [r for r in mine if r["set"] == name and not r["cross_patient"]]
+                seeds = sorted({r["seed"] for r in loso})
+                stat = {q: [float(np.mean([r[q] for r in loso if r["seed"] == s])) for s in seeds] for q in ("heg50", "hvg50")}
+                cross = [r for r in mine if r["set"] == name and r["cross_patient"]]
+                point[name] = {"loso": {q: (float(np.mean(v)), float(np.std(v))) for q, v in stat.items()},
+                               "cross": {q: float(np.mean([r[q] for r in cross])) for q in ("heg50", "hvg50")} if cross else None}
+                cell = f"{name} {np.mean(stat['heg50']):.3f} ± {np.std(stat['heg50']):.3f} / {np.mean(stat['hvg50']):.3f}"
+                if cross:
+                    cell += f"; cross {point[name]['cross']['heg50']:.3f} / {point[name]['cross']['hvg50']:.3f}"
+                cells.append(cell)
+            out.append(point)
+            print(f"{fname:<7}{nv:>5}{passes:>7}{point['s_per_1000_tiles']:>16.1f}{point['slide_minutes']:>12.1f} min  " + " | ".join(cells))
+    return out
+
+
+if __name__ == "__main__":
+    main()
