@@ -2,8 +2,9 @@
 
     make bench-quality                       # or: .venv/bin/python benches/bench_quality.py [--sets mob her2st] [--seeds 0 1 2]
 
-Folds: leave one section out on MOB1-4 (4 folds) and HER2ST C2-C4 (3 folds), and HER2ST C2-C4 -> B4 (another
-patient, reported on its own). In each fold the model, the reference and the baselines see only the training
+Folds: leave one section out on MOB1-4 (4 folds) and HER2ST C2-C4 (3 folds), and across patients both ways,
+reported on their own: HER2ST C2-C4 -> B4, and B4 -> each of C2, C3, C4 (one training section: the probe
+chooses its alpha on the two halves of B4's spots). In each fold the model, the reference and the baselines see only the training
 sections; the held-out section is predicted from its image alone. Every method predicts the same genes: all
 genes detected in the training sections (the reference's default), and each is scored per section (never
 pooled) by the mean Pearson r over HEG-50 and HVG-50 (chosen on the held-out section's measured expression)
@@ -56,12 +57,14 @@ def load_set(name: str, config):
 
 
 def folds(name: str) -> list:
-    """(training indices, held-out index) of each fold of a set: each section left out in turn, then the
-    other patient's section (last) predicted from all the others."""
+    """(training indices, held-out index, kind) of each fold of a set: each section left out in turn
+    ("loso"); then across patients, the other patient's section (last) predicted from all the others
+    ("forward", HER2ST C2-C4 -> B4) and each of those predicted from it alone ("reverse", B4 -> C2-C4)."""
     n_loso = len(SETS[name][0])
-    out = [([j for j in range(n_loso) if j != i], i) for i in range(n_loso)]
+    out = [([j for j in range(n_loso) if j != i], i, "loso") for i in range(n_loso)]
     if SETS[name][2]:
-        out.append((list(range(n_loso)), n_loso))
+        out.append((list(range(n_loso)), n_loso, "forward"))
+        out += [([n_loso], i, "reverse") for i in range(n_loso)]
     return out
 
 
@@ -102,9 +105,13 @@ def _ridge(x, y, z, alphas):
 
 
 def probe(train_fs, train_ys, test_f):
-    """HEST's linear probe: PCA to 256 dimensions, then ridge; alpha by leave one section out."""
+    """HEST's linear probe: PCA to 256 dimensions, then ridge; alpha by leave one section out (by the two
+    halves of its spots when there is one training section: B4 -> C2-C4)."""
     from bleep_rs.evaluate import gene_correlations
 
+    if len(train_fs) == 1:
+        half = len(train_fs[0]) // 2
+        train_fs, train_ys = [train_fs[0][:half], train_fs[0][half:]], [train_ys[0][:half], train_ys[0][half:]]
     score = np.zeros(len(ALPHAS))
     for i in range(len(train_fs)):
         x = np.concatenate([f for j, f in enumerate(train_fs) if j != i])
@@ -159,8 +166,7 @@ def main():
         t = time.perf_counter()
         ids, sections, feats, um, dim = load_set(name, config)
         timing[f"{name}: patches and features (cached after the first run)"] = time.perf_counter() - t
-        n_loso = len(SETS[name][0])
-        for tr, held in folds(name):
+        for tr, held, kind in folds(name):
             train_secs = [sections[i] for i in tr]
             panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
             train_y = [panel_expression(s, genes, warn=False) for s in train_secs]
@@ -181,7 +187,7 @@ def main():
                         pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
                         assert list(ref_genes) == list(genes)
                     s = summarise(pred, truth, genes)
-                    row = {"set": name, "held_out": ids[held], "cross_patient": held >= n_loso, "method": method, "seed": seed,
+                    row = {"set": name, "held_out": ids[held], "fold": kind, "method": method, "seed": seed,
                            "heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "genes": len(genes), "seconds": time.perf_counter() - t}
                     results.append(row)
                     print(f"{name}/{ids[held]:<5} {method:<8} seed {seed if seed is not None else '-'}  HEG-50 {s['heg50']:.3f}  "
@@ -196,30 +202,31 @@ def main():
 
 def summarise_runs(rows, args) -> dict:
     """Per set and method: the mean over the leave-one-out folds of each score (the default recipe's per
-    seed, then mean and spread over seeds), the ratio of HEG-50 to the kNN-50 floor, and the cross-patient fold."""
+    seed, then mean and spread over seeds), the ratio of HEG-50 to the kNN-50 floor, and across patients
+    each direction's mean (C2-C4 -> B4; B4 -> C2-C4 over its three held-out sections), mean ± sd over seeds."""
     print("\nmean over the leave-one-section-out folds, per-section r (default: mean ± sd over seeds)")
-    print(f"{'set':<7} {'method':<8} {'HEG-50':>14} {'HVG-50':>14} {'all':>14}  {'/ floor':>7}   cross-patient HEG-50 / HVG-50")
+    print(f"{'set':<7} {'method':<8} {'HEG-50':>14} {'HVG-50':>14} {'all':>14}  {'/ floor':>7}   across patients HEG-50 / HVG-50: "
+          "C2-C4 -> B4 | B4 -> C2-C4")
     out = {}
     for name in args.sets:
-        knn1 = [r["heg50"] for r in rows if r["set"] == name and r["method"] == "knn1" and not r["cross_patient"]]
+        knn1 = [r["heg50"] for r in rows if r["set"] == name and r["method"] == "knn1" and r["fold"] == "loso"]
         floor = float(np.mean(knn1)) if knn1 else None
         for method in args.methods:
             mine = [r for r in rows if r["set"] == name and r["method"] == method]
-            loso = [r for r in mine if not r["cross_patient"]]
-            seeds = sorted({r["seed"] for r in loso}, key=lambda s: -1 if s is None else s)
-            stats = {}
-            for q in ("heg50", "hvg50", "all"):
-                per_seed = [np.mean([r[q] for r in loso if r["seed"] == s]) for s in seeds]
-                stats[q] = (float(np.mean(per_seed)), float(np.std(per_seed)))
-            cross = [r for r in mine if r["cross_patient"]]
-            out[f"{name}/{method}"] = {"loso": stats, "folds": sorted({r["held_out"] for r in loso}),
-                                       "cross_patient": {q: float(np.mean([r[q] for r in cross])) for q in ("heg50", "hvg50")} if cross else None}
+            seeds = sorted({r["seed"] for r in mine}, key=lambda s: -1 if s is None else s)
+            entry: dict = {"folds": sorted({r["held_out"] for r in mine if r["fold"] == "loso"})}
+            for kind in ("loso", "forward", "reverse"):
+                part = [r for r in mine if r["fold"] == kind]
+                if part:
+                    per_seed = {q: [np.mean([r[q] for r in part if r["seed"] == s]) for s in seeds] for q in ("heg50", "hvg50", "all")}
+                    entry[kind] = {q: (float(np.mean(v)), float(np.std(v))) for q, v in per_seed.items()}
+            out[f"{name}/{method}"] = entry
             several = len(seeds) > 1
             fmt = lambda m, s, several=several: f"{m:.3f} ± {s:.3f}" if several else f"{m:.3f}        "  # noqa: E731
+            stats = entry["loso"]
             ratio = f"{stats['heg50'][0] / floor:.2f}x" if floor else ""
-            line = f"{name:<7} {method:<8} {fmt(*stats['heg50']):>14} {fmt(*stats['hvg50']):>14} {fmt(*stats['all']):>14}  {ratio:>7}"
-            if cross:
-                line += f"   {out[f'{name}/{method}']['cross_patient']['heg50']:.3f} / {out[f'{name}/{method}']['cross_patient']['hvg50']:.3f}"
+            line = f"{name:<7} {method:<8} {fmt(*stats['heg50']):>14} {fmt(*stats['hvg50']):>14} {fmt(*stats['all']):>14}  {ratio:>7}  "
+            line += " | ".join(f" {fmt(*entry[k]['heg50'])} / {entry[k]['hvg50'][0]:.3f}" for k in ("forward", "reverse") if k in entry)
             print(line)
     return out
 
