@@ -21,6 +21,7 @@ Methods (all on the same frozen EfficientNet-Lite0 features, computed by the pac
             section out among the training sections
   probe3    the same probe on the multi-scale features
   blend     (asked with --methods) the mean of the default recipe's and probe3's predictions, per seed
+  blendz    (asked with --methods) the same, probe3's prediction first given the default's per-gene mean and sd
 
 Patches: HER2ST 224 px at native resolution (about 0.69 um/px); MOB 224 px at 1 um/px (upsampled from 8.75).
 """
@@ -174,7 +175,7 @@ def main():
             single = [f[0, :, :dim] for f in feats]  # field 1, view 0
             multi = [f[0] for f in feats]
             for method in args.methods:
-                for seed in args.seeds if method in ("default", "blend") else [None]:
+                for seed in args.seeds if method in ("default", "blend", "blendz") else [None]:
                     t = time.perf_counter()
                     if method == "knn1":
                         pred = knn(np.concatenate([single[i] for i in tr]), np.concatenate(train_y), single[held])
@@ -184,9 +185,12 @@ def main():
                         pred = probe([single[i] for i in tr], train_y, single[held])
                     elif method == "probe3":
                         pred = probe([multi[i] for i in tr], train_y, multi[held])
-                    elif method == "blend":  # the default recipe and the 3-field probe, averaged
+                    elif method in ("blend", "blendz"):  # the default recipe and the 3-field probe, averaged
                         pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
-                        pred = 0.5 * (pred + probe([multi[i] for i in tr], train_y, multi[held]))
+                        other = probe([multi[i] for i in tr], train_y, multi[held])
+                        if method == "blendz":  # the probe's prediction given the default's per-gene mean and spread first
+                            other = (other - other.mean(0)) / np.maximum(other.std(0), 1e-12) * pred.std(0) + pred.mean(0)
+                        pred = 0.5 * (pred + other)
                     else:
                         pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
                         assert list(ref_genes) == list(genes)
