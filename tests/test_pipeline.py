@@ -280,3 +280,20 @@ def test_the_gpu_pipeline_agrees_with_the_cpu(trained, slides):
     b = predict_slide(on_gpu, ref, slides[0], um_per_px=UM, k=5, min_tissue=0.05, neighbours=True, progress=False)
     shared = [len(set(x) & set(y)) / 5 for x, y in zip(a.obsm["bleep_neighbours"], b.obsm["bleep_neighbours"])]
     assert np.mean(shared) >= 0.9
+
+
+def test_a_long_input_is_announced_with_its_estimate(trained, monkeypatch, capsys):
+    """With progress on, an input whose encoding will take longer than ESTIMATE_AFTER_S gets one line after
+    its first batch: the backbone passes per spot or tile, the estimated minutes and the cheaper choice."""
+    import bleep_rs.predict as predict
+
+    model, ref, section = trained
+    predict_section(model, ref, section, batch_size=8)  # short: no line
+    assert "backbone passes" not in capsys.readouterr().err
+    monkeypatch.setattr(predict, "ESTIMATE_AFTER_S", 0.0)
+    predict_section(model, ref, section, batch_size=8, tta_views=4)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "backbone passes" in line]
+    assert len(lines) == 1 and f"({section.n_obs:,} spots): 8 backbone passes each (2 fields x 4 views)" in lines[0]
+    assert "--tta-views 1" in lines[0]
+    predict_section(model, ref, section, batch_size=8, progress=False)  # no progress bars: no line either
+    assert "backbone passes" not in capsys.readouterr().err

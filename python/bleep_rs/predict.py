@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -193,7 +194,7 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
             started = time.perf_counter()
             with _naming(name):
                 context, n, read = job()
-            yield context, int(n), started, time.perf_counter() - started
+            yield name, context, int(n), started, time.perf_counter() - started
             for s in range(0, n, bs):
                 t = time.perf_counter()
                 with _naming(name):
@@ -212,12 +213,12 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
             head = ahead.get()
             if head is None:
                 return
-            context, n, started, open_s = head
+            name, context, n, started, open_s = head
             seconds = {"open": open_s, "engine": engine_s, "read": 0.0, "encode": 0.0}
             engine_s = 0.0
             bar = _progress(n, desc, progress and n > 0)
             try:
-                out = _encode_batches(model, ahead, n, bs, dict(precision=precision, tta_views=tta_views), seconds, bar)
+                out = _encode_batches(model, ahead, n, bs, dict(precision=precision, tta_views=tta_views), seconds, bar, f"{name} ({n:,} {desc})")
             finally:
                 if bar is not None:
                     bar.close()
@@ -225,8 +226,14 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
             yield context, out, seconds, started
 
 
-def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, seconds: dict, bar) -> np.ndarray:
-    """The embeddings of one input's n rows, from its batches of ``bs`` as they come out of ``ahead``."""
+#: Inputs whose encoding is estimated to take longer than this many seconds get a line saying so (with
+#: progress bars on), after their first batch.
+ESTIMATE_AFTER_S = 120.0
+
+
+def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, seconds: dict, bar, what: str = "") -> np.ndarray:
+    """The embeddings of one input's n rows, from its batches of ``bs`` as they come out of ``ahead``. A
+    long input (see :data:`ESTIMATE_AFTER_S`) is announced with its estimated time and backbone passes."""
     out = np.zeros((n, model.config.embedding_dim), np.float32)
     for s in range(0, n, bs):
         x, read_s = ahead.get()
@@ -235,8 +242,20 @@ def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, sec
         seconds["encode"] += time.perf_counter() - t
         seconds["read"] += read_s
         if bar is not None:
+            if s == 0 and len(x) < n and (estimate := seconds["encode"] / len(x) * n) > ESTIMATE_AFTER_S:
+                bar.write(_estimate_line(model, what, estimate, encoding.get("tta_views")), file=sys.stderr)  # beside the bar
             bar.update(len(x))
     return out
+
+
+def _estimate_line(model, what: str, seconds: float, tta_views: Optional[int]) -> str:
+    """What a long input will cost, and the cheaper choice (docs/benchmarks.md: the cost per tile)."""
+    views = tta_views or model.tta_views()
+    passes = (model.n_fields if model.spec.takes_images else 0) * views
+    line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views), about {seconds / 60:.0f} min of encoding here"
+    if views > 1:
+        line += f"; --tta-views 1 (tta_views=1) would take about {seconds / views / 60:.0f} min, a little less accurate"
+    return line
 
 
 def embed_batches(model, n: int, read: Callable[[slice], np.ndarray], *, name: str = "input", **kwargs) -> tuple:
