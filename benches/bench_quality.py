@@ -185,15 +185,14 @@ def main():
                         pred = probe([single[i] for i in tr], train_y, single[held])
                     elif method == "probe3":
                         pred = probe([multi[i] for i in tr], train_y, multi[held])
-                    elif method in ("blend", "blendz"):  # the default recipe and the 3-field probe, averaged
-                        pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
-                        other = probe([multi[i] for i in tr], train_y, multi[held])
-                        if method == "blendz":  # the probe's prediction given the default's per-gene mean and spread first
-                            other = (other - other.mean(0)) / np.maximum(other.std(0), 1e-12) * pred.std(0) + pred.mean(0)
-                        pred = 0.5 * (pred + other)
-                    else:
+                    else:  # the default recipe, alone or averaged with the 3-field probe (blend, blendz)
                         pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
                         assert list(ref_genes) == list(genes)
+                        if method in ("blend", "blendz"):
+                            other = probe([multi[i] for i in tr], train_y, multi[held])
+                            if method == "blendz":  # the probe's prediction given the default's per-gene mean and spread first
+                                other = (other - other.mean(0)) / np.maximum(other.std(0), 1e-12) * pred.std(0) + pred.mean(0)
+                            pred = 0.5 * (pred + other)
                     s = summarise(pred, truth, genes)
                     row = {"set": name, "held_out": ids[held], "fold": kind, "method": method, "seed": seed,
                            "heg50": s["heg50"], "hvg50": s["hvg50"], "all": s["all"], "genes": len(genes), "seconds": time.perf_counter() - t}

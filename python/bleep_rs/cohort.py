@@ -198,7 +198,7 @@ def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, mod
         opened = _OpenSlide(slide, Slide(slide, um_per_px=options.get("um_per_px")), grid["target"], grid["grid"], grid["thumbnail"])
         adata = _slide_prediction(model, ref, opened, imputed, seconds, k=k, method=method, min_tissue=options.get("min_tissue", 0.5),
                                   neighbours=bool(options.get("neighbours")), model_path=provenance[0], reference_path=provenance[1], hd_run=None,
-                                  tta_views=options.get("tta_views"))
+                                  tta_views=model.tta_views(options.get("tta_views")))
         adata.uns["bleep"]["seconds"]["total"] = sum(seconds.values()) + time.perf_counter() - started
         write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked on the client
         return {"slide": slide, "out": out, "pid": os.getpid(), "status": "done", "n_obs": int(adata.n_obs),

@@ -286,10 +286,14 @@ class BleepModel(nn.Module):
             e = nn.functional.normalize(e, dim=-1).mean(0)
         return e.cpu().numpy()
 
-    def tta_views(self, tta: Optional[bool] = None) -> int:
-        """Views averaged per patch by default: 8 with test-time augmentation (``tta``, default the
-        model's), else 1."""
-        return N_VIEWS if (self.config.tta if tta is None else tta) and self.spec.takes_images else 1
+    def tta_views(self, n: Optional[int] = None, *, tta: Optional[bool] = None) -> int:
+        """Views averaged per patch: ``n`` (1, 2, 4 or 8, checked), or by default 8 with test-time
+        augmentation (``tta``, default the model's) and 1 without; 1 for precomputed features."""
+        if n is not None:
+            _tta_views(n)
+        if not self.spec.takes_images:
+            return 1
+        return n if n is not None else N_VIEWS if (self.config.tta if tta is None else tta) else 1
 
     def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, tta_views: Optional[int] = None, precision: str = "auto",
                      progress: bool = False) -> np.ndarray:
@@ -299,8 +303,7 @@ class BleepModel(nn.Module):
         :data:`bleep_rs.augment.TTA_VIEWS`) the mean of that many instead, each one backbone pass per
         field. ``precision``: ``"auto"`` (the fastest inference that keeps the float32 answer) or
         ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
-        views = _tta_views(self.tta_views(tta) if tta_views is None else tta_views)
-        views = views if self.spec.takes_images else (0,)
+        views = _tta_views(self.tta_views(tta_views, tta=tta))
         if len(self.check_patches(patches)) == 0:  # nothing to encode: the backbone is not run on no input
             return np.zeros((0, self.config.embedding_dim), np.float32)
         f = self.features(patches, views=views, precision=precision, progress=progress)

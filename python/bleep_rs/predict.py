@@ -25,7 +25,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError
-from .augment import tta_views as tta_views_of
 
 __all__ = [
     "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
@@ -182,8 +181,7 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
     input opens; 0 when it was built before and for the later inputs), ``encode`` and ``wait`` (the
     encoder waiting for this input); ``started`` is the ``time.perf_counter()`` at which the job began.
     ``precision``, ``tta_views``: see :meth:`~bleep_rs.model.BleepModel.embed_images`."""
-    if tta_views is not None:
-        tta_views_of(tta_views)  # checked before the reader starts
+    tta_views = model.tta_views(tta_views)  # checked before the reader starts
     bs = _encoder_batch(model) if batch_size is None else int(batch_size)
     if bs < 1:
         raise BleepError(f"batch_size must be at least 1, not {batch_size!r}")
@@ -243,14 +241,13 @@ def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, sec
         seconds["read"] += read_s
         if bar is not None:
             if s == 0 and len(x) < n and (estimate := seconds["encode"] / len(x) * n) > ESTIMATE_AFTER_S:
-                bar.write(_estimate_line(model, what, estimate, encoding.get("tta_views")), file=sys.stderr)  # beside the bar
+                bar.write(_estimate_line(model, what, estimate, encoding["tta_views"]), file=sys.stderr)  # beside the bar
             bar.update(len(x))
     return out
 
 
-def _estimate_line(model, what: str, seconds: float, tta_views: Optional[int]) -> str:
+def _estimate_line(model, what: str, seconds: float, views: int) -> str:
     """What a long input will cost, and the cheaper choice (docs/benchmarks.md: the cost per tile)."""
-    views = tta_views or model.tta_views()
     passes = (model.n_fields if model.spec.takes_images else 0) * views
     line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views), about {seconds / 60:.0f} min of encoding here"
     if views > 1:
@@ -287,6 +284,7 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
 
     check_compatible(model, reference)
     k, method = _retrieval(model, k, method)
+    tta_views = model.tta_views(tta_views)
     info = section.uns.get("bleep", {})
     cfg = model.config
 
@@ -307,7 +305,7 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": float(cfg.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views or model.tta_views(),
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
@@ -405,6 +403,7 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
     totals overlap)."""
     check_compatible(model, reference)
     k, method = _retrieval(model, k, method)
+    tta_views = model.tta_views(tta_views)
     jobs = [(str(p), functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run)) for p in paths]
     steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, tta_views=tta_views, progress=progress,
                        desc="tiles" if bin_um is None and hd_run is None else "bins")
@@ -421,7 +420,7 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
 
 
 def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seconds: dict, *, k: int, method: str, min_tissue: float,
-                      neighbours: bool, model_path: str, reference_path: str, hd_run, tta_views: Optional[int] = None):
+                      neighbours: bool, model_path: str, reference_path: str, hd_run, tta_views: int):
     """A slide's prediction as AnnData, with its provenance."""
     cfg, slide, grid, thumb = model.config, opened.slide, opened.grid, opened.thumbnail
     lib = Path(opened.path).stem
@@ -430,7 +429,7 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": opened.target_um_per_px, "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views or model.tta_views(),
+        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
         "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(cfg.patch_size),
         "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
