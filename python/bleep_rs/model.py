@@ -77,6 +77,10 @@ class ModelConfig:
     input_size: int = 224
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # A hub backbone's architecture (timm's config), so that the model loads without the hub's cache.
+    backbone_build: dict = field(default_factory=dict)
+    # features:D: the extractor named in the features files it was trained on (TRIDENT's 'encoder'), if any.
+    features_encoder: Optional[str] = None
     training: dict = field(default_factory=dict)
     package_version: str = ""
     format_version: int = MODEL_FORMAT_VERSION
@@ -174,9 +178,11 @@ class BleepModel(nn.Module):
     def __init__(self, config: ModelConfig, *, backbone_weights: Optional[str] = None, pretrained: bool = True, random_init: bool = False):
         super().__init__()
         self.config = config
-        self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained, random_init=random_init)
+        self.backbone, self.spec = create_backbone(config.backbone, weights=backbone_weights, pretrained=pretrained, random_init=random_init,
+                                                   build=config.backbone_build or None)
         # The input constants are the backbone's own: derived here, once, for training and inference alike.
         config.input_size, config.mean, config.std = self.spec.input_size, list(self.spec.mean), list(self.spec.std)
+        config.backbone_build = dict(self.spec.build)
         problem = config._problem()
         if problem:
             raise BleepError(f"model config: {problem}")

@@ -27,7 +27,7 @@ import numpy as np
 from ._core import BleepError
 
 __all__ = [
-    "check_compatible", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
+    "check_compatible", "check_features", "predict_features", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
     "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard", "output_state", "slide_outputs",
 ]
 
@@ -310,6 +310,52 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
     }
     return _assemble(imputed, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
+
+
+def check_features(model, features) -> None:
+    """Refuses precomputed features the model was not trained on: an image model, another dimension, or
+    another extractor (where both the model and the file name theirs)."""
+    if model.spec.takes_images:
+        raise BleepError(f"this model reads images (backbone {model.config.backbone}): precomputed features need a model "
+                         "trained on them (train --features FILE ...)")
+    if features.dim != model.spec.feature_dim:
+        raise BleepError(f"{features.path}: features of dimension {features.dim}, but the model takes {model.spec.feature_dim} "
+                         f"({model.config.features_encoder or 'its extractor'}'s): extract them with the model's extractor")
+    trained_on = model.config.features_encoder
+    if trained_on and features.encoder and features.encoder != trained_on:
+        raise BleepError(f"{features.path}: features from {features.encoder}, but the model was trained on {trained_on}'s")
+
+
+def predict_features(model, reference, features, *, section=None, k: Optional[int] = None, method: Optional[str] = None,
+                     neighbours: bool = False, model_path: str = "", reference_path: str = ""):
+    """Predicts from precomputed patch features (a :class:`~bleep_rs.readers.patch_features.PatchFeatures`,
+    or the path of a TRIDENT / HEST ``.h5``) with a model trained on them (a ``features:D`` backbone). Given
+    ``section``, at the section's spots that a patch covers (matched by barcode or position); else one
+    observation per patch, at its centre (``obsm["spatial"]``, level-0 pixels)."""
+    from .readers.patch_features import PatchFeatures, read_patch_features
+
+    pf = features if isinstance(features, PatchFeatures) else read_patch_features(features)
+    check_compatible(model, reference)
+    check_features(model, pf)
+    k, method = _retrieval(model, k, method)
+    t = time.perf_counter()
+    info = {"model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "features": str(pf.path),
+            "features_encoder": pf.encoder or "", "fields_of_view": [1.0], "tta": False, "tta_views": 1}
+    if section is not None:
+        spots, rows = pf.rows_for(section)
+        imputed = _impute(reference, model.embed_images(pf.features[rows]), k=k, method=method)
+        sec = section.uns.get("bleep", {})
+        info.update(mode="spots", library_id=sec.get("library_id", "section"), source=str(sec.get("image_path", "")),
+                    image_um_per_px=float(sec.get("um_per_px", 0.0)), shape="square" if sec.get("platform") == "visium-hd" else "circle",
+                    seconds={"total": time.perf_counter() - t})
+        return _assemble(imputed, reference, section.obs_names[spots], section.obsm["spatial"][spots],
+                         dict(section.uns.get("spatial", {})), info, neighbours)
+    imputed = _impute(reference, model.embed_images(pf.features), k=k, method=method)
+    xy = pf.centres if pf.centres is not None else np.full((len(pf), 2), np.nan)
+    lib = pf.path.stem
+    spatial = {lib: {"images": {}, "scalefactors": {"spot_diameter_fullres": float(pf.patch_size_level0 or 1.0)}, "metadata": {"layout": "features"}}}
+    info.update(mode="tiles", library_id=lib, source="", shape="square", seconds={"total": time.perf_counter() - t})
+    return _assemble(imputed, reference, pf.tile_ids(), xy, spatial, info, neighbours)
 
 
 @dataclass(frozen=True)

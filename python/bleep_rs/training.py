@@ -498,12 +498,15 @@ def train(
     config: Optional[TrainConfig] = None,
     *,
     features: Optional[Sequence[np.ndarray]] = None,
+    features_encoder: Optional[str] = None,
     data: Optional[TrainingData] = None,
     feature_pass: Optional[Callable] = None,
 ) -> BleepModel:
     """Trains BLEEP on ``sections`` (paths or AnnData from :func:`~bleep_rs.read_section`) and writes the
     best model (lowest validation loss) to ``out_dir``. ``features``: per-section precomputed patch
-    features for a ``features:D`` backbone; ``data``: inputs prepared already (see :func:`prepare_data`).
+    features for a ``features:D`` backbone (see :func:`bleep_rs.readers.patch_features.features_for_sections`
+    for TRIDENT / HEST files), and ``features_encoder`` the extractor's name, recorded in the model so that
+    prediction refuses another's features; ``data``: inputs prepared already (see :func:`prepare_data`).
     ``feature_pass(model, sections, config, um_per_px)``: called before the frozen backbone's features
     are read from the feature cache, to fill it elsewhere (e.g. :func:`bleep_rs.cohort.cache_features`
     bound to a Dask client: ``functools.partial(cache_features, client)``). Returns the best model."""
@@ -526,7 +529,7 @@ def train(
         panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
         temperature=cfg.temperature, loss=cfg.loss, patch_size=cfg.patch_size, um_per_px=um,
         fields_of_view=list(cfg.fields_of_view), tta=cfg.tta, k=cfg.k, method=cfg.method,
-        training=asdict(cfg), package_version=__version__,
+        training=asdict(cfg), package_version=__version__, features_encoder=features_encoder,
     )
     model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights, random_init=cfg.random_init).to(device)
     frozen = cfg.freeze_backbone or not model.spec.takes_images
