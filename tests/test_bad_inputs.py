@@ -553,19 +553,19 @@ def test_reference_save_removes_what_a_killed_save_left(tmp_path, rng):
 
 def test_check_output(tmp_path):
     (tmp_path / "in.h5ad").write_text("")
-    with pytest.raises(BleepError, match=r"--out .*x.txt: the name must end in .h5ad or .zarr"):
+    with pytest.raises(BleepError, match=r"out=.*x.txt: the name must end in .h5ad or .zarr"):
         check_output(tmp_path / "x.txt", suffixes=(".h5ad", ".zarr"))
     with pytest.raises(BleepError, match=r"is an input of this command"):
         check_output(tmp_path / "sub" / ".." / "in.h5ad", inputs=[tmp_path / "in.h5ad"], overwrite=True)
-    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another --out or pass --overwrite"):
+    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another out= or pass overwrite=True"):
         check_output(tmp_path / "in.h5ad")
     # The library's writers name their arguments, not the command line's flags.
     from bleep_rs._atomic import LIBRARY_OUTPUT
     from bleep_rs.predict import write_h5ad
 
-    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path or pass overwrite=True"):
+    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path= or pass overwrite=True"):
         check_output(tmp_path / "in.h5ad", **LIBRARY_OUTPUT)
-    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path or pass overwrite=True"):
+    with pytest.raises(BleepError, match=r"in.h5ad exists: choose another path= or pass overwrite=True"):
         write_h5ad(read(C2), tmp_path / "in.h5ad")
     assert check_output(tmp_path / "new" / "deeper" / "p.h5ad", suffixes=(".h5ad",)) == tmp_path / "new" / "deeper" / "p.h5ad"
 

@@ -432,7 +432,7 @@ def test_damaged_checkpoints_say_to_pass_fresh(tiny, tmp_path):
     ]
     for case in cases:
         saved(**case)
-        with pytest.raises(BleepError, match=r"checkpoint is damaged.*pass --fresh"):
+        with pytest.raises(BleepError, match=r"checkpoint is damaged.*pass resume=False"):
             train(tiny, tmp_path / "out", cfg, data=data)
     train(tiny, tmp_path / "out", _features_config(tmp_path, epochs=3, resume=False), data=data)
     assert not ckpt.exists() and (tmp_path / "out" / "model.safetensors").exists()

@@ -170,12 +170,22 @@ def test_clear_errors(run, tmp_path):
     cli("predict", C3, "--model", run / "model", "--reference", tmp_path / "genes.safetensors", "--out", tmp_path / "p.h5ad")
     assert list(ad.read_h5ad(tmp_path / "p.h5ad").var_names) == renamed
     with pytest.raises(BleepError, match="I/N"):
-        from bleep_rs.predict import shard
+        from bleep_rs.cli import shard
 
         shard(["a"], "3")
     with pytest.raises(BleepError, match=r"--shard 2/2 selects none of the 1 slide\(s\)"):
         shard(["a"], "2/2")
     assert shard(["b", "a", "c"], "2/2") == ["b"]
+
+
+def test_library_errors_say_flags_on_the_command_line():
+    """The library names its arguments; the command line rewrites them as its flags, and nothing else."""
+    from bleep_rs.cli import as_flags
+
+    assert as_flags("pass um_per_px=X (the scanner's)") == "pass --um-per-px X (the scanner's)"
+    assert as_flags("a exists: choose another out= or pass overwrite=True") == "a exists: choose another --out or pass --overwrite"
+    assert as_flags("give fmt= with a name; pass resume=False, backbone_weights=FILE") == "give --format with a name; pass --fresh, --backbone-weights FILE"
+    assert as_flags("layer='counts' (x.layer=1, my_out=2, --out=3)") == "--layer 'counts' (x.layer=1, my_out=2, --out=3)"
 
 
 def test_scanpy_draws_the_prediction_as_is(run, tmp_path):

@@ -212,7 +212,7 @@ def test_a_failing_slide_is_one_bleep_error_naming_it(trained, expected, client,
     assert "missing.safetensors: no such reference" in capsys.readouterr().err
     with pytest.raises(BleepError, match="unknown options"):
         predict_cohort(model_dir, ref_path, slides, out, client=client, kk=5)
-    with pytest.raises(BleepError, match="either --scheduler"), connect():
+    with pytest.raises(BleepError, match="either scheduler="), connect():
         pass
 
 

@@ -176,5 +176,5 @@ def test_bad_hest_input_is_a_clear_error(hest, tmp_path):
 def test_command_line_sections_expand_hest_ids(hest):
     assert expand_sections([hest], ["C3", "C2"]) == [(hest, "C3"), (hest, "C2")]
     assert [s for _, s in expand_sections([hest, DATA / "tiny" / "C2"])] == ["C2", "C3", "VIS", None]
-    with pytest.raises(BleepError, match="--ids names samples of a HEST folder"):
+    with pytest.raises(BleepError, match="ids= names samples of a HEST folder"):
         expand_sections([DATA / "tiny" / "C2"], ["C2"])

@@ -294,6 +294,6 @@ def test_a_long_input_is_announced_with_its_estimate(trained, monkeypatch, capsy
     predict_section(model, ref, section, batch_size=8, tta_views=4)
     lines = [line for line in capsys.readouterr().err.splitlines() if "backbone passes" in line]
     assert len(lines) == 1 and f"({section.n_obs:,} spots): 8 backbone passes each (2 fields x 4 views)" in lines[0]
-    assert "--tta-views 1" in lines[0]
+    assert "tta_views=1 would take" in lines[0]
     predict_section(model, ref, section, batch_size=8, progress=False)  # no progress bars: no line either
     assert "backbone passes" not in capsys.readouterr().err

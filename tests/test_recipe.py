@@ -173,7 +173,7 @@ def test_training_refuses_an_existing_output_before_any_work(tiny, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(BleepError, match="exists.*--overwrite"):
+    with pytest.raises(BleepError, match="exists.*overwrite=True"):
         train(tiny, out, _quick(tmp_path))
     assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "cache").exists()
 
@@ -195,7 +195,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
     ckpt = tmp_path / ".out.checkpoint"
     state = {"epoch": 1, "best": 1.0, "stale": 0, "history": [], "identity": _run_identity(_quick(tmp_path, epochs=3, lr=0.5), model.config.panel)}
     _save_checkpoint(ckpt, trainer, state)
-    with pytest.raises(BleepError, match="other settings.*--fresh"):
+    with pytest.raises(BleepError, match="other settings.*resume=False"):
         train(tiny, tmp_path / "out", cfg, data=data)
     state = {**state, "identity": _run_identity(_quick(tmp_path, epochs=3), model.config.panel), "epoch": 5}
     _save_checkpoint(ckpt, trainer, state)

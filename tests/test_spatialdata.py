@@ -66,7 +66,7 @@ def test_bad_stores(tmp_path):
 
     sec = read_section(DATA / "tiny" / "C2")
     write_zarr(sec, tmp_path / "c2.zarr")
-    with pytest.raises(BleepError, match="c2.zarr exists: choose another path or pass overwrite=True"):
+    with pytest.raises(BleepError, match="c2.zarr exists: choose another path= or pass overwrite=True"):
         write_zarr(sec, tmp_path / "c2.zarr")
     write_zarr(sec, tmp_path / "c2.zarr", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c2.zarr"]  # nothing half-written left beside

@@ -108,7 +108,7 @@ def test_hd_grid_for_slide_prediction(run):
 
 
 def test_bad_hd_input(run, tmp_path):
-    with pytest.raises(BleepError, match="--bin-um pools Visium HD bins; this section is legacy-st"):
+    with pytest.raises(BleepError, match="bin_um= pools Visium HD bins; this section is legacy-st"):
         read_section(DATA / "tiny" / "C2", bin_um=55)
     with pytest.raises(BleepError, match="4 um is smaller than the 8 um bins"):
         read_section(bins(run, 8), bin_um=4)

@@ -170,7 +170,7 @@ def _writable(folder: Path) -> Optional[str]:
 
 
 #: How the library's writers (write_h5ad, write_zarr ...) name their output in :func:`check_output`'s errors:
-#: by their arguments; the command line checks its outputs first, naming its flags.
+#: by their arguments (the command line says its flags instead: bleep_rs.cli.as_flags).
 LIBRARY_OUTPUT = {"option": "path", "overwrite_option": "overwrite=True"}
 
 
@@ -180,8 +180,8 @@ def check_output(
     suffixes: Sequence[str] = (),
     inputs: Sequence[Optional["os.PathLike[str] | str"]] = (),
     overwrite: bool = False,
-    option: str = "--out",
-    overwrite_option: str = "--overwrite",
+    option: str = "out",
+    overwrite_option: str = "overwrite=True",
 ) -> Path:
     """Checks an output path before any work: its suffix is one of ``suffixes`` (when given), it neither
     is, holds nor lies inside any of ``inputs`` (resolved, links followed; ``None`` entries are skipped:
@@ -191,26 +191,26 @@ def check_output(
     caller says overwrite; the library's writers name their arguments, the command line its flags)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
-        raise BleepError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
+        raise BleepError(f"{option}={path}: the name must end in {' or '.join(suffixes)}")
     for source in inputs:
         if source is None or str(source) == "":
             continue
         how = _overlap(path, Path(source))
         if how == "is":
-            raise BleepError(f"{option} {path} is an input of this command ({source}): choose another output path")
+            raise BleepError(f"{option}={path} is an input of this command ({source}): choose another output path")
         if how:
-            raise BleepError(f"{option} {path} {how} {source}, an input of this command: writing it would replace what is read; "
+            raise BleepError(f"{option}={path} {how} {source}, an input of this command: writing it would replace what is read; "
                              "choose an output path outside the inputs")
     if path.exists() and not overwrite:
-        raise BleepError(f"{path} exists: choose another {option} or pass {overwrite_option}")
+        raise BleepError(f"{path} exists: choose another {option}= or pass {overwrite_option}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise BleepError(f"{option} {path}: {folder} is a file, not a folder")
+        raise BleepError(f"{option}={path}: {folder} is a file, not a folder")
     why = _writable(folder)
     if why:
-        raise BleepError(f"{option} {path}: the folder {folder} is not writable ({why}): choose another output path")
+        raise BleepError(f"{option}={path}: the folder {folder} is not writable ({why}): choose another output path")
     return path
 
 

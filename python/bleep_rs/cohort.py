@@ -6,7 +6,7 @@ them for every slide it is given; each prediction is written by the worker, atom
 beside the output, then renamed: :mod:`bleep_rs._atomic`), so an output that exists is complete. A
 worker killed mid-slide leaves at most a temporary that the next write of that output removes; Dask
 gives the slide to another worker (``distributed.scheduler.allowed-failures`` times, 3 by default). A
-rerun skips the outputs already complete, as the single-process ``predict --slide`` does.
+rerun skips the outputs already complete, as the single-process :func:`~bleep_rs.predict.predict_slides` path of the command line does.
 
     from bleep_rs.cohort import connect, predict_cohort
 
@@ -51,18 +51,18 @@ def connect(scheduler: Optional[str] = None, workers: Optional[int] = None, *, t
     Each local worker's numerical libraries (torch, BLAS, bleep-rs's own pool) get this machine's cores
     divided among the workers (Dask's default is one thread each). The one place that makes a client for the CLI."""
     if (scheduler is None) == (workers is None):
-        raise BleepError("give either --scheduler ADDRESS (a running Dask scheduler) or --workers N (worker processes started here)")
+        raise BleepError("give either scheduler=ADDRESS (a running Dask scheduler) or workers=N (worker processes started here)")
     distributed = _distributed()
     if scheduler is not None:
         try:
             client = distributed.Client(scheduler, timeout="30s")
         except (OSError, TimeoutError, ValueError) as e:
-            raise BleepError(f"--scheduler {scheduler}: cannot connect ({e}): start one with dask scheduler, or use --workers N") from e
+            raise BleepError(f"scheduler={scheduler}: cannot connect ({e}): start one with dask scheduler, or use workers=N") from e
         with contextlib.closing(client):
             yield client
         return
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise BleepError(f"--workers must be a number of worker processes, at least 1, not {workers!r}")
+        raise BleepError(f"workers= must be a number of worker processes, at least 1, not {workers!r}")
     cores = str(max(1, (os.cpu_count() or 1) // workers))
     env = {name: cores for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLEEP_RS_NUM_THREADS")}
     # No dashboard, and the scheduler's HTTP routes on a free port (not 8787, which another cluster may hold).
@@ -134,7 +134,7 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
         if state == "complete" and not overwrite:
             return {**record, "status": "skipped"}
         if state == "foreign" and not overwrite:
-            raise BleepError(f"{out} exists and is not a bleep-rs prediction: move it, or pass --overwrite")
+            raise BleepError(f"{out} exists and is not a bleep-rs prediction: move it, or pass overwrite=True")
         model, ref = _model_and_reference(model_path, reference_path, device)
         adata = predict_slide(model, ref, slide, model_path=provenance[0], reference_path=provenance[1], progress=False, **options)
         write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked above
@@ -289,7 +289,7 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     step = None
     if tiles_per_task is not None:
         if int(tiles_per_task) < 1:
-            raise BleepError(f"--tiles-per-task must be at least 1, not {tiles_per_task!r}")
+            raise BleepError(f"tiles_per_task= must be at least 1, not {tiles_per_task!r}")
         bs = int(predict_options.get("batch_size") or 256)  # 256: whole batches of the CPU's (64) and a GPU's (256) encoder
         step = -(-int(tiles_per_task) // bs) * bs  # whole batches: the same batches as one process, the same answer
     done, records, roles = distributed.as_completed(), [], {}
@@ -386,7 +386,7 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
     distributed = _distributed()
     folder = _cache_dir(config)
     if folder is None:
-        raise BleepError("--scheduler / --workers on train fill the feature cache: not with --cache-dir none")
+        raise BleepError("a cluster's backbone pass fills the feature cache: not with cache_dir=none")
     config = dataclasses.replace(config, cache_dir=str(folder.parent.resolve()), progress=False)  # the workers' cache is this one
     views = N_VIEWS if config.augment else 1
     todo = [(i, s) for i, s in enumerate(sections) if not cache_entries(folder, feature_cache_key(model, s, config, um_per_px, views))]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from ._core import BleepError
+from .reference import DEFAULT_K, DEFAULT_METHOD, METHODS
 
 __all__ = ["TrainConfig", "LOSSES", "DEVICES"]
 
@@ -99,14 +100,14 @@ class TrainConfig:
     fields_of_view: List[float] = _opt([1.0, 2.0, 3.0],
                                         "fields of view around each spot, multiples of the patch's side, each through the backbone (default 1 2 3)",
                                         low=0, low_open=True, high=64)
-    patch_size: int = _opt(224, "patch side in pixels at --um-per-px (default 224)", low=8, high=4096)
+    patch_size: int = _opt(224, "patch side in pixels at um_per_px= (default 224)", low=8, high=4096)
     um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; "
                                                      "recorded in the model and used by predict)", low=0, low_open=True)
     backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2, timm:NAME (with "
-                                               "--backbone-weights), timm:hf-hub:ORG/NAME (a model in the Hugging Face cache) or features:D")
+                                               "backbone_weights=), timm:hf-hub:ORG/NAME (a model in the Hugging Face cache) or features:D")
     backbone_weights: Optional[str] = _opt(None, "a local weights file for the backbone", path=True)
     random_init: bool = _opt(False, "build a timm backbone with random weights (only when asked: without weights it is an error)")
-    freeze_backbone: bool = _opt(True, "train the heads on cached backbone features (default); --no-freeze-backbone fine-tunes the whole encoder (a GPU job)")
+    freeze_backbone: bool = _opt(True, "train the heads on cached backbone features (default); freeze_backbone=False fine-tunes the whole encoder (a GPU job)")
     augment: bool = _opt(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
     tta: bool = _opt(True, "predict from the mean of the 8 dihedral views' embeddings (recorded in the model)")
     color_jitter: float = _opt(0.0, "brightness / contrast jitter amplitude (fine-tuning only)", low=0, high=1)
@@ -120,7 +121,7 @@ class TrainConfig:
     epochs: int = _opt(60, "epochs (default 60)", low=1)
     batch_size: int = _opt(128, "contrastive batch per device (default 128; a batch contrasts its spots: at least 2)", low=2)
     lr: float = _opt(1e-3, "AdamW learning rate of the heads", low=0, low_open=True)
-    backbone_lr: float = _opt(0.1, "fine-tuning: the backbone's learning rate as a fraction of --lr", low=0)
+    backbone_lr: float = _opt(0.1, "fine-tuning: the backbone's learning rate as a fraction of lr=", low=0)
     warmup_epochs: float = _opt(1.0, "fine-tuning: linear learning-rate warm-up, in epochs", low=0)
     weight_decay: float = _opt(1e-3, "AdamW weight decay (never on biases and norm weights)", low=0)
     seed: int = _opt(0, "random seed", low=0, high=2**32 - 1)
@@ -135,10 +136,10 @@ class TrainConfig:
     # The gene panel the expression encoder reads.
     n_top_genes: int = _opt(1000, "highly variable genes per section (default 1000)", low=1)
     panel_mode: str = _opt("union", "how the sections' gene sets combine", choices=["union", "intersection"], flag="--panel")
-    genes: Optional[List[str]] = _opt(None, "a file with the gene panel, one gene per line (overrides --n-top-genes)", file=True)
+    genes: Optional[List[str]] = _opt(None, "a file with the gene panel, one gene per line (overrides n_top_genes=)", file=True)
     # Retrieval defaults recorded in the model (predict uses them unless told otherwise).
-    k: int = _opt(50, "neighbours per prediction", low=1)
-    method: str = _opt("mean", "aggregation of the neighbours", choices=["mean", "weighted", "softmax", "top1"])
+    k: int = _opt(DEFAULT_K, "neighbours per prediction", low=1)
+    method: str = _opt(DEFAULT_METHOD, "aggregation of the neighbours", choices=list(METHODS))
     # The run.
     cache_dir: Optional[str] = _opt(None, "where backbone features are cached (default $BLEEP_RS_CACHE or ~/.cache/bleep-rs); 'none' to disable",
                                     path=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .reference import DEFAULT_K
+
 TYPES = ("dense nuclei", "fibrous stroma", "fat", "loose tissue")
 #: RGB background per type, nuclei density (per px), nuclei radius (px).
 LOOK = {
@@ -96,7 +98,7 @@ def generate(out: Path, n_sections: int = 3, genes: int = 64, seed: int = 0) -> 
     return folders
 
 
-def run(out: Path, *, k: int = 50, seed: int = 0, epochs: int = 40) -> dict:
+def run(out: Path, *, k: int = DEFAULT_K, seed: int = 0, epochs: int = 40) -> dict:
     """The whole pipeline; returns (and writes) the report."""
     import warnings
 

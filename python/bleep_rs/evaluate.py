@@ -129,11 +129,11 @@ def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = Non
 
 
 def report_paths(path: "os.PathLike[str] | str") -> Tuple[Path, Path]:
-    """What ``--out`` names: REPORT.json (set means + per-gene r) and REPORT.csv beside it (one row per
+    """What a report path names: REPORT.json (set means + per-gene r) and REPORT.csv beside it (one row per
     gene); ``path`` may end in either suffix, and names both."""
     path = Path(path)
     if path.suffix.lower() not in (".json", ".csv"):
-        raise BleepError(f"--out {path}: name the report REPORT.json or REPORT.csv (both are written)")
+        raise BleepError(f"out={path}: name the report REPORT.json or REPORT.csv (both are written)")
     return path.with_suffix(".json"), path.with_suffix(".csv")
 
 

@@ -27,6 +27,7 @@ from ._core import BleepError
 from .augment import N_VIEWS, tta_views as _tta_views
 from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
+from .reference import DEFAULT_K, DEFAULT_METHOD
 from .slide import check_fields
 
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
@@ -70,8 +71,8 @@ class ModelConfig:
     fields_of_view: List[float] = field(default_factory=lambda: [1.0])
     feature_norm: str = "l2"
     tta: bool = False  # average the embeddings of the 8 dihedral views of each patch at inference
-    k: int = 50  # the neighbours and aggregation predict uses unless told otherwise
-    method: str = "mean"
+    k: int = DEFAULT_K  # the neighbours and aggregation predict uses unless told otherwise
+    method: str = DEFAULT_METHOD
     # The backbone's input size and constants: BleepModel sets them from the backbone (kept here so that
     # config.json says how to feed the model).
     input_size: int = 224

@@ -28,7 +28,7 @@ from ._core import BleepError
 
 __all__ = [
     "check_compatible", "check_features", "predict_features", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
-    "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "shard", "output_state", "slide_outputs",
+    "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "output_state", "slide_outputs",
 ]
 
 
@@ -39,14 +39,15 @@ def check_compatible(model, reference) -> None:
 
     if reference.dim != model.config.embedding_dim:
         raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: "
-                         "build the reference with this model (bleep-rs reference --model ...)")
+                         "build the reference with this model (build_reference; bleep-rs reference)")
     built_with = reference.metadata.get("model_id")
     if not built_with:
-        raise BleepError("the reference does not say which model embedded it (no model_id in its metadata): rebuild it with bleep-rs reference --model MODEL")
+        raise BleepError("the reference does not say which model embedded it (no model_id in its metadata): "
+                         "rebuild it with this model (build_reference; bleep-rs reference)")
     if built_with != model_id(model):
         raise BleepError(
             f"the reference was built with another model (weights {built_with}, this model's {model_id(model)}): "
-            "rebuild it with bleep-rs reference --model MODEL"
+            "rebuild it with this model (build_reference; bleep-rs reference)"
         )
 
 
@@ -251,7 +252,7 @@ def _estimate_line(model, what: str, seconds: float, views: int) -> str:
     passes = (model.n_fields if model.spec.takes_images else 0) * views
     line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views), about {seconds / 60:.0f} min of encoding here"
     if views > 1:
-        line += f"; --tta-views 1 (tta_views=1) would take about {seconds / views / 60:.0f} min, a little less accurate"
+        line += f"; tta_views=1 would take about {seconds / views / 60:.0f} min, a little less accurate"
     return line
 
 
@@ -317,7 +318,7 @@ def check_features(model, features) -> None:
     another extractor (where both the model and the file name theirs)."""
     if model.spec.takes_images:
         raise BleepError(f"this model reads images (backbone {model.config.backbone}): precomputed features need a model "
-                         "trained on them (train --features FILE ...)")
+                         "trained on them (train with features=)")
     if features.dim != model.spec.feature_dim:
         raise BleepError(f"{features.path}: features of dimension {features.dim}, but the model takes {model.spec.feature_dim} "
                          f"({model.config.features_encoder or 'its extractor'}'s): extract them with the model's extractor")
@@ -395,7 +396,7 @@ def slide_grid(slide, size: int, um_per_px: float, *, min_tissue: float, mask, b
         return TileGrid(centres[keep], [i for i, k in zip(ids, keep) if k], side, rc[keep], "bins")
     if bin_um is not None:
         if not (np.isfinite(bin_um) and bin_um > 0):
-            raise BleepError(f"--bin-um must be a positive number of micrometres, not {bin_um!r}")
+            raise BleepError(f"bin_um= must be a positive number of micrometres, not {bin_um!r}")
         side = bin_um / slide.um_per_px
         w, h = slide.dimensions
         corners = tissue_grid(np.ascontiguousarray(mask.mask), mask.scale, w, h, side, float(min_tissue))
@@ -424,12 +425,12 @@ def _open_slide(model, path, *, um_per_px: Optional[float], min_tissue: float, b
     cfg = model.config
     slide = Slide(path, um_per_px=um_per_px)
     if slide.um_per_px is None:
-        raise BleepError(f"{path}: the slide does not state its pixel size: pass --um-per-px X (the scanner's micrometres per pixel)")
+        raise BleepError(f"{path}: the slide does not state its pixel size: pass um_per_px=X (the scanner's micrometres per pixel)")
     target = cfg.um_per_px or slide.um_per_px
     mask = slide.tissue_mask()
     grid = slide_grid(slide, cfg.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
     if len(grid.centres) == 0:
-        raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower --min-tissue")
+        raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower min_tissue=")
     read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, target, fields=cfg.fields_of_view)  # noqa: E731
     return _OpenSlide(str(path), slide, float(target), grid, mask.thumbnail), len(grid.centres), read
 
@@ -508,22 +509,6 @@ def write_h5ad(adata, path: "os.PathLike[str] | str", *, overwrite: bool = False
     return path
 
 
-def shard(items: Sequence, spec: Optional[str]) -> list:
-    """The items of shard ``I/N`` (1-based): every N-th item starting at the I-th, in sorted order."""
-    items = sorted(items)
-    if not spec:
-        return list(items)
-    try:
-        i, n = (int(v) for v in spec.split("/"))
-    except ValueError as e:
-        raise BleepError(f"--shard must look like I/N (e.g. 2/8), not {spec!r}") from e
-    if not 1 <= i <= n:
-        raise BleepError(f"--shard {spec}: I must be between 1 and N")
-    if i > len(items):
-        raise BleepError(f"--shard {spec} selects none of the {len(items)} slide(s): use at most {len(items)} shards")
-    return list(items[i - 1 :: n])
-
-
 FORMATS = ("h5ad", "zarr")
 
 
@@ -532,15 +517,15 @@ def prediction_format(path: "os.PathLike[str] | str", fmt: Optional[str] = None)
     SpatialData store), which ``fmt`` must agree with when given; ``fmt`` names the format of a name
     without a suffix. Any other suffix is an error."""
     if fmt is not None and fmt not in FORMATS:
-        raise BleepError(f"--format must be one of {FORMATS}, not {fmt!r}")
+        raise BleepError(f"fmt= must be one of {FORMATS}, not {fmt!r}")
     suffix = Path(str(path).rstrip("/")).suffix.lower().lstrip(".")
     if suffix in FORMATS:
         if fmt is not None and fmt != suffix:
-            raise BleepError(f"--format {fmt} but --out {path} ends in .{suffix}: drop --format or rename --out")
+            raise BleepError(f"fmt={fmt} but out={path} ends in .{suffix}: drop fmt= or rename out=")
         return suffix
     if fmt is not None and not suffix:
         return fmt
-    raise BleepError(f"--out {path}: name the prediction PRED.h5ad or PRED.zarr (a SpatialData store), or give --format with a name without suffix")
+    raise BleepError(f"out={path}: name the prediction PRED.h5ad or PRED.zarr (a SpatialData store), or give fmt= with a name without suffix")
 
 
 def write_prediction(adata, path: "os.PathLike[str] | str", *, fmt: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -572,7 +557,7 @@ def read_prediction(path: "os.PathLike[str] | str"):
 def output_state(path: Path) -> str:
     """What is at an output path: "absent"; "complete" or "incomplete" for a prediction bleep-rs wrote
     (with or without its completion mark); "foreign" for anything else (a file bleep-rs did not write,
-    or one it cannot read), which only ``--overwrite`` may replace."""
+    or one it cannot read), which only ``overwrite=True`` may replace."""
     if not path.exists():
         return "absent"
     if path.is_dir():  # a zarr store, renamed into place once written
@@ -597,7 +582,7 @@ def slide_outputs(slides: Sequence, out: Path, fmt: str, *, overwrite: bool) -> 
     file name are an error naming both, and so is an existing file that bleep-rs did not write (unless
     ``overwrite``)."""
     if out.suffix.lower() in (".h5ad", ".zarr") or (out.exists() and not out.is_dir()):
-        raise BleepError(f"--out {out}: with several slides --out is a folder (one STEM.{fmt} per slide in it)")
+        raise BleepError(f"out={out}: with several slides out= is a folder (one STEM.{fmt} per slide in it)")
     outputs: dict = {}
     for slide in slides:
         target = out / f"{Path(slide).stem}.{fmt}"
@@ -607,5 +592,6 @@ def slide_outputs(slides: Sequence, out: Path, fmt: str, *, overwrite: bool) -> 
         outputs[slide] = target
     foreign = [str(t) for t in outputs.values() if output_state(t) == "foreign"]
     if foreign and not overwrite:
-        raise BleepError(f"{len(foreign)} outputs exist and are not bleep-rs predictions ({foreign[:3]}): move them, choose another --out, or pass --overwrite")
+        raise BleepError(f"{len(foreign)} outputs exist and are not bleep-rs predictions ({foreign[:3]}): move them, "
+                         "choose another out=, or pass overwrite=True")
     return outputs

@@ -19,6 +19,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Ways of combining the k neighbours' expression (method.md, section 5).
 METHODS = ("mean", "weighted", "softmax", "top1")
+#: The neighbours per prediction and their aggregation unless told otherwise (BLEEP's k = 50, the mean).
+DEFAULT_K, DEFAULT_METHOD = 50, "mean"
 #: How the reference stores its expression: "auto" picks whichever of the other two takes fewer bytes.
 EXPRESSION_FORMATS = ("auto", "dense", "sparse")
 
@@ -282,7 +284,7 @@ class Reference:
 
     # ---- retrieval --------------------------------------------------------------------------------
 
-    def search(self, queries: Any, k: int = 50, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int = DEFAULT_K, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``min(k, n_spots)`` most cosine-similar reference spots of each query, best first.
 
         Returns ``(indices, similarities)``: int64 and float32 arrays of shape (Q, min(k, n_spots)).
@@ -294,8 +296,8 @@ class Reference:
     def impute(
         self,
         queries: Any,
-        k: int = 50,
-        method: str = "mean",
+        k: int = DEFAULT_K,
+        method: str = DEFAULT_METHOD,
         *,
         temperature: float = 0.1,
         return_neighbours: bool = False,

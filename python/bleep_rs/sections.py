@@ -81,7 +81,7 @@ def _read(p: Path, image, um_per_px, library_id, sample, kwargs):
             only("check_counts")
             return read_space_ranger(outs, image=image, um_per_px=um_per_px, library_id=library_id)
     if hest.is_hest_root(p):
-        raise BleepError(f"{p}: a HEST folder holds many samples: pass sample=ID (on the command line: --ids ID ...); it has {hest.hest_samples(p)[:8]}")
+        raise BleepError(f"{p}: a HEST folder holds many samples: pass sample=ID; it has {hest.hest_samples(p)[:8]}")
     raise BleepError(
         f"{p}: not a section bleep-rs can read: expected a Space Ranger outs/ folder "
         "(filtered_feature_bc_matrix.h5 + spatial/), a Visium HD binned output (square_*um/), a legacy ST "
@@ -152,7 +152,7 @@ def expand_sections(paths: Sequence["os.PathLike[str] | str"], ids: Optional[Seq
         else:
             out.append((path, None))
     if ids and not used:
-        raise BleepError("--ids names samples of a HEST folder: give the folder (hest/) as a section")
+        raise BleepError("ids= names samples of a HEST folder: give the folder (hest/) as a section")
     return out
 
 

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError, ReferenceCore, neighbour_weights
-from .reference import METHODS, PathLike, Reference, _check_k, _names, _neighbours_asked, as_float32_matrix, is_sparse_matrix
+from .reference import DEFAULT_K, DEFAULT_METHOD, METHODS, PathLike, Reference, _check_k, _names, _neighbours_asked, as_float32_matrix, is_sparse_matrix
 
 __all__ = ["MANIFEST", "ShardWriter", "ShardedReference", "merge_topk", "read_manifest", "write_shards"]
 
@@ -555,12 +555,12 @@ class ShardedReference(Reference, reads_folders=True):
         found = self._shards.run_reduced(_search_step, every, combine, shared=(q, k, with_norms, threads))
         return tuple(found[:3 if with_norms else 2])
 
-    def search(self, queries: Any, k: int = 50, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int = DEFAULT_K, *, threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`Reference.search`: the merge of the shards' exact top-k (:func:`merge_topk`)."""
         idx, sims = self._search(self._queries(queries), _check_k(k), False, threads)
         return idx, sims
 
-    def impute(self, queries: Any, k: int = 50, method: str = "mean", *, temperature: float = 0.1,
+    def impute(self, queries: Any, k: int = DEFAULT_K, method: str = DEFAULT_METHOD, *, temperature: float = 0.1,
                return_neighbours: bool = False, threads: Optional[int] = None, return_neighbors: Optional[bool] = None):
         """As :meth:`Reference.impute`: neighbours merged from the shards, weighted once here by the
         Rust weighting, each shard's weighted rows summed (only Q x G partial sums leave a shard)."""

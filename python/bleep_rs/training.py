@@ -72,11 +72,11 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise BleepError(f"device {name!r}: bleep-rs runs on {DEVICES}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BleepError(f"device {name!r} was asked for but torch sees no CUDA device: use --device cpu or auto")
+        raise BleepError(f"device {name!r} was asked for but torch sees no CUDA device: use device=cpu or device=auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise BleepError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise BleepError(f"device {name!r} was asked for but torch sees no MPS device: use --device cpu or auto")
+        raise BleepError(f"device {name!r} was asked for but torch sees no MPS device: use device=cpu or device=auto")
     return dev
 
 
@@ -429,7 +429,7 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
 
     if not path.exists():
         return None
-    damaged = f"{path}: the checkpoint is damaged or not of this version ({{}}): pass --fresh to start over (or delete it)"
+    damaged = f"{path}: the checkpoint is damaged or not of this version ({{}}): pass resume=False to start over (or delete it)"
     try:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
@@ -440,9 +440,9 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
     if wrong:
         raise BleepError(damaged.format(f"state.json lacks {', '.join(wrong)}" if isinstance(state, dict) else "state.json is not an object"))
     if state.get("identity") != identity:
-        raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass --fresh to start over")
+        raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass resume=False to start over")
     if state["epoch"] >= epochs:
-        raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise --epochs or pass --fresh")
+        raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise epochs= or pass resume=False")
     try:
         _load_own_state(trainer.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt_state: dict = {}
@@ -538,10 +538,10 @@ def train(
             p.requires_grad_(False)
     if feature_pass is not None:
         if not (frozen and model.spec.takes_images and features is None and data is None):
-            raise BleepError("a feature pass (--scheduler / --workers) computes a frozen image backbone's features: "
-                             "not with --no-freeze-backbone, a features:D backbone or inputs prepared already")
+            raise BleepError("a feature pass (a cluster's) computes a frozen image backbone's features: "
+                             "not with freeze_backbone=False, a features:D backbone or inputs prepared already")
         if world > 1:
-            raise BleepError("--scheduler / --workers or torchrun: not both")
+            raise BleepError("a cluster's feature pass or torchrun: not both")
         feature_pass(model, secs, cfg, um)
     if data is None:
         data = prepare_data(secs, cfg, panel=panel, features=features, model=model if frozen and features is None else None)
@@ -551,7 +551,7 @@ def train(
     train_idx, val_idx = _split(data, cfg, rng)
     if len(train_idx) // world < 2:
         raise BleepError(f"{len(train_idx)} training spots over {world} processes leave no batch of two spots (a batch contrasts "
-                         "its spots): add sections, lower --val-fraction, or use fewer processes")
+                         "its spots): add sections, lower val_fraction=, or use fewer processes")
     ckpt = out.with_name(f".{out.name}.checkpoint")
     identity = _run_identity(cfg, panel)
     state = {"epoch": 0, "best": math.inf, "stale": 0, "history": [], "identity": identity}
@@ -627,7 +627,7 @@ def _finish(model: BleepModel, best_state: Optional[dict], ckpt: Path, out: Path
         shutil.rmtree(ckpt, ignore_errors=True)
         raise BleepError(
             f"training gave no model: {len(losses)} epochs ran and none ended with a finite loss and finite weights (losses: {losses[-3:] or 'none'}); "
-            "check the inputs for NaN, lower --lr, or raise --epochs"
+            "check the inputs for NaN, lower lr=, or raise epochs="
         )
     _load_own_state(model, best_state)
     save_model(model, out, history=state["history"])

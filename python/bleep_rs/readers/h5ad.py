@@ -37,7 +37,7 @@ def _counts_fix(src, tried: str) -> str:
         options.append(("raw", src.raw.X))
     good = [name for name, m in options if name != tried and m is not None and counts_problem(_sparse(m)) is None]
     if good:
-        return f": {' and '.join(repr(g) for g in good)} {'holds' if len(good) == 1 else 'hold'} counts: pass layer={good[0]!r} (--layer {good[0]})"
+        return f": {' and '.join(repr(g) for g in good)} {'holds' if len(good) == 1 else 'hold'} counts: pass layer={good[0]!r}"
     return ": none of X, .raw and the layers holds counts; store the raw counts in a layer (adata.layers['counts']) and pass layer='counts'"
 
 

@@ -30,7 +30,7 @@ HEST_NAMES = {"visium": ("Visium", 100.0, 55.0), "legacy-st": ("Spatial Transcri
 def sample_file(root, sample, sub: str, suffix: str) -> Path:
     """``root/sub/ID.suffix``, the one way a sample id becomes a path (to read and to write): the id must
     be a name (no separator, not ``..``, not absolute, not empty), so that the path stays inside ``root``
-    whatever the id says (``--ids ../../outside/X`` would read or write outside the HEST folder)."""
+    whatever the id says (``ids=["../../outside/X"]`` would read or write outside the HEST folder)."""
     if not isinstance(sample, str):
         raise BleepError(f"{root}: a HEST sample id must be a string, not a {type(sample).__name__} ({sample!r:.60})")
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())

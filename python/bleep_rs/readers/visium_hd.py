@@ -119,7 +119,7 @@ def pool_bins(section, bin_um: float, *, min_fraction: float = 0.5):
     info = section.uns.get("bleep", {})
     where = info.get("library_id", "section")
     if info.get("platform") != "visium-hd":
-        raise BleepError(f"{where}: --bin-um pools Visium HD bins; this section is {info.get('platform')} (drop --bin-um)")
+        raise BleepError(f"{where}: bin_um= pools Visium HD bins; this section is {info.get('platform')} (drop bin_um=)")
     size = float(info.get("bin_um") or info["pitch_um"])
     k = _factor(size, float(bin_um), where)
     if k == 1:
