@@ -1,6 +1,8 @@
 """The default model's cost per tile: prediction quality against backbone passes per tile, in one run.
 
     .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2]
+    .venv/bin/python benches/bench_cost.py --backbones efficientnet-lite0 efficientnet-lite1 efficientnet-lite2
+                                             # only the encoder's seconds per 1,000 patches of each backbone
 
 The folds of benches/bench_quality.py (leave one section out on MOB1-4 and HER2ST C2-C4, and HER2ST C2-C4 ->
 B4 across patients), the default recipe (bleep_rs.train on cached frozen EfficientNet-Lite0 features, 8
@@ -31,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from bench_quality import SETS, fold_targets, folds, load_set  # noqa: E402
+from bench_quality import DATA, SETS, fold_targets, folds, load_set  # noqa: E402
 
 FIELDS = {"1": [0], "1+2": [0, 1], "1+2+3": [0, 1, 2]}
 VIEWS = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(8))}
@@ -43,12 +45,12 @@ def fields_of(feats: np.ndarray, idx: list, dim: int) -> np.ndarray:
     return np.concatenate([feats[..., i * dim : (i + 1) * dim] for i in idx], axis=-1)
 
 
-def backbone_seconds_per_1000(section, um) -> float:
+def backbone_seconds_per_1000(section, um, backbone: str = "efficientnet-lite0") -> float:
     """The encoder's seconds per 1,000 patches (one field, one view), as predict runs it."""
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
 
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=[1.0])).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=[1.0], backbone=backbone)).eval()
     patches = bleep_rs.section_patches(section, 224, um)
     patches = np.concatenate([patches] * max(1, -(-512 // len(patches))))[:512]
     model.features(patches[:64])  # the engine built
@@ -62,9 +64,18 @@ def main():
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "cost.json")
+    ap.add_argument("--backbones", nargs="+", metavar="NAME", help="only time the encoder of each backbone on HER2ST C2 patches")
     args = ap.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     import bleep_rs
+
+    print(f"CPU: {bleep_rs.kernel_info()['cpu']}", flush=True)
+    if args.backbones:
+        section = bleep_rs.read_section(DATA / "her2st" / "C2")
+        for name in args.backbones:
+            backbone_seconds_per_1000(section, None, name)  # the export cached: its seconds are not the encoder's
+            print(f"{name:<22} {backbone_seconds_per_1000(section, None, name):6.2f} s per 1,000 patches (ONNX Runtime, one field, one view)", flush=True)
+        return
     from bleep_rs.evaluate import summarise
     from bleep_rs.expression import panel_expression
     from bleep_rs.training import TrainingData, train

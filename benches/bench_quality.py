@@ -157,6 +157,7 @@ def main():
     from bleep_rs.evaluate import summarise
     from bleep_rs.expression import panel_expression
 
+    print(f"CPU: {bleep_rs.kernel_info()['cpu']} (the scores do not depend on it; the seconds do)", flush=True)
     base = {}
     for item in args.set:
         key, value = item.split("=", 1)

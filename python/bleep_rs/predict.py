@@ -475,7 +475,7 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
-        "um_per_px": opened.target_um_per_px, "slide_um_per_px": float(slide.um_per_px), "image_um_per_px": float(slide.um_per_px),
+        "um_per_px": opened.target_um_per_px, "image_um_per_px": float(slide.um_per_px),
         "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
         "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(cfg.patch_size),
         "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
