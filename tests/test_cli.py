@@ -43,10 +43,14 @@ def test_prediction_anndata_fields(run):
     lib = pred.uns["bleep"]["library_id"]
     assert pred.uns["spatial"][lib]["images"]["hires"].ndim == 3 and "tissue_hires_scalef" in pred.uns["spatial"][lib]["scalefactors"]
     info = pred.uns["bleep"]
-    assert info["k"] == 5 and info["method"] == "mean" and info["package_version"] == bleep_rs.__version__
+    assert info["k"] == 5 and info["method"] == "softmax" and info["package_version"] == bleep_rs.__version__
     assert pred.obsm["bleep_neighbours"].shape == (section.n_obs, 5) and (pred.obs["uncertainty"] >= 0).all()
-    # The prediction is the mean of the stored neighbours' reference expression.
-    assert np.allclose(pred.X, ref.expression[pred.obsm["bleep_neighbours"]].mean(1), atol=1e-5)
+    # The prediction is the default read-out of the stored neighbours: their reference expression weighted
+    # by the softmax of their similarity / 0.1 (the NumPy oracle's weights).
+    from bleep_rs._oracle import weights
+
+    w = weights("softmax", pred.obsm["bleep_similarities"].astype(np.float64), None, None)
+    assert np.allclose(pred.X, (w[..., None] * ref.expression[pred.obsm["bleep_neighbours"]]).sum(1), atol=1e-5)
 
 
 def test_tta_views_on_the_command_line_are_used_and_recorded(run, tmp_path):
@@ -62,7 +66,7 @@ def test_tta_views_on_the_command_line_are_used_and_recorded(run, tmp_path):
     pred = ad.read_h5ad(tmp_path / "p2.h5ad")
     assert pred.uns["bleep"]["tta_views"] == 2 and ad.read_h5ad(run / "pred.h5ad").uns["bleep"]["tta_views"] == 1
     patches = bleep_rs.section_patches(section, model.config.patch_size, model.config.um_per_px, fields=model.config.fields_of_view)
-    want = ref.impute(model.embed_features(model.features(patches, views=TTA_VIEWS[2])), k=5)
+    want = ref.impute(model.embed_features(model.features(patches, views=TTA_VIEWS[2])), k=5, method=model.config.method)
     assert np.allclose(pred.X, want, atol=1e-4)
     res = cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "p3.h5ad",
               "--tta-views", "3", ok=False)

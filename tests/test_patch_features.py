@@ -134,7 +134,7 @@ def test_command_line_end_to_end(tiny, tmp_path):
     spots = cli("predict", DATA / "C3", "--features", c3, "--model", model_dir, "--reference", ref, "--out", tmp_path / "spots.h5ad")
     assert f"{tiny[1].n_obs} spots predicted" in spots.stdout
     pred = bleep_rs.read_prediction(tmp_path / "spots.h5ad")
-    want = reference.impute(model.embed_images(spot_features(tiny[1])), k=model.config.k)
+    want = reference.impute(model.embed_images(spot_features(tiny[1])), k=model.config.k, method=model.config.method)
     assert list(pred.obs_names) == list(tiny[1].obs_names)
     np.testing.assert_allclose(pred.X, want, rtol=1e-5, atol=1e-6)
     assert pred.uns["bleep"]["features_encoder"] == "conch_v15" and pred.uns["bleep"]["mode"] == "spots"

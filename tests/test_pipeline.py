@@ -86,7 +86,7 @@ def sequential_slide(model, ref, path, batch_size, k):
     grid = slide_grid(slide, cfg.patch_size, cfg.um_per_px, min_tissue=0.05, mask=slide.tissue_mask())
     read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view)  # noqa: E731
     emb = sequential(model, len(grid.centres), read, batch_size)
-    return grid, ref.impute(emb, k=k, method="mean", return_neighbours=True)
+    return grid, ref.impute(emb, k=k, method=model.config.method, return_neighbours=True)
 
 
 @pytest.mark.parametrize("batch_size, depth", [(1, 1), (7, 2), (24, 1), (64, 2)])
@@ -104,7 +104,7 @@ def test_predict_section_equals_a_sequential_loop(trained):
     model, ref, section = trained
     pred = predict_section(model, ref, section, k=5, neighbours=True, batch_size=5, progress=False)
     emb = sequential(model, section.n_obs, section_reader(model, section), 5)
-    want, idx, sims = ref.impute(emb, k=5, method="mean", return_neighbours=True)
+    want, idx, sims = ref.impute(emb, k=5, method=model.config.method, return_neighbours=True)
     assert np.array_equal(pred.X, want) and np.array_equal(pred.obsm["bleep_neighbours"], idx)
     assert np.array_equal(pred.obsm["bleep_similarities"], sims)
     assert np.allclose(pred.obs["uncertainty"], ref.expression[idx].std(axis=1).mean(axis=1), rtol=1e-6, atol=0)
