@@ -53,7 +53,8 @@ def load_set(name: str, config):
     ids = ids + ([extra] if extra else [])
     sections = [bleep_rs.read_section(DATA / name / s) for s in ids]
     um = um or native_um_per_px(sections[: len(SETS[name][0])])
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=list(config.fields_of_view), backbone=config.backbone))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=list(config.fields_of_view), backbone=config.backbone,
+                                  stain=config.stain))
     feats = [_section_features(model, s, config, um) for s in sections]
     return ids, sections, feats, um, model.spec.feature_dim
 

@@ -93,6 +93,28 @@ def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):
     assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
 
 
+def test_stain_normalises_every_patch_the_backbone_sees(model, tiny, tmp_path):
+    """stain="macenko": the backbone sees each patch Macenko-normalised (the Rust normaliser, torchstain's
+    reference stains), in training and prediction alike; the cache keeps the two apart; fine-tuning refuses it."""
+    stained = BleepModel(ModelConfig(panel=model.config.panel, fields_of_view=[1.0, 2.0], patch_size=64, stain="macenko")).eval()
+    stained.load_state_dict(model.state_dict())
+    patches = section_patches(tiny[0], 64, fields=(1, 2))[:6]
+    normalised = bleep_rs.MacenkoNormalizer().transform(patches.reshape(-1, 64, 64, 3)).reshape(patches.shape)
+    assert not np.array_equal(normalised, patches)
+    want = model.features(normalised, precision="float32")
+    np.testing.assert_array_equal(stained.features(patches, precision="float32"), want)
+    np.testing.assert_array_equal(stained.embed_images(patches, tta=False, precision="float32"), model.embed_images(normalised, tta=False, precision="float32"))
+    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path))
+    assert feature_cache_key(stained, tiny[0], cfg, 1.38, 8) != feature_cache_key(model, tiny[0], cfg, 1.38, 8)
+    bleep_rs.save_model(stained, tmp_path / "m")
+    np.testing.assert_array_equal(bleep_rs.load_model(tmp_path / "m").features(patches, precision="float32"), want)
+    with pytest.raises(BleepError, match="stain= normalises the patches of a frozen backbone"):
+        train(tiny, tmp_path / "ft", TrainConfig(stain="macenko", freeze_backbone=False, progress=False, device="cpu"))
+    assert not (tmp_path / "ft").exists()
+    with pytest.raises(BleepError, match="stain"):
+        TrainConfig(stain="reinhard")
+
+
 def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_path):
     cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path), progress=False, augment=False)
     first = _section_features(model, tiny[0], cfg, None)

@@ -14,6 +14,9 @@ from typing import List, Optional
 from ._core import BleepError
 from .reference import DEFAULT_K, METHODS
 
+#: What ``stain`` accepts: patches as they are, or Macenko-normalised to torchstain's reference stains.
+STAINS = ("none", "macenko")
+
 #: The default recipe's aggregation of the neighbours (the retrieval API's own default stays BLEEP's mean).
 RECIPE_METHOD = "softmax"
 
@@ -114,6 +117,9 @@ class TrainConfig:
     augment: bool = _opt(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
     tta: bool = _opt(True, "predict from the mean of the 8 dihedral views' embeddings (recorded in the model)")
     color_jitter: float = _opt(0.0, "brightness / contrast jitter amplitude (fine-tuning only)", low=0, high=1)
+    stain: str = _opt("none", "macenko: every patch Macenko-normalised to one reference stain before the backbone, in training and "
+                              "prediction (recorded in the model); helps HER2ST across patients, hurts MOB (docs/benchmarks.md)",
+                      choices=list(STAINS))
     # The heads and the loss.
     loss: str = _opt("bleep", "bleep (soft targets, method.md section 3) or clip", choices=list(LOSSES))
     temperature: float = _opt(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)",

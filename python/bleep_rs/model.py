@@ -70,6 +70,8 @@ class ModelConfig:
     # their features, each L2-normalised ("l2"; "none": as they come), are concatenated for the head.
     fields_of_view: List[float] = field(default_factory=lambda: [1.0])
     feature_norm: str = "l2"
+    # "macenko": every patch Macenko-normalised to torchstain's reference stain vectors before the backbone.
+    stain: str = "none"
     tta: bool = False  # average the embeddings of the 8 dihedral views of each patch at inference
     k: int = DEFAULT_K  # the neighbours and aggregation predict uses unless told otherwise
     method: str = DEFAULT_METHOD
@@ -134,8 +136,8 @@ class ModelConfig:
             return f"fields_of_view: {e}"
         from .reference import METHODS
 
-        if self.feature_norm not in ("l2", "none") or self.method not in METHODS:
-            return f"feature_norm {self.feature_norm!r} or method {self.method!r} is not one this version knows"
+        if self.feature_norm not in ("l2", "none") or self.method not in METHODS or self.stain not in ("none", "macenko"):
+            return f"feature_norm {self.feature_norm!r}, method {self.method!r} or stain {self.stain!r} is not one this version knows"
         return None
 
 
@@ -253,6 +255,15 @@ class BleepModel(nn.Module):
             raise BleepError(f"patches must be uint8, not {patches.dtype}")
         return patches
 
+    def stained(self, patches: np.ndarray) -> np.ndarray:
+        """uint8 patches (n, h, w, 3) as the backbone sees them: Macenko-normalised (in Rust) when the model's
+        ``stain`` says so (a patch without stain, background or glass, stays as it is)."""
+        if self.config.stain == "none" or len(patches) == 0:
+            return patches
+        from .normalize import MacenkoNormalizer
+
+        return MacenkoNormalizer().transform(patches)
+
     def features(self, patches: np.ndarray, *, views: Sequence[int] = (0,), precision: str = "auto", progress: bool = False) -> np.ndarray:
         """Fused backbone features float32 (len(views), n, fields * D) of the dihedral ``views`` (see
         :mod:`bleep_rs.augment`) of patches (n, fields, h, w, 3); precomputed features pass through.
@@ -264,7 +275,7 @@ class BleepModel(nn.Module):
         if not self.spec.takes_images:
             return np.ascontiguousarray(patches, dtype=np.float32)[None]
         n, nf = patches.shape[:2]
-        flat = patches.reshape(n * nf, *patches.shape[2:])
+        flat = self.stained(patches.reshape(n * nf, *patches.shape[2:]))
         out = np.empty((len(views), n, self.feature_dim), np.float32)
         several = len(views) > 1
         bar = None

@@ -197,6 +197,7 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
         "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": weights_digest(model.backbone),
         "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
         "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
+        **({"stain": model.config.stain} if model.config.stain != "none" else {}),  # the keys of unstained entries as before
         "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
         "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
         "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
@@ -528,11 +529,13 @@ def train(
     mcfg = ModelConfig(
         panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
         temperature=cfg.temperature, loss=cfg.loss, patch_size=cfg.patch_size, um_per_px=um,
-        fields_of_view=list(cfg.fields_of_view), tta=cfg.tta, k=cfg.k, method=cfg.method,
+        fields_of_view=list(cfg.fields_of_view), tta=cfg.tta, k=cfg.k, method=cfg.method, stain=cfg.stain,
         training=asdict(cfg), package_version=__version__, features_encoder=features_encoder,
     )
     model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights, random_init=cfg.random_init).to(device)
     frozen = cfg.freeze_backbone or not model.spec.takes_images
+    if not frozen and cfg.stain != "none":  # fine-tuning reads its patches without BleepModel.features
+        raise BleepError("stain= normalises the patches of a frozen backbone: not with freeze_backbone=False")
     if frozen:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
