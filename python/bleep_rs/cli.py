@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bleep_rs import BleepError, __version__
+from bleep_rs.config import RECIPE_METHOD
 from bleep_rs.reference import DEFAULT_K, METHODS
 
 #: The library's errors name its arguments (``um_per_px=X``); the command line says its flags instead.
@@ -224,7 +225,7 @@ def _add_others(sub) -> None:
                     help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
     pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
     pr.add_argument("--k", type=int, help=f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)")
-    pr.add_argument("--method", choices=list(METHODS), help="aggregation of the neighbours (default: the model's, mean)")
+    pr.add_argument("--method", choices=list(METHODS), help=f"aggregation of the neighbours (default: the model's, {RECIPE_METHOD} unless trained otherwise)")
     pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
     pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
     pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
