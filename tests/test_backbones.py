@@ -115,3 +115,6 @@ def test_a_hub_model_that_is_not_timm(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(BleepError, match="not a timm model config"):
         create_backbone("timm:hf-hub:lab/not-timm")
+    for bad in ("timm:hf-hub:", "timm:hf-hub:a b/c", "timm:hf-hub:../../x"):
+        with pytest.raises(BleepError, match="not a Hugging Face model id"):
+            create_backbone(bad)

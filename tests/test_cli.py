@@ -190,6 +190,8 @@ def test_library_errors_say_flags_on_the_command_line():
     assert as_flags("a exists: choose another out= or pass overwrite=True") == "a exists: choose another --out or pass --overwrite"
     assert as_flags("give fmt= with a name; pass resume=False, backbone_weights=FILE") == "give --format with a name; pass --fresh, --backbone-weights FILE"
     assert as_flags("layer='counts' (x.layer=1, my_out=2, --out=3)") == "--layer 'counts' (x.layer=1, my_out=2, --out=3)"
+    # Never inside a path: a folder may well be called sample=A1 or lr=0.001.
+    assert as_flags("out=/data/sample=A1/p.txt: no; /runs/lr=0.1/m exists") == "--out /data/sample=A1/p.txt: no; /runs/lr=0.1/m exists"
 
 
 def test_scanpy_draws_the_prediction_as_is(run, tmp_path):

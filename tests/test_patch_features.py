@@ -69,6 +69,18 @@ def test_matched_by_position_and_by_barcode_alike(tiny, tmp_path):
     assert encoder is None and kept[0].n_obs == sec.n_obs
 
 
+def test_a_spot_anywhere_in_a_patch_square_is_covered(tiny, tmp_path):
+    """A patch covers the spots inside its square, corners included (not only a disc around its centre)."""
+    sec = tiny[0]
+    xy = np.asarray(sec.obsm["spatial"], dtype=np.float64)
+    corner = np.round(xy - PATCH + 2).astype(np.int64)  # each spot 2 px inside its patch's bottom-right corner
+    with h5py.File(tmp_path / "corner.h5", "w") as f:
+        f["features"] = spot_features(sec)
+        f.create_dataset("coords", data=corner).attrs["patch_size_level0"] = PATCH
+    spots, rows = read_patch_features(tmp_path / "corner.h5").rows_for(sec)
+    assert np.array_equal(spots, np.arange(sec.n_obs)) and np.array_equal(rows, np.arange(sec.n_obs))
+
+
 def test_spots_without_a_patch_are_left_out_with_a_warning(tiny, tmp_path):
     sec = tiny[0]
     keep = np.arange(3, sec.n_obs)
@@ -93,6 +105,7 @@ def test_spots_without_a_patch_are_left_out_with_a_warning(tiny, tmp_path):
         (lambda f: f["coords"].attrs.__setitem__("patch_size_level0", -4), "patch size is -4.0"),
         (lambda f: (f.__delitem__("features"), f.create_dataset("features", data=np.array(["a", "b"], dtype="S1"))), "must be a numeric matrix"),
         (lambda f: f.create_dataset("barcodes", data=np.array([b"x"] * 4)), "4 barcodes for 25 patches"),
+        (lambda f: f.create_dataset("barcodes", data=np.array([b"x"] * 25)), r"barcodes repeats barcodes \['x'\]"),
     ],
 )
 def test_damaged_files_name_the_problem(tiny, tmp_path, damage, message):
@@ -101,6 +114,14 @@ def test_damaged_files_name_the_problem(tiny, tmp_path, damage, message):
         damage(f)
     with pytest.raises(BleepError, match=message):
         read_patch_features(path)
+
+
+def test_image_options_are_refused_with_features():
+    assert bleep_rs.TrainConfig().for_features(DIM).backbone == f"features:{DIM}"
+    for options, named in [({"stain": "macenko"}, "stain=macenko"), ({"freeze_backbone": False}, "freeze_backbone=False"),
+                           ({"backbone_weights": "w.pth"}, "backbone_weights=")]:
+        with pytest.raises(BleepError, match=f"{named}: not with precomputed features"):
+            bleep_rs.TrainConfig(**options).for_features(DIM)
 
 
 def test_not_an_h5_file(tmp_path):
@@ -117,6 +138,13 @@ def test_no_way_to_place_the_patches(tiny, tmp_path):
         f["coords"] = np.zeros((tiny[0].n_obs, 2))  # no patch size: corners cannot become centres
     with pytest.raises(BleepError, match="no coords with a patch size"):
         read_patch_features(tmp_path / "bare.h5").rows_for(tiny[0])
+    # Nor can they be predicted as tiles: they have no positions.
+    from bleep_rs.model import BleepModel, ModelConfig, build_reference
+    from bleep_rs.predict import predict_features
+
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=list(tiny[0].var_names[:4])), backbone=f"features:{DIM}")).eval()
+    with pytest.raises(BleepError, match="the patches have no positions"):
+        predict_features(model, build_reference(model, tiny[:1]), tmp_path / "bare.h5")
 
 
 def test_command_line_end_to_end(tiny, tmp_path):

@@ -129,7 +129,8 @@ def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_i
     if pretrained and weights not in (None, "hub"):
         if not os.path.exists(weights):
             raise BleepError(f"{weights}: no such weights file")
-        _load_strict(net, _load_state(weights), weights, net.default_cfg.get("classifier", "head") + ".")
+        heads = net.default_cfg.get("classifier") or "head"  # one name, or several (a distilled ViT's two heads)
+        _load_strict(net, _load_state(weights), weights, tuple(h + "." for h in ([heads] if isinstance(heads, str) else heads)))
     cfg = net.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     spec = BackboneSpec(name, int(net.num_features), size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -155,7 +156,10 @@ def _hub_cached(repo: str) -> tuple:
     except ImportError as e:
         raise BleepError("timm:hf-hub: backbones need huggingface-hub: pip install huggingface-hub") from e
     cache = _hub_cache()
-    found = {f: try_to_load_from_cache(repo, f, cache_dir=cache) for f in ("config.json", "model.safetensors", "pytorch_model.bin")}
+    try:
+        found = {f: try_to_load_from_cache(repo, f, cache_dir=cache) for f in ("config.json", "model.safetensors", "pytorch_model.bin")}
+    except ValueError as e:  # huggingface_hub's HFValidationError: not an ORG/NAME id
+        raise BleepError(f"timm:hf-hub:{repo}: not a Hugging Face model id ({e}): write timm:hf-hub:ORG/NAME") from e
     found = {f: p for f, p in found.items() if isinstance(p, str)}
     weights = found.get("model.safetensors") or found.get("pytorch_model.bin")
     if "config.json" not in found or weights is None:
@@ -187,7 +191,7 @@ def _lite_weights_file(name: str) -> str:
     return getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
-def _load_strict(net, state: dict, path: str, classifier: str) -> None:
+def _load_strict(net, state: dict, path: str, classifier) -> None:
     """Loads weights that must fit the network exactly, but for its classifier (``classifier``: the key
     prefix; the features never use it); a mismatch is an error listing the keys."""
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}

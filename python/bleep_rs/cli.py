@@ -21,18 +21,21 @@ FLAGS = {
     "out": "--out", "out_dir": "--out", "ids": "--ids", "sample": "--ids", "layer": "--layer", "device": "--device",
     "backbone": "--backbone", "backbone_weights": "--backbone-weights", "cache_dir": "--cache-dir", "epochs": "--epochs",
     "lr": "--lr", "val_fraction": "--val-fraction", "n_top_genes": "--n-top-genes", "features": "--features",
+    "stain": "--stain", "image": "--image", "genes": "--genes",
 }
 #: Arguments whose value is a switch of its own.
 SWITCHES = {"overwrite=True": "--overwrite", "resume=False": "--fresh", "freeze_backbone=False": "--no-freeze-backbone",
             "random_init=True": "--random-init", "tta=False": "--no-tta"}
-_ARGUMENT = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(\S?)")
+# An argument starts the message or follows a space or an opening bracket: never inside a path (/runs/lr=0.1/).
+_BEFORE = r"(?<![^\s(\[])"
+_ARGUMENT = re.compile(_BEFORE + "(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(\S?)")
 
 
 def as_flags(message: str) -> str:
     """A library message with its arguments as this command line's flags: ``um_per_px=X`` -> ``--um-per-px
     X``, ``overwrite=True`` -> ``--overwrite`` (the one translation between the library and the app)."""
     for text, flag in SWITCHES.items():
-        message = re.sub(r"(?<![\w.-])" + re.escape(text), flag, message)
+        message = re.sub(_BEFORE + re.escape(text), flag, message)
 
     def flag(m: "re.Match") -> str:
         after = m.group(2)

@@ -192,6 +192,11 @@ class TrainConfig:
         backbone = f"features:{int(dim)}"
         if self.backbone not in (DEFAULT_BACKBONE, backbone):
             raise BleepError(f"the features files hold {dim}-dimensional features: backbone must be {backbone}, not {self.backbone}")
+        image_only = {"freeze_backbone=False": not self.freeze_backbone, "stain=macenko": self.stain != "none",
+                      "backbone_weights=": self.backbone_weights is not None}
+        given = [name for name, used in image_only.items() if used]
+        if given:
+            raise BleepError(f"{', '.join(given)}: not with precomputed features (they are an image backbone's options)")
         return dataclasses.replace(self, backbone=backbone, fields_of_view=[1.0])
 
     @classmethod

@@ -351,8 +351,11 @@ def predict_features(model, reference, features, *, section=None, k: Optional[in
                     seconds={"total": time.perf_counter() - t})
         return _assemble(imputed, reference, section.obs_names[spots], section.obsm["spatial"][spots],
                          dict(section.uns.get("spatial", {})), info, neighbours)
+    if pf.centres is None:
+        raise BleepError(f"{pf.path}: the patches have no positions (coords with a patch size, TRIDENT's patch_size_level0): "
+                         "predict them at a section's spots (section=, matched by barcode), or give a file with coords and patch size")
     imputed = _impute(reference, model.embed_images(pf.features), k=k, method=method)
-    xy = pf.centres if pf.centres is not None else np.full((len(pf), 2), np.nan)
+    xy = pf.centres
     lib = pf.path.stem
     spatial = {lib: {"images": {}, "scalefactors": {"spot_diameter_fullres": float(pf.patch_size_level0 or 1.0)}, "metadata": {"layout": "features"}}}
     info.update(mode="tiles", library_id=lib, source="", shape="square", seconds={"total": time.perf_counter() - t})

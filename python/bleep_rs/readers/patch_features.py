@@ -6,7 +6,7 @@
 * HEST (the benchmark's ``embed_tiles``): ``embeddings`` (n, D), ``barcodes`` (n, 1) and ``coords``.
 
 A features file is matched to a section's spots by barcode where the file has them, else by position: each
-spot takes the patch whose centre is nearest its own, within half a patch side. A spot no patch covers is
+spot takes the patch whose square holds it (the nearest centre in the maximum norm, within half a patch side). A spot no patch covers is
 left out of training and of the reference (with a warning); fewer than half the spots matched is an error
 (the file is likely another section's).
 """
@@ -91,7 +91,8 @@ class PatchFeatures:
 
         if len(self) == 0 or len(spot_xy) == 0:
             return np.arange(0), np.arange(0)
-        dist, rows = cKDTree(self.centres).query(spot_xy)
+        # The Chebyshev distance: a spot is covered when it lies inside the patch's square, corners included.
+        dist, rows = cKDTree(self.centres).query(spot_xy, p=np.inf)
         inside = dist <= self.patch_size_level0 / 2
         return np.flatnonzero(inside), rows[inside]
 
@@ -167,6 +168,9 @@ def read_patch_features(path) -> PatchFeatures:
             if len(raw) != n:
                 raise BleepError(f"{path}: {len(raw)} {bkey} for {n} patches")
             barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object)
+            if len(set(barcodes)) != len(barcodes):
+                twice = sorted({b for b in barcodes if list(barcodes).count(b) > 1})[:3] if n < 100_000 else []
+                raise BleepError(f"{path}: {bkey} repeats barcodes {twice}: each patch must have its own")
     return PatchFeatures(path, feats, centres, barcodes, encoder, size)
 
 
