@@ -99,6 +99,11 @@ def test_timm_model_from_the_hugging_face_cache(tmp_path, monkeypatch):
 
     state = model.backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    # Random weights only when asked; the hub itself is never a source.
+    fresh, _ = create_backbone("timm:hf-hub:lab/tiny-vit", random_init=True)
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(BleepError, match="backbone_weights='hub' does not apply"):
+        create_backbone("timm:hf-hub:lab/tiny-vit", weights="hub")
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     cli("reference", TINY / "C2", "--model", model_dir, "--out", ref)

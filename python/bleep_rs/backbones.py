@@ -108,9 +108,11 @@ def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_i
         raise BleepError(f"backbone {name!r} needs timm: pip install timm") from e
     model_name = name.split(":", 1)[1]
     if model_name.startswith("hf-hub:"):
+        if weights == "hub":
+            raise BleepError(f"backbone {name!r} comes from the local Hugging Face cache: backbone_weights='hub' does not apply")
         if build is None or pretrained:  # training: from the cache; a saved model: its recorded architecture
             build, cached = _hub_cached(model_name.split(":", 1)[1])
-            weights = weights or cached
+            weights = weights or (None if random_init else cached)
         model_name, kwargs = build["architecture"], dict(build.get("model_args") or {})
         kwargs.update(pretrained_cfg=build.get("pretrained_cfg"))
     else:

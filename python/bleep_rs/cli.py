@@ -420,7 +420,9 @@ def _run_predict_features(args) -> None:
         fmt, outputs = prediction_format(args.out, args.format), {args.features[0]: args.out}
     for target in outputs.values():
         _claim(args, target, inputs, overwrite=args.overwrite or several)
-    model, ref = load_model(args.model), Reference.load(args.reference)
+    from bleep_rs.training import pick_device
+
+    model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um) if args.section is not None else None
     for path, out in outputs.items():
         state = output_state(out) if several else "absent"

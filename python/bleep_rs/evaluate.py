@@ -144,11 +144,11 @@ def write_report(report: Dict[str, object], path: "os.PathLike[str] | str", *, t
     import io
     import json
 
-    from ._atomic import atomic_path, check_output
+    from ._atomic import LIBRARY_OUTPUT, atomic_path, check_output
 
     json_path, csv_path = report_paths(path)
     for p in (json_path, csv_path):
-        check_output(p, overwrite=overwrite)
+        check_output(p, overwrite=overwrite, **LIBRARY_OUTPUT)
     heg, hvg = set(report[f"heg{top}_genes"]), set(report[f"hvg{top}_genes"])
     table = io.StringIO()
     w = csv.writer(table)

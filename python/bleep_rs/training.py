@@ -467,7 +467,7 @@ def _check_out(out: Path, cfg: TrainConfig, sections: Sequence) -> None:
     from ._atomic import check_output
 
     inputs = [s for s in sections if isinstance(s, (str, os.PathLike))] + [cfg.backbone_weights]
-    check_output(out, inputs=inputs, overwrite=cfg.overwrite)
+    check_output(out, inputs=inputs, overwrite=cfg.overwrite, option="out_dir")
     if out.exists() and not out.is_dir():
         raise BleepError(f"{out} exists and is not a model directory")
 
@@ -485,7 +485,7 @@ def _one_writer(train_fn):
 
         first = os.environ.get("RANK", "0") == "0"
         if first:
-            check_output(out_dir, overwrite=True)  # a folder the lock can be made in; the rest once it is held
+            check_output(out_dir, overwrite=True, option="out_dir")  # a folder the lock can be made in; the rest once it is held
         with output_lock(out_dir) if first else contextlib.nullcontext():
             return train_fn(sections, out_dir, *args, **kwargs)
 
