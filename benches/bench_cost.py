@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from bench_quality import DATA, SETS, fold_targets, folds, load_set  # noqa: E402
+from bench_quality import DATA, SETS, fold_targets, folds, load_set, training_data  # noqa: E402
 
 FIELDS = {"1": [0], "1+2": [0, 1], "1+2+3": [0, 1, 2]}
 VIEWS = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(8))}
@@ -77,8 +77,7 @@ def main():
             print(f"{name:<22} {backbone_seconds_per_1000(section, None, name):6.2f} s per 1,000 patches (ONNX Runtime, one field, one view)", flush=True)
         return
     from bleep_rs.evaluate import summarise
-    from bleep_rs.expression import panel_expression
-    from bleep_rs.training import TrainingData, train
+    from bleep_rs.training import train
 
     config = bleep_rs.TrainConfig()
     work = ROOT / ".bench" / "cost-models"
@@ -93,15 +92,13 @@ def main():
                 continue
             train_secs = [sections[i] for i in tr]
             panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
-            expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])
-            labels = np.concatenate([[str(i)] * s.n_obs for i, s in enumerate(train_secs)])
             for fname, fidx in FIELDS.items():
-                train_f = np.concatenate([fields_of(feats[i], fidx, dim) for i in tr], axis=1)
+                data = training_data(train_secs, [fields_of(feats[i], fidx, dim) for i in tr], panel)
                 test_f = fields_of(feats[held], fidx, dim)
                 for seed in args.seeds:
                     cfg = bleep_rs.TrainConfig(fields_of_view=[float(i + 1) for i in fidx], seed=seed, um_per_px=um,
                                                progress=False, overwrite=True, resume=False)
-                    model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=TrainingData(train_f, expr, labels, panel))
+                    model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=data)
                     ref = bleep_rs.build_reference(model, train_secs)
                     for nv, views in VIEWS.items():
                         emb = model.embed_features(test_f[list(views)] if nv > 1 else test_f[0])

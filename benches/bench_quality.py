@@ -127,18 +127,32 @@ def probe(train_fs, train_ys, test_f):
     return _ridge(pca(x), y, pca(test_f), [ALPHAS[int(np.argmax(score))]])[0]
 
 
+def probe3_of(done: dict, train_fs, train_ys, test_f):
+    """The probe on the 3 fields, computed once per fold (``done``: the fold's results so far)."""
+    if "probe3" not in done:
+        done["probe3"] = probe(train_fs, train_ys, test_f)
+    return done["probe3"]
+
+
+def training_data(train_secs, train_feats, panel):
+    """The training inputs of a fold: the sections' cached features (views, n, features each), their panel
+    expression and section labels."""
+    from bleep_rs.expression import panel_expression
+    from bleep_rs.training import TrainingData
+
+    expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])
+    labels = np.concatenate([[str(i)] * s.n_obs for i, s in enumerate(train_secs)])
+    return TrainingData(np.concatenate(train_feats, axis=1), expr, labels, panel)
+
+
 def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, base, um):
     """bleep_rs.train with the default recipe (its inputs: the cached features), then the reference and the
     prediction as the CLI makes them."""
     import bleep_rs
-    from bleep_rs.expression import panel_expression
-    from bleep_rs.training import TrainingData, train
+    from bleep_rs.training import train
 
     cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "um_per_px": um, "progress": False, "overwrite": True, "resume": False})
-    expr = np.concatenate([panel_expression(s, panel, warn=False) for s in train_secs])
-    labels = np.concatenate([[str(i)] * s.n_obs for i, s in enumerate(train_secs)])
-    data = TrainingData(np.concatenate(train_feats, axis=1), expr, labels, panel)
-    model = train(train_secs, out_dir, cfg, data=data)
+    model = train(train_secs, out_dir, cfg, data=training_data(train_secs, train_feats, panel))
     ref = bleep_rs.build_reference(model, train_secs)
     emb = model.embed_features(test_feats if model.config.tta else test_feats[0])
     return ref.impute(emb, k=model.config.k, method=model.config.method), ref.genes
@@ -176,6 +190,7 @@ def main():
             train_y = [panel_expression(s, genes, warn=False) for s in train_secs]
             single = [f[0, :, :dim] for f in feats]  # field 1, view 0
             multi = [f[0] for f in feats]
+            done: dict = {}  # per fold: the 3-field probe and each seed's default recipe, which blend and blendz reuse
             for method in args.methods:
                 for seed in args.seeds if method in ("default", "blend", "blendz") else [None]:
                     t = time.perf_counter()
@@ -186,12 +201,14 @@ def main():
                     elif method == "probe":
                         pred = probe([single[i] for i in tr], train_y, single[held])
                     elif method == "probe3":
-                        pred = probe([multi[i] for i in tr], train_y, multi[held])
+                        pred = probe3_of(done, [multi[i] for i in tr], train_y, multi[held])
                     else:  # the default recipe, alone or averaged with the 3-field probe (blend, blendz)
-                        pred, ref_genes = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
+                        if seed not in done:
+                            done[seed] = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
+                        pred, ref_genes = done[seed]
                         assert list(ref_genes) == list(genes)
                         if method in ("blend", "blendz"):
-                            other = probe([multi[i] for i in tr], train_y, multi[held])
+                            other = probe3_of(done, [multi[i] for i in tr], train_y, multi[held])
                             if method == "blendz":  # the probe's prediction given the default's per-gene mean and spread first
                                 other = (other - other.mean(0)) / np.maximum(other.std(0), 1e-12) * pred.std(0) + pred.mean(0)
                             pred = 0.5 * (pred + other)

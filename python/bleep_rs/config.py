@@ -12,10 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from ._core import BleepError
+from .normalize import STAINS
 from .reference import DEFAULT_K, METHODS
-
-#: What ``stain`` accepts: patches as they are, or Macenko-normalised to torchstain's reference stains.
-STAINS = ("none", "macenko")
 
 #: The default recipe's aggregation of the neighbours (the retrieval API's own default stays BLEEP's mean).
 RECIPE_METHOD = "softmax"

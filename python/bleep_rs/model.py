@@ -134,9 +134,10 @@ class ModelConfig:
             check_fields(self.fields_of_view)
         except (BleepError, TypeError, ValueError) as e:
             return f"fields_of_view: {e}"
+        from .normalize import STAINS
         from .reference import METHODS
 
-        if self.feature_norm not in ("l2", "none") or self.method not in METHODS or self.stain not in ("none", "macenko"):
+        if self.feature_norm not in ("l2", "none") or self.method not in METHODS or self.stain not in STAINS:
             return f"feature_norm {self.feature_norm!r}, method {self.method!r} or stain {self.stain!r} is not one this version knows"
         return None
 

@@ -15,7 +15,10 @@ import numpy as np
 from . import _core
 from ._core import BleepError
 
-__all__ = ["MacenkoNormalizer", "ReinhardNormalizer", "to_tensor", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MacenkoNormalizer", "ReinhardNormalizer", "to_tensor", "IMAGENET_MEAN", "IMAGENET_STD", "STAINS"]
+
+#: What a model's ``stain`` may be: patches as they are, or Macenko-normalised to torchstain's reference stains.
+STAINS = ("none", "macenko")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

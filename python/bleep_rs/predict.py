@@ -265,6 +265,11 @@ def embed_batches(model, n: int, read: Callable[[slice], np.ndarray], *, name: s
     return emb, seconds
 
 
+def _spot_shape(info: dict) -> str:
+    """How a section's spots are drawn: Visium HD's bins are squares, every other spot a circle."""
+    return "square" if info.get("platform") == "visium-hd" else "circle"
+
+
 def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
     """k and the aggregation: as given, else the model's recorded defaults."""
     return int(k if k is not None else model.config.k), method or model.config.method
@@ -308,7 +313,7 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
         "um_per_px": float(cfg.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
         "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
-        "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": "square" if info.get("platform") == "visium-hd" else "circle",
+        "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": _spot_shape(info),
     }
     return _assemble(imputed, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
 
@@ -347,7 +352,7 @@ def predict_features(model, reference, features, *, section=None, k: Optional[in
         imputed = _impute(reference, model.embed_images(pf.features[rows]), k=k, method=method)
         sec = section.uns.get("bleep", {})
         info.update(mode="spots", library_id=sec.get("library_id", "section"), source=str(sec.get("image_path", "")),
-                    image_um_per_px=float(sec.get("um_per_px", 0.0)), shape="square" if sec.get("platform") == "visium-hd" else "circle",
+                    image_um_per_px=float(sec.get("um_per_px", 0.0)), shape=_spot_shape(sec),
                     seconds={"total": time.perf_counter() - t})
         return _assemble(imputed, reference, section.obs_names[spots], section.obsm["spatial"][spots],
                          dict(section.uns.get("spatial", {})), info, neighbours)
@@ -355,11 +360,10 @@ def predict_features(model, reference, features, *, section=None, k: Optional[in
         raise BleepError(f"{pf.path}: the patches have no positions (coords with a patch size, TRIDENT's patch_size_level0): "
                          "predict them at a section's spots (section=, matched by barcode), or give a file with coords and patch size")
     imputed = _impute(reference, model.embed_images(pf.features), k=k, method=method)
-    xy = pf.centres
     lib = pf.path.stem
-    spatial = {lib: {"images": {}, "scalefactors": {"spot_diameter_fullres": float(pf.patch_size_level0 or 1.0)}, "metadata": {"layout": "features"}}}
+    spatial = {lib: {"images": {}, "scalefactors": {"spot_diameter_fullres": float(pf.patch_size_level0)}, "metadata": {"layout": "features"}}}
     info.update(mode="tiles", library_id=lib, source="", shape="square", seconds={"total": time.perf_counter() - t})
-    return _assemble(imputed, reference, pf.tile_ids(), xy, spatial, info, neighbours)
+    return _assemble(imputed, reference, pf.tile_ids(), pf.centres, spatial, info, neighbours)
 
 
 @dataclass(frozen=True)
