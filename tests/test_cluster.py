@@ -158,3 +158,43 @@ def test_a_lost_worker_is_recovered_from(client, single, tmp_path):
         served.search(q, 20)
     served.close()
     client.wait_for_workers(2, timeout=60)
+
+
+def test_work_is_spread_evenly_however_dask_placed_the_shards(single):
+    """Every shard opened on a lone worker, then a second worker joins: loading again balances the
+    spots each searches (a shard copied to the idle worker), and the answers stay those of one file."""
+    ref, folder = single
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        served = Reference.load(folder / "atlas", client=c)
+        cluster.scale(2)
+        c.wait_for_workers(2)
+        shards = served._shards
+        assert len({a for addrs in shards.who_has().values() for a in addrs}) == 1  # all on the first worker
+        shards._balance(shards.sizes)
+        load: dict = {}
+        for i, addr in shards._holders(range(len(shards.sizes))).items():
+            load[addr] = load.get(addr, 0) + shards.sizes[i]
+        assert len(load) == 2 and max(load.values()) - min(load.values()) <= max(shards.sizes), load
+        q = queries(single)
+        np.testing.assert_array_equal(served.search(q, 20)[0], ref.search(q, 20)[0])
+        np.testing.assert_allclose(served.impute(q, 20, "mean"), ref.impute(q, 20, "mean"), rtol=2e-5, atol=2e-5)
+        served.close()
+
+
+def test_a_worker_near_its_memory_limit_releases_the_mapped_pages(single):
+    """Dask counts mapped file pages as a worker's memory: above half its limit a worker drops them after
+    each step (else it spills the shards, which then reopen at every use). Answers are unchanged."""
+    import dask
+
+    ref, folder = single
+    # A limit below what any worker holds, without Dask's own reactions to it (spill, pause, restart).
+    never = {f"distributed.worker.memory.{s}": False for s in ("target", "spill", "pause", "terminate")}
+    with dask.config.set(never), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                                          memory_limit="64MiB") as cluster, distributed.Client(cluster) as c:
+        served = Reference.load(folder / "atlas", client=c)
+        q = queries(single)
+        np.testing.assert_allclose(served.impute(q, 20, "softmax"), ref.impute(q, 20, "softmax"), rtol=2e-5, atol=2e-5)
+        assert sum(c.run(lambda: bleep_rs.cluster.RELEASED["shards"]).values()) >= 2 * len(served.shards)  # search and aggregate
+        np.testing.assert_array_equal(served.search(q, 20)[0], ref.search(q, 20)[0])
+        served.close()

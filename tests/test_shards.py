@@ -327,3 +327,18 @@ def test_import_and_local_load_do_not_import_dask(atlas):
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'dask', 'distributed'}))")
     out = subprocess.run([sys.executable, "-c", code, str(atlas)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_released_pages_read_back_the_same(tmp_path, rng):
+    """A shard's mapped pages dropped from the process (what a Dask worker near its memory limit does)
+    are read again from the file: the same answers; a reference built in memory has none to drop."""
+    emb, expr = rng.standard_normal((120, 8)).astype(np.float32), rng.gamma(2.0, 1.0, (120, 5)).astype(np.float32)
+    ref = Reference.build(emb, expr, [f"g{i}" for i in range(5)])
+    ref.save(tmp_path / "atlas", shard_spots=50)
+    entry = json.loads((tmp_path / "atlas" / MANIFEST).read_text())["shards"][0]
+    shard = bleep_rs.shards._open_shard(str(tmp_path / "atlas" / entry["file"]), entry)
+    q = rng.standard_normal((7, 8)).astype(np.float32)
+    before = shard.core.impute(q, 5, "mean")
+    shard.release_pages()
+    np.testing.assert_array_equal(shard.core.impute(q, 5, "mean"), before)
+    assert shard.core.release_pages() is True and ref._core.release_pages() is False

@@ -232,6 +232,10 @@ class _Shard:
         """The threads of a call: its own ``threads=``, else those the shard was opened with."""
         return self.threads if threads is None else threads
 
+    def release_pages(self) -> None:
+        """Drops this process's mapping of the file's pages (:meth:`ReferenceCore.release_pages`)."""
+        self.core.release_pages()
+
     def __reduce__(self):
         return (_Shard, (self.path, self.entry, self.threads))
 

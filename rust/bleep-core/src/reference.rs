@@ -63,6 +63,8 @@ pub struct Reference {
     spot_ids: Names,
     sections: Option<Names>,
     provenance: String,
+    /// The file this reference reads in place (a version-2 file), for [`Reference::release_pages`].
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 /// One name per spot (ids, sections): given, the default "0", "1", ..., or the JSON text of a list in the
@@ -327,7 +329,27 @@ impl Reference {
             spot_ids,
             sections,
             provenance,
+            map: None,
         })
+    }
+
+    /// Drops this process's mapping of the file's pages (`madvise(MADV_DONTNEED)`; true where there was
+    /// a mapped file). Resident memory falls by whatever reads touched; the pages stay in the kernel's
+    /// page cache, and the next read maps them again (a minor fault, no disk read). For processes whose
+    /// memory is accounted by resident size, mapped file pages included: a Dask worker spills its data,
+    /// then pauses, when it counts them (`bleep_rs.cluster`).
+    pub fn release_pages(&self) -> Result<bool> {
+        let Some(map) = &self.map else {
+            return Ok(false);
+        };
+        #[cfg(unix)]
+        // SAFETY: the map is a shared, read-only mapping of a file nobody modifies in place (see `load`):
+        // pages dropped from this process read back the same bytes from the page cache or the file.
+        unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }
+            .map_err(|e| Error::invalid(format!("madvise(MADV_DONTNEED) failed: {e}")))?;
+        #[cfg(not(unix))]
+        let _ = map;
+        Ok(true)
     }
 
     /// Number of reference spots.
@@ -829,7 +851,7 @@ impl Reference {
         };
         let spot_ids = names("spot_ids", "spot_ids")?.unwrap_or_else(|| Names::default_ids(n));
         let sections = names("sections", "sections")?;
-        Reference::assemble_names(
+        let mut reference = Reference::assemble_names(
             index,
             expression,
             genes,
@@ -837,7 +859,9 @@ impl Reference {
             sections,
             meta.get("provenance").cloned(),
         )
-        .map_err(|e| bad(e.to_string()))
+        .map_err(|e| bad(e.to_string()))?;
+        reference.map = Some(Arc::clone(&map));
+        Ok(reference)
     }
 }
 
@@ -1041,6 +1065,13 @@ mod tests {
                 assert_eq!(a.expression, vec![0.5, 0.0]);
                 // The search read the panels stored in the file.
                 assert!(back.index().panels_mapped() && !r.index().panels_mapped());
+                // Pages released from the process read back the same (from the page cache).
+                assert!(back.release_pages().unwrap() && !r.release_pages().unwrap());
+                assert_eq!(
+                    back.impute(q, 2, Method::Mean).unwrap().expression,
+                    a.expression
+                );
+                assert_eq!(back.expression(), r.expression());
                 // Saving a mapped reference over its own file leaves the mapped one intact.
                 back.save(&path).unwrap();
                 assert_eq!(back.expression(), r.expression());

@@ -392,6 +392,13 @@ impl PyReference {
         matrix(py, out, idx.rows, idx.cols)
     }
 
+    /// Drops this process's mapping of the file's pages (resident memory falls; the page cache keeps
+    /// them, and the next read maps them again). True where the reference reads a mapped file.
+    fn release_pages(&self, py: Python<'_>) -> PyResult<bool> {
+        py.detach(|| self.inner.release_pages())
+            .map_err(|e| BleepError::new_err(e.to_string()))
+    }
+
     #[getter]
     fn n_spots(&self) -> usize {
         self.inner.n_spots()
