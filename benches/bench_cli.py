@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
-SETS = {"mob": (["MOB1", "MOB2", "MOB3", "MOB4"], ["--um-per-px", "1.0"]), "her2st": (["C2", "C3", "C4"], [])}
+SETS = {"mob": (["MOB1", "MOB2", "MOB3", "MOB4"], ["--patch-um-per-px", "1.0"]), "her2st": (["C2", "C3", "C4"], [])}
 
 
 def cli(*args) -> float:

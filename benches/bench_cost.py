@@ -96,7 +96,7 @@ def main():
                 data = training_data(train_secs, [fields_of(feats[i], fidx, dim) for i in tr], panel)
                 test_f = fields_of(feats[held], fidx, dim)
                 for seed in args.seeds:
-                    cfg = bleep_rs.TrainConfig(fields_of_view=[float(i + 1) for i in fidx], seed=seed, um_per_px=um,
+                    cfg = bleep_rs.TrainConfig(fields_of_view=[float(i + 1) for i in fidx], seed=seed, patch_um_per_px=um,
                                                progress=False, overwrite=True, resume=False)
                     model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=data)
                     ref = bleep_rs.build_reference(model, train_secs)

@@ -81,8 +81,7 @@ def mosaic_tiff() -> Path:
 def model_and_reference(name: str) -> tuple:
     """The bench's model ``name`` and its reference, trained and built on C2-C4 once, then loaded."""
     import bleep_rs
-    from bleep_rs.config import TrainConfig
-    from bleep_rs.training import train
+    from bleep_rs.training import TrainConfig, train
 
     model_dir, ref_path = WORK / f"model_{name}", WORK / f"reference_{name}.safetensors"
     sections = [DATA / "her2st" / s for s in ("C2", "C3", "C4")]

@@ -47,7 +47,8 @@ def load_set(name: str, config):
     """Sections (the extra cross-patient one last) and their cached multi-scale, 8-view features."""
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
-    from bleep_rs.training import _section_features, native_um_per_px
+    from bleep_rs.training import native_um_per_px
+    from bleep_rs.training.features import section_features
 
     ids, um, extra = SETS[name]
     ids = ids + ([extra] if extra else [])
@@ -55,7 +56,7 @@ def load_set(name: str, config):
     um = um or native_um_per_px(sections[: len(SETS[name][0])])
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=list(config.fields_of_view), backbone=config.backbone,
                                   stain=config.stain))
-    feats = [_section_features(model, s, config, um) for s in sections]
+    feats = [section_features(model, s, config, um) for s in sections]
     return ids, sections, feats, um, model.spec.feature_dim
 
 
@@ -151,7 +152,7 @@ def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, ba
     import bleep_rs
     from bleep_rs.training import train
 
-    cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "um_per_px": um, "progress": False, "overwrite": True, "resume": False})
+    cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "patch_um_per_px": um, "progress": False, "overwrite": True, "resume": False})
     model = train(train_secs, out_dir, cfg, data=training_data(train_secs, train_feats, panel))
     ref = bleep_rs.build_reference(model, train_secs)
     emb = model.embed_features(test_feats if model.config.tta else test_feats[0])

@@ -237,16 +237,16 @@ def test_what_an_interrupt_kept_is_said(tmp_path):
 
 
 def test_a_replaced_or_damaged_feature_cache_entry_is_recomputed(tiny, tmp_path):
-    from bleep_rs.training import _section_features
+    from bleep_rs.training.features import section_features
 
     cfg = TrainConfig(patch_size=32, fields_of_view=[1.0], augment=False, progress=False, cache_dir=str(tmp_path))
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), fields_of_view=[1.0], patch_size=32)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a first computation and a hit: no warning
-        want = _section_features(model, tiny[0], cfg, None)
-        assert np.array_equal(_section_features(model, tiny[0], cfg, None), want)
+        want = section_features(model, tiny[0], cfg, None)
+        assert np.array_equal(section_features(model, tiny[0], cfg, None), want)
     entry, = (tmp_path / "features").glob("*.npy")
-    other = _section_features(model, tiny[1], cfg, None)
+    other = section_features(model, tiny[1], cfg, None)
     replacements = {
         "random features": np.random.default_rng(0).standard_normal(want.shape).astype(np.float32),
         "another section's features": np.concatenate([other, other[:, :1]], axis=1),  # same shape
@@ -255,12 +255,12 @@ def test_a_replaced_or_damaged_feature_cache_entry_is_recomputed(tiny, tmp_path)
     for what, array in replacements.items():
         np.save(entry, array, allow_pickle=False)
         with pytest.warns(UserWarning, match="do not match their checksum"):
-            got = _section_features(model, tiny[0], cfg, None)
+            got = section_features(model, tiny[0], cfg, None)
         assert np.array_equal(got, want), what
         entry, = [p for p in (tmp_path / "features").glob("*.npy") if p.stem.split("-")[0] == entry.stem.split("-")[0]]
     entry.write_bytes(entry.read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="do not match their checksum"):
-        assert np.array_equal(_section_features(model, tiny[0], cfg, None), want)
+        assert np.array_equal(section_features(model, tiny[0], cfg, None), want)
 
 
 def test_non_finite_expression_is_refused_naming_the_row():
@@ -331,7 +331,7 @@ def test_the_log_says_only_what_was_measured(tiny, tmp_path, capsys):
 BAD_VALUES = [
     ("lr", -0.001, "--lr", "must be a positive finite number, got -0.001"),
     ("weight_decay", -1.0, "--weight-decay", "must be a finite number >= 0, got -1"),
-    ("um_per_px", 0.0, "--um-per-px", "must be a positive finite number, got 0"),
+    ("patch_um_per_px", 0.0, "--patch-um-per-px", "must be a positive finite number, got 0"),
     ("val_fraction", -1.0, "--val-fraction", "must be a finite number >= 0 and < 1, got -1"),
     ("val_fraction", float("nan"), "--val-fraction", "must be a finite number >= 0 and < 1, got nan"),
     ("warmup_epochs", float("nan"), "--warmup-epochs", "must be a finite number >= 0, got nan"),
@@ -374,7 +374,7 @@ def test_types_are_checked_too():
 
 
 def test_devices_that_are_not_there_are_errors_listing_the_valid_ones(tmp_path):
-    from bleep_rs.training import pick_device
+    from bleep_rs.device import pick_device
 
     for name in ("garbage", "cuda:x", "meta", "cpu:0:1"):
         with pytest.raises(BleepError, match=r"auto, cpu, cuda, cuda:N, mps"):
@@ -390,7 +390,7 @@ def test_unwritable_outputs_and_caches(tmp_path, tiny):
     """Outputs: an error before any work (a probe, not os.access, which says yes to root); caches: a
     warning, and the run goes on without one."""
     from bleep_rs.encode import usable_cache
-    from bleep_rs.training import _cache_dir
+    from bleep_rs.training.features import _cache_dir
 
     (tmp_path / "file").write_text("")
     for out, message in [(tmp_path / "file" / "model", "is a file, not a folder"), (Path("/proc/bleep-rs-out/model"), "is not writable")]:
@@ -403,17 +403,17 @@ def test_unwritable_outputs_and_caches(tmp_path, tiny):
             assert usable_cache(folder, "features") is None
         with pytest.warns(UserWarning, match="cannot be used"):
             assert _cache_dir(TrainConfig(cache_dir=str(folder))) is None
-    from bleep_rs.training import _section_features
+    from bleep_rs.training.features import section_features
 
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), fields_of_view=[1.0], patch_size=32)).eval()
     cfg = TrainConfig(patch_size=32, fields_of_view=[1.0], augment=False, progress=False, cache_dir=str(tmp_path / "file"))
     with pytest.warns(UserWarning, match="cannot be used"):
-        assert _section_features(model, tiny[0], cfg, None).shape == (1, tiny[0].n_obs, model.feature_dim)
+        assert section_features(model, tiny[0], cfg, None).shape == (1, tiny[0].n_obs, model.feature_dim)
     assert usable_cache(tmp_path / "new" / "cache", "features") == tmp_path / "new" / "cache"
 
 
 def test_damaged_checkpoints_say_to_pass_fresh(tiny, tmp_path):
-    from bleep_rs.training import _run_identity, _save_checkpoint, _Trainer, prepare_data
+    from bleep_rs.training.loop import _run_identity, _save_checkpoint, _Trainer, prepare_data
 
     cfg = _features_config(tmp_path, epochs=3)
     feats = _features(tiny)

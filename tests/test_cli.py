@@ -13,7 +13,7 @@ import anndata as ad
 import bleep_rs
 from bleep_rs import BleepError
 
-from conftest import DATA, cli, tiny_slides
+from conftest import DATA, cli, refused, tiny_slides
 
 C2, C3 = str(DATA / "tiny" / "C2"), str(DATA / "tiny" / "C3")
 #: Training flags of the models these tests train: one field of view, no flips or rotations.
@@ -316,3 +316,12 @@ def test_a_sharded_reference_is_written_section_by_section_and_answers_as_one_fi
     assert main(["predict", C3, "--model", str(run / "model"), "--reference", str(tmp_path / "atlas"), "--out", str(tmp_path / "p.h5ad"),
                  "--k", "5"]) == 0
     assert ad.read_h5ad(tmp_path / "p.h5ad").shape[1] == len(atlas.genes)
+
+
+def test_um_per_px_has_one_meaning_across_commands(tmp_path):
+    """--um-per-px is an image's pixel size (predict); training's patch resolution is --patch-um-per-px."""
+    res = cli("train", DATA / "tiny" / "C2", "--out", tmp_path / "m", "--um-per-px", "1.0", ok=False)
+    refused(res, "--patch-um-per-px", "--um-per-px is an image's pixel size")
+    res = cli("train", DATA / "tiny" / "C2", "--out", tmp_path / "m", "--patch-um-per-px", "0", ok=False)
+    refused(res, "--patch-um-per-px must be a positive finite number, got 0")
+    assert not (tmp_path / "m").exists()

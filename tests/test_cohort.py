@@ -38,8 +38,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model directory, its reference file, and four slides (the tiny C2 and C3 images, twice each)."""
-    from bleep_rs.config import TrainConfig
-    from bleep_rs.training import train
+    from bleep_rs.training import TrainConfig, train
 
     d = tmp_path_factory.mktemp("cohort")
     sections = [bleep_rs.read_section(DATA / "tiny" / "C2")]
@@ -247,8 +246,7 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
     import dataclasses
     import functools
 
-    from bleep_rs.config import TrainConfig
-    from bleep_rs.training import train
+    from bleep_rs.training import TrainConfig, train
 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
     cfg = TrainConfig(epochs=1, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0],

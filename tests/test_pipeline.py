@@ -24,8 +24,7 @@ STAGES_SLIDE = {"tissue", "engine", "read", "encode", "wait", "impute", "total"}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from bleep_rs.config import TrainConfig
-    from bleep_rs.training import train
+    from bleep_rs.training import TrainConfig, train
 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
     cfg = TrainConfig(epochs=2, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0, 2.0],

@@ -16,7 +16,8 @@ from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.augment import dihedral_view, random_views  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
 from bleep_rs.sections import section_patches  # noqa: E402
-from bleep_rs.training import TrainConfig, _section_features, feature_cache_key, native_um_per_px, train  # noqa: E402
+from bleep_rs.training import TrainConfig, native_um_per_px, train  # noqa: E402
+from bleep_rs.training.features import feature_cache_key, section_features  # noqa: E402
 
 from conftest import DATA  # noqa: E402
 
@@ -117,21 +118,21 @@ def test_stain_normalises_every_patch_the_backbone_sees(model, tiny, tmp_path):
 
 def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_path):
     cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path), progress=False, augment=False)
-    first = _section_features(model, tiny[0], cfg, None)
+    first = section_features(model, tiny[0], cfg, None)
     files = list((tmp_path / "features").glob("*.npy"))
     assert first.shape == (1, tiny[0].n_obs, model.feature_dim) and len(files) == 1
     np.save(files[0], np.ones_like(first))  # a replaced entry fails the checksum its name records ...
     with pytest.warns(UserWarning, match="do not match their checksum"):
-        assert np.array_equal(_section_features(model, tiny[0], cfg, None), first)
+        assert np.array_equal(section_features(model, tiny[0], cfg, None), first)
     files[0].write_bytes(b"not a numpy file")  # ... and so does a damaged one: both are recomputed and replaced
     with pytest.warns(UserWarning, match="do not match their checksum"):
-        assert np.array_equal(_section_features(model, tiny[0], cfg, None), first)
+        assert np.array_equal(section_features(model, tiny[0], cfg, None), first)
     assert np.array_equal(np.load(files[0]), first)
     none = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir="none", progress=False, augment=False)
-    assert np.array_equal(_section_features(model, tiny[1], none, None), _section_features(model, tiny[1], cfg, None))
+    assert np.array_equal(section_features(model, tiny[1], none, None), section_features(model, tiny[1], cfg, None))
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
     default = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], progress=False, augment=False)  # $BLEEP_RS_CACHE (conftest)
-    _section_features(model, tiny[1], default, None)
+    section_features(model, tiny[1], default, None)
     assert len(list((Path(os.environ["BLEEP_RS_CACHE"]) / "features").glob("*.npy"))) >= 1
 
 
@@ -208,7 +209,7 @@ def test_no_usable_epoch_is_an_error_and_writes_nothing(tiny, tmp_path):
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
-    from bleep_rs.training import _run_identity, _save_checkpoint, _Trainer, prepare_data
+    from bleep_rs.training.loop import _run_identity, _save_checkpoint, _Trainer, prepare_data
 
     cfg = _quick(tmp_path, epochs=3)
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), fields_of_view=[1.0], patch_size=64))
@@ -252,7 +253,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path, monkeypa
     epoch the checkpoint reached; frozen backbone weights are not part of the checkpoint."""
     from safetensors.torch import load_file
 
-    import bleep_rs.training as tr
+    import bleep_rs.training.loop as tr
 
     monkeypatch.setattr(tr, "CHECKPOINT_SECONDS", 0.0)
     real_finish = tr._finish

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 import bleep_rs  # noqa: E402
 from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.expression import choose_panel, highly_variable_genes, normalize_log1p, panel_expression  # noqa: E402
-from bleep_rs.loss import bleep_loss, clip_loss  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig, load_model, save_model  # noqa: E402
 from bleep_rs.training import TrainConfig, prepare_data, train  # noqa: E402
+from bleep_rs.training.loss import bleep_loss, clip_loss  # noqa: E402
 
 from conftest import DATA  # noqa: E402
 

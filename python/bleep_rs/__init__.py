@@ -74,7 +74,7 @@ __version__ = _version()
 
 # Training needs torch: these names import it on first use, so that `import bleep_rs` never does.
 _LAZY = {
-    "TrainConfig": "bleep_rs.config",
+    "TrainConfig": "bleep_rs.training",
     "train": "bleep_rs.training",
     "BleepModel": "bleep_rs.model",
     "load_model": "bleep_rs.model",

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bleep_rs import BleepError, __version__
-from bleep_rs.config import RECIPE_METHOD
 from bleep_rs.reference import DEFAULT_K, METHODS
+from bleep_rs.training.config import RECIPE_METHOD
 
 #: The library's errors name its arguments (``um_per_px=X``); the command line says its flags instead.
 #: Each argument here is a flag of the commands that pass it on.
 FLAGS = {
-    "um_per_px": "--um-per-px", "min_tissue": "--min-tissue", "bin_um": "--bin-um", "tta_views": "--tta-views",
+    "um_per_px": "--um-per-px", "patch_um_per_px": "--patch-um-per-px", "min_tissue": "--min-tissue", "bin_um": "--bin-um", "tta_views": "--tta-views",
     "tiles_per_task": "--tiles-per-task", "scheduler": "--scheduler", "workers": "--workers", "fmt": "--format",
     "out": "--out", "out_dir": "--out", "ids": "--ids", "sample": "--ids", "layer": "--layer", "device": "--device",
     "backbone": "--backbone", "backbone_weights": "--backbone-weights", "cache_dir": "--cache-dir", "epochs": "--epochs",
@@ -92,7 +92,7 @@ def _read_one(path, args, **kwargs):
 
 
 def _add_train(sub) -> None:
-    from bleep_rs.config import TrainConfig
+    from bleep_rs.training import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -107,6 +107,9 @@ def _add_train(sub) -> None:
     p.add_argument("--features", nargs="+", metavar="FILE",
                    help="precomputed patch features (TRIDENT / HEST .h5), one file per section in the same order: trains a features:D model")
     _add_config_options(p, TrainConfig)
+    # One meaning per flag across commands: --um-per-px is an image's pixel size (predict's slides); the
+    # patches' resolution of training is --patch-um-per-px. Taken here only to say so.
+    p.add_argument("--um-per-px", dest="image_um_per_px", type=float, help=argparse.SUPPRESS)
     _cluster_options(p, "the frozen backbone's features of the sections, one task per section, into the feature cache")
 
 
@@ -155,9 +158,11 @@ def _config_from_args(cls, args):
 def _run_train(args) -> None:
     import os
 
-    from bleep_rs.config import TrainConfig
-    from bleep_rs.training import train
+    from bleep_rs.training import TrainConfig, train
 
+    if args.image_um_per_px is not None:
+        raise BleepError("train: the patches' resolution is --patch-um-per-px (--um-per-px is an image's pixel size, on predict; "
+                         "the training sections' own comes from their files)")
     cfg = _config_from_args(TrainConfig, args)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes
         _claim(args, args.out, [*args.sections, args.image, args.genes, *(args.features or [])], overwrite=cfg.overwrite)
@@ -337,10 +342,10 @@ def _run_reference(args) -> None:
 def _run_predict(args) -> None:
     import contextlib
 
+    from bleep_rs.device import pick_device
     from bleep_rs.model import load_model
     from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
-    from bleep_rs.training import pick_device
 
     if args.features is not None:
         _run_predict_features(args)
@@ -420,7 +425,7 @@ def _run_predict_features(args) -> None:
         fmt, outputs = prediction_format(args.out, args.format), {args.features[0]: args.out}
     for target in outputs.values():
         _claim(args, target, inputs, overwrite=args.overwrite or several)
-    from bleep_rs.training import pick_device
+    from bleep_rs.device import pick_device
 
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um) if args.section is not None else None

@@ -105,8 +105,8 @@ def _cached(kind: str, key, open_: Callable):
 
 
 def _load_model(model_path: str, device: str):
+    from .device import pick_device
     from .model import load_model
-    from .training import pick_device
 
     return load_model(model_path, device=str(pick_device(device)))
 
@@ -349,10 +349,11 @@ def _slim(section):
 
 def _features_task(name: str, section, model_json: str, digest: str, backbone_state, config, um_per_px) -> dict:
     """One section's backbone features, on a worker, into the feature cache (training's own
-    ``_section_features``: the same key, the same atomic write). The backbone is rebuilt once per worker
+    ``section_features``: the same key, the same atomic write). The backbone is rebuilt once per worker
     from the weights sent once to every worker (``digest`` names them)."""
+    from .device import pick_device
     from .model import BleepModel, ModelConfig
-    from .training import _section_features, pick_device
+    from .training.features import section_features
 
     def build():
         model = BleepModel(ModelConfig.from_json(model_json, "the training run"), pretrained=False)
@@ -363,7 +364,7 @@ def _features_task(name: str, section, model_json: str, digest: str, backbone_st
     started = time.perf_counter()
     try:
         model = _cached("backbone", digest, build)
-        feats = _section_features(model, section, config, um_per_px)
+        feats = section_features(model, section, config, um_per_px)
     except BleepError as e:
         return {**record, "status": "error", "error": str(e)}
     return {**record, "status": "done", "shape": tuple(feats.shape), "seconds": time.perf_counter() - started, "loads": LOADS["backbone"]}
@@ -380,8 +381,10 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
     Returns the task records; a BleepError names the sections that failed."""
     import dataclasses
 
+    from .augment import N_VIEWS
     from .encode import weights_digest
-    from .training import N_VIEWS, _cache_dir, _library, cache_entries, feature_cache_key
+    from .training.features import _cache_dir, cache_entries, feature_cache_key
+    from .training.loop import _library
 
     distributed = _distributed()
     folder = _cache_dir(config)

@@ -7,24 +7,21 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
-from ._core import BleepError
-from .normalize import STAINS
-from .reference import DEFAULT_K, METHODS
+from .._core import BleepError
+from ..device import DEVICES, is_device_name
+from ..normalize import STAINS
+from ..reference import DEFAULT_K, METHODS
 
 #: The default recipe's aggregation of the neighbours (the retrieval API's own default stays BLEEP's mean).
 RECIPE_METHOD = "softmax"
 
-__all__ = ["TrainConfig", "LOSSES", "DEVICES"]
+__all__ = ["TrainConfig", "LOSSES", "RECIPE_METHOD"]
 
-#: The contrastive losses (see :mod:`bleep_rs.loss`).
+#: The contrastive losses (see :mod:`bleep_rs.training.loss`).
 LOSSES = ("bleep", "clip")
-#: The devices a run may name (whether the machine has them is checked when the run starts).
-DEVICES = "auto, cpu, cuda, cuda:N, mps"
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _opt(default, help: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False, **kw):
@@ -104,8 +101,8 @@ class TrainConfig:
     fields_of_view: List[float] = _opt([1.0, 2.0, 3.0],
                                         "fields of view around each spot, multiples of the patch's side, each through the backbone (default 1 2 3)",
                                         low=0, low_open=True, high=64)
-    patch_size: int = _opt(224, "patch side in pixels at um_per_px= (default 224)", low=8, high=4096)
-    um_per_px: Optional[float] = _opt(None, "resolution of the patches (default: the training sections' native one, their median; "
+    patch_size: int = _opt(224, "patch side in pixels at patch_um_per_px= (default 224)", low=8, high=4096)
+    patch_um_per_px: Optional[float] = _opt(None, "micrometres per pixel of the patches (default: the training sections' native one, their median; "
                                                      "recorded in the model and used by predict)", low=0, low_open=True)
     backbone: str = _opt("efficientnet-lite0", "efficientnet-lite0 (default), efficientnet-lite1, efficientnet-lite2, timm:NAME (with "
                                                "backbone_weights=), timm:hf-hub:ORG/NAME (a model in the Hugging Face cache) or features:D")
@@ -168,7 +165,7 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             why = _problem(value, hints[f.name], f.metadata)
-            if why is None and f.name == "device" and not _DEVICE.match(value):
+            if why is None and f.name == "device" and not is_device_name(value):
                 why = f"must be one of {DEVICES}, got {value!r}"
             if why is None and f.name == "backbone" and not value.strip():
                 why = "must name a backbone"
@@ -185,7 +182,7 @@ class TrainConfig:
         one per patch)."""
         import dataclasses
 
-        from .backbones import DEFAULT_BACKBONE
+        from ..backbones import DEFAULT_BACKBONE
 
         backbone = f"features:{int(dim)}"
         if self.backbone not in (DEFAULT_BACKBONE, backbone):

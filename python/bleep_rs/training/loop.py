@@ -15,7 +15,6 @@ on each device's own batch as the paper did, or across all devices with ``gather
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,14 +28,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._core import BleepError
-from .augment import N_VIEWS, random_views
+from .._core import BleepError
+from ..augment import random_views
+from ..device import pick_device
+from ..expression import Panel, choose_panel, panel_expression
+from ..model import BleepModel, ModelConfig, save_model
 from .config import TrainConfig
-from .expression import Panel, choose_panel, panel_expression
+from .features import section_features
 from .loss import bleep_loss, clip_loss
-from .model import BleepModel, ModelConfig, save_model
 
-__all__ = ["TrainConfig", "TrainingData", "prepare_data", "train", "pick_device", "native_um_per_px"]
+__all__ = ["TrainingData", "prepare_data", "train", "native_um_per_px"]
 
 
 @dataclass
@@ -55,33 +56,8 @@ class TrainingData:
         return self.images.dtype != np.uint8
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """CUDA, then MPS, then CPU for "auto"; otherwise the named device (an error if it is not there)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    from .config import DEVICES
-
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise BleepError(f"device {name!r} is not a device: use one of {DEVICES}") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise BleepError(f"device {name!r}: bleep-rs runs on {DEVICES}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BleepError(f"device {name!r} was asked for but torch sees no CUDA device: use device=cpu or device=auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BleepError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise BleepError(f"device {name!r} was asked for but torch sees no MPS device: use device=cpu or device=auto")
-    return dev
-
-
 def _as_sections(sections: Sequence) -> list:
-    from .sections import read_section
+    from ..sections import read_section
 
     if not sections:
         raise BleepError("training needs at least one section")
@@ -112,11 +88,11 @@ def prepare_data(
     """Inputs and panel expression of every spot: the patches of every field of view at the config's
     resolution, or, given ``model`` with a frozen backbone, their (cached) backbone features; or the given
     per-section ``features`` (n_spots, D) for a ``features:D`` backbone."""
-    from .sections import section_patches
+    from ..sections import section_patches
 
     sections = _as_sections(sections)
     panel = panel or choose_panel(sections, n_top_genes=config.n_top_genes, mode=config.panel_mode, genes=config.genes)
-    um = config.um_per_px or native_um_per_px(sections)
+    um = config.patch_um_per_px or native_um_per_px(sections)
     inputs, expr, labels = [], [], []
     for i, s in enumerate(sections):
         lib = _library(s, i)
@@ -128,7 +104,7 @@ def prepare_data(
                 raise BleepError(f"{lib}: features must be (n_spots, D) = ({s.n_obs}, D), got {f.shape}")
             inputs.append(f[None])
         elif model is not None:
-            inputs.append(_section_features(model, s, config, um))
+            inputs.append(section_features(model, s, config, um))
         else:
             inputs.append(section_patches(s, config.patch_size, um, fields=config.fields_of_view))
         expr.append(panel_expression(s, panel))
@@ -140,97 +116,8 @@ def prepare_data(
     return TrainingData(np.concatenate(inputs, axis=axis), np.concatenate(expr), np.array(labels), panel)
 
 
-# -- the backbone-feature cache -----------------------------------------------------------------------
-
-#: Bump when the way features are computed changes, so that no stale cache entry is reused.
-FEATURE_CACHE_VERSION = 2
 #: Seconds between checkpoints of a training run (see train()).
 CHECKPOINT_SECONDS = 30.0
-
-
-def _cache_dir(config: TrainConfig) -> Optional[Path]:
-    """The feature cache's folder, or None (no caching: asked for, or, with a warning, not a writable folder)."""
-    from .encode import cache_dir, usable_cache
-
-    if config.cache_dir is not None and str(config.cache_dir).lower() == "none":
-        return None
-    return usable_cache(Path(config.cache_dir or cache_dir()) / "features", "backbone features")
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
-
-
-def cache_entries(folder: Path, key: str) -> list:
-    """The cache entries of ``key`` (files ``KEY-SHA.npy``: the digest of their contents in their name)."""
-    return sorted(folder.glob(f"{key}-*.npy"))
-
-
-def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
-    """The cache entry ``KEY-SHA.npy`` whose contents have the digest its name records and the expected
-    shape; an entry that fails either (damaged, or replaced by other features) is a miss, with a warning."""
-    import warnings
-
-    for path in cache_entries(folder, key):
-        try:
-            cached = np.load(path, allow_pickle=False)
-            ok = cached.shape == shape and cached.dtype == np.float32 and _digest(cached) == path.stem.split("-", 1)[1]
-        except (OSError, ValueError, IndexError):
-            ok = False
-        if ok:
-            return cached
-        warnings.warn(f"{path}: the cached features do not match their checksum or shape (damaged or replaced): computing them again",
-                      stacklevel=3)
-    return None
-
-
-def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int) -> str:
-    """What the features of a section depend on: the backbone (name, a hash of its weights, input size
-    and constants), the fields of view, patch size and resolution, the views, the image (path, size and
-    modification time) and the spot positions."""
-    from .encode import weights_digest
-
-    info = section.uns.get("bleep", {})
-    image = info.get("image_path") or ""
-    stat = os.stat(image) if image and os.path.exists(image) else None
-    desc = {
-        "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": weights_digest(model.backbone),
-        "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
-        "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
-        **({"stain": model.config.stain} if model.config.stain != "none" else {}),  # the keys of unstained entries as before
-        "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
-        "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
-        "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
-    }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
-    """The frozen backbone's fused features (views, n, fields * D) of a section's spots, from the disk
-    cache when an entry with the same key exists."""
-    from .sections import section_patches
-
-    views = N_VIEWS if config.augment else 1
-    folder = _cache_dir(config)
-    key = feature_cache_key(model, section, config, um_per_px, views)
-    if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
-        return cached
-    patches = section_patches(section, config.patch_size, um_per_px, fields=config.fields_of_view)
-    feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
-    if folder is not None:
-        import warnings
-
-        from ._atomic import atomic_path
-
-        # The entry's name carries the digest of its contents: a replaced or damaged entry is a miss.
-        try:
-            for old in cache_entries(folder, key):
-                old.unlink()
-            with atomic_path(folder / f"{key}-{_digest(feats)}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, feats, allow_pickle=False)
-        except (OSError, BleepError) as e:
-            warnings.warn(f"cannot cache the backbone features in {folder} ({e}): they are computed again next time", stacklevel=2)
-    return feats
 
 
 # -- distributed --------------------------------------------------------------------------------------
@@ -398,7 +285,7 @@ def _save_checkpoint(path: Path, trainer: _Trainer, state: dict, model_state: Op
     progress, written atomically."""
     from safetensors.torch import save_file
 
-    from ._atomic import atomic_path
+    from .._atomic import atomic_path
 
     own = _own_state(trainer.model) if model_state is None else model_state
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in own.items()}
@@ -464,7 +351,7 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
 def _check_out(out: Path, cfg: TrainConfig, sections: Sequence) -> None:
     """Refuses to start work whose result could not be written, would replace a model unasked, or would
     replace a section it reads (the one output check, bleep_rs._atomic.check_output)."""
-    from ._atomic import check_output
+    from .._atomic import check_output
 
     inputs = [s for s in sections if isinstance(s, (str, os.PathLike))] + [cfg.backbone_weights]
     check_output(out, inputs=inputs, overwrite=cfg.overwrite, option="out_dir")
@@ -481,7 +368,7 @@ def _one_writer(train_fn):
     def run(sections, out_dir, *args, **kwargs):
         import contextlib
 
-        from ._atomic import check_output, output_lock
+        from .._atomic import check_output, output_lock
 
         first = os.environ.get("RANK", "0") == "0"
         if first:
@@ -522,9 +409,9 @@ def train(
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     secs = _as_sections(sections) if data is None or not data.are_features else list(sections)
-    um = cfg.um_per_px or (native_um_per_px(secs) if secs else None)
+    um = cfg.patch_um_per_px or (native_um_per_px(secs) if secs else None)
     panel = data.panel if data is not None else choose_panel(secs, n_top_genes=cfg.n_top_genes, mode=cfg.panel_mode, genes=cfg.genes)
-    from . import __version__
+    from .. import __version__
 
     mcfg = ModelConfig(
         panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
@@ -608,7 +495,7 @@ def train(
         import torch.distributed as dist
 
         dist.barrier()
-    from .model import load_model
+    from ..model import load_model
 
     return load_model(out, device=str(device))
 

@@ -1,0 +1,109 @@
+"""The backbone-feature cache of training with a frozen backbone: each section's features of every view,
+computed once and kept on disk (``KEY-SHA.npy``: the key says what they depend on, the digest what they
+hold), shared by ``train``, ``reference`` and the cluster's backbone pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .._core import BleepError
+from ..augment import N_VIEWS
+from ..model import BleepModel
+from .config import TrainConfig
+
+__all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features"]
+
+
+#: Bump when the way features are computed changes, so that no stale cache entry is reused.
+FEATURE_CACHE_VERSION = 2
+
+
+def _cache_dir(config: TrainConfig) -> Optional[Path]:
+    """The feature cache's folder, or None (no caching: asked for, or, with a warning, not a writable folder)."""
+    from ..encode import cache_dir, usable_cache
+
+    if config.cache_dir is not None and str(config.cache_dir).lower() == "none":
+        return None
+    return usable_cache(Path(config.cache_dir or cache_dir()) / "features", "backbone features")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
+
+
+def cache_entries(folder: Path, key: str) -> list:
+    """The cache entries of ``key`` (files ``KEY-SHA.npy``: the digest of their contents in their name)."""
+    return sorted(folder.glob(f"{key}-*.npy"))
+
+
+def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
+    """The cache entry ``KEY-SHA.npy`` whose contents have the digest its name records and the expected
+    shape; an entry that fails either (damaged, or replaced by other features) is a miss, with a warning."""
+    import warnings
+
+    for path in cache_entries(folder, key):
+        try:
+            cached = np.load(path, allow_pickle=False)
+            ok = cached.shape == shape and cached.dtype == np.float32 and _digest(cached) == path.stem.split("-", 1)[1]
+        except (OSError, ValueError, IndexError):
+            ok = False
+        if ok:
+            return cached
+        warnings.warn(f"{path}: the cached features do not match their checksum or shape (damaged or replaced): computing them again",
+                      stacklevel=3)
+    return None
+
+
+def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int) -> str:
+    """What the features of a section depend on: the backbone (name, a hash of its weights, input size
+    and constants), the fields of view, patch size and resolution, the views, the image (path, size and
+    modification time) and the spot positions."""
+    from ..encode import weights_digest
+
+    info = section.uns.get("bleep", {})
+    image = info.get("image_path") or ""
+    stat = os.stat(image) if image and os.path.exists(image) else None
+    desc = {
+        "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": weights_digest(model.backbone),
+        "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
+        "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
+        **({"stain": model.config.stain} if model.config.stain != "none" else {}),  # the keys of unstained entries as before
+        "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
+        "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
+        "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
+    """The frozen backbone's fused features (views, n, fields * D) of a section's spots, from the disk
+    cache when an entry with the same key exists."""
+    from ..sections import section_patches
+
+    views = N_VIEWS if config.augment else 1
+    folder = _cache_dir(config)
+    key = feature_cache_key(model, section, config, um_per_px, views)
+    if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
+        return cached
+    patches = section_patches(section, config.patch_size, um_per_px, fields=config.fields_of_view)
+    feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
+    if folder is not None:
+        import warnings
+
+        from .._atomic import atomic_path
+
+        # The entry's name carries the digest of its contents: a replaced or damaged entry is a miss.
+        try:
+            for old in cache_entries(folder, key):
+                old.unlink()
+            with atomic_path(folder / f"{key}-{_digest(feats)}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, feats, allow_pickle=False)
+        except (OSError, BleepError) as e:
+            warnings.warn(f"cannot cache the backbone features in {folder} ({e}): they are computed again next time", stacklevel=2)
+    return feats
