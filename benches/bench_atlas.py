@@ -15,7 +15,7 @@ What it does (every step prints what it measured; the scratch folder is deleted 
              impute against faiss IndexFlatIP search + scipy CSR row gather and weighted sum (per shard, on
              its own int32/float32 CSR); neighbour lists compared (ties aside)
   cluster    the same through Reference.load(folder, client=...) on a LocalCluster of 2 worker processes
-             (1 thread each): ratio to one process, neighbours identical
+             (1 thread each), between two one-process runs: ratio to the faster of those, neighbours identical
   big        (--big-spots, default 0 = skipped) a larger atlas over --big-workers workers, each with a memory
              limit below the whole atlas: shows no worker needs all of it (--only-big: this step alone)
 
@@ -356,10 +356,15 @@ def main() -> None:
             r = results["load"] = in_child("load", atlas)
             print(f"load: {r['seconds'] * 1000:.1f} ms for {r['shards']} shards; RSS {r['rss_before_mb']:,.0f} MB before, "
                   f"{r['rss_after_mb']:,.0f} MB after")
-            # bleep-rs in one process and on the cluster one after the other, on the same page cache (the
+            # bleep-rs in one process, on the cluster, and in one process again, on the same page cache (the
             # atlas and the peer's copy do not both fit in 24 GB: after the peer, the atlas is read again).
-            one = results["one_process"] = in_child("bleep", atlas, queries, scratch / "one", 0)
+            # The first run after generating reads pages the peer's copy pushed out: the faster of the two
+            # one-process runs is the baseline of both ratios.
+            first = in_child("bleep", atlas, queries, scratch / "one", 0)
             two = results["cluster_2"] = in_child("bleep", atlas, queries, scratch / "two", 2)
+            again = in_child("bleep", atlas, queries, scratch / "one", 0)
+            one = results["one_process"] = min(first, again, key=lambda r: r["seconds"]) | {"runs_seconds": [first["seconds"], again["seconds"]]}
+            print(f"one process: {first['seconds']:.2f} s before the cluster, {again['seconds']:.2f} s after")
             peer = results["peer"] = in_child("peer", scratch, queries, scratch / "peer-run")
             cmp = results["one_vs_peer"] = compare(str(scratch / "one"), str(scratch / "peer-run"))
             print(f"search + impute, one process: bleep-rs {q / one['seconds']:,.0f} q/s (peak RSS {one['peak_rss_mb']:,.0f} MB), "
