@@ -98,8 +98,11 @@ def _fold_then_release(fold: Callable, step: Callable, items: list, shared: tupl
     finally:
         if _near_memory_limit():
             for shard, _ in items:
-                shard.release_pages()
-                RELEASED["shards"] += 1
+                try:  # best effort: the step's answer (or its own error) stands whatever madvise says
+                    shard.release_pages()
+                    RELEASED["shards"] += 1
+                except BleepError:
+                    pass
 
 
 def _near_memory_limit() -> bool:
@@ -129,53 +132,69 @@ class DaskShards:
     where = "on a Dask cluster"
 
     def __init__(self, client: Any, directory: Path, manifest: dict, open_shard: Callable, fold: Callable, threads: Optional[int] = None):
-        from distributed import wait
 
         if not isinstance(client, _client_type()):
             raise BleepError(f"client must be a dask.distributed Client, got {type(client).__name__}")
         self.client, self.fold = client, fold
-        tag = uuid.uuid4().hex[:12]
+        self.directory, self.tag = directory, uuid.uuid4().hex[:12]
+        self._open_args = (open_shard, threads)
+        self.sizes = [int(s["stop"]) - int(s["start"]) for s in manifest["shards"]]  # spots per shard
         # Placed by Dask, unrestricted: pinned to a worker (even loosely), a shard whose workers were all lost
         # with its file gone left the next query waiting instead of failing (test_cluster).
-        self.futures = [
-            client.submit(_on_worker, _open, open_shard, str(directory / s["file"]), s, threads, key=f"bleep-shard-{tag}-{i:05d}", pure=False)
-            for i, s in enumerate(manifest["shards"])
-        ]
-        wait(self.futures)  # open every shard now: a missing or changed file is an error of load
-        for f in self.futures:
+        self.futures = [self._submit_open(i, s) for i, s in enumerate(manifest["shards"])]
+        self._opened(self.futures)  # open every shard now: a missing or changed file is an error of load
+        self._balance(manifest["shards"])
+
+    def _submit_open(self, i: int, entry: Mapping, where: Optional[str] = None, generation: int = 0) -> Any:
+        open_shard, threads = self._open_args
+        key = f"bleep-shard-{self.tag}-{i:05d}" + (f"-{generation}" if generation else "")
+        return self.client.submit(_on_worker, _open, open_shard, str(self.directory / entry["file"]), entry, threads, key=key, pure=False,
+                                  **_pinned(where, loose=True))
+
+    def _opened(self, futures: list) -> None:
+        """Waits for shard openings; the first that failed is the error of load (every shard released)."""
+        from distributed import wait
+
+        wait(futures)
+        for f in futures:
             if f.status == "error":
                 error = f.exception()
+                self.client.cancel(futures)
                 self.close()
                 if isinstance(error, RemoteBleepError):
-                    raise BleepError(f"{error} (opened on a worker: every worker must see {directory} at that path)") from None
+                    raise BleepError(f"{error} (opened on a worker: every worker must see {self.directory} at that path)") from None
                 raise error
-        self.sizes = [int(s["stop"]) - int(s["start"]) for s in manifest["shards"]]  # spots per shard
-        self._balance(self.sizes)
 
-    def _balance(self, sizes: list) -> None:
+    def _balance(self, entries: list) -> None:
         """Gives every worker an even share of the spots to search. Dask places the opening tasks as its
         workers free up, which can leave one worker 49 shards and the other 37 (it then searches a third
-        longer while the other waits). A shard of a worker above its share is copied to the worker furthest
-        below (``replicate``: the copy opens the file there); :meth:`_holders` then sends its work to the
-        less loaded holder. Nothing is restricted to a worker, so a lost worker is recovered from as before."""
-        load = dict.fromkeys(self.client.scheduler_info()["workers"], 0)
+        longer while the other waits). A shard of a worker above its share is opened again on the worker
+        furthest below (loosely placed there: a lost worker's shards still reopen anywhere) and its first
+        opening released. A move, not a copy: Dask's memory manager drops extra replicas within seconds."""
+        load = dict.fromkeys(self.client.scheduler_info(n_workers=-1)["workers"], 0)
         mine: dict = {}
         for i, addrs in self.who_has().items():
             if len(addrs) == 1 and addrs[0] in load:
-                load[addrs[0]] += sizes[i]
+                load[addrs[0]] += self.sizes[i]
                 mine.setdefault(addrs[0], []).append(i)
-        copies: dict = {}
+        moves: dict = {}
         while len(load) > 1:
             full, empty = max(load, key=load.get), min(load, key=load.get)
             movable = mine.get(full) or []
-            if not movable or load[full] - load[empty] <= sizes[movable[-1]]:
+            if not movable or load[full] - load[empty] <= self.sizes[movable[-1]]:
                 break  # as even as whole shards make it
             i = movable.pop()
-            load[full] -= sizes[i]
-            load[empty] += sizes[i]
-            copies.setdefault(empty, []).append(self.futures[i])
-        for addr, futures in copies.items():
-            self.client.replicate(futures, n=1, workers=[addr])
+            load[full] -= self.sizes[i]
+            load[empty] += self.sizes[i]
+            moves[i] = empty
+        if not moves:
+            return
+        moved = {i: self._submit_open(i, entries[i], addr, generation=1) for i, addr in moves.items()}
+        self._opened(list(moved.values()))
+        old = [self.futures[i] for i in moved]
+        for i, future in moved.items():
+            self.futures[i] = future
+        self.client.cancel(old)
 
     def run(self, fn: Callable, per_shard: Mapping[int, tuple], shared: tuple = ()) -> dict:
         """``fn(shard, *shared, *per_shard[i])`` on the worker holding shard i, for each i of
