@@ -213,8 +213,10 @@ class _Shard:
     it or hand it to another worker without copying the table. Its size, for Dask's memory accounting,
     is what it holds outside the map, at most 1 MiB: the file's pages are page cache, which the kernel
     reclaims, not the worker's memory (counted as the file, a worker's shards summed past its memory
-    limit and Dask refused the task with a MemoryError). Work is sent to the worker holding the shard
-    explicitly (:class:`bleep_rs.cluster.DaskShards`), not drawn there by the size.
+    limit and Dask refused the task with a MemoryError). The pages a worker has read still count in its
+    resident memory, which Dask watches: :meth:`release_pages` drops them when it nears its limit. Work is
+    sent to the worker holding the shard explicitly (:class:`bleep_rs.cluster.DaskShards`), not drawn
+    there by the size.
     """
 
     def __init__(self, path: str, entry: Mapping[str, Any], threads: Optional[int] = None):
