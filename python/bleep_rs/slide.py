@@ -207,7 +207,7 @@ class Slide:
                 "converted to pixels: pass Slide(..., um_per_px=X) (the scanner's microns per pixel)"
             )
         try:
-            um_per_px = _core.check_um_per_px(float(um_per_px), f"the target resolution {um_per_px!r} um/px")
+            um_per_px = _core.check_um_per_px(float(um_per_px), f"the target um_per_px={um_per_px!r}")
         except (TypeError, ValueError) as e:
             raise BleepError(f"the target um_per_px must be a number, not {um_per_px!r}") from e
         scale = um_per_px / self.um_per_px
