@@ -27,8 +27,9 @@ test-fast: build
 # Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The dependencies are
 # installed by uv (a minute faster than pip for the test extra's 7 GB, torch's CUDA libraries included),
 # compiled to bytecode at once (as pip does): 25 s for 18,400 modules, of which the suite imports about 4,500,
-# but left to the first imports the suite took 77 s longer (310 s of pytest against 233: its child processes
-# compile the same modules side by side). The build log is shown only when the build fails.
+# but left to the first imports pytest took 310 s against 282 s (two fresh clones, each after the same
+# benchmark): the time came back in the tests, whose child processes compile the same modules side by side.
+# The build log is shown only when the build fails.
 EXTRAS ?= test
 build: $(VENV)/.ready
 	@echo "building the Rust core in release mode with the $(EXTRAS) extra (log: $(VENV)/build.log) ..."
