@@ -108,3 +108,17 @@ def test_public_names_stay_what_they_are_after_any_import():
             "assert not bad and callable(bleep_rs.train), bad\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_command_line_and_the_training_config_start_without_torch():
+    """The library apart from the training application: the command line and TrainConfig (the train
+    flags) import no torch; bleep_rs.train does, on first use."""
+    code = ("import sys, bleep_rs.cli\n"
+            "from bleep_rs.training import TrainConfig\n"
+            "TrainConfig(epochs=2)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import bleep_rs\n"
+            "bleep_rs.train\n"
+            "assert 'torch' in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
