@@ -97,6 +97,12 @@ def test_the_version_has_one_source():
     assert res.stdout.strip() == f"bleep-rs {stated}"
 
 
+def in_fresh_interpreter(code: str) -> None:
+    """Runs ``code`` in a new Python process (what it imports is its own) and checks it succeeded."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_public_names_stay_what_they_are_after_any_import():
     """Importing a submodule binds its name on the package: no public function may share a submodule's
     name (bleep_rs.train was once replaced by the module bleep_rs/train.py that way)."""
@@ -106,8 +112,7 @@ def test_public_names_stay_what_they_are_after_any_import():
             "import types\n"
             "bad = [n for n in bleep_rs.__all__ if isinstance(getattr(bleep_rs, n), types.ModuleType)]\n"
             "assert not bad and callable(bleep_rs.train), bad\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    in_fresh_interpreter(code)
 
 
 def test_the_command_line_and_the_training_config_start_without_torch():
@@ -120,5 +125,4 @@ def test_the_command_line_and_the_training_config_start_without_torch():
             "import bleep_rs\n"
             "bleep_rs.train\n"
             "assert 'torch' in sys.modules\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    in_fresh_interpreter(code)
