@@ -119,10 +119,12 @@ def _add_config_options(p, cls) -> None:
     import dataclasses
     import typing
 
+    from bleep_rs.training.config import flag as config_flag
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta, kind = f.metadata, hints[f.name]
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        flag = config_flag(f)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help = as_flags(meta.get("help", ""))
         if kind is bool:

@@ -132,21 +132,22 @@ class DaskShards:
     where = "on a Dask cluster"
 
     def __init__(self, client: Any, directory: Path, manifest: dict, open_shard: Callable, fold: Callable, threads: Optional[int] = None):
-
         if not isinstance(client, _client_type()):
             raise BleepError(f"client must be a dask.distributed Client, got {type(client).__name__}")
         self.client, self.fold = client, fold
         self.directory, self.tag = directory, uuid.uuid4().hex[:12]
-        self._open_args = (open_shard, threads)
-        self.sizes = [int(s["stop"]) - int(s["start"]) for s in manifest["shards"]]  # spots per shard
+        self._open_args, self.entries = (open_shard, threads), manifest["shards"]
+        self.sizes = [int(s["stop"]) - int(s["start"]) for s in self.entries]  # spots per shard
         # Placed by Dask, unrestricted: pinned to a worker (even loosely), a shard whose workers were all lost
         # with its file gone left the next query waiting instead of failing (test_cluster).
-        self.futures = [self._submit_open(i, s) for i, s in enumerate(manifest["shards"])]
+        self.futures = [self._submit_open(i) for i in range(len(self.entries))]
         self._opened(self.futures)  # open every shard now: a missing or changed file is an error of load
-        self._balance(manifest["shards"])
+        self._balance()
 
-    def _submit_open(self, i: int, entry: Mapping, where: Optional[str] = None, generation: int = 0) -> Any:
+    def _submit_open(self, i: int, where: Optional[str] = None, generation: int = 0) -> Any:
+        """The task opening shard ``i`` (loosely on worker ``where``, if given)."""
         open_shard, threads = self._open_args
+        entry = self.entries[i]
         key = f"bleep-shard-{self.tag}-{i:05d}" + (f"-{generation}" if generation else "")
         return self.client.submit(_on_worker, _open, open_shard, str(self.directory / entry["file"]), entry, threads, key=key, pure=False,
                                   **_pinned(where, loose=True))
@@ -159,13 +160,13 @@ class DaskShards:
         for f in futures:
             if f.status == "error":
                 error = f.exception()
-                self.client.cancel(futures)
+                self.client.cancel(futures)  # those of a move are not yet self.futures
                 self.close()
                 if isinstance(error, RemoteBleepError):
                     raise BleepError(f"{error} (opened on a worker: every worker must see {self.directory} at that path)") from None
                 raise error
 
-    def _balance(self, entries: list) -> None:
+    def _balance(self) -> None:
         """Gives every worker an even share of the spots to search. Dask places the opening tasks as its
         workers free up, which can leave one worker 49 shards and the other 37 (it then searches a third
         longer while the other waits). A shard of a worker above its share is opened again on the worker
@@ -189,7 +190,7 @@ class DaskShards:
             moves[i] = empty
         if not moves:
             return
-        moved = {i: self._submit_open(i, entries[i], addr, generation=1) for i, addr in moves.items()}
+        moved = {i: self._submit_open(i, addr, generation=1) for i, addr in moves.items()}
         self._opened(list(moved.values()))
         old = [self.futures[i] for i in moved]
         for i, future in moved.items():
@@ -248,7 +249,7 @@ class DaskShards:
 
     def _holders(self, shards) -> dict:
         """One worker per shard among those holding it, the least loaded (in spots) first: a shard held by
-        two workers (copied by :meth:`_balance`, or by Dask) must not pile every task on the first of them."""
+        two workers (Dask copies small data where a task needs it) must not pile every task on the first."""
         held, load = self.who_has(), {}
         for addrs in held.values():
             for a in addrs:

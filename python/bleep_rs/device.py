@@ -26,10 +26,11 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
     """CUDA, then MPS, then CPU for "auto"; otherwise the named device (an error if it is not there)."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps:
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -42,6 +43,6 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
         raise BleepError(f"device {name!r} was asked for but torch sees no CUDA device: use device=cpu or device=auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise BleepError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not mps:
         raise BleepError(f"device {name!r} was asked for but torch sees no MPS device: use device=cpu or device=auto")
     return dev

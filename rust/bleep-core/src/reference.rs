@@ -335,7 +335,7 @@ impl Reference {
 
     /// Drops this process's mapping of the file's pages (`madvise(MADV_DONTNEED)`; true where there was
     /// a mapped file). Resident memory falls by whatever reads touched; the pages stay in the kernel's
-    /// page cache, and the next read maps them again (a minor fault, no disk read). For processes whose
+    /// page cache while memory allows, and the next read maps them again (a minor fault). For processes whose
     /// memory is accounted by resident size, mapped file pages included: a Dask worker spills its data,
     /// then pauses, when it counts them (`bleep_rs.cluster`).
     pub fn release_pages(&self) -> Result<bool> {
