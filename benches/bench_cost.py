@@ -50,7 +50,7 @@ def backbone_seconds_per_1000(section, um, backbone: str = "efficientnet-lite0")
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
 
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=[1.0], backbone=backbone)).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), backbone=backbone, input=bleep_rs.InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     patches = bleep_rs.section_patches(section, 224, um)
     patches = np.concatenate([patches] * max(1, -(-512 // len(patches))))[:512]
     model.features(patches[:64])  # the engine built
@@ -96,8 +96,9 @@ def main():
                 data = training_data(train_secs, [fields_of(feats[i], fidx, dim) for i in tr], panel)
                 test_f = fields_of(feats[held], fidx, dim)
                 for seed in args.seeds:
-                    cfg = bleep_rs.TrainConfig(fields_of_view=[float(i + 1) for i in fidx], seed=seed, patch_um_per_px=um,
-                                               progress=False, overwrite=True, resume=False)
+                    cfg = bleep_rs.TrainConfig(seed=seed,
+                                               progress=False, overwrite=True, resume=False,
+      input=bleep_rs.InputSpec(fields_of_view=tuple(float(i + 1) for i in fidx), um_per_px=um))
                     model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=data)
                     ref = bleep_rs.build_reference(model, train_secs)
                     for nv, views in VIEWS.items():

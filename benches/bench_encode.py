@@ -144,7 +144,7 @@ def main():
     patches, sections = load()
     timed = patches[np.linspace(0, len(patches) - 1, min(args.patches, len(patches))).astype(int)]
     torch.manual_seed(0)
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]))).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=bleep_rs.InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     net, spec = model.backbone, model.spec
     default = get_encoder(net, spec)
     print(f"{len(patches)} HER2ST spots; timing {len(timed)} of them, {args.rounds} rounds, {args.threads} threads; "

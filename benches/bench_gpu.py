@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
 TRAIN, HELD = ("C2", "C3", "C4"), "B4"
-MODELS = {"default": {}, "single": {"fields_of_view": [1.0], "tta": False}}  # the predict path's models
+MODELS = {"default": {}, "single": {"fields_of_view": (1.0,), "tta": False}}  # the input recipe of the predict path's models
 UM_PER_PX = json.loads((DATA / "her2st" / HELD / "meta.json").read_text())["um_per_px"]  # the JPEG does not say it
 
 
@@ -124,7 +124,7 @@ def throughput(name: str, model, ref, slide: Path, copies: list, batch_sizes: li
         torch.cuda.reset_peak_memory_stats()
     with gpu_use(use):
         _, enc = timed(model.embed_images, tiles)
-    row = {"model": name, "tiles": n, "backbone_passes_per_tile": tiles.shape[1] * (8 if model.config.tta else 1),
+    row = {"model": name, "tiles": n, "backbone_passes_per_tile": tiles.shape[1] * (8 if model.config.input.tta else 1),
            "encoder_tiles_s": n / enc, "encoder_gpu": use, "torch_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     print(f"{name:<7} {n} tiles, {row['backbone_passes_per_tile']} backbone passes each: encoder alone {n / enc:7.0f} tiles/s "
           f"(GPU busy {use['util_mean'] or 0:.0f} %)", flush=True)
@@ -185,8 +185,9 @@ def main():
             copies.append(work / f"B4_{i}.jpg")
         result["predict"] = []
         for name in args.models:
-            extra = MODELS[name]
-            cfg = bleep_rs.TrainConfig(device=args.device, epochs=3, augment=False, progress=False, overwrite=True, cache_dir=str(work / "features"), **extra)
+            spec = bleep_rs.InputSpec(**MODELS[name])
+            cfg = bleep_rs.TrainConfig(device=args.device, epochs=3, augment=False, progress=False, overwrite=True,
+                                       cache_dir=str(work / "features"), input=spec)
             bleep_rs.train(sections, work / f"speed_{name}", cfg)
             model = bleep_rs.load_model(work / f"speed_{name}", device=args.device)
             ref = bleep_rs.build_reference(model, sections)

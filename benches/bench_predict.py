@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
 WORK = ROOT / ".bench" / "predict"
 B4, UM_PER_PX = DATA / "her2st" / "B4" / "image.jpg", 0.6876
-MODELS = {"default": {}, "single": {"fields_of_view": [1.0], "tta": False}}
+MODELS = {"default": {}, "single": {"fields_of_view": (1.0,), "tta": False}}  # the input recipe of each
 
 
 def pyramid_tiff() -> Path:
@@ -87,7 +87,8 @@ def model_and_reference(name: str) -> tuple:
     sections = [DATA / "her2st" / s for s in ("C2", "C3", "C4")]
     if not (model_dir / "config.json").exists():
         t = time.perf_counter()
-        cfg = TrainConfig(epochs=3, augment=False, val_fraction=0.0, progress=False, cache_dir=str(WORK / "features"), overwrite=True, **MODELS[name])
+        cfg = TrainConfig(epochs=3, augment=False, val_fraction=0.0, progress=False, cache_dir=str(WORK / "features"), overwrite=True,
+                          input=bleep_rs.InputSpec(**MODELS[name]))
         train(sections, model_dir, cfg)
         print(f"model {name}: trained in {time.perf_counter() - t:.0f} s", flush=True)
     model = bleep_rs.load_model(model_dir)
@@ -160,7 +161,7 @@ def bench(name: str, slide: Path, rounds: int, n_copies: int) -> dict:
         for step in steps[r % 3 :] + steps[: r % 3]:
             step()
     ratio = {k: statistics.median(v / e for v, e in zip(rates[k], rates["encoder"])) for k in ("predict_slide", "inside", "command")}
-    row = {"model": name, "fields_of_view": list(model.config.fields_of_view), "tta": bool(model.config.tta), "slide": slide.name,
+    row = {"model": name, "fields_of_view": list(model.config.input.fields_of_view), "tta": bool(model.config.input.tta), "slide": slide.name,
            "tiles": n, "copies": len(slides), "rates": rates, "ratio": ratio, "seconds": seconds}
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{name:<7} {slide.name:<22} {n} tiles: encoder {med['encoder']:6.2f} tiles/s | predict_slide {med['predict_slide']:6.2f} "

@@ -54,8 +54,7 @@ def load_set(name: str, config):
     ids = ids + ([extra] if extra else [])
     sections = [bleep_rs.read_section(DATA / name / s) for s in ids]
     um = um or native_um_per_px(sections[: len(SETS[name][0])])
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), fields_of_view=list(config.fields_of_view), backbone=config.backbone,
-                                  stain=config.stain))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), backbone=config.backbone, input=config.input.replace(tta=False)))
     feats = [section_features(model, s, config, um) for s in sections]
     return ids, sections, feats, um, model.spec.feature_dim
 
@@ -146,16 +145,28 @@ def training_data(train_secs, train_feats, panel):
     return TrainingData(np.concatenate(train_feats, axis=1), expr, labels, panel)
 
 
+def recipe(base: dict, **extra):
+    """The TrainConfig of the --set options (the input recipe's options go to its InputSpec)."""
+    import dataclasses
+
+    import bleep_rs
+
+    values = {**base, **extra}
+    inputs = {f.name for f in dataclasses.fields(bleep_rs.InputSpec)}
+    spec = bleep_rs.InputSpec(**{k: v for k, v in values.items() if k in inputs})
+    return bleep_rs.TrainConfig(input=spec, **{k: v for k, v in values.items() if k not in inputs})
+
+
 def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, base, um):
     """bleep_rs.train with the default recipe (its inputs: the cached features), then the reference and the
     prediction as the CLI makes them."""
     import bleep_rs
     from bleep_rs.training import train
 
-    cfg = bleep_rs.TrainConfig(**{**base, "seed": seed, "patch_um_per_px": um, "progress": False, "overwrite": True, "resume": False})
+    cfg = recipe(base, seed=seed, um_per_px=um, progress=False, overwrite=True, resume=False)
     model = train(train_secs, out_dir, cfg, data=training_data(train_secs, train_feats, panel))
     ref = bleep_rs.build_reference(model, train_secs)
-    emb = model.embed_features(test_feats if model.config.tta else test_feats[0])
+    emb = model.embed_features(test_feats if model.config.input.tta else test_feats[0])
     return ref.impute(emb, k=model.config.k, method=model.config.method), ref.genes
 
 
@@ -178,7 +189,7 @@ def main():
     for item in args.set:
         key, value = item.split("=", 1)
         base[key] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
-    config = bleep_rs.TrainConfig(**base)
+    config = recipe(base)
     work = ROOT / ".bench" / "quality-models"
     results, timing = [], {}
     for name in args.sets:

@@ -19,6 +19,7 @@ import pytest
 import bleep_rs
 from bleep_rs import BleepError, read_section
 from bleep_rs._atomic import atomic_path, check_output, remove_stale
+from bleep_rs.inputs import InputSpec
 
 from conftest import DATA, cli as run_cli, refused, tiny_slides, writable_copy
 from fuzz_readers import copy_section, mutations
@@ -268,7 +269,8 @@ def model_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("model")
     section = read(C2)
-    model = BleepModel(ModelConfig(panel=Panel(genes=list(section.var_names[:32])), patch_size=64, embedding_dim=32), pretrained=False)
+    model = BleepModel(ModelConfig(panel=Panel(genes=list(section.var_names[:32])), embedding_dim=32,
+                                   input=InputSpec(patch_size=64, fields_of_view=(1.0,), tta=False)), pretrained=False)
     save_model(model, d / "model")
     build_reference(model, [section]).save(d / "ref.safetensors")
     return d
@@ -297,13 +299,22 @@ def panel_with(**changes):
     return lambda cfg: json.dumps({**cfg, "panel": {k: v for k, v in {**cfg["panel"], **changes}.items() if v is not ...}})
 
 
+def input_with(**changes):
+    return lambda cfg: json.dumps({**cfg, "input": {k: v for k, v in {**cfg["input"], **changes}.items() if v is not ...}})
+
+
 @pytest.mark.parametrize("config, message", [
     ('{"format": "bleep-rs.model", ', r"config.json is not valid JSON"),
     ("[1, 2]", r"config.json is not a bleep-rs model config"),
     (json_with(panel=...), r"config.json: missing keys \['panel'\]"),
     (json_with(colour="red"), r"config.json: unknown keys \['colour'\]"),
     (json_with(embedding_dim="32"), r"config.json: wrong types: embedding_dim = '32' \(not <class 'int'>\)"),
-    (json_with(um_per_px="0.5"), r"wrong types: um_per_px = '0.5' \(not Optional\[float\]\)"),
+    (input_with(um_per_px="0.5"), r"config.json's input: wrong types: um_per_px = '0.5' \(not Optional\[float\]\)"),
+    (input_with(fields_of_view=[0.5]), r"config.json's input: fields_of_view must be a finite number >= 1 .*: the file is damaged"),
+    (input_with(stain="reinhard"), r"config.json's input: stain must be one of none, macenko, got 'reinhard'"),
+    (input_with(views=8), r"config.json's input: unknown keys \['views'\]"),
+    (json_with(input=...), r"config.json's input must be a JSON object, not NoneType"),
+    (json_with(input=[224]), r"config.json: wrong types: input"),
     (json_with(mean=[0.5, "x", 0.5]), r"wrong types: mean"),
     (json_with(format_version="1"), r"wrong types: format_version"),
     (json_with(embedding_dim=-1), r"config.json: embedding_dim is -1; it must be at least 1"),
@@ -319,6 +330,22 @@ def test_a_damaged_model_config(model_dir, tmp_path, config, message):
 
     with pytest.raises(BleepError, match=message):
         load_model(broken_model(model_dir, tmp_path, config=config))
+
+
+def test_a_format_2_model_config_loads_with_its_input_fields_at_the_top(model_dir, tmp_path):
+    """Models written before the input recipe was one object (format 2: patch_size, um_per_px, fields_of_view,
+    tta, stain beside the other keys; a field left out meant that version's default) load as they were."""
+    from bleep_rs.model import load_model
+
+    model = load_model(model_dir / "model")
+    cfg = json.loads((model_dir / "model" / "config.json").read_text())
+    old = {**{k: v for k, v in cfg.items() if k != "input"}, **cfg["input"], "tta": True, "format_version": 2}
+    (tmp_path / "a").mkdir()
+    loaded = load_model(broken_model(model_dir, tmp_path / "a", config=json.dumps(old))).config.input
+    assert loaded == model.config.input.replace(tta=True)
+    old = {k: v for k, v in old.items() if k not in ("fields_of_view", "tta")}  # today's defaults are (1, 2, 3) and True
+    (tmp_path / "b").mkdir()
+    assert load_model(broken_model(model_dir, tmp_path / "b", config=json.dumps(old))).config.input == model.config.input.replace(tta=False)
 
 
 def _set(name, value):

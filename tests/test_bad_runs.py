@@ -3,6 +3,7 @@ writers of one output never both succeed, an interrupt leaves one line and no pa
 silently wrong (feature cache checksums, NaN expression, a section given as a prediction, what the log
 says), and every parameter has a declared range checked where the configuration is made."""
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import torch
 import bleep_rs
 from bleep_rs import BleepError, TrainConfig, train
 from bleep_rs._atomic import atomic_path, check_output, output_lock, remove_stale, temporary_name
+from bleep_rs.inputs import InputSpec
 from bleep_rs.model import BleepModel, ModelConfig
 
 from conftest import DATA, cli, writable_copy
@@ -44,7 +46,7 @@ def refused(argv, message):
 
 def _features_config(tmp_path, **kw):
     """A seconds-long run: a features:4 backbone on random features."""
-    return TrainConfig(**{"n_top_genes": 16, "progress": False, "backbone": "features:4", "fields_of_view": [1.0], "epochs": 2,
+    return TrainConfig(**{"n_top_genes": 16, "progress": False, "backbone": "features:4", "input": InputSpec(fields_of_view=(1.0,)), "epochs": 2,
                           "batch_size": 8, "cache_dir": str(tmp_path / "cache"), **kw})
 
 
@@ -239,8 +241,8 @@ def test_what_an_interrupt_kept_is_said(tmp_path):
 def test_a_replaced_or_damaged_feature_cache_entry_is_recomputed(tiny, tmp_path):
     from bleep_rs.training.features import section_features
 
-    cfg = TrainConfig(patch_size=32, fields_of_view=[1.0], augment=False, progress=False, cache_dir=str(tmp_path))
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), fields_of_view=[1.0], patch_size=32)).eval()
+    cfg = TrainConfig(augment=False, progress=False, cache_dir=str(tmp_path), input=InputSpec(patch_size=32, fields_of_view=(1.0,)))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), input=InputSpec(fields_of_view=(1.0,), patch_size=32, tta=False))).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a first computation and a hit: no warning
         want = section_features(model, tiny[0], cfg, None)
@@ -264,7 +266,7 @@ def test_a_replaced_or_damaged_feature_cache_entry_is_recomputed(tiny, tmp_path)
 
 
 def test_non_finite_expression_is_refused_naming_the_row():
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), backbone="features:8")).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), backbone="features:8", input=InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     x = np.ones((6, 2), np.float32)
     for row, value in ((3, np.nan), (0, np.inf), (5, -np.inf)):
         bad = x.copy()
@@ -331,7 +333,7 @@ def test_the_log_says_only_what_was_measured(tiny, tmp_path, capsys):
 BAD_VALUES = [
     ("lr", -0.001, "--lr", "must be a positive finite number, got -0.001"),
     ("weight_decay", -1.0, "--weight-decay", "must be a finite number >= 0, got -1"),
-    ("patch_um_per_px", 0.0, "--patch-um-per-px", "must be a positive finite number, got 0"),
+    ("um_per_px", 0.0, "--patch-um-per-px", "must be a positive finite number, got 0"),
     ("val_fraction", -1.0, "--val-fraction", "must be a finite number >= 0 and < 1, got -1"),
     ("val_fraction", float("nan"), "--val-fraction", "must be a finite number >= 0 and < 1, got nan"),
     ("warmup_epochs", float("nan"), "--warmup-epochs", "must be a finite number >= 0, got nan"),
@@ -344,19 +346,28 @@ BAD_VALUES = [
     ("temperature", float("inf"), "--temperature", "must be a positive finite number, got inf"),
     ("dropout", 1.0, "--dropout", "must be a finite number >= 0 and < 1, got 1"),
     ("epochs", 0, "--epochs", "must be a whole number >= 1, got 0"),
-    ("fields_of_view", [1.0, -2.0], "--fields-of-view", r"must be a finite number > 0 and <= 64, got -2"),
+    ("fields_of_view", [1.0, -2.0], "--fields-of-view", "must be a finite number >= 1 and <= 64, got -2"),
+    ("fields_of_view", [1.0, 1.0], "--fields-of-view", "must be distinct, got [1.0, 1.0]"),
+    ("patch_size", 4, "--patch-size", "must be a whole number >= 8 and <= 4096, got 4"),
 ]
+#: The input recipe's options: checked where the InputSpec is made (it cannot change after).
+INPUT_OPTIONS = {f.name for f in dataclasses.fields(InputSpec)}
 
 
 @pytest.mark.parametrize("name,value,flag,message", BAD_VALUES, ids=[f"{b[0]}={b[1]}" for b in BAD_VALUES])
 def test_every_parameter_has_a_range_checked_where_the_config_is_made(name, value, flag, message, tmp_path):
     """The library names the field, the command line the flag; nothing is read or written first."""
+    owner = InputSpec if name in INPUT_OPTIONS else TrainConfig
     with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
-        TrainConfig(**{name: value})
+        owner(**{name: value})
     cfg = TrainConfig()
-    setattr(cfg, name, value)  # changed after construction: train checks again
-    with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
-        train(TINY, tmp_path / "m", cfg)
+    if owner is InputSpec:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cfg.input, name, value)
+    else:
+        setattr(cfg, name, value)  # changed after construction: train checks again
+        with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
+            train(TINY, tmp_path / "m", cfg)
     text = " ".join(map(str, value)) if isinstance(value, list) else str(value)
     refused(["train", *TINY, "--out", tmp_path / "m", flag, *text.split()], re.escape(f"{flag} {message}"))
     assert not (tmp_path / "m").exists()
@@ -364,11 +375,15 @@ def test_every_parameter_has_a_range_checked_where_the_config_is_made(name, valu
 
 def test_types_are_checked_too():
     for kw, message in [({"epochs": 2.5}, "epochs must be a whole number, got 2.5"), ({"seed": True}, "seed must be a whole number"),
-                        ({"amp": "yes"}, "amp must be true or false"), ({"fields_of_view": []}, "fields_of_view must list at least one"),
+                        ({"amp": "yes"}, "amp must be true or false"), ({"input": {"tta": False}}, "input must be of type InputSpec"),
                         ({"genes": ["a", 1]}, "genes must be a string, got 1"), ({"lr": "0.1"}, "lr must be a number"),
                         ({"panel_mode": "both"}, "panel_mode must be one of union, intersection, got 'both'")]:
         with pytest.raises(BleepError, match=re.escape(message)):
             TrainConfig(**kw)
+    for kw, message in [({"fields_of_view": []}, "fields_of_view must list at least one"), ({"fields_of_view": 2}, "fields_of_view must be a list"),
+                        ({"tta": 1}, "tta must be true or false"), ({"stain": "reinhard"}, "stain must be one of none, macenko")]:
+        with pytest.raises(BleepError, match=re.escape(message)):
+            InputSpec(**kw)
     cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5))
     assert type(cfg.epochs) is int and type(cfg.lr) is float  # config.json holds Python numbers
 
@@ -405,8 +420,8 @@ def test_unwritable_outputs_and_caches(tmp_path, tiny):
             assert _cache_dir(TrainConfig(cache_dir=str(folder))) is None
     from bleep_rs.training.features import section_features
 
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), fields_of_view=[1.0], patch_size=32)).eval()
-    cfg = TrainConfig(patch_size=32, fields_of_view=[1.0], augment=False, progress=False, cache_dir=str(tmp_path / "file"))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2"]), input=InputSpec(fields_of_view=(1.0,), patch_size=32, tta=False))).eval()
+    cfg = TrainConfig(augment=False, progress=False, cache_dir=str(tmp_path / "file"), input=InputSpec(patch_size=32, fields_of_view=(1.0,)))
     with pytest.warns(UserWarning, match="cannot be used"):
         assert section_features(model, tiny[0], cfg, None).shape == (1, tiny[0].n_obs, model.feature_dim)
     assert usable_cache(tmp_path / "new" / "cache", "features") == tmp_path / "new" / "cache"
@@ -417,12 +432,12 @@ def test_damaged_checkpoints_say_to_pass_fresh(tiny, tmp_path):
 
     cfg = _features_config(tmp_path, epochs=3)
     feats = _features(tiny)
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), backbone="features:4", fields_of_view=[1.0]))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), backbone="features:4", input=InputSpec(fields_of_view=(1.0,), tta=False)))
     data = prepare_data(tiny, cfg, panel=model.config.panel, features=feats)
     ckpt = tmp_path / ".out.checkpoint"
 
     def saved(state_edit=None, tensors_edit=None, dim=256):
-        m = BleepModel(ModelConfig(panel=model.config.panel, backbone="features:4", fields_of_view=[1.0], embedding_dim=dim))
+        m = BleepModel(ModelConfig(panel=model.config.panel, backbone="features:4", embedding_dim=dim, input=InputSpec(fields_of_view=(1.0,), tta=False)))
         trainer = _Trainer(m, data, cfg, torch.device("cpu"), 0, 1)
         state = {"epoch": 1, "best": 1.0, "stale": 0, "history": [], "identity": _run_identity(cfg, model.config.panel)}
         _save_checkpoint(ckpt, trainer, state)
@@ -448,9 +463,10 @@ def test_damaged_checkpoints_say_to_pass_fresh(tiny, tmp_path):
 
 
 def test_embedding_no_patches_gives_an_empty_array():
-    images = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[1.0, 2.0], patch_size=32)).eval()
+    images = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), input=InputSpec(fields_of_view=(1.0, 2.0), patch_size=32, tta=False))).eval()
     assert images.embed_images(np.zeros((0, 2, 32, 32, 3), np.uint8)).shape == (0, 256)
-    feats = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), backbone="features:8", embedding_dim=16)).eval()
+    feats = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), backbone="features:8", embedding_dim=16,
+                                   input=InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     assert feats.embed_images(np.zeros((0, 8), np.float32)).shape == (0, 16)
     with pytest.raises(BleepError, match="patches must be uint8"):
         images.embed_images(np.zeros((0, 3, 32, 32, 3), np.uint8))

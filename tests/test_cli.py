@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_tta_views_on_the_command_line_are_used_and_recorded(run, tmp_path):
         "--tta-views", "2")
     pred = ad.read_h5ad(tmp_path / "p2.h5ad")
     assert pred.uns["bleep"]["tta_views"] == 2 and ad.read_h5ad(run / "pred.h5ad").uns["bleep"]["tta_views"] == 1
-    patches = bleep_rs.section_patches(section, model.config.patch_size, model.config.um_per_px, fields=model.config.fields_of_view)
+    patches = model.config.input.section_patches(section)
     want = ref.impute(model.embed_features(model.features(patches, views=TTA_VIEWS[2])), k=5, method=model.config.method)
     assert np.allclose(pred.X, want, atol=1e-4)
     res = cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "p3.h5ad",
@@ -325,3 +326,73 @@ def test_um_per_px_has_one_meaning_across_commands(tmp_path):
     res = cli("train", DATA / "tiny" / "C2", "--out", tmp_path / "m", "--patch-um-per-px", "0", ok=False)
     refused(res, "--patch-um-per-px must be a positive finite number, got 0")
     assert not (tmp_path / "m").exists()
+
+
+def test_the_predict_command_is_built_from_predict_config():
+    """One PredictConfig: its fields are predict's flags (defaults, ranges, help), as TrainConfig's are train's."""
+    import argparse
+    import dataclasses
+
+    from bleep_rs.cli import _add_config_options, _config_from_args
+    from bleep_rs.predict import PredictConfig
+
+    p = argparse.ArgumentParser()
+    _add_config_options(p, PredictConfig)
+    assert _config_from_args(PredictConfig, p.parse_args([])) == PredictConfig()
+    cfg = _config_from_args(PredictConfig, p.parse_args(["--k", "7", "--method", "mean", "--tta-views", "2", "--neighbours", "--um-per-px", "0.25",
+                                                         "--min-tissue", "0", "--queue-depth", "3"]))
+    assert cfg == PredictConfig(k=7, method="mean", tta_views=2, neighbours=True, um_per_px=0.25, min_tissue=0.0, queue_depth=3)
+    assert {f.name for f in dataclasses.fields(PredictConfig)} <= set(vars(p.parse_args([])))
+
+
+BAD_PREDICT = [
+    ("k", 0, "--k", "must be a whole number >= 1, got 0"),
+    ("min_tissue", 1.5, "--min-tissue", "must be a finite number >= 0 and <= 1, got 1.5"),
+    ("tta_views", 3, "--tta-views", "must be one of 1, 2, 4, 8, got 3"),
+    ("queue_depth", 0, "--queue-depth", "must be a whole number >= 1, got 0"),
+    ("batch_size", -4, "--batch-size", "must be a whole number >= 1, got -4"),
+    ("bin_um", -8.0, "--bin-um", "must be a positive finite number, got -8"),
+    ("um_per_px", float("nan"), "--um-per-px", "must be a positive finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("name,value,flag,message", BAD_PREDICT, ids=[f"{b[0]}={b[1]}" for b in BAD_PREDICT])
+def test_every_predict_option_has_a_range_checked_where_the_config_is_made(run, tmp_path, name, value, flag, message):
+    """The library names the option (predict_section's keywords too), the command line the flag, before any work."""
+    from bleep_rs.predict import PredictConfig, predict_slide
+
+    with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
+        PredictConfig(**{name: value})
+    with pytest.raises(BleepError, match=re.escape(f"{name} {message}")):
+        next(iter([predict_slide(None, None, "slide.svs", **{name: value})]))
+    out = tmp_path / "p.h5ad"
+    res = cli("predict", "--slide", DATA / "tiny" / "C3" / "image.jpg", "--model", run / "model", "--reference", run / "ref.safetensors",
+              "--out", out, flag, str(value), ok=False)
+    if name == "tta_views":  # a flag with choices: argparse refuses it first, in its own words
+        assert res.returncode == 2 and "argument --tta-views: invalid choice: 3" in res.stderr
+    else:
+        refused(res, f"{flag} {message}")
+    assert not out.exists()
+
+
+def test_options_a_prediction_does_not_use_are_refused_not_ignored(run, tmp_path):
+    """A section is read as it is (a slide's pixel size or tissue threshold would be ignored); precomputed features
+    take no image options; an unknown keyword is named."""
+    from bleep_rs.predict import predict_section
+
+    model, ref = bleep_rs.load_model(run / "model"), bleep_rs.Reference.load(run / "ref.safetensors")
+    section = bleep_rs.read_section(C3)
+    with pytest.raises(BleepError, match=r"um_per_px=0.5: options of whole slides"):
+        predict_section(model, ref, section, um_per_px=0.5)
+    with pytest.raises(BleepError, match=r"min_tissue=0.2: options of whole slides"):
+        predict_section(model, ref, section, bleep_rs.PredictConfig(min_tissue=0.2))
+    with pytest.raises(BleepError, match=r"unknown options \['kk'\]"):
+        predict_section(model, ref, section, kk=5)
+    with pytest.raises(BleepError, match="config must be a PredictConfig, not dict"):
+        predict_section(model, ref, section, {"k": 5})
+    for flag, value in [("--um-per-px", "0.5"), ("--min-tissue", "0.2")]:
+        refused(cli("predict", C3, "--model", run / "model", "--reference", run / "ref.safetensors", "--out", tmp_path / "p.h5ad",
+                    flag, value, ok=False), f"{flag} {value}: options of whole slides")
+    with pytest.raises(BleepError, match=r"precision=float32, batch_size=8: options of images"):
+        bleep_rs.predict_features(model, ref, tmp_path / "any.h5", precision="float32", batch_size=8)
+    assert not (tmp_path / "p.h5ad").exists()

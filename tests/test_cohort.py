@@ -23,6 +23,7 @@ import bleep_rs
 from bleep_rs import BleepError
 from bleep_rs.cli import main
 from bleep_rs.cohort import cache_features, connect, predict_cohort
+from bleep_rs.inputs import InputSpec
 from bleep_rs.predict import output_state, predict_slide
 
 from conftest import DATA
@@ -42,8 +43,8 @@ def trained(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("cohort")
     sections = [bleep_rs.read_section(DATA / "tiny" / "C2")]
-    cfg = TrainConfig(epochs=1, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0],
-                      tta=False, augment=False, progress=False)
+    cfg = TrainConfig(epochs=1, n_top_genes=64, batch_size=32, val_fraction=0.0,
+                      augment=False, progress=False, input=InputSpec(patch_size=128, fields_of_view=(1.0,), tta=False))
     model = train(sections, d / "model", cfg)
     bleep_rs.build_reference(model, sections).save(d / "ref.safetensors")
     slides = []
@@ -249,8 +250,8 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
     from bleep_rs.training import TrainConfig, train
 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
-    cfg = TrainConfig(epochs=1, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0],
-                      tta=False, augment=False, progress=True, cache_dir=str(tmp_path / "cache"))
+    cfg = TrainConfig(epochs=1, n_top_genes=64, batch_size=32, val_fraction=0.0,
+                      augment=False, progress=True, cache_dir=str(tmp_path / "cache"), input=InputSpec(patch_size=128, fields_of_view=(1.0,), tta=False))
     records: list = []
     on_cluster = train(sections, tmp_path / "m1", cfg, feature_pass=functools.partial(cache_features, client, report=records.append))
     assert len(records) == 2 and {r["section"] for r in records} == {"C2", "C3"}

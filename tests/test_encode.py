@@ -13,6 +13,7 @@ import bleep_rs  # noqa: E402
 from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.backbones import create_backbone  # noqa: E402
 from bleep_rs.encode import agreement, backbone_features, get_encoder, native_bf16, to_input  # noqa: E402
+from bleep_rs.inputs import InputSpec  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
 
 from conftest import DATA  # noqa: E402
@@ -34,7 +35,8 @@ def model():
     torch.manual_seed(0)  # the image head is untrained: a fixed random projection of the features
     # feature_norm "none": the head sees the backbone's features as they come, so that head(features) is
     # the embedding and each engine's features are compared through it.
-    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=[f"g{i}" for i in range(32)]), feature_norm="none")).eval()
+    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=[f"g{i}" for i in range(32)]), feature_norm="none",
+                                  input=InputSpec(fields_of_view=(1.0,), tta=False))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def test_tta_views_average_the_named_views(model, her2st):
 
     patches = her2st[0][:4]
     tta = copy.deepcopy(model)
-    tta.config.tta = True
+    tta.config.input = tta.config.input.replace(tta=True)
     assert np.allclose(tta.embed_images(patches, tta_views=8), tta.embed_images(patches), atol=1e-6)
     assert np.allclose(tta.embed_images(patches, tta_views=1), tta.embed_images(patches, tta=False), atol=1e-6)
     for n in (2, 4):

@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 
 import bleep_rs
 from bleep_rs import BleepError
+from bleep_rs.inputs import InputSpec
 from bleep_rs.readers.patch_features import features_for_sections, read_patch_features
 
 from conftest import DATA as SHARED, cli, refused
@@ -118,7 +119,7 @@ def test_damaged_files_name_the_problem(tiny, tmp_path, damage, message):
 
 def test_image_options_are_refused_with_features():
     assert bleep_rs.TrainConfig().for_features(DIM).backbone == f"features:{DIM}"
-    for options, named in [({"stain": "macenko"}, "stain=macenko"), ({"freeze_backbone": False}, "freeze_backbone=False"),
+    for options, named in [({"input": InputSpec(stain="macenko")}, "stain=macenko"), ({"freeze_backbone": False}, "freeze_backbone=False"),
                            ({"backbone_weights": "w.pth"}, "backbone_weights=")]:
         with pytest.raises(BleepError, match=f"{named}: not with precomputed features"):
             bleep_rs.TrainConfig(**options).for_features(DIM)
@@ -142,7 +143,8 @@ def test_no_way_to_place_the_patches(tiny, tmp_path):
     from bleep_rs.model import BleepModel, ModelConfig, build_reference
     from bleep_rs.predict import predict_features
 
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=list(tiny[0].var_names[:4])), backbone=f"features:{DIM}")).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=list(tiny[0].var_names[:4])), backbone=f"features:{DIM}",
+                                   input=InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     with pytest.raises(BleepError, match="the patches have no positions"):
         predict_features(model, build_reference(model, tiny[:1]), tmp_path / "bare.h5")
 
@@ -155,7 +157,7 @@ def test_command_line_end_to_end(tiny, tmp_path):
     cli("train", DATA / "C2", DATA / "C3", "--features", c2, c3, "--out", model_dir, "--epochs", "3", "--n-top-genes", "16", "--no-progress")
     model = bleep_rs.load_model(model_dir)
     assert model.config.backbone == f"features:{DIM}" and model.config.features_encoder == "conch_v15"
-    assert model.config.fields_of_view == [1.0]
+    assert model.config.input.fields_of_view == (1.0,)
     cli("reference", DATA / "C2", "--model", model_dir, "--out", ref)
     reference = bleep_rs.Reference.load(ref)
 

@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 
 import bleep_rs
 from bleep_rs import BleepError
+from bleep_rs.inputs import InputSpec
 from bleep_rs.predict import embed_batches, predict_section, predict_slide, predict_slides, read_prediction, slide_grid
 from bleep_rs.sections import section_patches
 
@@ -27,8 +28,8 @@ def trained(tmp_path_factory):
     from bleep_rs.training import TrainConfig, train
 
     sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
-    cfg = TrainConfig(epochs=2, n_top_genes=64, patch_size=128, batch_size=32, val_fraction=0.0, fields_of_view=[1.0, 2.0],
-                      tta=False, augment=False, progress=False)
+    cfg = TrainConfig(epochs=2, n_top_genes=64, batch_size=32, val_fraction=0.0,
+                      augment=False, progress=False, input=InputSpec(patch_size=128, fields_of_view=(1.0, 2.0), tta=False))
     model = train(sections[:1], tmp_path_factory.mktemp("pipeline") / "model", cfg)
     return model, bleep_rs.build_reference(model, sections[:1]), sections[1]
 
@@ -75,13 +76,13 @@ def sequential(model, n, read, batch_size):
 
 
 def section_reader(model, section):
-    cfg = model.config
+    cfg = model.config.input
     return lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view)
 
 
 def sequential_slide(model, ref, path, batch_size, k):
     slide = bleep_rs.Slide(path, um_per_px=UM)
-    cfg = model.config
+    cfg = model.config.input
     grid = slide_grid(slide, cfg.patch_size, cfg.um_per_px, min_tissue=0.05, mask=slide.tissue_mask())
     read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view)  # noqa: E731
     emb = sequential(model, len(grid.centres), read, batch_size)

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 import bleep_rs  # noqa: E402
 from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.augment import dihedral_view, random_views  # noqa: E402
+from bleep_rs.inputs import InputSpec  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig  # noqa: E402
 from bleep_rs.sections import section_patches  # noqa: E402
 from bleep_rs.training import TrainConfig, native_um_per_px, train  # noqa: E402
@@ -32,7 +33,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), fields_of_view=[1.0, 2.0], patch_size=64)).eval()
+    return BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), input=InputSpec(fields_of_view=(1.0, 2.0), patch_size=64, tta=False))).eval()
 
 
 def test_dihedral_views_are_the_eight_symmetries(rng):
@@ -65,7 +66,7 @@ def test_fields_of_view_are_wider_crops_around_the_same_centre(tiny):
 
 
 def test_tta_is_the_mean_of_the_eight_views(model, tiny):
-    p = section_patches(tiny[0], 64, fields=model.config.fields_of_view)[:6]
+    p = section_patches(tiny[0], 64, fields=model.config.input.fields_of_view)[:6]
     tta = model.embed_images(p, tta=True)
     views = np.stack([model.embed_images(dihedral_view(p, v), tta=False) for v in range(8)])
     views /= np.linalg.norm(views, axis=-1, keepdims=True)
@@ -76,18 +77,18 @@ def test_tta_is_the_mean_of_the_eight_views(model, tiny):
 
 
 def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):
-    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path))
+    cfg = TrainConfig(cache_dir=str(tmp_path), input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))
     key = feature_cache_key(model, tiny[0], cfg, 1.38, 8)
     assert key == feature_cache_key(model, tiny[0], cfg, 1.38, 8)
     assert key != feature_cache_key(model, tiny[1], cfg, 1.38, 8)
     assert key != feature_cache_key(model, tiny[0], cfg, 1.0, 8)
     assert key != feature_cache_key(model, tiny[0], cfg, 1.38, 1)
-    assert key != feature_cache_key(model, tiny[0], TrainConfig(patch_size=96, fields_of_view=[1.0, 2.0]), 1.38, 8)
-    other = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[1.0, 3.0], patch_size=64))
+    assert key != feature_cache_key(model, tiny[0], TrainConfig(input=InputSpec(patch_size=96, fields_of_view=(1.0, 2.0))), 1.38, 8)
+    other = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), input=InputSpec(fields_of_view=(1.0, 3.0), patch_size=64, tta=False)))
     assert key != feature_cache_key(other, tiny[0], cfg, 1.38, 8)
     # A fresh model of the same backbone (another process, another run) finds the same entry: nothing
     # random (the unused ImageNet classifier was) enters the key.
-    other.config.fields_of_view = [1.0, 2.0]
+    other.config.input = other.config.input.replace(fields_of_view=(1.0, 2.0))
     assert key == feature_cache_key(other, tiny[0], cfg, 1.38, 8)
     with torch.no_grad():
         other.backbone.net._conv_stem.weight.mul_(1.01)
@@ -97,7 +98,7 @@ def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):
 def test_stain_normalises_every_patch_the_backbone_sees(model, tiny, tmp_path):
     """stain="macenko": the backbone sees each patch Macenko-normalised (the Rust normaliser, torchstain's
     reference stains), in training and prediction alike; the cache keeps the two apart; fine-tuning refuses it."""
-    stained = BleepModel(ModelConfig(panel=model.config.panel, fields_of_view=[1.0, 2.0], patch_size=64, stain="macenko")).eval()
+    stained = BleepModel(ModelConfig(panel=model.config.panel, input=InputSpec(fields_of_view=(1.0, 2.0), patch_size=64, stain="macenko", tta=False))).eval()
     stained.load_state_dict(model.state_dict())
     patches = section_patches(tiny[0], 64, fields=(1, 2))[:6]
     normalised = bleep_rs.MacenkoNormalizer().transform(patches.reshape(-1, 64, 64, 3)).reshape(patches.shape)
@@ -105,19 +106,19 @@ def test_stain_normalises_every_patch_the_backbone_sees(model, tiny, tmp_path):
     want = model.features(normalised, precision="float32")
     np.testing.assert_array_equal(stained.features(patches, precision="float32"), want)
     np.testing.assert_array_equal(stained.embed_images(patches, tta=False, precision="float32"), model.embed_images(normalised, tta=False, precision="float32"))
-    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path))
+    cfg = TrainConfig(cache_dir=str(tmp_path), input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))
     assert feature_cache_key(stained, tiny[0], cfg, 1.38, 8) != feature_cache_key(model, tiny[0], cfg, 1.38, 8)
     bleep_rs.save_model(stained, tmp_path / "m")
     np.testing.assert_array_equal(bleep_rs.load_model(tmp_path / "m").features(patches, precision="float32"), want)
     with pytest.raises(BleepError, match="stain= normalises the patches of a frozen backbone"):
-        train(tiny, tmp_path / "ft", TrainConfig(stain="macenko", freeze_backbone=False, progress=False, device="cpu"))
+        train(tiny, tmp_path / "ft", TrainConfig(freeze_backbone=False, progress=False, device="cpu", input=InputSpec(stain="macenko")))
     assert not (tmp_path / "ft").exists()
     with pytest.raises(BleepError, match="stain"):
-        TrainConfig(stain="reinhard")
+        TrainConfig(input=InputSpec(stain="reinhard"))
 
 
 def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_path):
-    cfg = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir=str(tmp_path), progress=False, augment=False)
+    cfg = TrainConfig(cache_dir=str(tmp_path), progress=False, augment=False, input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))
     first = section_features(model, tiny[0], cfg, None)
     files = list((tmp_path / "features").glob("*.npy"))
     assert first.shape == (1, tiny[0].n_obs, model.feature_dim) and len(files) == 1
@@ -128,16 +129,16 @@ def test_section_features_come_from_the_cache_when_they_can(model, tiny, tmp_pat
     with pytest.warns(UserWarning, match="do not match their checksum"):
         assert np.array_equal(section_features(model, tiny[0], cfg, None), first)
     assert np.array_equal(np.load(files[0]), first)
-    none = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], cache_dir="none", progress=False, augment=False)
+    none = TrainConfig(cache_dir="none", progress=False, augment=False, input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))
     assert np.array_equal(section_features(model, tiny[1], none, None), section_features(model, tiny[1], cfg, None))
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
-    default = TrainConfig(patch_size=64, fields_of_view=[1.0, 2.0], progress=False, augment=False)  # $BLEEP_RS_CACHE (conftest)
+    default = TrainConfig(progress=False, augment=False, input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))  # $BLEEP_RS_CACHE (conftest)
     section_features(model, tiny[1], default, None)
     assert len(list((Path(os.environ["BLEEP_RS_CACHE"]) / "features").glob("*.npy"))) >= 1
 
 
 def _quick(tmp_path, **kw):
-    return TrainConfig(**{"epochs": 2, "patch_size": 64, "fields_of_view": [1.0], "augment": False, "n_top_genes": 32,
+    return TrainConfig(**{"epochs": 2, "input": InputSpec(patch_size=64, fields_of_view=(1.0,)), "augment": False, "n_top_genes": 32,
                           "progress": False, "cache_dir": str(tmp_path / "cache"), **kw})
 
 
@@ -169,14 +170,14 @@ def test_a_model_records_its_resolution_and_predict_reads_every_image_at_it(tiny
 
     model = train(tiny, tmp_path / "m", _quick(tmp_path))
     native = native_um_per_px(tiny)
-    assert model.config.um_per_px == pytest.approx(native) and native == pytest.approx(tiny[0].uns["bleep"]["um_per_px"], rel=0.01)
+    assert model.config.input.um_per_px == pytest.approx(native) and native == pytest.approx(tiny[0].uns["bleep"]["um_per_px"], rel=0.01)
     once, twice = _scanned_at(TINY[1], tmp_path / "x1", 1), _scanned_at(TINY[1], tmp_path / "x2", 2)
     assert twice.uns["bleep"]["um_per_px"] == pytest.approx(once.uns["bleep"]["um_per_px"] / 2)
     ref = bleep_rs.build_reference(model, tiny)
-    model.config.um_per_px = once.uns["bleep"]["um_per_px"]  # exactly 2x: the area filter inverts the copy
+    model.config.input = model.config.input.replace(um_per_px=once.uns["bleep"]["um_per_px"])  # exactly 2x: the area filter inverts the copy
     a = predict_section(model, ref, once, k=5, progress=False)
     b = predict_section(model, ref, twice, k=5, progress=False)
-    assert a.uns["bleep"]["um_per_px"] == b.uns["bleep"]["um_per_px"] == model.config.um_per_px
+    assert a.uns["bleep"]["um_per_px"] == b.uns["bleep"]["um_per_px"] == model.config.input.um_per_px
     assert np.abs(a.X - b.X).max() < 1e-4
 
 
@@ -189,7 +190,7 @@ def test_the_train_command_is_built_from_the_config():
     _add_config_options(p, TrainConfig)
     assert _config_from_args(TrainConfig, p.parse_args([])) == TrainConfig()
     cfg = _config_from_args(TrainConfig, p.parse_args(["--fields-of-view", "1", "4", "--no-tta", "--temperature", "8", "--fresh", "--panel", "intersection"]))
-    assert cfg.fields_of_view == [1.0, 4.0] and not cfg.tta and cfg.temperature == 8 and not cfg.resume and cfg.panel_mode == "intersection"
+    assert cfg.input.fields_of_view == (1.0, 4.0) and not cfg.input.tta and cfg.temperature == 8 and not cfg.resume and cfg.panel_mode == "intersection"
 
 
 def test_training_refuses_an_existing_output_before_any_work(tiny, tmp_path):
@@ -212,7 +213,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
     from bleep_rs.training.loop import _run_identity, _save_checkpoint, _Trainer, prepare_data
 
     cfg = _quick(tmp_path, epochs=3)
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), fields_of_view=[1.0], patch_size=64))
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["ERBB2", "IGKC"]), input=InputSpec(fields_of_view=(1.0,), patch_size=64, tta=False)))
     data = prepare_data(tiny, cfg, panel=model.config.panel, model=model)
     trainer = _Trainer(model, data, cfg, torch.device("cpu"), 0, 1)
     ckpt = tmp_path / ".out.checkpoint"
@@ -230,7 +231,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
 
 def test_a_timm_backbone_without_weights_is_an_error_unless_asked():
     pytest.importorskip("timm")
-    cfg = ModelConfig(panel=bleep_rs.Panel(genes=["a"]), backbone="timm:resnet18")
+    cfg = ModelConfig(panel=bleep_rs.Panel(genes=["a"]), backbone="timm:resnet18", input=InputSpec(fields_of_view=(1.0,), tta=False))
     with pytest.raises(BleepError, match="no weights"):
         BleepModel(cfg)
     BleepModel(cfg, random_init=True)
@@ -242,10 +243,11 @@ def test_weights_that_do_not_fit_are_an_error_listing_the_keys(tmp_path):
     bad = tmp_path / "w.safetensors"
     save_file({"not_a_layer.weight": torch.zeros(3)}, str(bad))
     with pytest.raises(BleepError, match="missing.*unexpected.*not_a_layer"):
-        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"])), backbone_weights=str(bad))
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), input=InputSpec(fields_of_view=(1.0,), tta=False)), backbone_weights=str(bad))
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(BleepError, match="not a readable weights file"):
-        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"])), backbone_weights=str(tmp_path / "junk.pth"))
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]),
+                               input=InputSpec(fields_of_view=(1.0,), tta=False)), backbone_weights=str(tmp_path / "junk.pth"))
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
@@ -296,12 +298,12 @@ def test_a_model_on_precomputed_features_saves_and_loads(tmp_path, rng):
     bad value caught when the model is built, not only when a file is read."""
     from bleep_rs.model import load_model, save_model
 
-    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), backbone="features:8")).eval()
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a", "b"]), backbone="features:8", input=InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     save_model(model, tmp_path / "m")
     again = load_model(tmp_path / "m")
     x = rng.standard_normal((5, 8)).astype(np.float32)
     assert np.array_equal(model.embed_images(x), again.embed_images(x))
     with pytest.raises(BleepError, match="model config: feature_norm 'l3'"):
-        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), feature_norm="l3"))
-    with pytest.raises(BleepError, match="model config: fields_of_view"):
-        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), fields_of_view=[0.5]))
+        BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["a"]), feature_norm="l3", input=InputSpec(fields_of_view=(1.0,), tta=False)))
+    with pytest.raises(BleepError, match="fields_of_view must be a finite number >= 1 and <= 64, got 0.5"):
+        InputSpec(fields_of_view=(0.5,))  # the recipe is checked where it is made

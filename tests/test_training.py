@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 import bleep_rs  # noqa: E402
 from bleep_rs import BleepError  # noqa: E402
 from bleep_rs.expression import choose_panel, highly_variable_genes, normalize_log1p, panel_expression  # noqa: E402
+from bleep_rs.inputs import InputSpec  # noqa: E402
 from bleep_rs.model import BleepModel, ModelConfig, load_model, save_model  # noqa: E402
 from bleep_rs.training import TrainConfig, prepare_data, train  # noqa: E402
 from bleep_rs.training.loss import bleep_loss, clip_loss  # noqa: E402
@@ -98,9 +99,9 @@ def test_a_training_step_lowers_the_loss(tiny):
     """The full model (backbone fine-tuned): with the backbone's stochastic depth and the heads' dropout
     off, every forward pass is deterministic, and the loss on a fixed batch falls after a few AdamW steps."""
     torch.manual_seed(0)
-    cfg = TrainConfig(n_top_genes=32, patch_size=112, progress=False, fields_of_view=[1.0])
+    cfg = TrainConfig(n_top_genes=32, progress=False, input=InputSpec(patch_size=112, fields_of_view=(1.0,)))
     data = prepare_data(tiny, cfg)
-    model = BleepModel(ModelConfig(panel=data.panel, patch_size=112, dropout=0.0))
+    model = BleepModel(ModelConfig(panel=data.panel, dropout=0.0, input=InputSpec(patch_size=112, fields_of_view=(1.0,), tta=False)))
     assert data.images.shape[1:] == (1, 112, 112, 3) and data.images.dtype == np.uint8
     net = model.backbone.net
     net._global_params = net._global_params._replace(drop_connect_rate=0.0)
@@ -130,7 +131,7 @@ def trained(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("models") / "tiny"
     # 32 of the 64 genes of the tiny sections: the reference's "all" genes then reach beyond the panel.
     cfg = TrainConfig(epochs=40, batch_size=49, n_top_genes=32, freeze_backbone=True, val_fraction=0.0,
-                      patience=100, progress=False, patch_size=160, fields_of_view=[1.0, 2.0])
+                      patience=100, progress=False, input=InputSpec(patch_size=160, fields_of_view=(1.0, 2.0)))
     model = train(tiny, out, cfg)
     return out, model
 
@@ -139,7 +140,7 @@ def test_training_raises_retrieval_far_above_chance(trained, tiny):
     out, model = trained
     from bleep_rs.sections import section_patches
 
-    patches = np.concatenate([section_patches(s, 160, fields=model.config.fields_of_view) for s in tiny])
+    patches = np.concatenate([section_patches(s, 160, fields=model.config.input.fields_of_view) for s in tiny])
     assert patches.shape[1:] == (2, 160, 160, 3)
     v = model.embed_images(patches)
     x = np.concatenate([model.embed_expression(s) for s in tiny])
@@ -157,7 +158,7 @@ def test_export_load_gives_identical_embeddings(trained, tiny, tmp_path):
     again = load_model(out)
     from bleep_rs.sections import section_patches
 
-    p = section_patches(tiny[0], 160, fields=model.config.fields_of_view)
+    p = section_patches(tiny[0], 160, fields=model.config.input.fields_of_view)
     assert np.array_equal(model.embed_images(p), again.embed_images(p))
     assert np.array_equal(model.embed_expression(tiny[0]), again.embed_expression(tiny[0]))
     cfg = json.loads((out / "config.json").read_text())
@@ -182,7 +183,7 @@ def test_build_reference_and_impute(trained, tiny):
     assert ref.genes == reference_genes(tiny, "all")
     x = panel_expression(tiny[0], ref.genes, warn=False)
     assert np.allclose(ref.expression[:25], x)
-    pred = ref.impute(model.embed_images(section_patches(tiny[1], 160, fields=model.config.fields_of_view)), k=5)
+    pred = ref.impute(model.embed_images(section_patches(tiny[1], 160, fields=model.config.input.fields_of_view)), k=5)
     assert pred.shape == (24, len(ref.genes)) and np.isfinite(pred).all()
     panel_ref = bleep_rs.build_reference(model, tiny, genes="panel")
     assert panel_ref.genes == list(model.config.panel.genes)
@@ -239,7 +240,8 @@ def test_bad_training_input(trained, tiny):
     with pytest.raises(BleepError, match="0 spots"):
         prepare_data([tiny[0][:0]], cfg, features=[np.zeros((0, 8))])
     with pytest.raises(BleepError, match="validation sections"):
-        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4", fields_of_view=[1.0]),
+        train(tiny, "/nonexistent/out", TrainConfig(n_top_genes=16, progress=False, val_sections=["nope"], backbone="features:4",
+                                                    input=InputSpec(fields_of_view=(1.0,))),
               features=[np.zeros((25, 4)), np.zeros((24, 4))])
 
 

@@ -24,6 +24,7 @@ Native work runs on a thread pool whose size is set by ``bleep_rs.set_num_thread
 """
 
 from bleep_rs._core import BleepError, get_num_threads, kernel_name, set_num_threads
+from bleep_rs.inputs import InputSpec
 from bleep_rs.normalize import MacenkoNormalizer, ReinhardNormalizer, to_tensor
 from bleep_rs.reference import METHODS, Reference
 from bleep_rs.sections import read_section, section_patches
@@ -83,6 +84,7 @@ _LAZY = {
     "Panel": "bleep_rs.expression",
     "choose_panel": "bleep_rs.expression",
     # Prediction and evaluation without the command line.
+    "PredictConfig": "bleep_rs.predict",
     "predict_section": "bleep_rs.predict",
     "predict_features": "bleep_rs.predict",
     "read_patch_features": "bleep_rs.readers.patch_features",
@@ -108,7 +110,9 @@ def __getattr__(name):
 __all__ = [
     "BleepError",
     "BleepModel",
+    "InputSpec",
     "Panel",
+    "PredictConfig",
     "TrainConfig",
     "build_reference",
     "choose_panel",

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bleep_rs import BleepError, __version__
-from bleep_rs.reference import DEFAULT_K, METHODS
-from bleep_rs.training.config import RECIPE_METHOD
+from bleep_rs.reference import DEFAULT_K
 
 #: The library's errors name its arguments (``um_per_px=X``); the command line says its flags instead.
 #: Each argument here is a flag of the commands that pass it on.
 FLAGS = {
-    "um_per_px": "--um-per-px", "patch_um_per_px": "--patch-um-per-px", "min_tissue": "--min-tissue", "bin_um": "--bin-um", "tta_views": "--tta-views",
-    "tiles_per_task": "--tiles-per-task", "scheduler": "--scheduler", "workers": "--workers", "fmt": "--format",
+    "um_per_px": "--um-per-px", "min_tissue": "--min-tissue", "bin_um": "--bin-um", "tta_views": "--tta-views",
+    "tiles_per_task": "--tiles-per-task", "precision": "--precision", "batch_size": "--batch-size", "queue_depth": "--queue-depth",
+    "scheduler": "--scheduler", "workers": "--workers", "fmt": "--format",
     "out": "--out", "out_dir": "--out", "ids": "--ids", "sample": "--ids", "layer": "--layer", "device": "--device",
     "backbone": "--backbone", "backbone_weights": "--backbone-weights", "cache_dir": "--cache-dir", "epochs": "--epochs",
     "lr": "--lr", "val_fraction": "--val-fraction", "n_top_genes": "--n-top-genes", "features": "--features",
@@ -114,47 +114,58 @@ def _add_train(sub) -> None:
 
 
 def _add_config_options(p, cls) -> None:
-    """One flag per field of a config dataclass, with the field's default and help: the dataclass is the
-    one source of the options and their defaults."""
+    """One flag per option of a config dataclass (nested configs' options too), with the field's default
+    and help: the dataclass is the one source of the options and their defaults (bleep_rs.options)."""
     import dataclasses
     import typing
 
-    from bleep_rs.training.config import flag as config_flag
+    from bleep_rs.options import flag, flat_fields
 
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta, kind = f.metadata, hints[f.name]
-        flag = config_flag(f)
+    for f in flat_fields(cls):
+        meta, kind = f.metadata, _hint(cls, f)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help = as_flags(meta.get("help", ""))
         if kind is bool:
-            if meta.get("invert"):
-                p.add_argument(flag, dest=f.name, action="store_false", default=default, help=help)
-            else:
-                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
+            action = "store_false" if meta.get("invert") else argparse.BooleanOptionalAction
+            p.add_argument(flag(f), dest=f.name, action=action, default=default, help=help)
             continue
         inner = kind
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             inner = next(a for a in typing.get_args(kind) if a is not type(None))
-        many = typing.get_origin(inner) in (list, typing.List)
+        many = typing.get_origin(inner) in (list, tuple)
         base = typing.get_args(inner)[0] if many else inner
         if meta.get("file"):
-            p.add_argument(flag, dest=f.name, type=Path, default=None, help=help)
+            p.add_argument(flag(f), dest=f.name, type=Path, default=None, help=help)
         else:
-            p.add_argument(flag, dest=f.name, type=base, default=default, nargs="*" if many else None, choices=meta.get("choices"), help=help)
+            p.add_argument(flag(f), dest=f.name, type=base, default=default, nargs="*" if many else None, choices=meta.get("choices"), help=help)
+
+
+def _hint(cls, f):
+    """The type of option ``f`` of config ``cls`` (or of the nested config declaring it)."""
+    import dataclasses
+    import typing
+
+    for g in dataclasses.fields(cls):
+        sub = g.metadata.get("nested")
+        if g is f:
+            return typing.get_type_hints(cls)[f.name]
+        if sub is not None and f in dataclasses.fields(sub):
+            return _hint(sub, f)
+    raise KeyError(f.name)
 
 
 def _config_from_args(cls, args):
-    """The config dataclass from parsed arguments (files of names read as lists)."""
-    import dataclasses
+    """The config dataclass from parsed arguments (files of names read as lists), checked with the errors
+    naming the flags."""
+    from bleep_rs.options import flat_fields, from_flags
 
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in flat_fields(cls):
         value = getattr(args, f.name)
         if f.metadata.get("file") and value is not None:
             value = _read_gene_file(value)
         values[f.name] = value
-    return cls.from_flags(values)
+    return from_flags(cls, values)
 
 
 def _run_train(args) -> None:
@@ -195,6 +206,7 @@ def _run_train(args) -> None:
 
 def _add_others(sub) -> None:
     from bleep_rs.expression import MIN_SPOTS
+    from bleep_rs.predict import PredictConfig
 
     ref = sub.add_parser("reference", help="embed reference sections' expression with a trained model")
     ref.add_argument("sections", nargs="+", help="sections: folders, .h5ad files, HEST folders (with --ids), .zarr stores")
@@ -227,27 +239,13 @@ def _add_others(sub) -> None:
     pr.add_argument("--features", nargs="+", metavar="FILE",
                     help="precomputed patch features (TRIDENT / HEST .h5) for a model trained on them: each patch predicted "
                          "(one STEM.h5ad each in --out for several), or with a SECTION the section's spots")
-    pr.add_argument("--um-per-px", type=float, help="the slide's micrometres per pixel (when the file does not say)")
     pr.add_argument("--out", type=Path, required=True, help="PRED.h5ad or PRED.zarr, or a folder for several slides (one STEM.h5ad each)")
     pr.add_argument("--format", choices=["h5ad", "zarr"],
                     help="h5ad or zarr (a SpatialData store: image, spots or tiles, table): for several slides (default h5ad) and an --out without suffix")
-    pr.add_argument("--bin-um", type=float,
-                    help="slides: one prediction per square bin of this many um instead of per tile; a Visium HD section: its bins pooled to this size")
+    _add_config_options(pr, PredictConfig)  # --k, --method, --tta-views, --um-per-px, --min-tissue, --bin-um ...
     pr.add_argument("--hd-run", help="slides: a Visium HD run of this slide (square_*um/ folder): bins on its grid, named by its barcodes")
-    pr.add_argument("--k", type=int, help=f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)")
-    pr.add_argument("--method", choices=list(METHODS), help=f"aggregation of the neighbours (default: the model's, {RECIPE_METHOD} unless trained otherwise)")
-    pr.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue fraction of a kept tile")
-    pr.add_argument("--neighbours", action="store_true", help="store the neighbours' indices and similarities")
-    pr.add_argument("--precision", choices=["auto", "float32"], default="auto",
-                    help="image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)")
-    pr.add_argument("--tta-views", type=int, choices=[1, 2, 4, 8],
-                    help="dihedral views averaged per spot or tile, one backbone pass per field each (default: the model's, 8 with TTA): "
-                    "fewer is faster and a little less accurate (docs/benchmarks.md, 'The default model's cost per tile')")
     pr.add_argument("--shard", help="slides: do shard I/N of the sorted list (outputs already complete are skipped)")
     pr.add_argument("--device", default="auto", help="where the image encoder runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
-    pr.add_argument("--batch-size", type=int,
-                    help="spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a CPU, 256 on a GPU)")
-    pr.add_argument("--queue-depth", type=int, default=2, help="batches read ahead of the encoder (default 2)")
     pr.add_argument("--overwrite", action="store_true")
     _cluster_options(pr, "one task per slide; --out is then a folder (one STEM.h5ad per slide)")
     pr.add_argument("--tiles-per-task", type=int, metavar="N",
@@ -343,24 +341,28 @@ def _run_reference(args) -> None:
 
 def _run_predict(args) -> None:
     import contextlib
+    import dataclasses
 
     from bleep_rs.device import pick_device
     from bleep_rs.model import load_model
-    from bleep_rs.predict import output_state, predict_section, predict_slides, prediction_format, slide_outputs, write_prediction
+    from bleep_rs.predict import PredictConfig, output_state, predict_section, predict_slides, prediction_format, slide_outputs, write_prediction
     from bleep_rs.reference import Reference
 
+    cfg = _config_from_args(PredictConfig, args)
     if args.features is not None:
-        _run_predict_features(args)
+        _run_predict_features(args, cfg)
         return
     if (args.section is None) == (args.slide is None):
         raise BleepError("give either a SECTION or --slide IMAGE [IMAGE ...] (or --features FILE ...)")
     if args.scheduler is not None or args.workers is not None:
-        _run_predict_cohort(args)
+        _run_predict_cohort(args, cfg)
         return
     if args.tiles_per_task is not None:
         raise BleepError("--tiles-per-task splits slides into tasks of a Dask cluster: give --scheduler ADDRESS or --workers N")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
+    if args.section is not None:  # --bin-um pools a Visium HD section's bins as it is read; the rest must be the section's
+        section_cfg = dataclasses.replace(cfg, bin_um=None).for_sections()
     several = args.slide is not None and len(args.slide) > 1
     inputs = [args.model, args.reference, args.section, args.image, args.hd_run, *(args.slide or [])]
     if several:
@@ -372,11 +374,10 @@ def _run_predict(args) -> None:
         fmt = prediction_format(args.out, args.format)
         _claim(args, args.out, inputs, overwrite=args.overwrite)
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
-    common = dict(k=args.k, method=args.method, neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference),
-                  precision=args.precision, tta_views=args.tta_views, batch_size=args.batch_size, queue_depth=args.queue_depth)
+    paths = dict(model_path=str(args.model), reference_path=str(args.reference))
     if args.section is not None:
-        section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um)
-        write_prediction(predict_section(model, ref, section, **common), args.out, fmt=fmt, overwrite=args.overwrite)
+        section = _read_one(args.section, args, check_counts=False, bin_um=cfg.bin_um)
+        write_prediction(predict_section(model, ref, section, section_cfg, **paths), args.out, fmt=fmt, overwrite=args.overwrite)
         print(f"predictions written to {args.out}")
         return
     hd_run = None
@@ -394,8 +395,7 @@ def _run_predict(args) -> None:
             todo.append((slide, out, state))
     # One pipeline over the slides (one model, reference and engine): the next one is opened and read
     # while this one is written.
-    steps = predict_slides(model, ref, [slide for slide, _, _ in todo], um_per_px=args.um_per_px, min_tissue=args.min_tissue,
-                           bin_um=args.bin_um, hd_run=hd_run, **common)
+    steps = predict_slides(model, ref, [slide for slide, _, _ in todo], cfg, hd_run=hd_run, **paths)
     with contextlib.closing(steps):
         for (_, out, state), adata in zip(todo, steps):
             # Several slides: bleep-rs's own incomplete output is redone; a foreign one only with --overwrite.
@@ -403,19 +403,19 @@ def _run_predict(args) -> None:
             print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
-def _run_predict_features(args) -> None:
+def _run_predict_features(args, cfg) -> None:
     """predict --features FILE ...: precomputed patch features, each file's patches (or a SECTION's spots)."""
     from bleep_rs.model import load_model
     from bleep_rs.predict import output_state, predict_features, prediction_format, slide_outputs, write_prediction
     from bleep_rs.readers.patch_features import read_patch_features
     from bleep_rs.reference import Reference
 
-    image_only = {"--slide": args.slide, "--um-per-px": args.um_per_px, "--bin-um": args.bin_um, "--hd-run": args.hd_run,
-                  "--tta-views": args.tta_views, "--shard": args.shard, "--scheduler": args.scheduler, "--workers": args.workers,
+    image_only = {"--slide": args.slide, "--hd-run": args.hd_run, "--shard": args.shard, "--scheduler": args.scheduler, "--workers": args.workers,
                   "--tiles-per-task": args.tiles_per_task}
     given = [flag for flag, value in image_only.items() if value is not None]
     if given:
         raise BleepError(f"{', '.join(given)}: not with --features (the patches' features are computed already)")
+    cfg = cfg.for_features()
     if args.section is not None and len(args.features) > 1:
         raise BleepError("a SECTION is predicted from its own features file: give one --features FILE with it")
     inputs = [args.model, args.reference, args.section, args.image, *args.features]
@@ -431,18 +431,18 @@ def _run_predict_features(args) -> None:
 
     model, ref = load_model(args.model, device=str(pick_device(args.device))), Reference.load(args.reference)
     section = _read_one(args.section, args, check_counts=False, bin_um=args.bin_um) if args.section is not None else None
+    paths = dict(model_path=str(args.model), reference_path=str(args.reference))
     for path, out in outputs.items():
         state = output_state(out) if several else "absent"
         if state == "complete" and not args.overwrite:
             print(f"{out}: complete, skipped")
             continue
-        adata = predict_features(model, ref, read_patch_features(path), section=section, k=args.k, method=args.method,
-                                 neighbours=args.neighbours, model_path=str(args.model), reference_path=str(args.reference))
+        adata = predict_features(model, ref, read_patch_features(path), cfg, section=section, **paths)
         write_prediction(adata, out, fmt=fmt, overwrite=args.overwrite or state == "incomplete")
         print(f"{adata.n_obs} {adata.uns['bleep']['mode']} predicted: {out}")
 
 
-def _run_predict_cohort(args) -> None:
+def _run_predict_cohort(args, cfg) -> None:
     """predict --slide ... across a Dask cluster: one line per slide as it finishes."""
     from bleep_rs.cohort import check_cohort, connect, predict_cohort
 
@@ -466,12 +466,9 @@ def _run_predict_cohort(args) -> None:
         else:
             print(f"{count} {record['slide']}: failed: {as_flags(record['error'])}", flush=True)
 
-    options = dict(um_per_px=args.um_per_px, k=args.k, method=args.method, min_tissue=args.min_tissue, batch_size=args.batch_size,
-                   queue_depth=args.queue_depth, neighbours=args.neighbours, bin_um=args.bin_um, precision=args.precision,
-                   tta_views=args.tta_views)
     with connect(args.scheduler, args.workers) as client:
         predict_cohort(args.model, args.reference, slides, args.out, client=client, fmt=fmt, overwrite=args.overwrite,
-                       device=args.device, report=report, tiles_per_task=args.tiles_per_task, **options)
+                       device=args.device, report=report, tiles_per_task=args.tiles_per_task, config=cfg)
 
 
 def _run_evaluate(args) -> None:

@@ -29,11 +29,9 @@ import numpy as np
 
 from ._core import BleepError
 from .cluster import RemoteBleepError, _on_worker
+from .predict import PredictConfig
 
 __all__ = ["connect", "check_cohort", "predict_cohort", "cache_features"]
-
-#: The keywords of :func:`bleep_rs.predict.predict_slides` a cohort passes on to each slide.
-SLIDE_OPTIONS = ("um_per_px", "k", "method", "min_tissue", "batch_size", "queue_depth", "neighbours", "bin_um", "precision", "tta_views")
 
 
 def _distributed():
@@ -120,7 +118,7 @@ def _model_and_reference(model_path: str, reference_path: str, device: str) -> t
 
 
 def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: str, reference_path: str, device: str,
-                  provenance: tuple, options: dict) -> dict:
+                  provenance: tuple, options: PredictConfig) -> dict:
     """One slide, on a worker: predicted and written to ``out``; returns a small record (never the
     prediction itself). An output found complete (written by an earlier try of this task, or another
     run) is kept unless ``overwrite``. A BleepError comes back as the record's ``error`` (BleepError does
@@ -136,7 +134,7 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
         if state == "foreign" and not overwrite:
             raise BleepError(f"{out} exists and is not a bleep-rs prediction: move it, or pass overwrite=True")
         model, ref = _model_and_reference(model_path, reference_path, device)
-        adata = predict_slide(model, ref, slide, model_path=provenance[0], reference_path=provenance[1], progress=False, **options)
+        adata = predict_slide(model, ref, slide, options, model_path=provenance[0], reference_path=provenance[1], progress=False)
         write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked above
     except BleepError as e:
         return {**record, "status": "error", "error": str(e)}
@@ -144,7 +142,7 @@ def _predict_task(slide: str, out: str, fmt: str, overwrite: bool, model_path: s
             "seconds": time.perf_counter() - started, "loads": {k: LOADS[k] for k in ("model", "reference")}}
 
 
-def _grid_task(slide: str, model_path: str, device: str, options: dict) -> dict:
+def _grid_task(slide: str, model_path: str, device: str, options: PredictConfig) -> dict:
     """A huge slide split into blocks, first step: its tissue and its grid of outputs (see
     :func:`bleep_rs.predict.slide_grid`), on a worker."""
     from .predict import _open_slide
@@ -152,15 +150,14 @@ def _grid_task(slide: str, model_path: str, device: str, options: dict) -> dict:
     def run():
         started = time.perf_counter()
         model = _cached("model", (_fingerprint(Path(model_path)), device), lambda: _load_model(model_path, device))
-        opened, n, _ = _open_slide(model, slide, um_per_px=options.get("um_per_px"), min_tissue=options.get("min_tissue", 0.5),
-                                   bin_um=options.get("bin_um"), hd_run=None)
+        opened, n, _ = _open_slide(model, slide, options, hd_run=None)
         return {"grid": opened.grid, "thumbnail": opened.thumbnail, "target": opened.target_um_per_px, "n": n,
                 "tissue": time.perf_counter() - started}
 
     return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
 
-def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, device: str, options: dict) -> tuple:
+def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, device: str, options: PredictConfig) -> tuple:
     """The embeddings of outputs ``start:stop`` of a slide's grid, on a worker (the single-process
     pipeline on those rows: the same batches when ``start`` is a multiple of the batch size)."""
     from .predict import embed_batches
@@ -168,37 +165,34 @@ def _block_task(slide: str, grid: dict, start: int, stop: int, model_path: str, 
 
     def run():
         model = _cached("model", (_fingerprint(Path(model_path)), device), lambda: _load_model(model_path, device))
-        cfg, centres = model.config, grid["grid"].centres[start:stop]
-        image = Slide(slide, um_per_px=options.get("um_per_px"))
-        read = lambda sl: image.spot_patches(centres[sl], cfg.patch_size, grid["target"], fields=cfg.fields_of_view)  # noqa: E731
-        return embed_batches(model, len(centres), read, name=slide, batch_size=options.get("batch_size"), progress=False,
-                             queue_depth=options.get("queue_depth", 2), precision=options.get("precision", "auto"),
-                             tta_views=options.get("tta_views"))
+        centres = grid["grid"].centres[start:stop]
+        image = Slide(slide, um_per_px=options.um_per_px)
+        read = lambda sl: model.config.input.slide_patches(image, centres[sl])  # noqa: E731
+        return embed_batches(model, len(centres), read, name=slide, batch_size=options.batch_size, progress=False,
+                             queue_depth=options.queue_depth, precision=options.precision, tta_views=options.tta_views)
 
     return _on_worker(run)  # a BleepError comes back as one line: the slide's error record
 
 
 def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, model_path: str, reference_path: str, device: str,
-                   provenance: tuple, options: dict) -> dict:
+                   provenance: tuple, options: PredictConfig) -> dict:
     """A huge slide's last step, on a worker: the blocks' embeddings imputed together, the prediction
     assembled as the single-process path does and written atomically."""
-    from .predict import _impute, _OpenSlide, _retrieval, _slide_prediction, check_compatible, write_prediction
+    from .predict import _impute, _OpenSlide, _slide_prediction, check_compatible, write_prediction
     from .slide import Slide
 
     def run():
         started = time.perf_counter()
         model, ref = _model_and_reference(model_path, reference_path, device)
         check_compatible(model, ref)
-        k, method = _retrieval(model, options.get("k"), options.get("method"))
+        k, method = options.retrieval(model)
         emb = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, model.config.embedding_dim), np.float32)
         seconds = {"tissue": grid["tissue"], **{key: sum(b[1][key] for b in blocks) for key in ("engine", "read", "encode", "wait")}}
         t = time.perf_counter()
         imputed = _impute(ref, emb, k=k, method=method)
         seconds["impute"] = time.perf_counter() - t
-        opened = _OpenSlide(slide, Slide(slide, um_per_px=options.get("um_per_px")), grid["target"], grid["grid"], grid["thumbnail"])
-        adata = _slide_prediction(model, ref, opened, imputed, seconds, k=k, method=method, min_tissue=options.get("min_tissue", 0.5),
-                                  neighbours=bool(options.get("neighbours")), model_path=provenance[0], reference_path=provenance[1], hd_run=None,
-                                  tta_views=model.tta_views(options.get("tta_views")))
+        opened = _OpenSlide(slide, Slide(slide, um_per_px=options.um_per_px), grid["target"], grid["grid"], grid["thumbnail"])
+        adata = _slide_prediction(model, ref, opened, imputed, seconds, options, model_path=provenance[0], reference_path=provenance[1], hd_run=None)
         adata.uns["bleep"]["seconds"]["total"] = sum(seconds.values()) + time.perf_counter() - started
         write_prediction(adata, out, fmt=fmt, overwrite=True)  # what was there was checked on the client
         return {"slide": slide, "out": out, "pid": os.getpid(), "status": "done", "n_obs": int(adata.n_obs),
@@ -256,14 +250,13 @@ def check_cohort(model_path, reference_path, slides: Sequence, out_dir, *, fmt: 
 
 def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, client, fmt: str = "h5ad", overwrite: bool = False,
                    device: str = "auto", report: Optional[Callable[[dict], None]] = None, tiles_per_task: Optional[int] = None,
-                   **predict_options) -> dict:
+                   config: Optional[PredictConfig] = None, **predict_options) -> dict:
     """Predicts whole slides across the Dask cluster of ``client``, one task per slide, each written to
     ``out_dir/STEM.FMT`` by the worker that predicted it (see the module's notes). Outputs already
     complete are skipped unless ``overwrite``; a file there that bleep-rs did not write is an error
-    before any work (unless ``overwrite``). ``predict_options``: the keywords of
-    :func:`bleep_rs.predict.predict_slides` (``um_per_px``, ``k``, ``method``, ``min_tissue``,
-    ``batch_size``, ``queue_depth``, ``neighbours``, ``bin_um``, ``precision``, ``tta_views``); ``device`` where each
-    worker runs the encoder. ``report(record)`` is called here for each slide as it finishes (in order
+    before any work (unless ``overwrite``). ``config`` / ``predict_options``: a
+    :class:`~bleep_rs.predict.PredictConfig` or its fields, as :func:`bleep_rs.predict.predict_slides`
+    takes them; ``device`` where each worker runs the encoder. ``report(record)`` is called here for each slide as it finishes (in order
     of completion), the record's ``status`` being "done", "skipped" or "error".
 
     ``tiles_per_task``: a huge slide in several tasks: one finds its tissue and grid, one per block of
@@ -273,14 +266,9 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     Returns ``{slide: output path}`` for every slide. Slides that failed do not stop the others; once
     all have finished, a BleepError names the failed slides and the first failure's reason. The model,
     reference, slides and ``out_dir`` must be reachable from every worker at the same paths."""
-    from .augment import tta_views
     from .predict import output_state
 
-    unknown = set(predict_options) - set(SLIDE_OPTIONS)
-    if unknown:
-        raise BleepError(f"predict_cohort: unknown options {sorted(unknown)} (known: {', '.join(SLIDE_OPTIONS)})")
-    if predict_options.get("tta_views") is not None:
-        tta_views(predict_options["tta_views"])  # a bad value is refused here, not on every worker
+    predict_options = PredictConfig.of(config, **predict_options)  # a bad value is refused here, not on every worker
     distributed = _distributed()
     slides = [str(s) for s in slides]
     outputs = check_cohort(model_path, reference_path, slides, out_dir, fmt=fmt, overwrite=overwrite)
@@ -290,7 +278,7 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     if tiles_per_task is not None:
         if int(tiles_per_task) < 1:
             raise BleepError(f"tiles_per_task= must be at least 1, not {tiles_per_task!r}")
-        bs = int(predict_options.get("batch_size") or 256)  # 256: whole batches of the CPU's (64) and a GPU's (256) encoder
+        bs = int(predict_options.batch_size or 256)  # 256: whole batches of the CPU's (64) and a GPU's (256) encoder
         step = -(-int(tiles_per_task) // bs) * bs  # whole batches: the same batches as one process, the same answer
     done, records, roles = distributed.as_completed(), [], {}
 

@@ -104,6 +104,7 @@ def run(out: Path, *, k: int = DEFAULT_K, seed: int = 0, epochs: int = 40) -> di
 
     from ._atomic import atomic_path
     from .evaluate import evaluate_prediction, write_report
+    from .inputs import InputSpec
     from .model import build_reference
     from .plot import plot_genes
     from .predict import predict_section, write_h5ad
@@ -122,7 +123,7 @@ def run(out: Path, *, k: int = DEFAULT_K, seed: int = 0, epochs: int = 40) -> di
         sections = [read_section(f) for f in folders]
     train_secs, held = sections[:-1], sections[-1]
     t = time.perf_counter()
-    cfg = TrainConfig(epochs=epochs, batch_size=64, freeze_backbone=True, patch_size=112, n_top_genes=64, seed=seed, patience=15)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, freeze_backbone=True, input=InputSpec(patch_size=112), n_top_genes=64, seed=seed, patience=15)
     model = train(train_secs, out / "model", cfg)
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -27,13 +27,16 @@ from ._core import BleepError
 from .augment import N_VIEWS, tta_views as _tta_views
 from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
+from .inputs import InputSpec
 from .reference import DEFAULT_K, DEFAULT_METHOD
-from .slide import check_fields
 
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
            "MODEL_FORMAT_VERSION"]
 
-MODEL_FORMAT_VERSION = 2
+#: 3: the input recipe as one object, "input" (2: its fields at the top level; 1: features not normalised).
+MODEL_FORMAT_VERSION = 3
+#: What a config.json of format 1 or 2 meant by an input field it leaves out (those versions' defaults).
+_LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "tta": False, "stain": "none"}
 
 
 class ProjectionHead(nn.Module):
@@ -64,15 +67,12 @@ class ModelConfig:
     dropout: float = 0.1
     temperature: float = 1.0
     loss: str = "bleep"
-    patch_size: int = 224
-    um_per_px: Optional[float] = None  # the resolution every patch is read at (training records it)
-    # Fields of view around each spot, multiples of the patch's side; each goes through the backbone and
-    # their features, each L2-normalised ("l2"; "none": as they come), are concatenated for the head.
-    fields_of_view: List[float] = field(default_factory=lambda: [1.0])
+    # What the image encoder sees of each spot: patch size and resolution (training records it), fields
+    # of view, test-time views, stain.
+    input: InputSpec = field(default_factory=InputSpec)
+    # Each field of view goes through the backbone; their features, each L2-normalised ("l2"; "none": as
+    # they come), are concatenated for the head.
     feature_norm: str = "l2"
-    # "macenko": every patch Macenko-normalised to torchstain's reference stain vectors before the backbone.
-    stain: str = "none"
-    tta: bool = False  # average the embeddings of the 8 dihedral views of each patch at inference
     k: int = DEFAULT_K  # the neighbours and aggregation predict uses unless told otherwise
     method: str = DEFAULT_METHOD
     # The backbone's input size and constants: BleepModel sets them from the backbone (kept here so that
@@ -105,11 +105,19 @@ class ModelConfig:
             raise BleepError(f"{where}: config.json is not a bleep-rs model config")
         if isinstance(d.get("format_version"), int) and d["format_version"] > MODEL_FORMAT_VERSION:
             raise BleepError(f"{where}: model format {d['format_version']} is newer than this bleep-rs reads ({MODEL_FORMAT_VERSION}): upgrade bleep-rs")
-        if isinstance(d.get("format_version", 1), int) and d.get("format_version", 1) < 2:
+        version = d.get("format_version", 1)
+        if isinstance(version, int) and version < 2:
             d.setdefault("feature_norm", "none")  # version 1 fed the backbone's features as they came
+        if isinstance(version, int) and version < 3:
+            d["input"] = {k: d.pop(k, default) for k, default in _LEGACY_INPUT.items()}
         _check_fields(cls, d, f"{where}: config.json")
         _check_fields(Panel, d["panel"], f"{where}: config.json's panel")
-        config = cls(**{**d, "panel": Panel.from_dict(d["panel"])})
+        _check_fields(InputSpec, d.get("input"), f"{where}: config.json's input")
+        try:
+            spec = InputSpec(**d["input"])
+        except BleepError as e:
+            raise BleepError(f"{where}: config.json's input: {e}: the file is damaged") from e
+        config = cls(**{**d, "panel": Panel.from_dict(d["panel"]), "input": spec})
         problem = config._problem()
         if problem:
             raise BleepError(f"{where}: config.json: {problem}: the file is damaged")
@@ -117,28 +125,23 @@ class ModelConfig:
 
     def _problem(self) -> Optional[str]:
         """What makes the values unusable, if anything."""
-        sizes = ("embedding_dim", "patch_size", "k") + (() if self.backbone.startswith("features:") else ("input_size",))
+        sizes = ("embedding_dim", "k") + (() if self.backbone.startswith("features:") else ("input_size",))
         for name in sizes:  # a features:D backbone has no image input (input_size 0)
             if getattr(self, name) < 1:
                 return f"{name} is {getattr(self, name)}; it must be at least 1"
         if not 0 <= self.dropout < 1 or not self.temperature > 0:
             return f"dropout {self.dropout} must lie in [0, 1) and temperature {self.temperature} be positive"
-        if self.um_per_px is not None and not self.um_per_px > 0:
-            return f"um_per_px is {self.um_per_px}; it must be positive (or null: each section's own)"
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             return f"mean {self.mean} and std {self.std} must be three numbers each (RGB), std positive"
         genes = self.panel.genes
         if not genes or len(set(genes)) != len(genes):
             return f"the panel's {len(genes)} genes must be a non-empty list without repeats"
-        try:
-            check_fields(self.fields_of_view)
-        except (BleepError, TypeError, ValueError) as e:
-            return f"fields_of_view: {e}"
-        from .normalize import STAINS
+        if not isinstance(self.input, InputSpec):
+            return f"input must be an InputSpec, not {type(self.input).__name__}"
         from .reference import METHODS
 
-        if self.feature_norm not in ("l2", "none") or self.method not in METHODS or self.stain not in STAINS:
-            return f"feature_norm {self.feature_norm!r}, method {self.method!r} or stain {self.stain!r} is not one this version knows"
+        if self.feature_norm not in ("l2", "none") or self.method not in METHODS:
+            return f"feature_norm {self.feature_norm!r} or method {self.method!r} is not one this version knows"
         return None
 
 
@@ -147,7 +150,7 @@ def _is(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:
         return any(_is(value, a) for a in args)
-    if origin is list:
+    if origin in (list, tuple):
         return isinstance(value, list) and all(_is(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
@@ -190,9 +193,8 @@ class BleepModel(nn.Module):
         problem = config._problem()
         if problem:
             raise BleepError(f"model config: {problem}")
-        if not self.spec.takes_images and len(config.fields_of_view) != 1:
-            raise BleepError(f"backbone {config.backbone} takes precomputed features: it has one field of view, not {config.fields_of_view}")
-        config.fields_of_view = list(check_fields(config.fields_of_view))
+        if not self.spec.takes_images and len(config.input.fields_of_view) != 1:
+            raise BleepError(f"backbone {config.backbone} takes precomputed features: it has one field of view, not {list(config.input.fields_of_view)}")
         self.image_head = ProjectionHead(self.feature_dim, config.embedding_dim, config.dropout)
         self.expression_head = ProjectionHead(len(config.panel.genes), config.embedding_dim, config.dropout)
         # CLIP's learnable temperature, log(1 / 0.07); unused by the BLEEP loss.
@@ -200,7 +202,7 @@ class BleepModel(nn.Module):
 
     @property
     def n_fields(self) -> int:
-        return len(self.config.fields_of_view)
+        return len(self.config.input.fields_of_view)
 
     @property
     def feature_dim(self) -> int:
@@ -250,7 +252,7 @@ class BleepModel(nn.Module):
         if patches.ndim != 5 or patches.shape[1] != self.n_fields or patches.shape[-1] != 3 or patches.shape[2] != patches.shape[3]:
             raise BleepError(
                 f"patches must be uint8 (n, {self.n_fields}, h, w, 3) with h == w: one square patch per field of view "
-                f"{self.config.fields_of_view} (bleep_rs.section_patches(..., fields=model.config.fields_of_view)); got shape {patches.shape}"
+                f"{list(self.config.input.fields_of_view)} (model.config.input.section_patches(section)); got shape {patches.shape}"
             )
         if patches.dtype != np.uint8:
             raise BleepError(f"patches must be uint8, not {patches.dtype}")
@@ -259,7 +261,7 @@ class BleepModel(nn.Module):
     def stained(self, patches: np.ndarray) -> np.ndarray:
         """uint8 patches (n, h, w, 3) as the backbone sees them: Macenko-normalised (in Rust) when the model's
         ``stain`` says so (a patch without stain, background or glass, stays as it is)."""
-        if self.config.stain == "none" or len(patches) == 0:
+        if self.config.input.stain == "none" or len(patches) == 0:
             return patches
         from .normalize import MacenkoNormalizer
 
@@ -312,7 +314,7 @@ class BleepModel(nn.Module):
             _tta_views(n)
         if not self.spec.takes_images:
             return 1
-        return n if n is not None else N_VIEWS if (self.config.tta if tta is None else tta) else 1
+        return n if n is not None else N_VIEWS if (self.config.input.tta if tta is None else tta) else 1
 
     def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, tta_views: Optional[int] = None, precision: str = "auto",
                      progress: bool = False) -> np.ndarray:

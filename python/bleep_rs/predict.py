@@ -12,6 +12,7 @@ Files are written to a temporary name and renamed: a file that exists is complet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import queue
@@ -25,9 +26,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ._core import BleepError
+from .augment import TTA_VIEWS
+from .options import check, option
+from .reference import DEFAULT_K, METHODS
 
 __all__ = [
-    "check_compatible", "check_features", "predict_features", "predict_section", "predict_slide", "predict_slides", "embed_jobs", "embed_batches", "Prefetch",
+    "PredictConfig", "check_compatible", "check_features", "predict_features", "predict_section", "predict_slide", "predict_slides",
+    "embed_jobs", "embed_batches", "Prefetch",
     "slide_grid", "write_h5ad", "write_prediction", "read_prediction", "output_state", "slide_outputs",
 ]
 
@@ -85,6 +90,69 @@ def _assemble(imputed: tuple, reference, ids, xy, spatial: dict, info: dict, nei
 #: Batches read ahead of the encoder (the bounded queue between the reader thread and the encoder).
 QUEUE_DEPTH = 2
 _END = object()
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """The options of prediction, checked where they are made; each is also a ``bleep-rs predict`` flag.
+    The prediction functions take one (``config=``) or its fields as keywords. None: the model's own."""
+
+    k: Optional[int] = option(None, f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)", low=1)
+    method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, softmax unless trained otherwise)",
+                                   choices=METHODS)
+    neighbours: bool = option(False, "store the neighbours' indices and similarities")
+    tta_views: Optional[int] = option(None, "dihedral views averaged per spot or tile, one backbone pass per field each (default: the "
+                                            "model's, 8 with TTA): fewer is faster and a little less accurate (docs/benchmarks.md, "
+                                            "'The default model's cost per tile')", choices=tuple(TTA_VIEWS))
+    precision: str = option("auto", "image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)",
+                            choices=("auto", "float32"))
+    batch_size: Optional[int] = option(None, "spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a "
+                                             "CPU, 256 on a GPU)", low=1)
+    queue_depth: int = option(QUEUE_DEPTH, f"batches read ahead of the encoder (default {QUEUE_DEPTH})", low=1)
+    # Whole slides only.
+    um_per_px: Optional[float] = option(None, "slides: the scan's micrometres per pixel (when the file does not say)", low=0, low_open=True)
+    min_tissue: float = option(0.5, "slides: least tissue fraction of a kept tile (default 0.5)", low=0, high=1)
+    bin_um: Optional[float] = option(None, "slides: one prediction per square bin of this many um instead of per tile (the command "
+                                           "line's Visium HD SECTION: its bins pooled to this size when read)", low=0, low_open=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @classmethod
+    def of(cls, config: Optional["PredictConfig"] = None, **options) -> "PredictConfig":
+        """``config`` (default: the defaults) with ``options`` (its fields as keywords) applied and checked."""
+        base = cls() if config is None else config
+        if not isinstance(base, cls):
+            raise BleepError(f"config must be a PredictConfig, not {type(base).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise BleepError(f"unknown options {unknown} (known: {', '.join(names)})")
+        return dataclasses.replace(base, **options) if options else base
+
+    def _refuse(self, names: Sequence[str], why: str) -> "PredictConfig":
+        defaults = type(self)()
+        given = [f"{n}={getattr(self, n)}" for n in names if getattr(self, n) != getattr(defaults, n)]
+        if given:
+            raise BleepError(f"{', '.join(given)}: {why}")
+        return self
+
+    def for_sections(self) -> "PredictConfig":
+        """This config, for a section's spots: the options of whole slides are refused."""
+        return self._refuse(SLIDE_ONLY, "options of whole slides: a section is read as it is (read_section(..., um_per_px=, bin_um=))")
+
+    def for_features(self) -> "PredictConfig":
+        """This config, for precomputed patch features: the options of images are refused."""
+        return self._refuse(IMAGE_ONLY, "options of images: the patches' features are computed already")
+
+    def retrieval(self, model) -> tuple:
+        """k and the aggregation: as given, else the model's recorded defaults."""
+        return int(self.k if self.k is not None else model.config.k), self.method or model.config.method
+
+
+#: The options of whole slides alone, and of images (sections and slides, not precomputed features).
+SLIDE_ONLY = ("um_per_px", "min_tissue", "bin_um")
+IMAGE_ONLY = ("tta_views", "precision", "batch_size", "queue_depth", *SLIDE_ONLY)
 
 
 class Prefetch:
@@ -270,38 +338,34 @@ def _spot_shape(info: dict) -> str:
     return "square" if info.get("platform") == "visium-hd" else "circle"
 
 
-def _retrieval(model, k: Optional[int], method: Optional[str]) -> tuple:
-    """k and the aggregation: as given, else the model's recorded defaults."""
-    return int(k if k is not None else model.config.k), method or model.config.method
-
-
-def predict_section(model, reference, section, *, k: Optional[int] = None, method: Optional[str] = None, neighbours: bool = False,
-                    model_path: str = "", reference_path: str = "", progress: bool = True, precision: str = "auto",
-                    tta_views: Optional[int] = None, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH):
-    """Predicts the spots of a section from its image alone (its counts are never read), from the model's
-    fields of view at its resolution. ``k``, ``method``: default the model's. ``precision``: the image
-    encoder's (see :mod:`bleep_rs.encode`); ``tta_views``: dihedral views averaged per spot (1, 2, 4 or 8;
-    default the model's: 8 with TTA, else 1). The patches are read in a background thread ahead of the
-    encoder (``batch_size`` spots a batch, ``queue_depth`` batches ahead: see :func:`embed_jobs`).
-    ``uns["bleep"]["seconds"]`` has the stages: ``open`` (the image), ``engine``, ``read``, ``encode``,
-    ``wait`` (the encoder waiting for patches), ``impute`` and ``total``."""
-    from .sections import section_patches
+def predict_section(model, reference, section, config: Optional[PredictConfig] = None, *, model_path: str = "", reference_path: str = "",
+                    progress: bool = True, **options):
+    """Predicts the spots of a section from its image alone (its counts are never read), read by the
+    model's input recipe (``model.config.input``: its patch size, resolution and fields of view).
+    ``config`` / ``options``: a :class:`PredictConfig` or its fields (``k``, ``method``: default the
+    model's; ``precision``: the image encoder's, see :mod:`bleep_rs.encode`; ``tta_views``: dihedral views
+    averaged per spot, 1, 2, 4 or 8, default the model's: 8 with TTA, else 1; the patches are read in a
+    background thread ahead of the encoder, ``batch_size`` spots a batch, ``queue_depth`` batches ahead:
+    see :func:`embed_jobs`); the slides' options are refused. ``uns["bleep"]["seconds"]`` has the stages:
+    ``open`` (the image), ``engine``, ``read``, ``encode``, ``wait`` (the encoder waiting for patches),
+    ``impute`` and ``total``."""
     from .slide import Slide
 
+    cfg = PredictConfig.of(config, **options).for_sections()
     check_compatible(model, reference)
-    k, method = _retrieval(model, k, method)
-    tta_views = model.tta_views(tta_views)
+    k, method = cfg.retrieval(model)
+    tta_views = model.tta_views(cfg.tta_views)
     info = section.uns.get("bleep", {})
-    cfg = model.config
+    spec = model.config.input
 
     def open_section():
         slide = Slide(info["image_path"], um_per_px=info["um_per_px"]) if info.get("image_path") else None
-        read = lambda sl: section_patches(section[sl], cfg.patch_size, cfg.um_per_px, fields=cfg.fields_of_view, slide=slide)  # noqa: E731
+        read = lambda sl: spec.section_patches(section[sl], slide=slide)  # noqa: E731
         return None, section.n_obs, read
 
     name = str(info.get("image_path") or info.get("library_id", "section"))
-    steps = embed_jobs(model, [(name, open_section)], batch_size=batch_size, queue_depth=queue_depth, precision=precision, tta_views=tta_views,
-                       progress=progress)
+    steps = embed_jobs(model, [(name, open_section)], batch_size=cfg.batch_size, queue_depth=cfg.queue_depth, precision=cfg.precision,
+                       tta_views=tta_views, progress=progress)
     with contextlib.closing(steps):
         _, emb, seconds, started = next(steps)
     t = time.perf_counter()
@@ -310,12 +374,12 @@ def predict_section(model, reference, section, *, k: Optional[int] = None, metho
     lib = info.get("library_id", "section")
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
-        "um_per_px": float(cfg.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
+        "um_per_px": float(spec.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
+        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": tta_views,
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": _spot_shape(info),
     }
-    return _assemble(imputed, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, neighbours)
+    return _assemble(imputed, reference, section.obs_names, section.obsm["spatial"], dict(section.uns.get("spatial", {})), meta, cfg.neighbours)
 
 
 def check_features(model, features) -> None:
@@ -332,18 +396,21 @@ def check_features(model, features) -> None:
         raise BleepError(f"{features.path}: features from {features.encoder}, but the model was trained on {trained_on}'s")
 
 
-def predict_features(model, reference, features, *, section=None, k: Optional[int] = None, method: Optional[str] = None,
-                     neighbours: bool = False, model_path: str = "", reference_path: str = ""):
+def predict_features(model, reference, features, config: Optional[PredictConfig] = None, *, section=None, model_path: str = "",
+                     reference_path: str = "", **options):
     """Predicts from precomputed patch features (a :class:`~bleep_rs.readers.patch_features.PatchFeatures`,
     or the path of a TRIDENT / HEST ``.h5``) with a model trained on them (a ``features:D`` backbone). Given
     ``section``, at the section's spots that a patch covers (matched by barcode or position); else one
-    observation per patch, at its centre (``obsm["spatial"]``, level-0 pixels)."""
+    observation per patch, at its centre (``obsm["spatial"]``, level-0 pixels). ``config`` / ``options``:
+    ``k``, ``method``, ``neighbours`` of :class:`PredictConfig` (its image options are refused)."""
     from .readers.patch_features import PatchFeatures, read_patch_features
 
+    cfg = PredictConfig.of(config, **options).for_features()
+    neighbours = cfg.neighbours
     pf = features if isinstance(features, PatchFeatures) else read_patch_features(features)
     check_compatible(model, reference)
     check_features(model, pf)
-    k, method = _retrieval(model, k, method)
+    k, method = cfg.retrieval(model)
     t = time.perf_counter()
     info = {"model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "features": str(pf.path),
             "features_encoder": pf.encoder or "", "fields_of_view": [1.0], "tta": False, "tta_views": 1}
@@ -424,30 +491,32 @@ class _OpenSlide:
     thumbnail: np.ndarray
 
 
-def _open_slide(model, path, *, um_per_px: Optional[float], min_tissue: float, bin_um: Optional[float], hd_run) -> tuple:
+def _open_slide(model, path, cfg: PredictConfig, hd_run) -> tuple:
     """A job of :func:`embed_jobs` (run in the reader thread): the slide opened, its tissue mask and grid;
     returns the :class:`_OpenSlide`, the number of outputs and the reader of their patches."""
     from .slide import Slide
 
-    cfg = model.config
-    slide = Slide(path, um_per_px=um_per_px)
+    spec = model.config.input
+    slide = Slide(path, um_per_px=cfg.um_per_px)
     if slide.um_per_px is None:
         raise BleepError(f"{path}: the slide does not state its pixel size: pass um_per_px=X (the scanner's micrometres per pixel)")
-    target = cfg.um_per_px or slide.um_per_px
+    target = spec.resolution(slide.um_per_px)
     mask = slide.tissue_mask()
-    grid = slide_grid(slide, cfg.patch_size, target, min_tissue=min_tissue, mask=mask, bin_um=bin_um, hd_run=hd_run)
+    grid = slide_grid(slide, spec.patch_size, target, min_tissue=cfg.min_tissue, mask=mask, bin_um=cfg.bin_um, hd_run=hd_run)
     if len(grid.centres) == 0:
         raise BleepError(f"{path}: no tissue tile found (the tissue mask covers {mask.fraction:.1%} of the slide): check the image, or lower min_tissue=")
-    read = lambda sl: slide.spot_patches(grid.centres[sl], cfg.patch_size, target, fields=cfg.fields_of_view)  # noqa: E731
-    return _OpenSlide(str(path), slide, float(target), grid, mask.thumbnail), len(grid.centres), read
+    read = lambda sl: spec.slide_patches(slide, grid.centres[sl])  # noqa: E731
+    return _OpenSlide(str(path), slide, target, grid, mask.thumbnail), len(grid.centres), read
 
 
-def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[float] = None, k: Optional[int] = None, method: Optional[str] = None,
-                   min_tissue: float = 0.5, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH, neighbours: bool = False,
-                   model_path: str = "", reference_path: str = "", progress: bool = True, bin_um: Optional[float] = None, hd_run=None,
-                   precision: str = "auto", tta_views: Optional[int] = None) -> Iterator:
+def predict_slides(model, reference, paths: Sequence, config: Optional[PredictConfig] = None, *, model_path: str = "", reference_path: str = "",
+                   progress: bool = True, hd_run=None, **options) -> Iterator:
     """The predictions of several whole slides, in order (see :func:`predict_slide` for one), through one
-    pipeline with the same model, reference and encoder engine: a background thread opens each slide,
+    pipeline with the same model, reference and encoder engine. ``config`` / ``options``: a
+    :class:`PredictConfig` or its fields (``um_per_px`` the slides' pixel size where a file does not say
+    it, ``min_tissue``, ``bin_um``, ``k``, ``method``, ``batch_size``, ``queue_depth``, ``neighbours``,
+    ``precision``, ``tta_views``); ``hd_run``: a Visium HD run whose bins to predict (see
+    :func:`slide_grid`). A background thread opens each slide,
     finds its tissue and reads its patches ahead of the encoder (``queue_depth`` batches of
     ``batch_size`` outputs), so that the next slide opens while this one's last batches are encoded and
     its prediction is imputed and handed over. Close the iterator (or exhaust it) to stop the thread.
@@ -455,53 +524,51 @@ def predict_slides(model, reference, paths: Sequence, *, um_per_px: Optional[flo
     ``engine`` (see :func:`embed_jobs`), ``read``, ``encode``, ``wait`` (the encoder waiting for this
     slide), ``impute``, and ``total``, from the slide's opening to its prediction (consecutive slides'
     totals overlap)."""
+    cfg = PredictConfig.of(config, **options)
     check_compatible(model, reference)
-    k, method = _retrieval(model, k, method)
-    tta_views = model.tta_views(tta_views)
-    jobs = [(str(p), functools.partial(_open_slide, model, p, um_per_px=um_per_px, min_tissue=min_tissue, bin_um=bin_um, hd_run=hd_run)) for p in paths]
-    steps = embed_jobs(model, jobs, batch_size=batch_size, queue_depth=queue_depth, precision=precision, tta_views=tta_views, progress=progress,
-                       desc="tiles" if bin_um is None and hd_run is None else "bins")
+    k, method = cfg.retrieval(model)
+    jobs = [(str(p), functools.partial(_open_slide, model, p, cfg, hd_run)) for p in paths]
+    steps = embed_jobs(model, jobs, batch_size=cfg.batch_size, queue_depth=cfg.queue_depth, precision=cfg.precision,
+                       tta_views=model.tta_views(cfg.tta_views), progress=progress, desc="tiles" if cfg.bin_um is None and hd_run is None else "bins")
     with contextlib.closing(steps):
         for opened, emb, seconds, started in steps:
             t = time.perf_counter()
             imputed = _impute(reference, emb, k=k, method=method)
             seconds = {"tissue": seconds.pop("open"), **seconds, "impute": time.perf_counter() - t}
-            adata = _slide_prediction(model, reference, opened, imputed, seconds, k=k, method=method, min_tissue=min_tissue,
-                                      neighbours=neighbours, model_path=model_path, reference_path=reference_path, hd_run=hd_run,
-                                      tta_views=tta_views)
+            adata = _slide_prediction(model, reference, opened, imputed, seconds, cfg, model_path=model_path, reference_path=reference_path,
+                                      hd_run=hd_run)
             adata.uns["bleep"]["seconds"]["total"] = time.perf_counter() - started
             yield adata
 
 
-def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seconds: dict, *, k: int, method: str, min_tissue: float,
-                      neighbours: bool, model_path: str, reference_path: str, hd_run, tta_views: int):
+def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seconds: dict, cfg: PredictConfig, *, model_path: str,
+                      reference_path: str, hd_run):
     """A slide's prediction as AnnData, with its provenance."""
-    cfg, slide, grid, thumb = model.config, opened.slide, opened.grid, opened.thumbnail
+    spec, slide, grid, thumb = model.config.input, opened.slide, opened.grid, opened.thumbnail
+    (k, method), tta_views = cfg.retrieval(model), model.tta_views(cfg.tta_views)
     lib = Path(opened.path).stem
     factors = {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}
     spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": opened.target_um_per_px, "image_um_per_px": float(slide.um_per_px),
-        "fields_of_view": list(cfg.fields_of_view), "tta": bool(cfg.tta), "tta_views": tta_views,
-        "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(cfg.patch_size),
-        "min_tissue": float(min_tissue), "shape": "square", "seconds": seconds,
+        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": tta_views,
+        "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(spec.patch_size),
+        "min_tissue": float(cfg.min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
     }
-    adata = _assemble(imputed, reference, grid.ids, grid.centres, spatial, meta, neighbours)
+    adata = _assemble(imputed, reference, grid.ids, grid.centres, spatial, meta, cfg.neighbours)
     if grid.array_rc is not None:
         adata.obs["array_row"], adata.obs["array_col"] = grid.array_rc[:, 0], grid.array_rc[:, 1]
     return adata
 
 
-def predict_slide(model, reference, path, **kwargs):
+def predict_slide(model, reference, path, config: Optional[PredictConfig] = None, **kwargs):
     """Predicts a whole slide's tissue (no spatial transcriptomics needed): tiles of the model's patch
     size at its resolution, kept where the tissue mask covers ``min_tissue``, or bins of ``bin_um``
     (aligned with ``hd_run``'s grid when given: see :func:`slide_grid`); each from the model's fields of
-    view around its centre. Keywords: those of :func:`predict_slides` (``um_per_px`` the slide's pixel
-    size when the file does not say it, ``k``, ``method``, ``min_tissue`` 0.5, ``batch_size``,
-    ``queue_depth``, ``neighbours``, ``bin_um``, ``hd_run``, ``precision``, ``tta_views``, ``progress``)."""
-    with contextlib.closing(predict_slides(model, reference, [path], **kwargs)) as steps:
+    view around its centre. ``config`` and keywords: those of :func:`predict_slides`."""
+    with contextlib.closing(predict_slides(model, reference, [path], config, **kwargs)) as steps:
         return next(steps)
 
 

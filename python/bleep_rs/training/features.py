@@ -72,9 +72,9 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
     desc = {
         "version": FEATURE_CACHE_VERSION, "backbone": model.config.backbone, "weights": weights_digest(model.backbone),
         "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
-        "norm": model.config.feature_norm, "fields": list(model.config.fields_of_view),
-        **({"stain": model.config.stain} if model.config.stain != "none" else {}),  # the keys of unstained entries as before
-        "patch": config.patch_size, "um_per_px": um_per_px, "views": views,
+        "norm": model.config.feature_norm, "fields": list(model.config.input.fields_of_view),
+        **({"stain": model.config.input.stain} if model.config.input.stain != "none" else {}),  # the keys of unstained entries as before
+        "patch": config.input.patch_size, "um_per_px": um_per_px, "views": views,
         "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
         "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
     }
@@ -84,14 +84,12 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
 def section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
     """The frozen backbone's fused features (views, n, fields * D) of a section's spots, from the disk
     cache when an entry with the same key exists."""
-    from ..sections import section_patches
-
     views = N_VIEWS if config.augment else 1
     folder = _cache_dir(config)
     key = feature_cache_key(model, section, config, um_per_px, views)
     if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
         return cached
-    patches = section_patches(section, config.patch_size, um_per_px, fields=config.fields_of_view)
+    patches = config.input.replace(um_per_px=um_per_px).section_patches(section)
     feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
     if folder is not None:
         import warnings

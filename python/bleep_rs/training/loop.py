@@ -88,11 +88,9 @@ def prepare_data(
     """Inputs and panel expression of every spot: the patches of every field of view at the config's
     resolution, or, given ``model`` with a frozen backbone, their (cached) backbone features; or the given
     per-section ``features`` (n_spots, D) for a ``features:D`` backbone."""
-    from ..sections import section_patches
-
     sections = _as_sections(sections)
     panel = panel or choose_panel(sections, n_top_genes=config.n_top_genes, mode=config.panel_mode, genes=config.genes)
-    um = config.patch_um_per_px or native_um_per_px(sections)
+    spec = config.input if config.input.um_per_px else config.input.replace(um_per_px=native_um_per_px(sections))
     inputs, expr, labels = [], [], []
     for i, s in enumerate(sections):
         lib = _library(s, i)
@@ -104,9 +102,9 @@ def prepare_data(
                 raise BleepError(f"{lib}: features must be (n_spots, D) = ({s.n_obs}, D), got {f.shape}")
             inputs.append(f[None])
         elif model is not None:
-            inputs.append(section_features(model, s, config, um))
+            inputs.append(section_features(model, s, config, spec.um_per_px))
         else:
-            inputs.append(section_patches(s, config.patch_size, um, fields=config.fields_of_view))
+            inputs.append(spec.section_patches(s))
         expr.append(panel_expression(s, panel))
         labels += [lib] * s.n_obs
     shapes = {x.shape[2:] if x.dtype != np.uint8 else x.shape[1:] for x in inputs}
@@ -277,7 +275,7 @@ def _split(data: TrainingData, cfg: TrainConfig, rng: np.random.Generator):
 def _run_identity(cfg: TrainConfig, panel: Panel) -> dict:
     """What a checkpoint must match to be resumed: every setting that changes the model or its data."""
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "progress", "resume", "overwrite", "device", "cache_dir")}
-    return {"config": keep, "panel": list(panel.genes)}
+    return json.loads(json.dumps({"config": keep, "panel": list(panel.genes)}))  # as state.json holds it (tuples as lists)
 
 
 def _save_checkpoint(path: Path, trainer: _Trainer, state: dict, model_state: Optional[dict] = None) -> None:
@@ -409,19 +407,18 @@ def train(
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     secs = _as_sections(sections) if data is None or not data.are_features else list(sections)
-    um = cfg.patch_um_per_px or (native_um_per_px(secs) if secs else None)
+    um = cfg.input.um_per_px or (native_um_per_px(secs) if secs else None)
     panel = data.panel if data is not None else choose_panel(secs, n_top_genes=cfg.n_top_genes, mode=cfg.panel_mode, genes=cfg.genes)
     from .. import __version__
 
     mcfg = ModelConfig(
         panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
-        temperature=cfg.temperature, loss=cfg.loss, patch_size=cfg.patch_size, um_per_px=um,
-        fields_of_view=list(cfg.fields_of_view), tta=cfg.tta, k=cfg.k, method=cfg.method, stain=cfg.stain,
+        temperature=cfg.temperature, loss=cfg.loss, input=cfg.input.replace(um_per_px=um), k=cfg.k, method=cfg.method,
         training=asdict(cfg), package_version=__version__, features_encoder=features_encoder,
     )
     model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights, random_init=cfg.random_init).to(device)
     frozen = cfg.freeze_backbone or not model.spec.takes_images
-    if not frozen and cfg.stain != "none":  # fine-tuning reads its patches without BleepModel.features
+    if not frozen and cfg.input.stain != "none":  # fine-tuning reads its patches without BleepModel.features
         raise BleepError("stain= normalises the patches of a frozen backbone: not with freeze_backbone=False")
     if frozen:
         for p in model.backbone.parameters():
@@ -456,7 +453,7 @@ def train(
         print(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(train_idx)} spots, "
               f"{len(val_idx)} for validation, {len(panel.genes)} genes, backbone {cfg.backbone}"
               f"{' (frozen, cached features)' if data.are_features and model.spec.takes_images else ''}, "
-              f"fields of view {list(cfg.fields_of_view)}, loss {cfg.loss} (tau {cfg.temperature:g})")
+              f"fields of view {list(cfg.input.fields_of_view)}, loss {cfg.loss} (tau {cfg.temperature:g})")
     best_state, best_saved, last_save = None, True, time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
