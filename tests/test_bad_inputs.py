@@ -262,7 +262,8 @@ def test_metadata_numbers_in_an_h5ad_are_checked(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A real model directory (untrained heads on EfficientNet-Lite0, as save_model writes it) and a
-    reference built with it from tiny C2."""
+    reference built with it from tiny C2. The backbone has its ImageNet weights, as every other model of
+    the suite: one ONNX export of it serves them all (random weights cost an export of their own)."""
     pytest.importorskip("torch")
     from bleep_rs.expression import Panel
     from bleep_rs.model import BleepModel, ModelConfig, build_reference, save_model
@@ -270,7 +271,7 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     section = read(C2)
     model = BleepModel(ModelConfig(panel=Panel(genes=list(section.var_names[:32])), embedding_dim=32,
-                                   input=InputSpec(patch_size=64, fields_of_view=(1.0,), tta=False)), pretrained=False)
+                                   input=InputSpec(patch_size=64, fields_of_view=(1.0,), tta=False)))
     save_model(model, d / "model")
     build_reference(model, [section]).save(d / "ref.safetensors")
     return d
