@@ -314,7 +314,9 @@ def input_with(**changes):
     (input_with(fields_of_view=[0.5]), r"config.json's input: fields_of_view must be a finite number >= 1 .*: the file is damaged"),
     (input_with(stain="reinhard"), r"config.json's input: stain must be one of none, macenko, got 'reinhard'"),
     (input_with(views=8), r"config.json's input: unknown keys \['views'\]"),
-    (json_with(input=...), r"config.json's input must be a JSON object, not NoneType"),
+    (json_with(input=...), r"config.json: missing keys \['input'\]"),
+    (input_with(tta=...), r"config.json's input: missing keys \['tta'\]"),  # format 3 says every field: no default stands in
+    (json_with(format_version=2), r"config.json of format 2 has an \"input\" object"),
     (json_with(input=[224]), r"config.json: wrong types: input"),
     (json_with(mean=[0.5, "x", 0.5]), r"wrong types: mean"),
     (json_with(format_version="1"), r"wrong types: format_version"),
@@ -346,7 +348,14 @@ def test_a_format_2_model_config_loads_with_its_input_fields_at_the_top(model_di
     assert loaded == model.config.input.replace(tta=True)
     old = {k: v for k, v in old.items() if k not in ("fields_of_view", "tta")}  # today's defaults are (1, 2, 3) and True
     (tmp_path / "b").mkdir()
-    assert load_model(broken_model(model_dir, tmp_path / "b", config=json.dumps(old))).config.input == model.config.input.replace(tta=False)
+    migrated = load_model(broken_model(model_dir, tmp_path / "b", config=json.dumps(old)))
+    assert migrated.config.input == model.config.input.replace(tta=False)
+    # Saved again, it is a format-3 file that loads as it was (not migrated a second time).
+    from bleep_rs.model import MODEL_FORMAT_VERSION, save_model
+
+    save_model(migrated, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["format_version"] == MODEL_FORMAT_VERSION
+    assert load_model(tmp_path / "again").config.input == migrated.config.input
 
 
 def _set(name, value):

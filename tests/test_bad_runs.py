@@ -381,7 +381,8 @@ def test_types_are_checked_too():
         with pytest.raises(BleepError, match=re.escape(message)):
             TrainConfig(**kw)
     for kw, message in [({"fields_of_view": []}, "fields_of_view must list at least one"), ({"fields_of_view": 2}, "fields_of_view must be a list"),
-                        ({"tta": 1}, "tta must be true or false"), ({"stain": "reinhard"}, "stain must be one of none, macenko")]:
+                        ({"tta": 1}, "tta must be true or false"), ({"stain": "reinhard"}, "stain must be one of none, macenko"),
+                        ({"patch_size": 10**400}, "patch_size must be a whole number >= 8 and <= 4096, got 1000")]:  # no float overflow
         with pytest.raises(BleepError, match=re.escape(message)):
             InputSpec(**kw)
     cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5))

@@ -95,6 +95,26 @@ def test_panel_union_intersection_and_missing_genes(tiny):
         panel_expression(tiny[0], bleep_rs.Panel(genes=["ENSG0001", "ENSG0002"]))
 
 
+def test_fine_tuning_inputs_are_random_views_with_colour_jitter(tiny):
+    """freeze_backbone=False: a training batch is random dihedral views of the patches, with brightness /
+    contrast jitter when color_jitter > 0 (the same views drawn: the generator is seeded alike); evaluation
+    sees the patches as they are."""
+    from bleep_rs.training.loop import _Trainer
+
+    spec = InputSpec(patch_size=32, fields_of_view=(1.0,), tta=False)
+    cfg = TrainConfig(n_top_genes=16, progress=False, freeze_backbone=False, color_jitter=0.3, input=spec)
+    data = prepare_data(tiny, cfg)
+    model = BleepModel(ModelConfig(panel=data.panel, input=spec))
+    idx = np.arange(6)
+    plain = model.prepare_images(data.images[idx])
+    views = _Trainer(model, data, TrainConfig(**{**vars(cfg), "color_jitter": 0.0}), torch.device("cpu"), 0, 1).inputs(idx, True)
+    jittered = _Trainer(model, data, cfg, torch.device("cpu"), 0, 1).inputs(idx, True)
+    assert views.shape == jittered.shape == plain.shape and not torch.equal(views, plain) and not torch.equal(jittered, views)
+    assert torch.equal(_Trainer(model, data, cfg, torch.device("cpu"), 0, 1).inputs(idx, False), plain)
+    with pytest.raises(BleepError, match="color_jitter must be a finite number >= 0 and <= 1, got 2"):
+        TrainConfig(color_jitter=2.0)
+
+
 def test_a_training_step_lowers_the_loss(tiny):
     """The full model (backbone fine-tuned): with the backbone's stochastic depth and the heads' dropout
     off, every forward pass is deterministic, and the loss on a fixed batch falls after a few AdamW steps."""

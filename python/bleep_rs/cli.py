@@ -137,7 +137,8 @@ def _add_config_options(p, cls) -> None:
         if meta.get("file"):
             p.add_argument(flag(f), dest=f.name, type=Path, default=None, help=help)
         else:
-            p.add_argument(flag(f), dest=f.name, type=base, default=default, nargs="*" if many else None, choices=meta.get("choices"), help=help)
+            p.add_argument(flag(f), dest=f.name, type=base, default=default, nargs="*" if many else None, choices=meta.get("choices"), help=help,
+                           metavar=meta.get("metavar"))
 
 
 def _hint(cls, f):

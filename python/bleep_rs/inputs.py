@@ -36,7 +36,7 @@ class InputSpec:
     patch_size: int = option(224, "patch side in pixels at the patches' resolution (default 224)", low=8, high=4096)
     um_per_px: Optional[float] = option(None, "micrometres per pixel of the patches (default: the training sections' native one, "
                                               "their median; recorded in the model and used by predict)",
-                                        low=0, low_open=True, flag="--patch-um-per-px")
+                                        low=0, low_open=True, flag="--patch-um-per-px", metavar="X")
     fields_of_view: Tuple[float, ...] = option((1.0, 2.0, 3.0), "fields of view around each spot, distinct multiples of the patch's "
                                                                 "side, each through the backbone (default 1 2 3)",
                                                low=1, high=64, check=_distinct)

@@ -109,10 +109,15 @@ class ModelConfig:
         if isinstance(version, int) and version < 2:
             d.setdefault("feature_norm", "none")  # version 1 fed the backbone's features as they came
         if isinstance(version, int) and version < 3:
+            if "input" in d:
+                raise BleepError(f"{where}: config.json of format {version} has an \"input\" object (format 3's): the file is damaged")
             d["input"] = {k: d.pop(k, default) for k, default in _LEGACY_INPUT.items()}
+            d["format_version"] = MODEL_FORMAT_VERSION  # what it is now (saved again, it is format 3)
+        elif "input" not in d:
+            raise BleepError(f"{where}: config.json: missing keys ['input']: the file is damaged or not from this version of bleep-rs")
         _check_fields(cls, d, f"{where}: config.json")
         _check_fields(Panel, d["panel"], f"{where}: config.json's panel")
-        _check_fields(InputSpec, d.get("input"), f"{where}: config.json's input")
+        _check_fields(InputSpec, d["input"], f"{where}: config.json's input", every=True)
         try:
             spec = InputSpec(**d["input"])
         except BleepError as e:
@@ -163,14 +168,14 @@ def _is(value, hint) -> bool:
     return isinstance(value, dict)  # dict fields and nested dataclasses (checked on their own)
 
 
-def _check_fields(cls, d, where: str) -> None:
+def _check_fields(cls, d, where: str, *, every: bool = False) -> None:
     """Raises unless the JSON object ``d`` has exactly the fields of dataclass ``cls`` (those with
-    defaults may be absent), each of its type, naming the keys that are wrong."""
+    defaults may be absent, unless ``every``), each of its type, naming the keys that are wrong."""
     if not isinstance(d, dict):
         raise BleepError(f"{where} must be a JSON object, not {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {n for n, f in fields.items() if every or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
     extra, missing = sorted(set(d) - set(fields)), sorted(required - set(d))
     wrong = [f"{k} = {d[k]!r} (not {str(hints[k]).replace('typing.', '')})" for k in fields if k in d and not _is(d[k], hints[k])]
     if extra or missing or wrong:

@@ -82,7 +82,7 @@ def _problem(value, kind, meta) -> Optional[str]:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return f"must be a number, got {value!r}"
         low, high = meta["low"], meta["high"]
-        bad = not math.isfinite(value)
+        bad = not isinstance(value, numbers.Integral) and not math.isfinite(value)  # (an int too large for a float is finite)
         bad |= low is not None and (value <= low if meta["low_open"] else value < low)
         bad |= high is not None and (value >= high if meta["high_open"] else value > high)
         if bad:

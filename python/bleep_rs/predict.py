@@ -139,7 +139,7 @@ class PredictConfig:
 
     def for_sections(self) -> "PredictConfig":
         """This config, for a section's spots: the options of whole slides are refused."""
-        return self._refuse(SLIDE_ONLY, "options of whole slides: a section is read as it is (read_section(..., um_per_px=, bin_um=))")
+        return self._refuse(SLIDE_ONLY, "options of whole slides: a section's pixel size and bins are read_section's")
 
     def for_features(self) -> "PredictConfig":
         """This config, for precomputed patch features: the options of images are refused."""

@@ -38,6 +38,7 @@ class TrainConfig:
     freeze_backbone: bool = option(True, "train the heads on cached backbone features (default); freeze_backbone=False fine-tunes the whole "
                                          "encoder (a GPU job)")
     augment: bool = option(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
+    color_jitter: float = option(0.0, "brightness / contrast jitter amplitude (fine-tuning only)", low=0, high=1)
     # The heads and the loss.
     loss: str = option("bleep", "bleep (soft targets, method.md section 3) or clip", choices=list(LOSSES))
     temperature: float = option(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)",
