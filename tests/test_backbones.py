@@ -112,6 +112,26 @@ def test_timm_model_from_the_hugging_face_cache(tmp_path, monkeypatch):
             "lab/absent is not in the Hugging Face cache", "hf download lab/absent", "HF_HUB_CACHE")
 
 
+def test_a_hub_config_without_input_constants_is_said(tmp_path, monkeypatch):
+    """A hub config.json without a pretrained_cfg: the input size is the one the architecture is built for
+    (model_args' img_size), the constants timm's defaults for the architecture, with a warning naming them
+    (they may not be what the model was trained with); stated constants pass quietly."""
+    import warnings
+
+    net, weights = _timm_weights(tmp_path, "vit_tiny_patch16_224", img_size=112)
+    _hub_cache(tmp_path / "hub", "lab/bare", "vit_tiny_patch16_224", net, weights)
+    snap = next((tmp_path / "hub").glob("models--lab--bare/snapshots/*"))
+    (snap / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"img_size": 112}}))
+    _hub_cache(tmp_path / "hub", "lab/stated", "vit_tiny_patch16_224", net, weights)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.warns(UserWarning, match=r"lab/bare: the hub's config.json states no mean, std .*vit_tiny_patch16_224's defaults"):
+        _, spec = create_backbone("timm:hf-hub:lab/bare")
+    assert spec.input_size == 112 and len(spec.mean) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert create_backbone("timm:hf-hub:lab/stated")[1].mean == (0.5, 0.5, 0.5)
+
+
 def test_a_hub_model_that_is_not_timm(tmp_path, monkeypatch):
     net, weights = _timm_weights(tmp_path, "vit_tiny_patch16_224", img_size=112)
     _hub_cache(tmp_path / "hub", "lab/not-timm", "vit_tiny_patch16_224", net, weights)

@@ -106,13 +106,14 @@ def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_i
         import timm
     except ImportError as e:
         raise BleepError(f"backbone {name!r} needs timm: pip install timm") from e
-    model_name = name.split(":", 1)[1]
+    model_name, unstated = name.split(":", 1)[1], []
     if model_name.startswith("hf-hub:"):
         if weights == "hub":
             raise BleepError(f"backbone {name!r} comes from the local Hugging Face cache: backbone_weights='hub' does not apply")
         if build is None or pretrained:  # training: from the cache; a saved model: its recorded architecture
             build, cached = _hub_cached(model_name.split(":", 1)[1])
             weights = weights or (None if random_init else cached)
+            unstated = [k for k in ("input_size", "mean", "std") if k not in (build.get("pretrained_cfg") or {})]
         model_name, kwargs = build["architecture"], dict(build.get("model_args") or {})
         kwargs.update(pretrained_cfg=build.get("pretrained_cfg"))
     else:
@@ -133,7 +134,17 @@ def _timm_backbone(name: str, weights: Optional[str], pretrained: bool, random_i
             raise BleepError(f"{weights}: no such weights file")
         heads = net.default_cfg.get("classifier") or "head"  # one name, or several (a distilled ViT's two heads)
         _load_strict(net, _load_state(weights), weights, tuple(h + "." for h in ([heads] if isinstance(heads, str) else heads)))
-    cfg = net.pretrained_cfg
+    cfg = dict(net.pretrained_cfg)
+    img_size = kwargs.get("img_size")
+    if "input_size" in unstated and img_size is not None:  # the architecture was built for this size: it is the input
+        cfg["input_size"] = (3, *((img_size, img_size) if isinstance(img_size, int) else tuple(img_size)))
+        unstated.remove("input_size")
+    if unstated:  # timm fills them from the architecture's default tag: say so, they may not be the model's
+        import warnings
+
+        warnings.warn(f"{name}: the hub's config.json states no {', '.join(unstated)} (its pretrained_cfg): using {model_name}'s defaults "
+                      f"in timm (input {tuple(cfg.get('input_size', (3, 224, 224)))}, mean {tuple(cfg.get('mean', ()))}, std "
+                      f"{tuple(cfg.get('std', ()))}); if the model was trained with others, its features will be off", stacklevel=3)
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     spec = BackboneSpec(name, int(net.num_features), size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                         tuple(cfg.get("std", (0.229, 0.224, 0.225))), build)
