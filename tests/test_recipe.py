@@ -221,6 +221,12 @@ def test_a_checkpoint_of_another_run_is_not_resumed_silently(tiny, tmp_path):
     _save_checkpoint(ckpt, trainer, state)
     with pytest.raises(BleepError, match="other settings.*resume=False"):
         train(tiny, tmp_path / "out", cfg, data=data)
+    # A checkpoint of a version before InputSpec (its fields at the config's top level) says so.
+    identity = _run_identity(cfg, model.config.panel)
+    flat = {**{k: v for k, v in identity["config"].items() if k != "input"}, **identity["config"]["input"]}
+    _save_checkpoint(ckpt, trainer, {**state, "identity": {**identity, "config": flat}})
+    with pytest.raises(BleepError, match=r"an older bleep-rs \(before the input recipe was one object\): pass resume=False"):
+        train(tiny, tmp_path / "out", cfg, data=data)
     state = {**state, "identity": _run_identity(_quick(tmp_path, epochs=3), model.config.panel), "epoch": 5}
     _save_checkpoint(ckpt, trainer, state)
     with pytest.raises(BleepError, match="past epoch 3"):

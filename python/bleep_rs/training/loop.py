@@ -326,7 +326,10 @@ def _load_checkpoint(path: Path, trainer: _Trainer, identity: dict, epochs: int)
     if wrong:
         raise BleepError(damaged.format(f"state.json lacks {', '.join(wrong)}" if isinstance(state, dict) else "state.json is not an object"))
     if state.get("identity") != identity:
-        raise BleepError(f"{path}: the checkpoint is of a run with other settings or another gene panel: pass resume=False to start over")
+        theirs = state.get("identity")
+        older = isinstance(theirs, dict) and isinstance(theirs.get("config"), dict) and "input" not in theirs["config"]
+        what = "an older bleep-rs (before the input recipe was one object)" if older else "a run with other settings or another gene panel"
+        raise BleepError(f"{path}: the checkpoint is of {what}: pass resume=False to start over")
     if state["epoch"] >= epochs:
         raise BleepError(f"{path}: the checkpoint is past epoch {epochs} (it reached {state['epoch']}): raise epochs= or pass resume=False")
     try:
