@@ -385,6 +385,9 @@ def test_types_are_checked_too():
                         ({"patch_size": 10**400}, "patch_size must be a whole number >= 8 and <= 4096, got 1000")]:  # no float overflow
         with pytest.raises(BleepError, match=re.escape(message)):
             InputSpec(**kw)
+    for moved in ("fields_of_view", "patch_um_per_px", "tta"):  # the options the input recipe took over say where they went
+        with pytest.raises(BleepError, match=f"{moved}: the input recipe's options are InputSpec's"):
+            TrainConfig(**{moved: 1.0})
     cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5))
     assert type(cfg.epochs) is int and type(cfg.lr) is float  # config.json holds Python numbers
 

@@ -4,6 +4,8 @@ their help (``bleep-rs train`` builds its flags from it). Free of torch, so the 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -22,6 +24,24 @@ __all__ = ["TrainConfig", "LOSSES", "RECIPE_METHOD"]
 LOSSES = ("bleep", "clip")
 
 
+def _input_options_moved(cls):
+    """TrainConfig(fields_of_view=...) as written before the input recipe was an InputSpec: an error that
+    says where the option went (Python's own would only say 'unexpected keyword')."""
+    init, moved = cls.__init__, {f.name for f in dataclasses.fields(InputSpec)} | {"patch_um_per_px"}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        given = sorted(moved & set(kwargs))
+        if given:
+            raise BleepError(f"{', '.join(given)}: the input recipe's options are InputSpec's: TrainConfig(input=InputSpec(...)) "
+                             "(patch_um_per_px is InputSpec's um_per_px)")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_input_options_moved
 @dataclass
 class TrainConfig:
     """Training arguments, all saved in the model's config.json. The defaults are the recipe measured
