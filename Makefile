@@ -13,8 +13,8 @@ demo: build
 
 # pytest, with the other checks (`make checks`) beside it at the lowest priority: pytest leaves part of
 # 2 cores idle (its tests wait on child processes, files and single-threaded Python); the checks fill it,
-# and nice 19 leaves pytest first in line (.ci/run from a fresh clone on 2 cores: 348-396 s in five runs,
-# median 377 s, against 430 s one after the other). Their log is shown whole when one fails, else its
+# and nice 19 leaves pytest first in line (.ci/run from a fresh clone on 2 cores: 348-396 s in six runs,
+# median 375 s, against 430 s one after the other). Their log is shown whole when one fails, else its
 # summary lines.
 CHECKS_LOG := $(VENV)/checks.log
 test: build
