@@ -121,8 +121,8 @@ def _add_config_options(p, cls) -> None:
 
     from bleep_rs.options import flag, flat_fields
 
-    for f in flat_fields(cls):
-        meta, kind = f.metadata, _hint(cls, f)
+    for f, kind in flat_fields(cls):
+        meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help = as_flags(meta.get("help", ""))
         if kind is bool:
@@ -141,27 +141,13 @@ def _add_config_options(p, cls) -> None:
                            metavar=meta.get("metavar"))
 
 
-def _hint(cls, f):
-    """The type of option ``f`` of config ``cls`` (or of the nested config declaring it)."""
-    import dataclasses
-    import typing
-
-    for g in dataclasses.fields(cls):
-        sub = g.metadata.get("nested")
-        if g is f:
-            return typing.get_type_hints(cls)[f.name]
-        if sub is not None and f in dataclasses.fields(sub):
-            return _hint(sub, f)
-    raise KeyError(f.name)
-
-
 def _config_from_args(cls, args):
     """The config dataclass from parsed arguments (files of names read as lists), checked with the errors
     naming the flags."""
     from bleep_rs.options import flat_fields, from_flags
 
     values = {}
-    for f in flat_fields(cls):
+    for f, _ in flat_fields(cls):
         value = getattr(args, f.name)
         if f.metadata.get("file") and value is not None:
             value = _read_gene_file(value)

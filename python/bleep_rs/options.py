@@ -148,9 +148,10 @@ def from_flags(cls, values: dict):
 
 
 def flat_fields(cls) -> list:
-    """The fields of ``cls`` that are options, nested configs' fields in their place."""
+    """``(field, type)`` of every option of ``cls``, nested configs' options in their place."""
+    hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         sub = f.metadata.get("nested")
-        out.extend(flat_fields(sub) if sub is not None else [f])
+        out.extend(flat_fields(sub) if sub is not None else [(f, hints[f.name])])
     return out

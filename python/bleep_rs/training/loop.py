@@ -32,6 +32,7 @@ from .._core import BleepError
 from ..augment import random_views
 from ..device import pick_device
 from ..expression import Panel, choose_panel, panel_expression
+from ..inputs import InputSpec
 from ..model import BleepModel, ModelConfig, save_model
 from .config import TrainConfig
 from .features import section_features
@@ -77,6 +78,14 @@ def native_um_per_px(sections: Sequence) -> Optional[float]:
     return float(np.median(values))
 
 
+def resolved_input(config: TrainConfig, sections: Sequence) -> InputSpec:
+    """The config's input recipe at its resolution: as given, else the sections' native one (their
+    median; None without sections or where one does not know it)."""
+    if config.input.um_per_px or not sections:
+        return config.input
+    return config.input.replace(um_per_px=native_um_per_px(sections))
+
+
 def prepare_data(
     sections: Sequence,
     config: TrainConfig,
@@ -90,7 +99,7 @@ def prepare_data(
     per-section ``features`` (n_spots, D) for a ``features:D`` backbone."""
     sections = _as_sections(sections)
     panel = panel or choose_panel(sections, n_top_genes=config.n_top_genes, mode=config.panel_mode, genes=config.genes)
-    spec = config.input if config.input.um_per_px else config.input.replace(um_per_px=native_um_per_px(sections))
+    spec = resolved_input(config, sections)
     inputs, expr, labels = [], [], []
     for i, s in enumerate(sections):
         lib = _library(s, i)
@@ -410,13 +419,13 @@ def train(
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     secs = _as_sections(sections) if data is None or not data.are_features else list(sections)
-    um = cfg.input.um_per_px or (native_um_per_px(secs) if secs else None)
+    spec = resolved_input(cfg, secs)
     panel = data.panel if data is not None else choose_panel(secs, n_top_genes=cfg.n_top_genes, mode=cfg.panel_mode, genes=cfg.genes)
     from .. import __version__
 
     mcfg = ModelConfig(
         panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
-        temperature=cfg.temperature, loss=cfg.loss, input=cfg.input.replace(um_per_px=um), k=cfg.k, method=cfg.method,
+        temperature=cfg.temperature, loss=cfg.loss, input=spec, k=cfg.k, method=cfg.method,
         training=asdict(cfg), package_version=__version__, features_encoder=features_encoder,
     )
     model = BleepModel(mcfg, backbone_weights=cfg.backbone_weights, random_init=cfg.random_init).to(device)
@@ -432,7 +441,7 @@ def train(
                              "not with freeze_backbone=False, a features:D backbone or inputs prepared already")
         if world > 1:
             raise BleepError("a cluster's feature pass or torchrun: not both")
-        feature_pass(model, secs, cfg, um)
+        feature_pass(model, secs, cfg, spec.um_per_px)
     if data is None:
         data = prepare_data(secs, cfg, panel=panel, features=features, model=model if frozen and features is None else None)
     if not frozen and data.are_features:
