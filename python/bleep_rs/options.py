@@ -25,7 +25,8 @@ def option(default, help: str, *, low=None, high=None, low_open: bool = False, h
     tuple) must be finite and within [low, high] (``low_open`` / ``high_open``: the bound excluded);
     ``choices``: the values allowed; ``check``: a further test returning what is wrong (or None);
     ``flag``: the flag when it is not ``--field-name``; ``path``: a path-like string; ``file``: a list read
-    from a file of one item per line on the command line; ``invert``: the flag sets False."""
+    from a file of one item per line on the command line; ``invert``: the flag sets False; ``metavar``: the
+    flag's placeholder in the help."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open, "check": check, **kw}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)

@@ -98,7 +98,7 @@ class PredictConfig:
     The prediction functions take one (``config=``) or its fields as keywords. None: the model's own."""
 
     k: Optional[int] = option(None, f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)", low=1)
-    method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, softmax unless trained otherwise)",
+    method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, which train records)",
                                    choices=METHODS)
     neighbours: bool = option(False, "store the neighbours' indices and similarities")
     tta_views: Optional[int] = option(None, "dihedral views averaged per spot or tile, one backbone pass per field each (default: the "
