@@ -192,6 +192,10 @@ class DaskShards:
             return
         moved = {i: self._submit_open(i, addr, generation=1) for i, addr in moves.items()}
         self._opened(list(moved.values()))
+        # Unpinned once open, as the first openings are. Dask (2026.1) takes a task out of no-worker, when a
+        # worker joins, only if that worker meets the task's restriction, loose or not: a moved shard whose
+        # workers were all lost at once waited forever for the address it was placed on (test_cluster).
+        self.client.sync(self.client.scheduler.set_restrictions, worker={f.key: None for f in moved.values()})
         old = [self.futures[i] for i in moved]
         for i, future in moved.items():
             self.futures[i] = future
