@@ -16,7 +16,7 @@ from bleep_rs.backbones import create_backbone
 from conftest import DATA, cli, refused
 
 TINY = DATA / "tiny"
-QUICK = ("--epochs", "2", "--n-top-genes", "16", "--fields-of-view", "1", "--no-augment", "--no-progress")
+QUICK = ("--epochs", "2", "--n-top-genes", "16", "--fields-of-view", "1", "--no-tta", "--no-augment", "--no-progress")
 
 
 @pytest.mark.parametrize("name, size", [("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
