@@ -17,9 +17,9 @@ demo: build
 
 # pytest, with the other checks (`make checks`) beside it at the lowest priority: pytest leaves part of
 # 2 cores idle (its tests wait on child processes, files and single-threaded Python); the checks fill it,
-# and nice 19 leaves pytest first in line (.ci/run from a fresh clone on 2 cores: 348-396 s in six runs,
-# median 375 s, against 430 s one after the other). Their log is shown whole when one fails, else its
-# summary lines.
+# and nice 19 leaves pytest first in line (.ci/run from a fresh clone on 2 cores: 430 s one after the
+# other, 375 s side by side; docs/architecture.md, Test tiers, has today's). Their log is shown whole
+# when one fails, else its summary lines.
 CHECKS_LOG := $(VENV)/checks.log
 test: build
 	@echo "make checks (cargo fmt, ruff, mypy.stubtest, cargo clippy, cargo test) beside pytest; log: $(CHECKS_LOG)"
@@ -50,9 +50,10 @@ test-fast: build
 # Rebuilds the extension when Rust or Python sources changed (cargo is incremental). The dependencies are
 # installed by uv (a minute faster than pip for the test extra's 7 GB, torch's CUDA libraries included),
 # not compiled to bytecode: Python writes the bytecode of what is imported when first imported (see
-# PYTHONDONTWRITEBYTECODE below). Compiling all 18,900 modules at install took 25 s of the fresh-clone
+# PYTHONDONTWRITEBYTECODE at the top). Compiling all 18,900 modules at install took 25 s of the fresh-clone
 # build on 2 cores, for a suite that imports 6,600 of them; compiled as imported, the suite took as long
-# (pytest 270 s against 269 s, 380 against 384 core-seconds, 2026-12-06, AMD EPYC).
+# (pytest 270 s against 269 s, 380 against 384 core-seconds, 2026-12-06, AMD EPYC). docs/architecture.md
+# (Test tiers) has the fresh-clone times.
 # The build log is shown only when the build fails.
 EXTRAS ?= test
 build: $(VENV)/.ready
