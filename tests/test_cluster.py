@@ -137,6 +137,11 @@ def kill_workers_holding(client, ref, shard):
     their nannies start fresh ones)."""
     addrs = ref._shards.who_has()[shard]
     assert addrs
+    kill_workers(client, addrs)
+
+
+def kill_workers(client, addrs):
+    """SIGKILL the worker processes at ``addrs`` and wait until the scheduler has let them go."""
     for pid in client.run(os.getpid, workers=addrs).values():
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -188,10 +193,7 @@ def test_work_is_spread_evenly_however_dask_placed_the_shards(single):
         np.testing.assert_allclose(served.impute(q, 20, "mean"), ref.impute(q, 20, "mean"), rtol=2e-5, atol=2e-5)
         # Every worker lost at once, and a search sent while none runs: the nannies' new workers reopen every
         # shard, the moved ones too (pinned, those waited forever for the address they had been placed on).
-        for pid in c.run(os.getpid).values():
-            os.kill(pid, signal.SIGKILL)
-        while c.scheduler_info()["workers"]:
-            time.sleep(0.01)
+        kill_workers(c, list(c.scheduler_info()["workers"]))
         box: dict = {}
         searching = threading.Thread(target=lambda: box.setdefault("found", served.search(q, 20)), daemon=True)
         searching.start()
