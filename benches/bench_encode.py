@@ -4,8 +4,9 @@ model and every candidate tried for it, on the same threads (../shared/docs/benc
     make bench-encode        # or: .venv/bin/python benches/bench_encode.py [--patches 128] [--rounds 3] [--quick]
 
 EfficientNet-Lite0 (ImageNet weights), 224-px spot patches of HER2ST C2, C3, C4 and B4 at native
-resolution; every variant maps uint8 patches to 1280-d features in batches of 64, tensor conversion
-included, on --threads threads (2). Speed: --patches patches spread over the four sections, --rounds
+resolution; every variant maps uint8 patches to 1280-d features in its engine's batches (4 patches for
+torch, 64 for ONNX Runtime and OpenVINO: bleep_rs.encode's defaults), tensor conversion included, on
+--threads threads (2). Speed: --patches patches spread over the four sections, --rounds
 rounds with the variants interleaved (their order rotates each round); each variant's rate is its median
 over the rounds and its ratio to float32 eager the median of the per-round ratios, so that a burst of
 load from other processes on a shared machine moves both sides of a ratio alike.
@@ -14,16 +15,20 @@ load from other processes on a shared machine moves both sides of a ratio alike.
   default                     backbone_features(): what precision="auto" chose here (its engine is printed)
   torch fast path             engine="torch": channels-last, bfloat16 autocast where the CPU has it natively,
                               the convolutions at half the input resolution or more in float32
+  torch fast path, 64 a batch the same at batches of 64 (the default before 2026-12-06: page faults)
   float32 channels-last       candidates, built here
   bfloat16 autocast [channels-last]
   torch.compile float32 / bf16   inductor with freezing (BN folded), channels-last; compile time printed
   onnxruntime float32         engine="onnxruntime": the backbone exported to ONNX (bleep-rs's cached export)
   openvino float32 / bf16     the same ONNX model in OpenVINO (INFERENCE_PRECISION_HINT)
+  onnxruntime int8 [mixed]    the same ONNX model quantised statically (QDQ: int8 weights per channel, uint8
+                              activations, MinMax ranges from 256 MOB1 spot patches, another tissue than the
+                              timed sections'); "mixed" keeps the first 6 and last 2 convolutions in float32
 
 Agreement, over all 834 spots: each variant's features, and image embeddings (BLEEP's projection head,
 untrained, seed 0), against float32 eager: median (and least) cosine, and the mean overlap of the top-50
 neighbour sets when each section's spots search the other three sections' (the issue's rule: cosine
->= 0.999 median, overlap >= 95 %). --quick: no torch.compile, no OpenVINO.
+>= 0.999 median, overlap >= 95 %). --quick: no torch.compile, no OpenVINO, no INT8.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
 SECTIONS = ["C2", "C3", "C4", "B4"]
-BATCH = 64
+BATCH = 64  # ONNX Runtime's and OpenVINO's batch
 
 
 def load():
@@ -54,11 +59,11 @@ def load():
     return np.concatenate(patches), np.array(labels)
 
 
-def batched(fn):
-    """A variant over all patches: batches of 64 through ``fn`` (torch input -> features)."""
+def batched(fn, batch: int):
+    """A variant over all patches: batches of ``batch`` through ``fn`` (uint8 patches -> features)."""
 
     def run(patches):
-        return np.concatenate([fn(patches[i : i + BATCH]) for i in range(0, len(patches), BATCH)]).astype(np.float32)
+        return np.concatenate([fn(patches[i : i + batch]) for i in range(0, len(patches), batch)]).astype(np.float32)
 
     return run
 
@@ -66,7 +71,7 @@ def batched(fn):
 def torch_variant(net, spec, *, channels_last: bool, bf16: bool):
     import torch
 
-    from bleep_rs.encode import to_input
+    from bleep_rs.encode import TORCH_CPU_BATCH, to_input
 
     net = copy.deepcopy(net).eval()
     if channels_last:
@@ -79,7 +84,7 @@ def torch_variant(net, spec, *, channels_last: bool, bf16: bool):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return net(x).float().numpy()
 
-    return batched(fn)
+    return batched(fn, TORCH_CPU_BATCH)
 
 
 def compiled_variant(net, spec, *, bf16: bool, example):
@@ -88,7 +93,7 @@ def compiled_variant(net, spec, *, bf16: bool, example):
     import torch
     import torch._inductor.config as inductor
 
-    from bleep_rs.encode import _keep_high_resolution_float32, to_input
+    from bleep_rs.encode import TORCH_CPU_BATCH, _keep_high_resolution_float32, to_input
 
     inductor.freezing = True
     net = copy.deepcopy(net).eval()
@@ -103,7 +108,7 @@ def compiled_variant(net, spec, *, bf16: bool, example):
 
     t = time.perf_counter()
     fn(example)  # compiles
-    return batched(fn), time.perf_counter() - t
+    return batched(fn, TORCH_CPU_BATCH), time.perf_counter() - t
 
 
 def openvino_variants(net, spec, threads):
@@ -119,7 +124,50 @@ def openvino_variants(net, spec, threads):
         request = core.compile_model(
             model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         ).create_infer_request()
-        out[f"openvino {'float32' if hint == 'f32' else 'bf16'}"] = batched(lambda b, r=request: r.infer({0: to_input(b, spec).numpy()})[0].copy())
+        out[f"openvino {'float32' if hint == 'f32' else 'bf16'}"] = batched(lambda b, r=request: r.infer({0: to_input(b, spec).numpy()})[0].copy(), BATCH)
+    return out
+
+
+def int8_variants(net, spec, threads):
+    """ONNX Runtime INT8 (VNNI / AMX-INT8 where the CPU has them): bleep-rs's ONNX export quantised
+    statically, calibrated on MOB1 spot patches. Returns {name: variant}; the quantisation time is printed."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import bleep_rs
+    from bleep_rs.encode import _onnx_bytes
+    from bleep_rs.normalize import to_tensor
+
+    bench = ROOT / ".bench"
+    (bench / "encode-backbone.onnx").write_bytes(_onnx_bytes(net, spec))
+    pre = bench / "encode-backbone-pre.onnx"
+    quant_pre_process(str(bench / "encode-backbone.onnx"), str(pre))
+    mob = bleep_rs.section_patches(bleep_rs.read_section(DATA / "mob" / "MOB1"), 224)
+    calib = mob[np.random.default_rng(0).choice(len(mob), min(256, len(mob)), replace=False)]
+    name = onnx.load(str(pre)).graph.input[0].name
+    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.blocks = iter([{name: to_tensor(calib[i : i + 32], spec.mean, spec.std)} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.blocks, None)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    out = {}
+    for label, exclude in (("onnxruntime int8", []), ("onnxruntime int8 mixed (first 6, last 2 convolutions float32)", convs[:6] + convs[-2:])):
+        path = bench / f"encode-backbone-int8-{len(exclude)}.onnx"
+        t = time.perf_counter()
+        quantize_static(str(pre), str(path), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+        print(f"{label}: quantised in {time.perf_counter() - t:.0f} s")
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out[label] = batched(lambda b, s=session: s.run(None, {name: to_tensor(b, spec.mean, spec.std)})[0], BATCH)
     return out
 
 
@@ -128,7 +176,7 @@ def main():
     ap.add_argument("--patches", type=int, default=128, help="patches per timed round (default 128)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="skip torch.compile and OpenVINO")
+    ap.add_argument("--quick", action="store_true", help="skip torch.compile, OpenVINO and INT8")
     args = ap.parse_args()
     import warnings
 
@@ -136,7 +184,7 @@ def main():
     import torch
 
     import bleep_rs
-    from bleep_rs.encode import agreement, backbone_features, get_encoder, native_bf16
+    from bleep_rs.encode import TORCH_CPU_BATCH, agreement, backbone_features, get_encoder, native_bf16
     from bleep_rs.model import BleepModel, ModelConfig
 
     torch.set_num_threads(args.threads)
@@ -151,28 +199,33 @@ def main():
           f"native bf16: {native_bf16()}; default path: {default.name}")
 
     variants = {
-        "float32 eager": lambda p: backbone_features(net, spec, p, precision="float32", batch_size=BATCH),
-        "default": lambda p: backbone_features(net, spec, p, batch_size=BATCH),
-        "torch fast path": lambda p: backbone_features(net, spec, p, engine="torch", batch_size=BATCH),
+        "float32 eager": lambda p: backbone_features(net, spec, p, precision="float32"),
+        "default": lambda p: backbone_features(net, spec, p),
+        "torch fast path": lambda p: backbone_features(net, spec, p, engine="torch"),
+        "torch fast path, 64 a batch": lambda p: backbone_features(net, spec, p, engine="torch", batch_size=64),
         "float32 channels-last": torch_variant(net, spec, channels_last=True, bf16=False),
         "bfloat16 autocast": torch_variant(net, spec, channels_last=False, bf16=True),
         "bfloat16 autocast, channels-last": torch_variant(net, spec, channels_last=True, bf16=True),
     }
     try:
         get_encoder(net, spec, engine="onnxruntime")
-        variants["onnxruntime float32"] = lambda p: backbone_features(net, spec, p, engine="onnxruntime", batch_size=BATCH)
+        variants["onnxruntime float32"] = lambda p: backbone_features(net, spec, p, engine="onnxruntime")
     except bleep_rs.BleepError as e:
         print(f"onnxruntime: not measured ({e})")
     setup = {}
     if not args.quick:
         for bf16 in (False, True):
             name = f"torch.compile {'bf16 (high resolution float32)' if bf16 else 'float32'}, channels-last"
-            variants[name], setup[name] = compiled_variant(net, spec, bf16=bf16, example=timed[:BATCH])
+            variants[name], setup[name] = compiled_variant(net, spec, bf16=bf16, example=timed[:TORCH_CPU_BATCH])
             print(f"{name}: compiled in {setup[name]:.0f} s")
         try:
             variants.update(openvino_variants(net, spec, args.threads))
         except ImportError:
             print("openvino: not installed, not measured")
+        try:
+            variants.update(int8_variants(net, spec, args.threads))
+        except ImportError as e:
+            print(f"onnxruntime int8: not measured ({e})")
 
     names = list(variants)
     rates = {k: [] for k in names}

@@ -278,7 +278,7 @@ def predict_cohort(model_path, reference_path, slides: Sequence, out_dir, *, cli
     if tiles_per_task is not None:
         if int(tiles_per_task) < 1:
             raise BleepError(f"tiles_per_task= must be at least 1, not {tiles_per_task!r}")
-        bs = int(predict_options.batch_size or 256)  # 256: whole batches of the CPU's (64) and a GPU's (256) encoder
+        bs = int(predict_options.batch_size or 256)  # 256: whole batches of every encoder's (4, 64, 256)
         step = -(-int(tiles_per_task) // bs) * bs  # whole batches: the same batches as one process, the same answer
     done, records, roles = distributed.as_completed(), [], {}
 

@@ -42,9 +42,14 @@ from .backbones import BackboneSpec
 __all__ = ["PRECISIONS", "Encoder", "backbone_features", "get_encoder", "to_input", "native_bf16", "cache_dir", "agreement", "weights_digest"]
 
 PRECISIONS = ("auto", "float32")
-#: Patches per batch on a CPU: on 2 cores, 64 ran 1.1-2.5x faster than 16 with ONNX Runtime and with torch,
-#: and 128 no faster than 64.
+#: Patches per batch. ONNX Runtime on a CPU: 4 to 64 run alike (its arena reuses its memory); 64, the
+#: batch a CPU's prediction reads, leaves the fewest calls.
 CPU_BATCH = 64
+#: torch on a CPU: 4. glibc gives blocks above its mmap threshold (32 MB at most) fresh pages every time,
+#: and a batch of 8 EfficientNet-Lite0 patches has 38 MB activations, so larger batches paid page faults on
+#: every batch: float32 eager ran 22 patches/s at 64 a batch (sys time above user time), 46-57 at 4-8; the
+#: fast path 54 at 64, 112-129 at 4-8 (HER2ST patches, 2 cores, AMD EPYC, 2026-12-06).
+TORCH_CPU_BATCH = 4
 CUDA_BATCH = 256
 
 
@@ -154,7 +159,7 @@ def _float32_reference(backbone: nn.Module, device: torch.device) -> Encoder:
         finally:
             backbone.train(was)
 
-    return Encoder("torch float32 eager", run, device, CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
+    return Encoder("torch float32 eager", run, device, CUDA_BATCH if device.type == "cuda" else TORCH_CPU_BATCH)
 
 
 class _Float32(nn.Module):
@@ -208,7 +213,7 @@ def _torch_fast(backbone: nn.Module, spec: BackboneSpec, device: torch.device) -
             return net(x.contiguous(memory_format=torch.channels_last))
 
     name = f"torch {'bfloat16 autocast (high resolution in float32)' if bf16 else 'float32'}, channels-last"
-    return Encoder(name, run, device, CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
+    return Encoder(name, run, device, CUDA_BATCH if device.type == "cuda" else TORCH_CPU_BATCH)
 
 
 def cache_dir() -> Path:
@@ -392,8 +397,8 @@ def backbone_features(
 
     ``precision``: ``"auto"`` (the fastest engine that keeps the float32 answer: cosine >= 0.999 and
     top-50 neighbours shared >= 95 % on the HER2ST spots) or ``"float32"`` (eager torch, the reference).
-    ``batch_size``: patches per batch (default: 64 on a CPU, 256 on a GPU). ``engine``: see
-    :func:`get_encoder`."""
+    ``batch_size``: patches per batch (default: the engine's: 64 for ONNX Runtime, 4 for torch on a
+    CPU, 256 on a GPU). ``engine``: see :func:`get_encoder`."""
     patches = np.asarray(patches)
     if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
         raise BleepError(f"patches must be uint8 (n, h, w, 3), got {patches.dtype} {patches.shape}")

@@ -106,8 +106,8 @@ class PredictConfig:
                                             "'The default model's cost per tile')", choices=tuple(TTA_VIEWS))
     precision: str = option("auto", "image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)",
                             choices=("auto", "float32"))
-    batch_size: Optional[int] = option(None, "spots or tiles per batch read ahead of the encoder (default: the encoder's batch, 64 on a "
-                                             "CPU, 256 on a GPU)", low=1)
+    batch_size: Optional[int] = option(None, "spots or tiles per batch read ahead of the encoder (default: 64 on a CPU, 256 on a "
+                                             "GPU: whole batches of the encoder's)", low=1)
     queue_depth: int = option(QUEUE_DEPTH, f"batches read ahead of the encoder (default {QUEUE_DEPTH})", low=1)
     # Whole slides only.
     um_per_px: Optional[float] = option(None, "slides: the scan's micrometres per pixel (when the file does not say)", low=0, low_open=True)
@@ -214,8 +214,9 @@ class Prefetch:
 
 
 def _encoder_batch(model) -> int:
-    """Inputs per batch: the encoder's own batch (64 on a CPU, 256 on a GPU), so that every batch is
-    whole encoder batches and the first one, which nothing hides, is read quickly."""
+    """Inputs per batch: 64 on a CPU, 256 on a GPU (ONNX Runtime's batch on a CPU; torch's, 4, divides
+    it), so that every batch is whole encoder batches and the first one, which nothing hides, is read
+    quickly."""
     from .encode import CPU_BATCH, CUDA_BATCH
 
     return CUDA_BATCH if model.device.type == "cuda" else CPU_BATCH
