@@ -265,16 +265,30 @@ def test_bad_training_input(trained, tiny):
               features=[np.zeros((25, 4)), np.zeros((24, 4))])
 
 
+#: Run under torchrun: both variants (each its own batch, then the gathered one) in one launch, the second
+#: run on the process group the first set up (a launch of two processes costs about 10 s of interpreters,
+#: torch and the backbone on 2 cores).
+DDP_RUNS = """
+import sys
+from bleep_rs.cli import main
+for out, extra in ((sys.argv[1], []), (sys.argv[2], ["--gather"])):
+    code = main(["train", *sys.argv[3:], "--out", out, *extra])
+    if code:
+        sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     """torchrun with the gloo backend: two processes, each its own batch (and the gathered variant)."""
-    for extra in ([], ["--gather"]):
-        out = tmp_path / f"ddp{len(extra)}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + len(extra) + os.getpid() % 1000),
-               "-m", "bleep_rs", "train", *TINY, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
-               "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", "--fields-of-view", "1", "--no-augment", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "2 processes" in res.stdout
+    script, outs = tmp_path / "ddp_runs.py", [tmp_path / "ddp0", tmp_path / "ddp1"]
+    script.write_text(DDP_RUNS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           str(script), *map(str, outs), *TINY, "--epochs", "2", "--batch-size", "8", "--freeze-backbone",
+           "--device", "cpu", "--n-top-genes", "16", "--patch-size", "96", "--fields-of-view", "1", "--no-augment"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("(2 processes)") >= 2, res.stdout[-3000:]
+    for out in outs:
         assert (out / "model.safetensors").exists() and (out / "config.json").exists()
