@@ -114,10 +114,10 @@ def compiled_variant(net, spec, *, bf16: bool, example):
 def openvino_variants(net, spec, threads):
     import openvino as ov
 
-    from bleep_rs.encode import _onnx_bytes, to_input
+    from bleep_rs.encode import _onnx_bytes, _onnx_path, to_input
 
     path = ROOT / ".bench" / "encode-backbone.onnx"
-    path.write_bytes(_onnx_bytes(net, spec))
+    path.write_bytes(_onnx_bytes(net, spec, _onnx_path(net, spec)))
     core, model = ov.Core(), ov.Core().read_model(str(path))
     out = {}
     for hint in ("f32", "bf16"):
@@ -137,11 +137,11 @@ def int8_variants(net, spec, threads):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import bleep_rs
-    from bleep_rs.encode import _onnx_bytes
+    from bleep_rs.encode import _onnx_bytes, _onnx_path
     from bleep_rs.normalize import to_tensor
 
     bench = ROOT / ".bench"
-    (bench / "encode-backbone.onnx").write_bytes(_onnx_bytes(net, spec))
+    (bench / "encode-backbone.onnx").write_bytes(_onnx_bytes(net, spec, _onnx_path(net, spec)))
     pre = bench / "encode-backbone-pre.onnx"
     quant_pre_process(str(bench / "encode-backbone.onnx"), str(pre))
     mob = bleep_rs.section_patches(bleep_rs.read_section(DATA / "mob" / "MOB1"), 224)
@@ -196,7 +196,7 @@ def main():
     net, spec = model.backbone, model.spec
     default = get_encoder(net, spec)
     print(f"{len(patches)} HER2ST spots; timing {len(timed)} of them, {args.rounds} rounds, {args.threads} threads; "
-          f"native bf16: {native_bf16()}; default path: {default.name}")
+          f"native bf16: {native_bf16()}; default path: {default.name} ({default.reason})")
 
     variants = {
         "float32 eager": lambda p: backbone_features(net, spec, p, precision="float32"),

@@ -3,6 +3,7 @@ torch on real HER2ST spots (the issue's rule, on 64 of them: benches/bench_encod
 with k = 50), and the encoder's contract: batches, resizing, the kept engine, bad input."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -75,8 +76,80 @@ def test_embed_images_runs_the_chosen_engine(model, her2st, float32):
     auto = model.embed_images(patches)
     assert np.allclose(auto, head(model, backbone_features(model.backbone, model.spec, patches)), atol=1e-5)
     assert np.allclose(model.embed_images(patches, precision="float32"), float32[1][:20], atol=1e-6)
-    name = get_encoder(model.backbone, model.spec).name
-    assert name == "onnxruntime float32" if HAVE_ORT else name.startswith("torch")
+    enc = get_encoder(model.backbone, model.spec)
+    if HAVE_ORT:  # the engine measured fastest for this network on this CPU, as recorded
+        assert (enc.name == "onnxruntime float32") == (recorded(model.spec)["engine"] == "onnxruntime"), enc
+        assert enc.reason.startswith("measured")
+    else:
+        assert enc.name.startswith("torch") and enc.reason.startswith("the only engine")
+
+
+def recorded(spec) -> dict:
+    """The engine choice recorded for ``spec``'s network on this CPU."""
+    import onnxruntime
+
+    from bleep_rs import encode
+
+    return json.loads((encode.cache_dir() / encode.ENGINE_CHOICES).read_text())[encode._engine_key(spec, onnxruntime.__version__)]
+
+
+@pytest.fixture
+def choices():
+    """The session's recorded engine choices, put back as they were after the test (other tests' default
+    engine follows them)."""
+    from bleep_rs import encode
+
+    path = encode.cache_dir() / encode.ENGINE_CHOICES
+    before = path.read_bytes() if path.exists() else None
+    yield path
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
+
+
+def record(spec, engine: str) -> None:
+    import onnxruntime
+
+    from bleep_rs import encode
+
+    encode._record_choice(encode._engine_key(spec, onnxruntime.__version__), engine, {})
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed")
+def test_the_default_engine_is_the_one_measured_fastest_here(model, choices, monkeypatch):
+    """Measured once per network and CPU, recorded, read back; a network recorded for torch is never
+    exported; a close race keeps ONNX Runtime (the exact float32 answer); an unreadable record is measured
+    again."""
+    from bleep_rs import encode
+
+    choices.unlink(missing_ok=True)
+    enc = get_encoder(copy.deepcopy(model.backbone), model.spec)
+    rates, cosine = recorded(model.spec)["patches_per_s"], recorded(model.spec)["torch_cosine"]
+    assert set(rates) == {"onnxruntime", "torch"} and min(rates.values()) > 0 and 0.99 < cosine <= 1 + 1e-6
+    fastest = "torch" if rates["torch"] > encode.TORCH_MARGIN * rates["onnxruntime"] and cosine >= encode.TORCH_COSINE else "onnxruntime"
+    assert recorded(model.spec)["engine"] == fastest and (enc.name == "onnxruntime float32") == (fastest == "onnxruntime")
+    assert enc.reason.startswith("measured: ") and "patches/s" in enc.reason
+    # Read back in the next build (here: another module with the same weights), not measured again.
+    monkeypatch.setattr(encode, "_rates", lambda *a, **k: pytest.fail("measured again"))
+    again = get_encoder(copy.deepcopy(model.backbone), model.spec)
+    assert (again.name, again.reason) == (enc.name, "measured (cached)")
+    # Recorded for torch: new weights of the network get no ONNX export.
+    record(model.spec, "torch")
+    other = copy.deepcopy(model.backbone)
+    with torch.no_grad():
+        other.net._conv_head.weight.mul_(1.5)
+    assert get_encoder(other, model.spec).name.startswith("torch")
+    assert not encode._onnx_path(other, model.spec).exists()
+    # The rule, on given rates and features: torch must be faster by the margin and agree with ONNX Runtime;
+    # a file that is not JSON is measured again.
+    same, off = torch.ones(4, 8), torch.ones(4, 8) + 0.2 * torch.eye(4, 8)  # cosine 1 and 0.998
+    for torch_rate, torch_out, want in ((105.0, same, "onnxruntime float32"), (120.0, off, "onnxruntime float32"), (120.0, same, "torch")):
+        choices.write_text("{not json")
+        monkeypatch.setattr(encode, "_rates", lambda encoders, spec, t=torch_rate, o=torch_out: ({"onnxruntime": 100.0, "torch": t},
+                                                                                                 {"onnxruntime": same, "torch": o}))
+        assert get_encoder(copy.deepcopy(model.backbone), model.spec).name.startswith(want)
+        assert recorded(model.spec)["engine"] == want.split()[0]
 
 
 def test_float32_is_the_backbone_itself(model, her2st):
@@ -127,7 +200,7 @@ def test_an_exported_backbone_is_reused_from_the_disk_cache(model, her2st, backb
 
 
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed")
-def test_a_cached_export_is_checked_against_torch_once_and_again_when_it_changes(model):
+def test_a_cached_export_is_checked_against_torch_once_and_again_when_it_changes(model, choices):
     """The check costs an eager torch call (2-3 s of every command's start-up): it runs when an export is
     first used, is recorded beside it, and runs again when the file is no longer the one checked."""
     import onnx
@@ -135,6 +208,7 @@ def test_a_cached_export_is_checked_against_torch_once_and_again_when_it_changes
 
     from bleep_rs.encode import _onnx_path
 
+    record(model.spec, "onnxruntime")  # the default engine tries ONNX Runtime first, on any CPU
     get_encoder(model.backbone, model.spec, engine="onnxruntime")
     path = _onnx_path(model.backbone, model.spec)
     mark = path.with_name(path.name + ".verified")

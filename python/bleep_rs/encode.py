@@ -6,10 +6,12 @@ training feature cache.
 Patches become the backbone's input here (its own mean and std, resized to its input size when they
 differ), then go through an engine, chosen once per backbone and kept while its weights stay the same:
 
-* ``precision="auto"`` on a CPU with ONNX Runtime installed (``pip install 'bleep-rs[fast]'``): the
-  backbone exported to ONNX once (cached on disk, see :func:`cache_dir`) and run in float32: the float32
-  answer, 9-10x eager torch on 2 cores (``benches/bench_encode.py``).
-* ``precision="auto"`` otherwise (and on a GPU): torch in inference mode, channels-last, bfloat16 autocast
+* ``precision="auto"`` on a CPU with ONNX Runtime installed (``pip install 'bleep-rs[fast]'``): whichever
+  of the two engines below runs the network faster on this CPU, measured on first use and recorded in the
+  cache folder (:func:`cache_dir`). ONNX Runtime: the backbone exported to ONNX once (cached there too)
+  and run in float32, the float32 answer; for EfficientNet-Lite0 on 2 cores 2.5x eager torch and 1.6x
+  torch's fast path (``benches/bench_encode.py``).
+* ``precision="auto"`` otherwise (and on a GPU): torch's fast path: inference mode, channels-last, bfloat16 autocast
   where the device computes bfloat16 natively (AVX512-BF16 or AMX; CUDA), float32 elsewhere. The
   convolutions at half the input resolution or more stay in float32: in bfloat16 their rounding,
   amplified by the layers after them, takes EfficientNet-Lite0's features on the HER2ST spots to a
@@ -25,8 +27,10 @@ import contextlib
 import copy
 import functools
 import hashlib
+import json
 import logging
 import os
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -133,13 +137,15 @@ class Encoder:
 
     def __init__(self, name: str, run: Callable[[torch.Tensor], torch.Tensor], device: torch.device, batch_size: int):
         self.name, self._run, self.device, self.batch_size = name, run, device, batch_size
+        #: How it was chosen: "asked for", "the only engine", "measured: ..." or "measured (cached)".
+        self.reason = "asked for"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self._run(x).float()
 
     def __repr__(self) -> str:
-        return f"Encoder({self.name!r} on {self.device}, batches of {self.batch_size})"
+        return f"Encoder({self.name!r} on {self.device}, batches of {self.batch_size}; {self.reason})"
 
 
 def _device(backbone: nn.Module) -> torch.device:
@@ -356,8 +362,10 @@ def _weights_token(backbone: nn.Module) -> tuple:
 
 def get_encoder(backbone: nn.Module, spec: BackboneSpec, precision: str = "auto", *, engine: Optional[str] = None) -> Encoder:
     """The engine :func:`backbone_features` uses for this backbone on its device (built on first use, kept
-    while the weights stay the same). ``engine``: force ``"onnxruntime"`` or ``"torch"`` (the fast torch
-    path) instead of choosing; ignored for ``precision="float32"``."""
+    while the weights stay the same). On a CPU, ONNX Runtime or torch's fast path, whichever runs this
+    network faster on this CPU (measured once, then read from the cache folder; ``Encoder.reason`` says
+    which); on a GPU, torch's fast path. ``engine``: force ``"onnxruntime"`` or ``"torch"`` instead of
+    choosing; ignored for ``precision="float32"``."""
     if precision not in PRECISIONS:
         raise BleepError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if engine is not None and engine not in _ENGINES:
@@ -372,15 +380,114 @@ def get_encoder(backbone: nn.Module, spec: BackboneSpec, precision: str = "auto"
         return kept[key][1]
     if precision == "float32":
         enc = _float32_reference(backbone, device)
-    elif engine == "onnxruntime" or (engine is None and device.type == "cpu"):
+        enc.reason = "precision='float32': the reference"
+    elif engine == "onnxruntime":
         enc = _onnxruntime(backbone, spec) if device.type == "cpu" else None
-        if enc is None and engine == "onnxruntime":
+        if enc is None:
             raise BleepError("the onnxruntime engine needs a CPU backbone and: pip install 'bleep-rs[fast]' (onnxruntime, onnxscript)")
-        enc = enc or _torch_fast(backbone, spec, device)
+    elif engine is None and device.type == "cpu":
+        enc = _fastest_on_this_cpu(backbone, spec)
     else:
         enc = _torch_fast(backbone, spec, device)
+        if engine is None:
+            enc.reason = f"the one engine on {device.type}"
     kept[key] = (token, enc)
     return enc
+
+
+#: The file in :func:`cache_dir` that keeps, per network and CPU, the engine measured fastest there.
+ENGINE_CHOICES = "encoder-engines.json"
+#: torch's fast path (bfloat16 where native) must beat ONNX Runtime (float32, the exact answer) by this
+#: much to be chosen, a closer race being within the measurement's noise; and agree with it on the
+#: measurement's inputs to a median cosine of at least TORCH_COSINE (the accuracy rule's bound).
+TORCH_MARGIN = 1.1
+TORCH_COSINE = 0.999
+
+
+def _fastest_on_this_cpu(backbone: nn.Module, spec: BackboneSpec) -> Encoder:
+    """ONNX Runtime or torch's fast path, whichever ran faster for this network on this CPU: read from
+    :data:`ENGINE_CHOICES`, else measured now (about a second for EfficientNet-Lite0) and recorded. Which
+    wins depends on both (2 cores, AMD EPYC, 2026-12-06: EfficientNet-Lite0 190 against 119 patches/s,
+    ONNX Runtime; a ViT-Tiny 57 against 84, torch). torch must also agree with ONNX Runtime on the
+    measurement's inputs (random ones: the accuracy rule on real patches is benches/bench_encode.py's)."""
+    cpu = torch.device("cpu")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        fast = _torch_fast(backbone, spec, cpu)
+        fast.reason = "the only engine (pip install 'bleep-rs[fast]' for ONNX Runtime)"
+        return fast
+    key = _engine_key(spec, ort.__version__)
+    known = _read_choices().get(key, {}).get("engine")
+    if known == "torch":  # no ONNX export for a network that torch runs faster here
+        fast = _torch_fast(backbone, spec, cpu)
+        fast.reason = "measured (cached)"
+        return fast
+    onnx = _onnxruntime(backbone, spec)
+    if onnx is None:  # the export failed (warned): torch does the work
+        fast = _torch_fast(backbone, spec, cpu)
+        fast.reason = "the only engine that runs this network"
+        return fast
+    if known == "onnxruntime":
+        onnx.reason = "measured (cached)"
+        return onnx
+    fast = _torch_fast(backbone, spec, cpu)
+    rates, outputs = _rates({"onnxruntime": onnx, "torch": fast}, spec)
+    cosine = _median_cosine(outputs["onnxruntime"], outputs["torch"])
+    winner = "torch" if rates["torch"] > TORCH_MARGIN * rates["onnxruntime"] and cosine >= TORCH_COSINE else "onnxruntime"
+    _record_choice(key, winner, rates, cosine)
+    enc = fast if winner == "torch" else onnx
+    enc.reason = "measured: " + ", ".join(f"{k} {v:.0f} patches/s" for k, v in rates.items()) + f", cosine {cosine:.5f}"
+    return enc
+
+
+def _engine_key(spec: BackboneSpec, ort_version: str) -> str:
+    """What makes a measured choice valid elsewhere: the network and its input size (not its weights,
+    which do not change its speed), the CPU, the threads and the versions of the engines and bleep-rs."""
+    from . import __version__, kernel_info
+
+    return (f"{spec.name} {spec.input_size} px | {kernel_info()['cpu']} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__} | onnxruntime {ort_version} | bleep-rs {__version__}")
+
+
+def _rates(encoders: dict, spec: BackboneSpec, n: int = 16, rounds: int = 2) -> tuple:
+    """Patches per second of each encoder on the same ``n`` random inputs in its own batches, after a
+    warm-up batch: the best of ``rounds`` rounds, the engines taking turns; and each one's features."""
+    x = torch.rand((n, 3, spec.input_size, spec.input_size), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for enc in encoders.values():
+        enc(x[: enc.batch_size])
+    best, outputs = dict.fromkeys(encoders, 0.0), {}
+    for _ in range(rounds):
+        for name, enc in encoders.items():
+            t = time.perf_counter()
+            outputs[name] = torch.cat([enc(x[i : i + enc.batch_size]) for i in range(0, n, enc.batch_size)])
+            best[name] = max(best[name], n / (time.perf_counter() - t))
+    return best, outputs
+
+
+def _median_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1, eps=1e-30).median())
+
+
+def _read_choices() -> dict:
+    """The recorded choices ({key: {"engine", "patches_per_s"}}); none when the file is absent or not one
+    this code wrote (then the engines are measured again)."""
+    try:
+        data = json.loads((cache_dir() / ENGINE_CHOICES).read_text())
+        return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def _record_choice(key: str, engine: str, rates: dict, cosine: Optional[float] = None) -> None:
+    """Best effort: a choice that cannot be recorded is measured again by the next process."""
+    folder = usable_cache(cache_dir(), "measured encoder engines")
+    if folder is None:
+        return
+    choices = _read_choices()
+    choices[key] = {"engine": engine, "patches_per_s": {k: round(v, 1) for k, v in rates.items()}, "torch_cosine": cosine}
+    with contextlib.suppress(OSError, BleepError):
+        _write_atomic(folder / ENGINE_CHOICES, json.dumps(choices, indent=1).encode())
 
 
 def backbone_features(
