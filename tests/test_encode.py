@@ -228,6 +228,23 @@ def test_a_cached_export_is_checked_against_torch_once_and_again_when_it_changes
     assert get_encoder(copy.deepcopy(model.backbone), model.spec).name == "onnxruntime float32"
 
 
+def test_torch_on_a_cpu_reuses_its_memory_between_batches(her2st):
+    """Each batch's activations come from the memory the last batch freed, not from fresh pages (glibc's
+    thresholds set by the encoder: without them about 3,500 page faults a patch, EfficientNet-Lite0)."""
+    import resource
+
+    from bleep_rs import encode
+
+    net, spec = create_backbone("efficientnet-lite0")
+    patches = her2st[0][:32]
+    backbone_features(net, spec, patches[:8], engine="torch")  # builds the engine; the first batches
+    if not encode._keep_torch_memory():
+        pytest.skip("not glibc, or the malloc thresholds are the user's (MALLOC_*_ or GLIBC_TUNABLES)")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    backbone_features(net, spec, patches, engine="torch")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2_000
+
+
 def test_the_reference_path_leaves_the_module_as_it_was(model, her2st):
     net = copy.deepcopy(model.backbone).train()
     backbone_features(net, model.spec, her2st[0][:2], precision="float32")
