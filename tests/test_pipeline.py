@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 
 import bleep_rs
 from bleep_rs import BleepError
+from bleep_rs.encode import get_encoder
 from bleep_rs.inputs import InputSpec
 from bleep_rs.predict import embed_batches, predict_section, predict_slide, predict_slides, read_prediction, slide_grid
 from bleep_rs.sections import section_patches
@@ -295,5 +296,6 @@ def test_a_long_input_is_announced_with_its_estimate(trained, monkeypatch, capsy
     lines = [line for line in capsys.readouterr().err.splitlines() if "backbone passes" in line]
     assert len(lines) == 1 and f"({section.n_obs:,} spots): 8 backbone passes each (2 fields x 4 views)" in lines[0]
     assert "tta_views=1 would take" in lines[0]
+    assert f"of encoding here ({get_encoder(model.backbone, model.spec).name})" in lines[0]  # the engine
     predict_section(model, ref, section, batch_size=8, progress=False)  # no progress bars: no line either
     assert "backbone passes" not in capsys.readouterr().err

@@ -311,15 +311,21 @@ def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, sec
         seconds["read"] += read_s
         if bar is not None:
             if s == 0 and len(x) < n and (estimate := seconds["encode"] / len(x) * n) > ESTIMATE_AFTER_S:
-                bar.write(_estimate_line(model, what, estimate, encoding["tta_views"]), file=sys.stderr)  # beside the bar
+                bar.write(_estimate_line(model, what, estimate, encoding), file=sys.stderr)  # beside the bar
             bar.update(len(x))
     return out
 
 
-def _estimate_line(model, what: str, seconds: float, views: int) -> str:
-    """What a long input will cost, and the cheaper choice (docs/benchmarks.md: the cost per tile)."""
+def _estimate_line(model, what: str, seconds: float, encoding: dict) -> str:
+    """What a long input will cost, on which engine, and the cheaper choice (docs/benchmarks.md: the cost
+    per tile)."""
+    from .encode import get_encoder
+
+    views = encoding["tta_views"]
     passes = (model.n_fields if model.spec.takes_images else 0) * views
     line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views), about {seconds / 60:.0f} min of encoding here"
+    if model.spec.takes_images:
+        line += f" ({get_encoder(model.backbone, model.spec, encoding['precision']).name})"
     if views > 1:
         line += f"; tta_views=1 would take about {seconds / views / 60:.0f} min, a little less accurate"
     return line
