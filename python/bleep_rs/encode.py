@@ -6,13 +6,12 @@ training feature cache.
 Patches become the backbone's input here (its own mean and std, resized to its input size when they
 differ), then go through an engine, chosen once per backbone and kept while its weights stay the same:
 
-* ``precision="auto"`` on a CPU with ONNX Runtime installed (``pip install 'bleep-rs[fast]'``): whichever
-  of the two engines below runs the network faster on this CPU, measured on first use and recorded in the
-  cache folder (:func:`cache_dir`). ONNX Runtime: the backbone exported to ONNX once (cached there too)
-  and run in float32, the float32 answer; for EfficientNet-Lite0 on 2 cores 2.5x eager torch and 1.6x
-  torch's fast path (``benches/bench_encode.py``).
-* ``precision="auto"`` otherwise (and on a GPU): torch's fast path: inference mode, channels-last, bfloat16 autocast
-  where the device computes bfloat16 natively (AVX512-BF16 or AMX; CUDA), float32 elsewhere. The
+* ``precision="auto"`` on a CPU with ONNX Runtime installed (``pip install 'bleep-rs[fast]'``): ONNX
+  Runtime (the backbone exported to ONNX once, cached in :func:`cache_dir`) or torch channels-last, both
+  in float32 (the float32 answer), whichever runs the network faster on this CPU: measured on first use
+  and recorded in the cache folder (the speeds: docs/benchmarks.md, "The image encoder").
+* ``precision="auto"`` otherwise (and on a GPU): torch's fast path: inference mode, channels-last,
+  bfloat16 autocast where the device computes bfloat16 natively (AVX512-BF16 or AMX; CUDA), float32 elsewhere. The
   convolutions at half the input resolution or more stay in float32: in bfloat16 their rounding,
   amplified by the layers after them, takes EfficientNet-Lite0's features on the HER2ST spots to a
   median cosine of 0.9989 and 94.9 % shared top-50 neighbours (below the rule); in float32, 0.9996 and
@@ -30,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -138,7 +138,8 @@ class Encoder:
 
     def __init__(self, name: str, run: Callable[[torch.Tensor], torch.Tensor], device: torch.device, batch_size: int):
         self.name, self._run, self.device, self.batch_size = name, run, device, batch_size
-        #: How it was chosen: "asked for", "the only engine", "measured: ..." or "measured (cached)".
+        #: How it was chosen: "asked for" (``engine=``), "precision='float32': the reference", "measured:
+        #: <rates>", "measured (cached)", "the one engine on <device>", or why the only engine left ran.
         self.reason = "asked for"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,8 @@ def _keep_torch_memory() -> bool:
     one's memory instead of mapping and faulting in fresh pages (glibc's own thresholds move with what was
     freed and trimmed the heap between batches: EfficientNet-Lite0 at 4 a batch, 224-672 px patches, 70
     patches/s and 3,500 page faults a patch before, 117 and none after; 2 cores, AMD EPYC, 2026-12-06).
-    Left alone where the user set either (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) or another C
+    Process-wide, set the first time torch runs a backbone on a CPU; left alone where the user set
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or any ``GLIBC_TUNABLES``, or where another C
     library runs. Returns whether it was set."""
     import ctypes
     import platform
@@ -233,12 +235,13 @@ def _keep_high_resolution_float32(net: nn.Module, size: int, device: torch.devic
     return len(wide)
 
 
-def _torch_fast(backbone: nn.Module, spec: BackboneSpec, device: torch.device) -> Encoder:
-    """Channels-last, bfloat16 autocast where native (the high-resolution convolutions in float32)."""
+def _torch_fast(backbone: nn.Module, spec: BackboneSpec, device: torch.device, *, bf16: bool = True) -> Encoder:
+    """Channels-last; bfloat16 autocast where native (the high-resolution convolutions in float32) unless
+    ``bf16=False``."""
     if device.type == "cpu":
         _keep_torch_memory()
     net = copy.deepcopy(backbone).eval()
-    bf16 = native_bf16(device) and device.type in ("cpu", "cuda")
+    bf16 = bf16 and native_bf16(device) and device.type in ("cpu", "cuda")
     if bf16:
         _keep_high_resolution_float32(net, spec.input_size, device)
     net = net.to(memory_format=torch.channels_last)
@@ -302,11 +305,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+#: torch.export is not thread-safe: two threads exporting at once failed ("Trying to pop empty mode stack").
+_EXPORTING = threading.Lock()
+
+
 def _onnx_bytes(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
     """The backbone as an ONNX model (batch dimension free), from ``path`` or exported now (10-20 s on 2
-    cores) and cached there."""
+    cores, one thread at a time) and cached there."""
     if path.exists():
         return path.read_bytes()
+    with _EXPORTING:
+        if path.exists():  # exported by the thread that held the lock
+            return path.read_bytes()
+        return _export(backbone, spec, path)
+
+
+def _export(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
     net = copy.deepcopy(backbone).cpu().float().eval()
     x = torch.zeros(2, 3, spec.input_size, spec.input_size)
     quiet = logging.getLogger("torch.onnx")
@@ -391,10 +405,10 @@ def _weights_token(backbone: nn.Module) -> tuple:
 
 def get_encoder(backbone: nn.Module, spec: BackboneSpec, precision: str = "auto", *, engine: Optional[str] = None) -> Encoder:
     """The engine :func:`backbone_features` uses for this backbone on its device (built on first use, kept
-    while the weights stay the same). On a CPU, ONNX Runtime or torch's fast path, whichever runs this
+    while the weights stay the same). On a CPU, ONNX Runtime or torch, both float32, whichever runs this
     network faster on this CPU (measured once, then read from the cache folder; ``Encoder.reason`` says
-    which); on a GPU, torch's fast path. ``engine``: force ``"onnxruntime"`` or ``"torch"`` instead of
-    choosing; ignored for ``precision="float32"``."""
+    how it was chosen); on a GPU, torch's fast path. ``engine``: force ``"onnxruntime"`` or ``"torch"``
+    (the fast path, bfloat16 where native) instead of choosing; ignored for ``precision="float32"``."""
     if precision not in PRECISIONS:
         raise BleepError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if engine is not None and engine not in _ENGINES:
@@ -426,47 +440,55 @@ def get_encoder(backbone: nn.Module, spec: BackboneSpec, precision: str = "auto"
 
 #: The file in :func:`cache_dir` that keeps, per network and CPU, the engine measured fastest there.
 ENGINE_CHOICES = "encoder-engines.json"
-#: torch's fast path (bfloat16 where native) must beat ONNX Runtime (float32, the exact answer) by this
-#: much to be chosen, a closer race being within the measurement's noise; and agree with it on the
-#: measurement's inputs to a median cosine of at least TORCH_COSINE (the accuracy rule's bound).
+#: torch must beat ONNX Runtime by this much to be chosen: a closer race is within the measurement's noise.
 TORCH_MARGIN = 1.1
-TORCH_COSINE = 0.999
 
 
 def _fastest_on_this_cpu(backbone: nn.Module, spec: BackboneSpec) -> Encoder:
-    """ONNX Runtime or torch's fast path, whichever ran faster for this network on this CPU: read from
-    :data:`ENGINE_CHOICES`, else measured now (about a second for EfficientNet-Lite0) and recorded. Which
-    wins depends on both (2 cores, AMD EPYC, 2026-12-06: EfficientNet-Lite0 190 against 119 patches/s,
-    ONNX Runtime; a ViT-Tiny 57 against 84, torch). torch must also agree with ONNX Runtime on the
-    measurement's inputs (random ones: the accuracy rule on real patches is benches/bench_encode.py's)."""
+    """ONNX Runtime or torch, both in float32 (the exact answer), whichever ran this network faster on
+    this CPU: read from :data:`ENGINE_CHOICES`, else measured now and recorded (a second or two for
+    EfficientNet-Lite0; tens of seconds for a large ViT on 2 cores). torch runs channels-last here, without
+    the bfloat16 of its fast path: bfloat16's agreement with float32 depends on the network and is
+    measured on real patches (benches/bench_encode.py) only for EfficientNet-Lite0, where ONNX Runtime
+    is faster anyway. Processes sharing a cache folder measure one at a time and take the first record."""
     cpu = torch.device("cpu")
     try:
         import onnxruntime as ort
     except ImportError:
-        fast = _torch_fast(backbone, spec, cpu)
-        fast.reason = "the only engine (pip install 'bleep-rs[fast]' for ONNX Runtime)"
-        return fast
+        return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine (pip install 'bleep-rs[fast]' for ONNX Runtime)")
     key = _engine_key(spec, ort.__version__)
     known = _read_choices().get(key, {}).get("engine")
+    if known is None:
+        with _measuring_alone():
+            known = _read_choices().get(key, {}).get("engine")  # recorded by another process meanwhile
+            if known is None:
+                return _measure_and_record(backbone, spec, key)
     if known == "torch":  # no ONNX export for a network that torch runs faster here
-        fast = _torch_fast(backbone, spec, cpu)
-        fast.reason = "measured (cached)"
-        return fast
+        return _reasoned(_torch_fast(backbone, spec, cpu, bf16=False), "measured (cached)")
     onnx = _onnxruntime(backbone, spec)
     if onnx is None:  # the export failed (warned): torch does the work
-        fast = _torch_fast(backbone, spec, cpu)
-        fast.reason = "the only engine that runs this network"
-        return fast
-    if known == "onnxruntime":
-        onnx.reason = "measured (cached)"
-        return onnx
-    fast = _torch_fast(backbone, spec, cpu)
-    rates, outputs = _rates({"onnxruntime": onnx, "torch": fast}, spec)
-    cosine = _median_cosine(outputs["onnxruntime"], outputs["torch"])
-    winner = "torch" if rates["torch"] > TORCH_MARGIN * rates["onnxruntime"] and cosine >= TORCH_COSINE else "onnxruntime"
-    _record_choice(key, winner, rates, cosine)
-    enc = fast if winner == "torch" else onnx
-    enc.reason = "measured: " + ", ".join(f"{k} {v:.0f} patches/s" for k, v in rates.items()) + f", cosine {cosine:.5f}"
+        return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine that runs this network")
+    return _reasoned(onnx, "measured (cached)")
+
+
+def _measure_and_record(backbone: nn.Module, spec: BackboneSpec, key: str) -> Encoder:
+    cpu = torch.device("cpu")
+    onnx = _onnxruntime(backbone, spec)
+    if onnx is None:  # the export failed (warned): nothing to measure against, nothing recorded
+        return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine that runs this network")
+    try:
+        exact = _torch_fast(backbone, spec, cpu, bf16=False)
+        rates = _rates({"onnxruntime": onnx, "torch": exact}, spec)
+    except Exception as e:  # torch failing where ONNX Runtime runs: ONNX Runtime it is
+        _record_choice(key, "onnxruntime", {"onnxruntime": 0.0, "torch": 0.0})
+        return _reasoned(onnx, f"torch failed when measured ({type(e).__name__}: {e})")
+    winner = "torch" if rates["torch"] > TORCH_MARGIN * rates["onnxruntime"] else "onnxruntime"
+    _record_choice(key, winner, rates)
+    return _reasoned(exact if winner == "torch" else onnx, "measured: " + ", ".join(f"{k} {v:.0f} patches/s" for k, v in rates.items()))
+
+
+def _reasoned(enc: Encoder, reason: str) -> Encoder:
+    enc.reason = reason
     return enc
 
 
@@ -479,42 +501,78 @@ def _engine_key(spec: BackboneSpec, ort_version: str) -> str:
             f"torch {torch.__version__} | onnxruntime {ort_version} | bleep-rs {__version__}")
 
 
-def _rates(encoders: dict, spec: BackboneSpec, n: int = 16, rounds: int = 2) -> tuple:
+def _rates(encoders: dict, spec: BackboneSpec, n: int = 16, rounds: int = 3) -> dict:
     """Patches per second of each encoder on the same ``n`` random inputs in its own batches, after a
-    warm-up batch: the best of ``rounds`` rounds, the engines taking turns; and each one's features."""
+    warm-up batch: the best of ``rounds`` rounds, the engines taking turns."""
     x = torch.rand((n, 3, spec.input_size, spec.input_size), generator=torch.Generator().manual_seed(0)) * 2 - 1
     for enc in encoders.values():
         enc(x[: enc.batch_size])
-    best, outputs = dict.fromkeys(encoders, 0.0), {}
+    best = dict.fromkeys(encoders, 0.0)
     for _ in range(rounds):
         for name, enc in encoders.items():
             t = time.perf_counter()
-            outputs[name] = torch.cat([enc(x[i : i + enc.batch_size]) for i in range(0, n, enc.batch_size)])
+            for i in range(0, n, enc.batch_size):
+                enc(x[i : i + enc.batch_size])
             best[name] = max(best[name], n / (time.perf_counter() - t))
-    return best, outputs
+    return best
 
 
-def _median_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1, eps=1e-30).median())
+#: Seconds a process waits for another one's measurement before measuring on its own.
+MEASURE_WAIT_S = 300.0
+
+
+@contextlib.contextmanager
+def _measuring_alone():
+    """Holds ``.encoder-engines.lock`` in the cache folder (``flock``: released when the holder ends,
+    however it ends), so that processes sharing the folder (Dask workers) measure one at a time and the
+    later ones read the first one's record; after MEASURE_WAIT_S, or where no lock can be made, without it."""
+    fd = None
+    with contextlib.suppress(OSError, ImportError):
+        import fcntl
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir() / ".encoder-engines.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + MEASURE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    fd = None
+                    break
+                time.sleep(0.1)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_choices() -> dict:
-    """The recorded choices ({key: {"engine", "patches_per_s"}}); none when the file is absent or not one
-    this code wrote (then the engines are measured again)."""
+    """The recorded choices ({key: {"engine", "patches_per_s"}}); none when the file is absent, not a
+    regular file of at most 1 MB, or not one this code wrote (then the engines are measured again)."""
+    import stat
+
+    path = cache_dir() / ENGINE_CHOICES
     try:
-        data = json.loads((cache_dir() / ENGINE_CHOICES).read_text())
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:  # a FIFO would block, a huge file fill memory
+            return {}
+        data = json.loads(path.read_text())
         return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
     except (OSError, ValueError, RecursionError):
         return {}
 
 
-def _record_choice(key: str, engine: str, rates: dict, cosine: Optional[float] = None) -> None:
+def _record_choice(key: str, engine: str, rates: dict) -> None:
     """Best effort: a choice that cannot be recorded is measured again by the next process."""
     folder = usable_cache(cache_dir(), "measured encoder engines")
     if folder is None:
         return
     choices = _read_choices()
-    choices[key] = {"engine": engine, "patches_per_s": {k: round(v, 1) for k, v in rates.items()}, "torch_cosine": cosine}
+    choices[key] = {"engine": engine, "patches_per_s": {k: round(v, 1) for k, v in rates.items()}}
     with contextlib.suppress(OSError, BleepError):
         _write_atomic(folder / ENGINE_CHOICES, json.dumps(choices, indent=1).encode())
 
