@@ -498,7 +498,7 @@ def _engine_key(spec: BackboneSpec, ort_version: str) -> str:
     from . import __version__, kernel_info
 
     return (f"{spec.name} {spec.input_size} px | {kernel_info()['cpu']} | {torch.get_num_threads()} threads | "
-            f"torch {torch.__version__} | onnxruntime {ort_version} | bleep-rs {__version__}")
+            f"torch {torch.__version__} | onnxruntime {ort_version} | bleep-rs {__version__} | float32 engines")
 
 
 def _rates(encoders: dict, spec: BackboneSpec, n: int = 16, rounds: int = 3) -> dict:
