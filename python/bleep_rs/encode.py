@@ -337,7 +337,7 @@ def _export(backbone: nn.Module, spec: BackboneSpec, path: Path) -> bytes:
     try:
         _write_atomic(path, data)
     except (OSError, BleepError) as e:
-        warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time", stacklevel=2)
+        warnings.warn(f"cannot cache the exported backbone in {path.parent} ({e}): it is exported again next time", stacklevel=3)
     return data
 
 
