@@ -458,24 +458,22 @@ def _fastest_on_this_cpu(backbone: nn.Module, spec: BackboneSpec) -> Encoder:
         return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine (pip install 'bleep-rs[fast]' for ONNX Runtime)")
     key = _engine_key(spec, ort.__version__)
     known = _read_choices().get(key, {}).get("engine")
-    if known is None:
-        with _measuring_alone():
+    with _measuring_alone() if known is None else contextlib.nullcontext():
+        if known is None:
             known = _read_choices().get(key, {}).get("engine")  # recorded by another process meanwhile
-            if known is None:
-                return _measure_and_record(backbone, spec, key)
-    if known == "torch":  # no ONNX export for a network that torch runs faster here
-        return _reasoned(_torch_fast(backbone, spec, cpu, bf16=False), "measured (cached)")
-    onnx = _onnxruntime(backbone, spec)
-    if onnx is None:  # the export failed (warned): torch does the work
-        return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine that runs this network")
-    return _reasoned(onnx, "measured (cached)")
+        if known == "torch":  # no ONNX export for a network that torch runs faster here
+            return _reasoned(_torch_fast(backbone, spec, cpu, bf16=False), "measured (cached)")
+        onnx = _onnxruntime(backbone, spec)
+        if onnx is None:  # the export failed (warned): torch does the work, nothing is recorded
+            return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine that runs this network")
+        if known is not None:
+            return _reasoned(onnx, "measured (cached)")
+        return _measure_and_record(onnx, backbone, spec, key)
 
 
-def _measure_and_record(backbone: nn.Module, spec: BackboneSpec, key: str) -> Encoder:
+def _measure_and_record(onnx: Encoder, backbone: nn.Module, spec: BackboneSpec, key: str) -> Encoder:
+    """ONNX Runtime (``onnx``, built) against torch float32 channels-last, timed and recorded under ``key``."""
     cpu = torch.device("cpu")
-    onnx = _onnxruntime(backbone, spec)
-    if onnx is None:  # the export failed (warned): nothing to measure against, nothing recorded
-        return _reasoned(_torch_fast(backbone, spec, cpu), "the only engine that runs this network")
     try:
         exact = _torch_fast(backbone, spec, cpu, bf16=False)
         rates = _rates({"onnxruntime": onnx, "torch": exact}, spec)
