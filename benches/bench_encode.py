@@ -111,14 +111,21 @@ def compiled_variant(net, spec, *, bf16: bool, example):
     return batched(fn, TORCH_CPU_BATCH), time.perf_counter() - t
 
 
-def openvino_variants(net, spec, threads):
-    import openvino as ov
-
-    from bleep_rs.encode import _onnx_bytes, _onnx_path, to_input
+def exported(net, spec) -> Path:
+    """bleep-rs's ONNX export of the backbone (its cached one), written where the other runtimes read it."""
+    from bleep_rs.encode import _onnx_bytes, _onnx_path
 
     path = ROOT / ".bench" / "encode-backbone.onnx"
     path.write_bytes(_onnx_bytes(net, spec, _onnx_path(net, spec)))
-    core, model = ov.Core(), ov.Core().read_model(str(path))
+    return path
+
+
+def openvino_variants(net, spec, threads):
+    import openvino as ov
+
+    from bleep_rs.encode import to_input
+
+    core, model = ov.Core(), ov.Core().read_model(str(exported(net, spec)))
     out = {}
     for hint in ("f32", "bf16"):
         request = core.compile_model(
@@ -137,17 +144,15 @@ def int8_variants(net, spec, threads):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import bleep_rs
-    from bleep_rs.encode import _onnx_bytes, _onnx_path
     from bleep_rs.normalize import to_tensor
 
     bench = ROOT / ".bench"
-    (bench / "encode-backbone.onnx").write_bytes(_onnx_bytes(net, spec, _onnx_path(net, spec)))
     pre = bench / "encode-backbone-pre.onnx"
-    quant_pre_process(str(bench / "encode-backbone.onnx"), str(pre))
+    quant_pre_process(str(exported(net, spec)), str(pre))
     mob = bleep_rs.section_patches(bleep_rs.read_section(DATA / "mob" / "MOB1"), 224)
     calib = mob[np.random.default_rng(0).choice(len(mob), min(256, len(mob)), replace=False)]
-    name = onnx.load(str(pre)).graph.input[0].name
-    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+    graph = onnx.load(str(pre)).graph
+    name, convs = graph.input[0].name, [n.name for n in graph.node if n.op_type == "Conv"]
 
     class Calibration(CalibrationDataReader):
         def __init__(self):
