@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BLEEP_RS_DATA", ROOT.parent / "shared" / "data"))
 SECTIONS = ["C2", "C3", "C4", "B4"]
 BATCH = 64  # ONNX Runtime's and OpenVINO's batch
+
+
+def installed(name: str) -> str:
+    """The installed version of a peer package, or "not installed"."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def load():
@@ -200,6 +209,8 @@ def main():
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=bleep_rs.InputSpec(fields_of_view=(1.0,), tta=False))).eval()
     net, spec = model.backbone, model.spec
     default = get_encoder(net, spec)
+    print(f"CPU: {bleep_rs.kernel_info()['cpu']}; torch {torch.__version__}, onnxruntime {installed('onnxruntime')}, "
+          f"openvino {installed('openvino')}")
     print(f"{len(patches)} HER2ST spots; timing {len(timed)} of them, {args.rounds} rounds, {args.threads} threads; "
           f"native bf16: {native_bf16()}; default path: {default.name} ({default.reason})")
 
