@@ -101,9 +101,9 @@ def train_and_score(work: Path, sections, held, seeds, finetune_epochs: int, dev
 
 
 def slide_tiles(model, path: Path):
-    from bleep_rs.predict import _open_slide
+    from bleep_rs.predict import PredictConfig, _open_slide
 
-    _, n, read = _open_slide(model, path, um_per_px=UM_PER_PX, min_tissue=0.5, bin_um=None, hd_run=None)
+    _, n, read = _open_slide(model, path, PredictConfig(um_per_px=UM_PER_PX, min_tissue=0.5), hd_run=None)
     return read(slice(0, n))
 
 
