@@ -294,7 +294,7 @@ def test_a_long_input_is_announced_with_its_estimate(trained, monkeypatch, capsy
     monkeypatch.setattr(predict, "ESTIMATE_AFTER_S", 0.0)
     predict_section(model, ref, section, batch_size=8, tta_views=4)
     lines = [line for line in capsys.readouterr().err.splitlines() if "backbone passes" in line]
-    assert len(lines) == 1 and f"({section.n_obs:,} spots): 8 backbone passes each (2 fields x 4 views)" in lines[0]
+    assert len(lines) == 1 and f"({section.n_obs:,} spots): 8 backbone passes each (2 fields x 4 views, the wider fields at 112 px)" in lines[0]
     assert "tta_views=1 would take" in lines[0]
     assert f"of encoding here ({get_encoder(model.backbone, model.spec).name})" in lines[0]  # the engine
     predict_section(model, ref, section, batch_size=8, progress=False)  # no progress bars: no line either

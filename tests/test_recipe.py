@@ -65,6 +65,49 @@ def test_fields_of_view_are_wider_crops_around_the_same_centre(tiny):
             section_patches(s, 64, fields=bad)
 
 
+def test_the_wider_fields_run_at_their_own_size(model, tiny, tmp_path):
+    """EfficientNet-Lite0's wider fields of view go through the backbone at 112 px (its measured default),
+    field 1 at 224: inference and fine-tuning compute the same features, the feature cache keeps the sizes
+    apart, a model of format 3 runs every field at 224 as it did, and a backbone that cannot take the size
+    is refused when the model is made."""
+    import dataclasses
+
+    from bleep_rs.encode import backbone_features
+    from bleep_rs.model import load_model, save_model
+
+    assert model.config.input.wide_fields_px == 112 and [(g, s.input_size) for g, s in model.field_groups()] == [([0], 224), ([1], 112)]
+    p = section_patches(tiny[0], 64, fields=(1, 2))[:5]
+    got = model.features(p, views=(0, 5), precision="float32")
+    for i, v in enumerate((0, 5)):
+        for field, size in ((0, 224), (1, 112)):
+            spec = dataclasses.replace(model.spec, input_size=size)
+            want = backbone_features(model.backbone, spec, dihedral_view(p, v)[:, field], precision="float32")
+            want /= np.linalg.norm(want, axis=1, keepdims=True)
+            assert np.allclose(got[i, :, field * 1280 : (field + 1) * 1280], want, atol=1e-5)
+    with torch.no_grad():  # the fine-tuning path
+        assert np.allclose(model.image_features(model.prepare_images(p)).numpy(), got[0], atol=1e-5)
+    same = BleepModel(ModelConfig(panel=model.config.panel, input=model.config.input.replace(wide_fields_px=0))).eval()
+    full = same.features(p, precision="float32")
+    assert np.allclose(full[0, :, :1280], got[0, :, :1280], atol=1e-5) and not np.allclose(full[0, :, 1280:], got[0, :, 1280:], atol=1e-3)
+    cfg = TrainConfig(input=InputSpec(patch_size=64, fields_of_view=(1.0, 2.0)))
+    assert feature_cache_key(model, tiny[0], cfg, 1.38, 8) != feature_cache_key(same, tiny[0], cfg, 1.38, 8)
+
+    save_model(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 4 and config["input"]["wide_fields_px"] == 112
+    config["format_version"] = 3  # as saved before the size was recorded
+    del config["input"]["wide_fields_px"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    old = load_model(tmp_path / "m")
+    assert old.config.input.wide_fields_px == 0 and np.allclose(old.features(p, precision="float32"), full, atol=1e-5)
+
+    pytest.importorskip("timm")
+    with pytest.raises(BleepError, match=r"does not take 112 px inputs.*--wide-fields-px 0"):
+        BleepModel(ModelConfig(panel=model.config.panel, backbone="timm:vit_tiny_patch16_224", input=InputSpec(wide_fields_px=112)), random_init=True)
+    vit = BleepModel(ModelConfig(panel=model.config.panel, backbone="timm:vit_tiny_patch16_224"), random_init=True)
+    assert vit.config.input.wide_fields_px == 0 and len(vit.field_groups()) == 1  # not measured there: its own size
+
+
 def test_tta_is_the_mean_of_the_eight_views(model, tiny):
     p = section_patches(tiny[0], 64, fields=model.config.input.fields_of_view)[:6]
     tta = model.embed_images(p, tta=True)

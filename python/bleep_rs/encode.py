@@ -416,7 +416,7 @@ def get_encoder(backbone: nn.Module, spec: BackboneSpec, precision: str = "auto"
     if not spec.takes_images:
         raise BleepError(f"the {spec.name} backbone takes precomputed features, not patches")
     device = _device(backbone)
-    key = (precision, engine or "", str(device))
+    key = (precision, engine or "", str(device), spec.input_size)  # the wider fields of view run at their own size
     kept = _KEPT.setdefault(backbone, {})
     token = _weights_token(backbone)
     if key in kept and kept[key][0] == token:

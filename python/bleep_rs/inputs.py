@@ -1,7 +1,8 @@
 """The input recipe: what the image encoder sees of each spot.
 
 One frozen dataclass, checked once where it is made: the patch's side and resolution, the fields of view
-around the spot, the views averaged at prediction, the stain normalisation. Training takes it whole
+around the spot and the size the wider ones go through the backbone at, the views averaged at prediction, the
+stain normalisation. Training takes it whole
 (``TrainConfig.input``), the model carries it (``model.config.input``, config.json's ``"input"``), and
 prediction reads every section and slide by it::
 
@@ -40,6 +41,11 @@ class InputSpec:
     fields_of_view: Tuple[float, ...] = option((1.0, 2.0, 3.0), "fields of view around each spot, distinct multiples of the patch's "
                                                                 "side, each through the backbone (default 1 2 3)",
                                                low=1, high=64, check=_distinct)
+    wide_fields_px: Optional[int] = option(None, "input side in pixels at which the fields of view wider than 1 go through the backbone "
+                                                 "(downsampled from their patch): default the backbone's measured choice (112 for "
+                                                 "efficientnet-lite0, a third of the cost, as accurate; the others: their input size); "
+                                                 "0: the backbone's input size, as field 1 (recorded in the model)",
+                                           low=0, high=4096, metavar="PX")
     tta: bool = option(True, "predict from the mean of the 8 dihedral views' embeddings (recorded in the model)")
     stain: str = option("none", "macenko: every patch Macenko-normalised to one reference stain before the backbone, in training "
                                 "and prediction (recorded in the model); helps HER2ST across patients, hurts MOB (docs/benchmarks.md)",

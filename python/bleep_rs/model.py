@@ -33,10 +33,17 @@ from .reference import DEFAULT_K, DEFAULT_METHOD
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
            "MODEL_FORMAT_VERSION"]
 
-#: 3: the input recipe as one object, "input" (2: its fields at the top level; 1: features not normalised).
-MODEL_FORMAT_VERSION = 3
+#: 4: the wider fields' input side recorded ("wide_fields_px"; 3 and before: every field at the backbone's
+#: input size); 3: the input recipe as one object, "input" (2: its fields at the top level; 1: features not
+#: normalised).
+MODEL_FORMAT_VERSION = 4
 #: What a config.json of format 1 or 2 meant by an input field it leaves out (those versions' defaults).
-_LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "tta": False, "stain": "none"}
+_LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "wide_fields_px": 0, "tta": False, "stain": "none"}
+
+
+def _fields(patches: np.ndarray, idx: List[int]) -> np.ndarray:
+    """patches[:, idx], a view when the fields are consecutive."""
+    return patches[:, idx[0] : idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else patches[:, idx]
 
 
 class ProjectionHead(nn.Module):
@@ -112,9 +119,12 @@ class ModelConfig:
             if "input" in d:
                 raise BleepError(f"{where}: config.json of format {version} has an \"input\" object (format 3's): the file is damaged")
             d["input"] = {k: d.pop(k, default) for k, default in _LEGACY_INPUT.items()}
-            d["format_version"] = MODEL_FORMAT_VERSION  # what it is now (saved again, it is format 3)
         elif "input" not in d:
             raise BleepError(f"{where}: config.json: missing keys ['input']: the file is damaged or not from this version of bleep-rs")
+        elif isinstance(version, int) and version == 3 and isinstance(d["input"], dict):
+            d["input"].setdefault("wide_fields_px", 0)  # format 3 ran every field at the backbone's input size
+        if isinstance(version, int) and version < MODEL_FORMAT_VERSION:
+            d["format_version"] = MODEL_FORMAT_VERSION  # what it is now (saved again, it is the current format)
         _check_fields(cls, d, f"{where}: config.json")
         _check_fields(Panel, d["panel"], f"{where}: config.json's panel")
         _check_fields(InputSpec, d["input"], f"{where}: config.json's input", every=True)
@@ -200,6 +210,9 @@ class BleepModel(nn.Module):
             raise BleepError(f"model config: {problem}")
         if not self.spec.takes_images and len(config.input.fields_of_view) != 1:
             raise BleepError(f"backbone {config.backbone} takes precomputed features: it has one field of view, not {list(config.input.fields_of_view)}")
+        if config.input.wide_fields_px is None:  # the backbone's measured choice, recorded in the model
+            config.input = config.input.replace(wide_fields_px=self.spec.wide_fields_px)
+        self._check_wide_fields()
         self.image_head = ProjectionHead(self.feature_dim, config.embedding_dim, config.dropout)
         self.expression_head = ProjectionHead(len(config.panel.genes), config.embedding_dim, config.dropout)
         # CLIP's learnable temperature, log(1 / 0.07); unused by the BLEEP loss.
@@ -208,6 +221,37 @@ class BleepModel(nn.Module):
     @property
     def n_fields(self) -> int:
         return len(self.config.input.fields_of_view)
+
+    def field_groups(self) -> List[tuple]:
+        """(field indices, backbone spec) of the fields that go through the backbone at one input size: the
+        fields of view of 1 at the backbone's own size, the wider ones at ``input.wide_fields_px`` (when
+        set). One group when every field runs at the same size."""
+        fields, px = self.config.input.fields_of_view, self.config.input.wide_fields_px
+        narrow = [i for i, f in enumerate(fields) if f <= 1.0]
+        if not px or px == self.spec.input_size or not self.spec.takes_images or len(narrow) == len(fields):
+            return [(list(range(len(fields))), self.spec)]
+        wide = [i for i, f in enumerate(fields) if f > 1.0]
+        return ([(narrow, self.spec)] if narrow else []) + [(wide, dataclasses.replace(self.spec, input_size=int(px)))]
+
+    @property
+    def wide_fields_px(self) -> int:
+        """The input side the wider fields of view run at when it is not the backbone's, else 0."""
+        return next((spec.input_size for _, spec in self.field_groups() if spec is not self.spec), 0)
+
+    def _check_wide_fields(self) -> None:
+        """The backbone takes the wider fields' input side (a ViT may take only its own): one image tried."""
+        px = self.wide_fields_px
+        if not px:
+            return
+        mode = self.backbone.training
+        try:
+            with torch.no_grad():
+                self.backbone.eval()(torch.zeros(1, 3, px, px))
+        except Exception as e:  # any failure of a foreign network at this size means the same
+            raise BleepError(f"backbone {self.config.backbone} does not take {px} px inputs for the wider fields of view ({type(e).__name__}: "
+                             f"{e}): set wide_fields_px to 0 (--wide-fields-px 0) to run them at its input size, {self.spec.input_size} px") from e
+        finally:
+            self.backbone.train(mode)
 
     @property
     def feature_dim(self) -> int:
@@ -221,9 +265,20 @@ class BleepModel(nn.Module):
         return f.flatten(1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Fused features of a normalised image batch (B, fields, 3, H, W); the backbone sees every field."""
+        """Fused features of a normalised image batch (B, fields, 3, H, W); the backbone sees every field,
+        each group resized (bilinear, antialiased) to the size it runs at (:meth:`field_groups`), as
+        :meth:`features` does."""
+        from .encode import _resize
+
         b, nf = images.shape[:2]
-        return self.fuse(self.backbone(images.flatten(0, 1)).view(b, nf, -1))
+        groups = self.field_groups()
+        if len(groups) == 1:
+            return self.fuse(self.backbone(_resize(images.flatten(0, 1), groups[0][1].input_size)).view(b, nf, -1))
+        f = torch.empty((b, nf, self.spec.feature_dim), dtype=images.dtype, device=images.device)
+        for idx, spec in groups:
+            x = _resize(images[:, idx].flatten(0, 1), spec.input_size)
+            f[:, idx] = self.backbone(x).view(b, len(idx), -1).to(f.dtype)
+        return self.fuse(f)
 
     def forward(self, images: torch.Tensor, expression: torch.Tensor, *, features: bool = False):
         f = images if features else self.image_features(images)
@@ -236,12 +291,12 @@ class BleepModel(nn.Module):
         return next(self.parameters()).device
 
     def prepare_images(self, patches: np.ndarray) -> torch.Tensor:
-        """uint8 (n, fields, h, w, 3) patches to the backbone's normalised float input (n, fields, 3, s, s)
-        on the model's device, resized (bilinear, antialiased) to its input size s when they differ."""
-        from .encode import to_input
+        """uint8 (n, fields, h, w, 3) patches to the backbone's normalised float input (n, fields, 3, h, w)
+        on the model's device; :meth:`image_features` resizes each field to the size it runs at."""
+        from .normalize import to_tensor
 
         n, nf, h, w = patches.shape[:4]
-        x = to_input(patches.reshape(n * nf, h, w, 3), self.spec, self.device)
+        x = torch.from_numpy(to_tensor(patches.reshape(n * nf, h, w, 3), self.spec.mean, self.spec.std)).to(self.device)
         return x.view(n, nf, *x.shape[1:])
 
     def check_patches(self, patches: np.ndarray) -> np.ndarray:
@@ -283,8 +338,9 @@ class BleepModel(nn.Module):
         if not self.spec.takes_images:
             return np.ascontiguousarray(patches, dtype=np.float32)[None]
         n, nf = patches.shape[:2]
-        flat = self.stained(patches.reshape(n * nf, *patches.shape[2:]))
+        groups = [(idx, spec, self.stained(_fields(patches, idx).reshape(n * len(idx), *patches.shape[2:]))) for idx, spec in self.field_groups()]
         out = np.empty((len(views), n, self.feature_dim), np.float32)
+        f = np.empty((n, nf, self.spec.feature_dim), np.float32)
         several = len(views) > 1
         bar = None
         if progress and several:
@@ -292,9 +348,11 @@ class BleepModel(nn.Module):
 
             bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
         for i, v in enumerate(views):
-            f = backbone_features(self.backbone, self.spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
+            for idx, spec, flat in groups:
+                got = backbone_features(self.backbone, spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
+                f[:, idx] = got.reshape(n, len(idx), self.spec.feature_dim)
             with torch.no_grad():
-                out[i] = self.fuse(torch.from_numpy(f).view(n, nf, -1)).numpy()
+                out[i] = self.fuse(torch.from_numpy(f)).numpy()
             if bar is not None:
                 bar.update(n * nf)
         if bar is not None:

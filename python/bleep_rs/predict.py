@@ -323,7 +323,8 @@ def _estimate_line(model, what: str, seconds: float, encoding: dict) -> str:
 
     views = encoding["tta_views"]
     passes = (model.n_fields if model.spec.takes_images else 0) * views
-    line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views), about {seconds / 60:.0f} min of encoding here"
+    wide = f", the wider fields at {model.wide_fields_px} px" if model.spec.takes_images and model.wide_fields_px else ""
+    line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views{wide}), about {seconds / 60:.0f} min of encoding here"
     if model.spec.takes_images:
         line += f" ({get_encoder(model.backbone, model.spec, encoding['precision']).name})"
     if views > 1:

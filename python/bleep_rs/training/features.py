@@ -74,6 +74,7 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
         "input": [model.config.input_size, list(model.config.mean), list(model.config.std)],
         "norm": model.config.feature_norm, "fields": list(model.config.input.fields_of_view),
         **({"stain": model.config.input.stain} if model.config.input.stain != "none" else {}),  # the keys of unstained entries as before
+        **({"wide_px": model.wide_fields_px} if model.wide_fields_px else {}),  # and those of every field at one size
         "patch": config.input.patch_size, "um_per_px": um_per_px, "views": views,
         "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
         "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
