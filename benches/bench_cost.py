@@ -1,6 +1,6 @@
 """The default model's cost per tile: prediction quality against backbone passes per tile, in one run.
 
-    .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2]
+    .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2] [--wide-fields-px PX]
     .venv/bin/python benches/bench_cost.py --backbones efficientnet-lite0 efficientnet-lite1 efficientnet-lite2
                                              # only the encoder's seconds per 1,000 patches of each backbone
 
@@ -11,12 +11,13 @@ mean embedding of 1, 2, 4 or 8 dihedral views of each tile (test-time augmentati
 
   views 1: (0,) identity; 2: (0, 4) and its mirror; 4: (0, 2, 4, 6) the two mirrors and the half turn; 8: all
 
-A tile costs fields x views backbone passes (today's default: 3 x 8 = 24). The features of every field and
+A tile costs fields x views backbone passes (today's default: 3 x 8 = 24), the wider fields' at their own
+input side (--wide-fields-px: default the backbone's, 112 px for Lite0; 0: its input size). The features of every field and
 view come from one cache, so every point is scored on the same patches; each field set is trained once per
 fold and seed and predicted with each view set. Scores: mean per-gene Pearson r over HEG-50 and HVG-50 per
 held-out section; per set, the mean over LOSO folds per seed, then mean and sd over seeds; the cross-patient
-fold apart. Seconds per 1,000 tiles: passes x the backbone's measured seconds per 1,000 patches in this run
-(ONNX Runtime, one view of one field, the encoder predict uses), the rest of `predict --slide` aside
+fold apart. Seconds per 1,000 tiles: views x (field 1's + each wider field's measured seconds per 1,000
+patches in this run: ONNX Runtime, one view of one field at its size, the encoder predict uses), the rest of `predict --slide` aside
 (benches/bench_predict.py measures it: 0.90x the encoder's rate on a whole slide). Results: .bench/cost.json.
 """
 
@@ -45,17 +46,22 @@ def fields_of(feats: np.ndarray, idx: list, dim: int) -> np.ndarray:
     return np.concatenate([feats[..., i * dim : (i + 1) * dim] for i in idx], axis=-1)
 
 
-def backbone_seconds_per_1000(section, um, backbone: str = "efficientnet-lite0") -> float:
-    """The encoder's seconds per 1,000 patches (one field, one view), as predict runs it."""
+def backbone_seconds_per_1000(section, um, backbone: str = "efficientnet-lite0", size: int = 0) -> float:
+    """The encoder's seconds per 1,000 patches (one field, one view), as predict runs it; ``size``: at this
+    input side instead of the backbone's (the wider fields' ``wide_fields_px``)."""
+    import dataclasses
+
     import bleep_rs
+    from bleep_rs.encode import backbone_features
     from bleep_rs.model import BleepModel, ModelConfig
 
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), backbone=backbone, input=bleep_rs.InputSpec(fields_of_view=(1.0,), tta=False))).eval()
+    spec = dataclasses.replace(model.spec, input_size=size) if size else model.spec
     patches = bleep_rs.section_patches(section, 224, um)
     patches = np.concatenate([patches] * max(1, -(-512 // len(patches))))[:512]
-    model.features(patches[:64])  # the engine built
+    backbone_features(model.backbone, spec, patches[:64])  # the engine built
     t = time.perf_counter()
-    model.features(patches)
+    backbone_features(model.backbone, spec, patches)
     return (time.perf_counter() - t) / len(patches) * 1000
 
 
@@ -64,6 +70,7 @@ def main():
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "cost.json")
+    ap.add_argument("--wide-fields-px", type=int, default=None, metavar="PX", help="the wider fields' input side (default: the backbone's)")
     ap.add_argument("--backbones", nargs="+", metavar="NAME", help="only time the encoder of each backbone on HER2ST C2 patches")
     args = ap.parse_args()
     warnings.simplefilter("ignore", UserWarning)
@@ -77,16 +84,20 @@ def main():
             print(f"{name:<22} {backbone_seconds_per_1000(section, None, name):6.2f} s per 1,000 patches (ONNX Runtime, one field, one view)", flush=True)
         return
     from bleep_rs.evaluate import summarise
+    from bleep_rs.model import BleepModel, ModelConfig
     from bleep_rs.training import train
 
-    config = bleep_rs.TrainConfig()
+    config = bleep_rs.TrainConfig(input=bleep_rs.InputSpec(wide_fields_px=args.wide_fields_px))
     work = ROOT / ".bench" / "cost-models"
     rows, per_pass = [], None
     for name in args.sets:
         ids, sections, feats, um, dim = load_set(name, config)
         if per_pass is None:
-            per_pass = backbone_seconds_per_1000(sections[0], um)
-            print(f"backbone: {per_pass:.2f} s per 1,000 patches (one field, one view)", flush=True)
+            wide = config.input.wide_fields_px
+            wide = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=config.input)).wide_fields_px if wide is None else wide
+            per_pass = {"1": backbone_seconds_per_1000(sections[0], um), "wide": backbone_seconds_per_1000(sections[0], um, size=wide)}
+            print(f"backbone: {per_pass['1']:.2f} s per 1,000 patches of field 1, {per_pass['wide']:.2f} of a wider field "
+                  f"({wide or 'the backbone input size'} px)", flush=True)
         for tr, held, kind in folds(name):
             if kind == "reverse":  # measured by bench_quality.py; this frontier keeps the folds it was run on
                 continue
@@ -98,7 +109,7 @@ def main():
                 for seed in args.seeds:
                     cfg = bleep_rs.TrainConfig(seed=seed,
                                                progress=False, overwrite=True, resume=False,
-      input=bleep_rs.InputSpec(fields_of_view=tuple(float(i + 1) for i in fidx), um_per_px=um))
+      input=config.input.replace(fields_of_view=tuple(float(i + 1) for i in fidx), um_per_px=um))
                     model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=data)
                     ref = bleep_rs.build_reference(model, train_secs)
                     for nv, views in VIEWS.items():
@@ -125,8 +136,8 @@ def summarise_points(rows: list, sets: list, per_pass: float) -> list:
         for nv in VIEWS:
             mine = [r for r in rows if r["fields"] == fname and r["views"] == nv]
             passes = mine[0]["passes"]
-            point = {"fields": fname, "views": nv, "passes": passes, "s_per_1000_tiles": passes * per_pass,
-                     "slide_minutes": passes * per_pass * SLIDE_TILES / 1000 / 60}
+            cost = nv * (per_pass["1"] + (len(FIELDS[fname]) - 1) * per_pass["wide"])  # seconds per 1,000 tiles
+            point = {"fields": fname, "views": nv, "passes": passes, "s_per_1000_tiles": cost, "slide_minutes": cost * SLIDE_TILES / 1000 / 60}
             cells = []
             for name in sets:
                 loso = [r for r in mine if r["set"] == name and not r["cross_patient"]]
