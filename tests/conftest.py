@@ -21,6 +21,28 @@ def backbone_cache(tmp_path_factory):
         os.environ["BLEEP_RS_CACHE"] = old
 
 
+@contextlib.contextmanager
+def local_cluster(**kwargs):
+    """A real ``distributed.LocalCluster`` (``kwargs``) and its client, closed afterwards. The nanny gives a
+    worker process a fixed 5 s to exit before it kills it; on a loaded 2-core machine the kill's join can
+    outlast that and raise a TimeoutError at teardown. The worker has been killed by then, so that is said
+    as a warning, not as the test's failure."""
+    import asyncio
+    import warnings
+
+    import distributed
+
+    cluster = distributed.LocalCluster(**kwargs)
+    try:
+        with distributed.Client(cluster) as client:
+            yield cluster, client
+    finally:
+        try:
+            cluster.close()
+        except (TimeoutError, asyncio.TimeoutError):
+            warnings.warn("a LocalCluster worker was killed at teardown after outlasting the nanny's 5 s", stacklevel=1)
+
+
 def run_with_kernel(kernel: str, code: str, folder) -> str:
     """Runs ``code`` (which imports bleep_rs; ``sys.argv[1]`` is ``folder``) in a child process with
     ``BLEEP_RS_KERNEL=kernel`` (read once per process, hence the child) and returns the kernel the child

@@ -15,8 +15,9 @@ import pytest
 import bleep_rs
 from bleep_rs import BleepError, Reference
 
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
 
+from conftest import local_cluster
 
 #: Worker processes of a real LocalCluster (a developer need not run them on every change; `make test` does).
 pytestmark = pytest.mark.slow
@@ -24,8 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as (_, c):
         yield c
 
 
@@ -170,8 +170,7 @@ def test_work_is_spread_evenly_however_dask_placed_the_shards(single):
     """Every shard opened on a lone worker, then a second worker joins: balancing moves shards to the idle
     worker (each opened there, the first opening released), and the answers stay those of one file."""
     ref, folder = single
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
+    with local_cluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as (cluster, c):
         served = Reference.load(folder / "atlas", client=c)
         cluster.scale(2)
         c.wait_for_workers(2)
@@ -211,8 +210,8 @@ def test_a_worker_near_its_memory_limit_releases_the_mapped_pages(single):
     ref, folder = single
     # A limit below what any worker holds, without Dask's own reactions to it (spill, pause, restart).
     never = {f"distributed.worker.memory.{s}": False for s in ("target", "spill", "pause", "terminate")}
-    with dask.config.set(never), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                                          memory_limit="64MiB") as cluster, distributed.Client(cluster) as c:
+    with dask.config.set(never), local_cluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                               memory_limit="64MiB") as (_, c):
         served = Reference.load(folder / "atlas", client=c)
         q = queries(single)
         np.testing.assert_allclose(served.impute(q, 20, "softmax"), ref.impute(q, 20, "softmax"), rtol=2e-5, atol=2e-5)

@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("distributed")
 import anndata as ad
-import distributed
 
 import bleep_rs
 from bleep_rs import BleepError
@@ -26,7 +25,7 @@ from bleep_rs.cohort import cache_features, connect, predict_cohort
 from bleep_rs.inputs import InputSpec
 from bleep_rs.predict import output_state, predict_slide
 
-from conftest import DATA
+from conftest import DATA, local_cluster
 
 UM = 1.3873  # the tiny images' um/px
 OPTIONS = dict(um_per_px=UM, k=5, min_tissue=0.05)
@@ -68,9 +67,8 @@ def expected(trained):
 @pytest.fixture(scope="module")
 def client():
     """Two worker processes of one thread each; they inherit PYTHONPATH and so import this bleep_rs."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       scheduler_kwargs={"dashboard_address": ":0"})
-    with cluster, distributed.Client(cluster) as c:
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                       scheduler_kwargs={"dashboard_address": ":0"}) as (_, c):
         yield c
 
 
