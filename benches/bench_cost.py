@@ -93,11 +93,11 @@ def main():
     for name in args.sets:
         ids, sections, feats, um, dim = load_set(name, config)
         if per_pass is None:
-            wide = config.input.wide_fields_px
-            wide = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=config.input)).wide_fields_px if wide is None else wide
-            per_pass = {"1": backbone_seconds_per_1000(sections[0], um), "wide": backbone_seconds_per_1000(sections[0], um, size=wide)}
-            print(f"backbone: {per_pass['1']:.2f} s per 1,000 patches of field 1, {per_pass['wide']:.2f} of a wider field "
-                  f"({wide or 'the backbone input size'} px)", flush=True)
+            wide = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=config.input)).wide_fields_px  # 0: field 1's size
+            full = backbone_seconds_per_1000(sections[0], um)
+            per_pass = {"1": full, "wide": backbone_seconds_per_1000(sections[0], um, size=wide) if wide else full}
+            print(f"backbone: {full:.2f} s per 1,000 patches of field 1, {per_pass['wide']:.2f} of a wider field"
+                  + (f" ({wide} px)" if wide else " (the same size)"), flush=True)
         for tr, held, kind in folds(name):
             if kind == "reverse":  # measured by bench_quality.py; this frontier keeps the folds it was run on
                 continue
