@@ -204,7 +204,10 @@ def main():
     slides = [pyramid_tiff()] if args.quick else [B4, pyramid_tiff()] + ([mosaic_tiff()] if args.mosaic else [])
     models = ["single"] if args.quick else sorted(args.models, key=lambda m: m != "single")
     rounds, n_copies = (1, 1) if args.quick else (args.rounds, args.copies)
-    print(f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {rounds} rounds", flush=True)
+    import bleep_rs
+
+    print(f"CPU: {bleep_rs.kernel_info()['cpu']}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; {rounds} rounds", flush=True)
     rows = []
     for name in models:
         # The default model passes each tile 24 times through the backbone (its wider fields at 112 px: about
