@@ -108,6 +108,25 @@ def test_the_wider_fields_run_at_their_own_size(model, tiny, tmp_path):
     assert vit.config.input.wide_fields_px == 0 and len(vit.field_groups()) == 1  # not measured there: its own size
 
 
+def test_the_wider_fields_are_resized_once_for_all_views(model, tiny):
+    """With several views, the wider fields' input is made once and its views taken after (the features
+    of each view as when it runs alone, which makes its input from its view of the patches), for patches
+    smaller and larger than the 112 px they run at; dihedral_input is dihedral_view on the channel-first
+    input."""
+    from bleep_rs.augment import dihedral_input
+    from bleep_rs.encode import to_inputs
+
+    for size in (64, 160):
+        p = section_patches(tiny[0], size, fields=(1, 2))[:3]
+        together = model.features(p, views=range(8))
+        alone = np.concatenate([model.features(p, views=(v,)) for v in range(8)])
+        assert np.abs(together - alone).max() < 1e-5
+    spec = model.field_groups()[1][1]
+    x = to_inputs(p[:, 1], spec, chunk=2)
+    for v in range(8):
+        assert torch.allclose(dihedral_input(x, v), to_inputs(dihedral_view(p[:, 1], v), spec), atol=1e-5)
+
+
 def test_tta_is_the_mean_of_the_eight_views(model, tiny):
     p = section_patches(tiny[0], 64, fields=model.config.input.fields_of_view)[:6]
     tta = model.embed_images(p, tta=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["N_VIEWS", "TTA_VIEWS", "dihedral_view", "random_views", "tta_views"]
+__all__ = ["N_VIEWS", "TTA_VIEWS", "dihedral_view", "dihedral_input", "random_views", "tta_views"]
 
 N_VIEWS = 8
 #: The views averaged at prediction for 1, 2, 4 or 8 views a tile (each a backbone pass per field of view):
@@ -34,6 +34,17 @@ def dihedral_view(patches: np.ndarray, view: int) -> np.ndarray:
         raise ValueError(f"view must be 0..7, not {view}")
     p = patches[..., ::-1, :] if view >= 4 else patches
     return np.ascontiguousarray(np.rot90(p, view % 4, axes=(-3, -2)))
+
+
+def dihedral_input(x, view: int):
+    """View ``view`` of the backbone's input, a torch tensor (..., 3, h, w), h == w: the same view as
+    :func:`dihedral_view` of the patches it was made from (the channel axis first here)."""
+    import torch
+
+    if not 0 <= view < N_VIEWS:
+        raise ValueError(f"view must be 0..7, not {view}")
+    x = x.flip(-1) if view >= 4 else x
+    return torch.rot90(x, view % 4, dims=(-2, -1)).contiguous()
 
 
 def random_views(x, generator):

@@ -43,7 +43,8 @@ from torch import nn
 from ._core import BleepError
 from .backbones import BackboneSpec
 
-__all__ = ["PRECISIONS", "Encoder", "backbone_features", "get_encoder", "to_input", "native_bf16", "cache_dir", "agreement", "weights_digest"]
+__all__ = ["PRECISIONS", "Encoder", "backbone_features", "input_features", "get_encoder", "to_input", "to_inputs", "native_bf16", "cache_dir",
+           "agreement", "weights_digest"]
 
 PRECISIONS = ("auto", "float32")
 #: Patches per batch. ONNX Runtime on a CPU: 4 to 64 run alike (its arena reuses its memory); 64, the
@@ -74,6 +75,15 @@ def to_input(patches: np.ndarray, spec: BackboneSpec, device: "torch.device | st
 
     x = torch.from_numpy(to_tensor(patches, spec.mean, spec.std))
     return _resize(x.to(device or "cpu"), spec.input_size)
+
+
+def to_inputs(patches: np.ndarray, spec: BackboneSpec, chunk: int = CPU_BATCH) -> torch.Tensor:
+    """:func:`to_input` of many patches on the CPU, ``chunk`` at a time, so that no more than a chunk is
+    ever held at the patches' own size (a slide's wider fields are resized once, not once per view)."""
+    out = torch.empty((len(patches), 3, spec.input_size, spec.input_size))
+    for start in range(0, len(patches), chunk):
+        out[start : start + chunk] = to_input(patches[start : start + chunk], spec)
+    return out
 
 
 def _batches(patches: np.ndarray, spec: BackboneSpec, batch_size: int, device: torch.device):
@@ -600,11 +610,27 @@ def backbone_features(
     bs = enc.batch_size if batch_size is None else int(batch_size)
     if bs < 1:
         raise BleepError(f"batch_size must be at least 1, got {batch_size}")
-    steps = _batches(patches, spec, bs, enc.device)
+    return _run(enc, _batches(patches, spec, bs, enc.device), -(-len(patches) // bs), progress)
+
+
+def input_features(backbone: nn.Module, spec: BackboneSpec, x: torch.Tensor, *, precision: str = "auto") -> np.ndarray:
+    """:func:`backbone_features` of the backbone's input already made (:func:`to_inputs`: float32 (n, 3,
+    s, s) on the CPU, normalised, at its input size s), in the engine's batches."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, spec.input_size, spec.input_size) or x.dtype != torch.float32:
+        raise BleepError(f"the backbone's input must be float32 (n, 3, {spec.input_size}, {spec.input_size}), got {x.dtype} {tuple(x.shape)}")
+    enc = get_encoder(backbone, spec, precision)
+    if len(x) == 0:
+        return np.zeros((0, spec.feature_dim), np.float32)
+    bs = enc.batch_size
+    return _run(enc, (x[i : i + bs].contiguous().to(enc.device) for i in range(0, len(x), bs)), -(-len(x) // bs), False)
+
+
+def _run(enc: Encoder, steps, total: int, progress: bool) -> np.ndarray:
+    """The encoder over the batches ``steps`` (``total`` of them), with a progress bar if asked."""
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, total=-(-len(patches) // bs), desc="encoding patches", unit="batch", leave=False)
+        steps = tqdm(steps, total=total, desc="encoding patches", unit="batch", leave=False)
     out = torch.cat([enc(x) for x in steps])
     return out.cpu().numpy()
 

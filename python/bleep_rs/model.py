@@ -331,8 +331,8 @@ class BleepModel(nn.Module):
         """Fused backbone features float32 (len(views), n, fields * D) of the dihedral ``views`` (see
         :mod:`bleep_rs.augment`) of patches (n, fields, h, w, 3); precomputed features pass through.
         ``precision``: see :func:`bleep_rs.encode.backbone_features`."""
-        from .augment import dihedral_view
-        from .encode import backbone_features
+        from .augment import dihedral_input, dihedral_view
+        from .encode import backbone_features, input_features, to_inputs
 
         patches = self.check_patches(patches)
         if not self.spec.takes_images:
@@ -347,9 +347,15 @@ class BleepModel(nn.Module):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
+        # Fields resized to run at another size (the wider fields of view) are resized once, not once per
+        # view: the views of the resized input are those of the patches, resized (to float rounding).
+        resized = {j: to_inputs(flat, spec) for j, (_, spec, flat) in enumerate(groups) if several and flat.shape[1] != spec.input_size}
         for i, v in enumerate(views):
-            for idx, spec, flat in groups:
-                got = backbone_features(self.backbone, spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
+            for j, (idx, spec, flat) in enumerate(groups):
+                if j in resized:
+                    got = input_features(self.backbone, spec, dihedral_input(resized[j], v), precision=precision)
+                else:
+                    got = backbone_features(self.backbone, spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
                 f[:, idx] = got.reshape(n, len(idx), self.spec.feature_dim)
             with torch.no_grad():
                 out[i] = self.fuse(torch.from_numpy(f)).numpy()
