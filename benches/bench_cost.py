@@ -91,7 +91,7 @@ def main():
     work = ROOT / ".bench" / "cost-models"
     rows, per_pass = [], None
     for name in args.sets:
-        ids, sections, feats, um, dim = load_set(name, config)
+        ids, sections, feats, train_feats, um, dim = load_set(name, config)
         if per_pass is None:
             wide = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=config.input)).wide_fields_px  # 0: field 1's size
             full = backbone_seconds_per_1000(sections[0], um)
@@ -104,7 +104,7 @@ def main():
             train_secs = [sections[i] for i in tr]
             panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
             for fname, fidx in FIELDS.items():
-                data = training_data(train_secs, [fields_of(feats[i], fidx, dim) for i in tr], panel)
+                data = training_data(train_secs, [fields_of(train_feats[i], fidx, dim) for i in tr], panel)
                 test_f = fields_of(feats[held], fidx, dim)
                 for seed in args.seeds:
                     cfg = bleep_rs.TrainConfig(seed=seed,

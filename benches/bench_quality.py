@@ -44,11 +44,12 @@ ALPHAS = np.logspace(-3, 4, 8)
 
 
 def load_set(name: str, config):
-    """Sections (the extra cross-patient one last) and their cached multi-scale, 8-view features."""
+    """Sections (the extra cross-patient one last), their cached multi-scale, 8-view features, and what
+    training reads of each (``training_features``: the same, and with stain_jitter= a jittered copy's)."""
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
     from bleep_rs.training import native_um_per_px
-    from bleep_rs.training.features import section_features
+    from bleep_rs.training.features import section_features, training_features
 
     ids, um, extra = SETS[name]
     ids = ids + ([extra] if extra else [])
@@ -56,7 +57,8 @@ def load_set(name: str, config):
     um = um or native_um_per_px(sections[: len(SETS[name][0])])
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), backbone=config.backbone, input=config.input.replace(tta=False)))
     feats = [section_features(model, s, config, um) for s in sections]
-    return ids, sections, feats, um, model.spec.feature_dim
+    train_feats = [training_features(model, s, config, um) for s in sections] if config.stain_jitter else feats
+    return ids, sections, feats, train_feats, um, model.spec.feature_dim
 
 
 def folds(name: str) -> list:
@@ -194,7 +196,7 @@ def main():
     results, timing = [], {}
     for name in args.sets:
         t = time.perf_counter()
-        ids, sections, feats, um, dim = load_set(name, config)
+        ids, sections, feats, train_feats, um, dim = load_set(name, config)
         timing[f"{name}: patches and features (cached after the first run)"] = time.perf_counter() - t
         for tr, held, kind in folds(name):
             train_secs = [sections[i] for i in tr]
@@ -216,7 +218,8 @@ def main():
                         pred = probe3_of(done, [multi[i] for i in tr], train_y, multi[held])
                     else:  # the default recipe, alone or averaged with the 3-field probe (blend, blendz)
                         if seed not in done:
-                            done[seed] = default_recipe(train_secs, [feats[i] for i in tr], panel, feats[held], seed, work / f"{name}-{ids[held]}", base, um)
+                            done[seed] = default_recipe(train_secs, [train_feats[i] for i in tr], panel, feats[held], seed,
+                                                        work / f"{name}-{ids[held]}", base, um)
                         pred, ref_genes = done[seed]
                         assert list(ref_genes) == list(genes)
                         if method in ("blend", "blendz"):

@@ -255,7 +255,7 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
     assert len(records) == 2 and {r["section"] for r in records} == {"C2", "C3"}
     assert all(r["loads"] == 1 for r in records)  # the backbone built once per worker process
     entries = sorted((tmp_path / "cache" / "features").glob("*.npy"))
-    assert len(entries) == 2
+    assert len(entries) == 4  # each section's features and its stain-jittered copy's (stain_jitter=, on by default)
     # Training alone with its own cache: the same entries, bit for bit, and so the same model.
     alone = train(sections, tmp_path / "m2", dataclasses.replace(cfg, cache_dir=str(tmp_path / "local"), progress=False))
     for entry in entries:
@@ -269,7 +269,7 @@ def test_the_training_backbone_pass_on_the_cluster_fills_the_same_cache(client, 
             "--no-tta", "--no-augment", "--cache-dir", str(tmp_path / "cache")]
     assert main([*args, "--scheduler", client.scheduler.address]) == 0
     assert "backbone features of" not in capsys.readouterr().out
-    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 4
     args[4], args[-1] = str(tmp_path / "m5"), str(tmp_path / "cache2")
     assert main([*args, "--workers", "1"]) == 0
     assert capsys.readouterr().out.count("backbone features of") == 2

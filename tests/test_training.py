@@ -115,6 +115,81 @@ def test_fine_tuning_inputs_are_random_views_with_colour_jitter(tiny):
         TrainConfig(color_jitter=2.0)
 
 
+def _stain_jitter_oracle(patch, scale, shift):
+    """Pixel by pixel, in float64: optical density, into H, E and DAB, scaled and shifted, back to RGB."""
+    from bleep_rs.augment import RGB_FROM_HED
+
+    out = np.empty_like(patch)
+    for idx in np.ndindex(patch.shape[:-1]):
+        od = -np.log(np.maximum(patch[idx].astype(np.float64), 1) / 255)
+        hed = od @ np.linalg.inv(RGB_FROM_HED) * scale + shift
+        out[idx] = np.clip(np.round(255 * np.exp(-(hed @ RGB_FROM_HED))), 0, 255)
+    return out
+
+
+def test_stain_jitter_matches_the_colour_deconvolution_formula(rng):
+    """stain_jitter against the formula pixel by pixel (the draws replayed from the same seed: scales, then
+    shifts, one per stain and patch, shared by its fields of view), its matrix against scikit-image's
+    where installed; amplitude 0 is the identity; bad patches are refused."""
+    from bleep_rs.augment import HED_FROM_RGB, SHIFT_PER_SCALE, stain_jitter
+
+    patches = rng.integers(0, 256, (3, 2, 5, 5, 3), dtype=np.uint8)
+    patches[0, 1] = patches[0, 0]  # two fields of one spot, the same pixels: jittered alike
+    patches[1, 0, 0, 0] = (255, 255, 255)
+    patches[1, 0, 0, 1] = (0, 0, 0)
+    got = stain_jitter(patches, 0.3, np.random.default_rng(7))
+    draws = np.random.default_rng(7)
+    scale, shift = draws.uniform(0.7, 1.3, (3, 3)), draws.uniform(-0.3, 0.3, (3, 3)) * SHIFT_PER_SCALE
+    for i in range(3):
+        assert np.abs(got[i].astype(int) - _stain_jitter_oracle(patches[i], scale[i], shift[i])).max() <= 1
+    assert np.array_equal(got[0, 0], got[0, 1]) and not np.array_equal(got, patches)
+    assert np.array_equal(stain_jitter(patches, 0.3, np.random.default_rng(7)), got)
+    assert np.array_equal(stain_jitter(patches, 0.0, np.random.default_rng(7)), patches)
+    assert stain_jitter(patches[:0], 0.3, np.random.default_rng(7)).shape == (0, 2, 5, 5, 3)
+    try:
+        from skimage.color import hed_from_rgb
+    except ImportError:
+        pass
+    else:
+        assert np.allclose(HED_FROM_RGB, hed_from_rgb)
+    for bad in (patches.astype(np.float32), patches[..., :2], patches[0, 0, 0]):
+        with pytest.raises(ValueError, match="patches must be uint8"):
+            stain_jitter(bad, 0.3, np.random.default_rng(0))
+
+
+def test_frozen_training_reads_a_stain_jittered_copy(tiny, tmp_path):
+    """stain_jitter > 0 with a frozen backbone: training reads each section's cached views, then as many
+    of a stain-jittered copy (its own cache entry, reproducible); the plain entry is the one without
+    jitter; fine-tuning draws new jitter every step."""
+    from bleep_rs.augment import stain_jitter
+    from bleep_rs.training.features import feature_keys, section_features, training_features
+    from bleep_rs.training.loop import _Trainer
+
+    spec = InputSpec(patch_size=32, fields_of_view=(1.0,), tta=False)
+    cfg = TrainConfig(n_top_genes=16, progress=False, stain_jitter=0.3, cache_dir=str(tmp_path), input=spec)
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=spec)).eval()
+    section = tiny[0]
+    both = training_features(model, section, cfg, None)
+    plain = section_features(model, section, TrainConfig(**{**vars(cfg), "stain_jitter": 0.0}), None)
+    assert both.shape == (16, section.n_obs, model.feature_dim)
+    assert np.array_equal(both[:8], plain) and not np.allclose(both[8:], plain, atol=1e-3)
+    keys = feature_keys(model, section, cfg, None)
+    assert len(set(keys)) == 2 and all(len(list(tmp_path.glob(f"features/{k}-*.npy"))) == 1 for k in keys)
+    assert np.array_equal(training_features(model, section, cfg, None), both)  # from the cache
+    data = prepare_data(tiny, cfg, model=model)
+    assert data.images.shape[0] == 16
+    tuned = TrainConfig(**{**vars(cfg), "freeze_backbone": False, "augment": False})
+    raw = prepare_data(tiny, tuned)
+    idx = np.arange(6)
+    trainer = _Trainer(model, raw, tuned, torch.device("cpu"), 0, 1)
+    first, second = trainer.inputs(idx, True), trainer.inputs(idx, True)
+    assert not torch.equal(first, second) and torch.equal(trainer.inputs(idx, False), model.prepare_images(raw.images[idx]))
+    # the live jitter is the cached copy's, on the normalised batch (to the cached copy's uint8 rounding)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(tuned.seed)))
+    want = model.prepare_images(stain_jitter(raw.images[idx], 0.3, np.random.default_rng(seed)))
+    assert (first - want).abs().max() < 0.6 / 255 / min(model.spec.std)
+
+
 def test_a_training_step_lowers_the_loss(tiny):
     """The full model (backbone fine-tuned): with the backbone's stochastic depth and the heads' dropout
     off, every forward pass is deterministic, and the loss on a fixed batch falls after a few AdamW steps."""

@@ -337,11 +337,11 @@ def _slim(section):
 
 def _features_task(name: str, section, model_json: str, digest: str, backbone_state, config, um_per_px) -> dict:
     """One section's backbone features, on a worker, into the feature cache (training's own
-    ``section_features``: the same key, the same atomic write). The backbone is rebuilt once per worker
+    ``training_features``: the same keys, the same atomic writes). The backbone is rebuilt once per worker
     from the weights sent once to every worker (``digest`` names them)."""
     from .device import pick_device
     from .model import BleepModel, ModelConfig
-    from .training.features import section_features
+    from .training.features import training_features
 
     def build():
         model = BleepModel(ModelConfig.from_json(model_json, "the training run"), pretrained=False)
@@ -352,7 +352,7 @@ def _features_task(name: str, section, model_json: str, digest: str, backbone_st
     started = time.perf_counter()
     try:
         model = _cached("backbone", digest, build)
-        feats = section_features(model, section, config, um_per_px)
+        feats = training_features(model, section, config, um_per_px)
     except BleepError as e:
         return {**record, "status": "error", "error": str(e)}
     return {**record, "status": "done", "shape": tuple(feats.shape), "seconds": time.perf_counter() - started, "loads": LOADS["backbone"]}
@@ -369,9 +369,8 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
     Returns the task records; a BleepError names the sections that failed."""
     import dataclasses
 
-    from .augment import N_VIEWS
     from .encode import weights_digest
-    from .training.features import _cache_dir, cache_entries, feature_cache_key
+    from .training.features import _cache_dir, cache_entries, feature_keys
     from .training.loop import _library
 
     distributed = _distributed()
@@ -379,8 +378,7 @@ def cache_features(client, model, sections: Sequence, config, um_per_px: Optiona
     if folder is None:
         raise BleepError("a cluster's backbone pass fills the feature cache: not with cache_dir=none")
     config = dataclasses.replace(config, cache_dir=str(folder.parent.resolve()), progress=False)  # the workers' cache is this one
-    views = N_VIEWS if config.augment else 1
-    todo = [(i, s) for i, s in enumerate(sections) if not cache_entries(folder, feature_cache_key(model, s, config, um_per_px, views))]
+    todo = [(i, s) for i, s in enumerate(sections) if not all(cache_entries(folder, k) for k in feature_keys(model, s, config, um_per_px))]
     if not todo:
         return []
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}

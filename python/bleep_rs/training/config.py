@@ -59,6 +59,11 @@ class TrainConfig:
                                          "encoder (a GPU job)")
     augment: bool = option(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
     color_jitter: float = option(0.0, "brightness / contrast jitter amplitude (fine-tuning only)", low=0, high=1)
+    # HED stain jitter (0.5): HEG-50 +0.006 on MOB, +0.008 on HER2ST within the patient, level across
+    # patients; 9 of the 11 folds up or level (docs/benchmarks.md, "Stain jitter").
+    stain_jitter: float = option(0.5, "HED stain augmentation amplitude: each spot's haematoxylin and eosin densities scaled by up to "
+                                      "1 +- A and shifted by up to +- A/4 (with a frozen backbone: the features of one jittered copy of the "
+                                      "views cached beside the plain ones; fine-tuning: new jitter every step); 0 turns it off", low=0, high=1, high_open=True)
     # The heads and the loss.
     loss: str = option("bleep", "bleep (soft targets, method.md section 3) or clip", choices=list(LOSSES))
     temperature: float = option(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)",
@@ -99,6 +104,8 @@ class TrainConfig:
     overwrite: bool = option(False, "replace an existing model directory")
 
     def __post_init__(self) -> None:
+        if str(self.backbone).startswith("features:"):
+            self.stain_jitter = 0.0  # precomputed features have no patches to jitter: recorded as off
         self.validate()
 
     def validate(self) -> None:
@@ -109,7 +116,7 @@ class TrainConfig:
     def for_features(self, dim: int) -> "TrainConfig":
         """This config for precomputed patch features of dimension ``dim``: backbone ``features:D`` (a
         config naming an image backbone, the default, takes it), one field of view (a features file has
-        one per patch)."""
+        one per patch), and so no stain jitter."""
         import dataclasses
 
         from ..backbones import DEFAULT_BACKBONE

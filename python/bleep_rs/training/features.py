@@ -17,7 +17,7 @@ from ..augment import N_VIEWS
 from ..model import BleepModel
 from .config import TrainConfig
 
-__all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features"]
+__all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features", "training_features", "feature_keys"]
 
 
 #: Bump when the way features are computed changes, so that no stale cache entry is reused.
@@ -60,10 +60,11 @@ def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
     return None
 
 
-def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int) -> str:
+def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int, stain_jitter: float = 0.0) -> str:
     """What the features of a section depend on: the backbone (name, a hash of its weights, input size
-    and constants), the fields of view, patch size and resolution, the views, the image (path, size and
-    modification time) and the spot positions."""
+    and constants), the fields of view, patch size and resolution, the views, the stain jitter of the
+    patches (training's augmented copy), the image (path, size and modification time) and the spot
+    positions."""
     from ..encode import weights_digest
 
     info = section.uns.get("bleep", {})
@@ -75,6 +76,7 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
         "norm": model.config.feature_norm, "fields": list(model.config.input.fields_of_view),
         **({"stain": model.config.input.stain} if model.config.input.stain != "none" else {}),  # the keys of unstained entries as before
         **({"wide_px": model.wide_fields_px} if model.wide_fields_px else {}),  # and those of every field at one size
+        **({"stain_jitter": stain_jitter} if stain_jitter else {}),
         "patch": config.input.patch_size, "um_per_px": um_per_px, "views": views,
         "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
         "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
@@ -82,15 +84,41 @@ def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
+def _views(config: TrainConfig) -> int:
+    return N_VIEWS if config.augment else 1
+
+
+def feature_keys(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> list:
+    """The cache keys of what training reads of a section (:func:`training_features`)."""
+    jitters = [0.0] + ([config.stain_jitter] if config.stain_jitter else [])
+    return [feature_cache_key(model, section, config, um_per_px, _views(config), j) for j in jitters]
+
+
+def training_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
+    """What training with a frozen backbone reads of a section: its features (views, n, fields * D), and
+    with ``config.stain_jitter``, those of a stain-jittered copy of its patches after them (2 x views
+    in all: training draws one of them per spot and step)."""
+    feats = section_features(model, section, config, um_per_px)
+    if not config.stain_jitter:
+        return feats
+    return np.concatenate([feats, section_features(model, section, config, um_per_px, stain_jitter=config.stain_jitter)])
+
+
+def section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], *, stain_jitter: float = 0.0) -> np.ndarray:
     """The frozen backbone's fused features (views, n, fields * D) of a section's spots, from the disk
-    cache when an entry with the same key exists."""
-    views = N_VIEWS if config.augment else 1
+    cache when an entry with the same key exists. ``stain_jitter``: of the patches HED-jittered with
+    this amplitude (:func:`bleep_rs.augment.stain_jitter`; one draw per spot, the same for every view,
+    seeded by the entry's key, so that the cached copy is reproducible)."""
+    views = _views(config)
     folder = _cache_dir(config)
-    key = feature_cache_key(model, section, config, um_per_px, views)
+    key = feature_cache_key(model, section, config, um_per_px, views, stain_jitter)
     if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
         return cached
     patches = config.input.replace(um_per_px=um_per_px).section_patches(section)
+    if stain_jitter:
+        from ..augment import stain_jitter as jitter
+
+        patches = jitter(patches, stain_jitter, np.random.default_rng(int(key[:16], 16)))
     feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
     if folder is not None:
         import warnings

@@ -35,7 +35,7 @@ from ..expression import Panel, choose_panel, panel_expression
 from ..inputs import InputSpec
 from ..model import BleepModel, ModelConfig, save_model
 from .config import TrainConfig
-from .features import section_features
+from .features import training_features
 from .loss import bleep_loss, clip_loss
 
 __all__ = ["TrainingData", "prepare_data", "train", "native_um_per_px"]
@@ -111,7 +111,7 @@ def prepare_data(
                 raise BleepError(f"{lib}: features must be (n_spots, D) = ({s.n_obs}, D), got {f.shape}")
             inputs.append(f[None])
         elif model is not None:
-            inputs.append(section_features(model, s, config, spec.um_per_px))
+            inputs.append(training_features(model, s, config, spec.um_per_px))
         else:
             inputs.append(spec.section_patches(s))
         expr.append(panel_expression(s, panel))
@@ -199,11 +199,24 @@ class _Trainer:
             pick = torch.randint(0, views, (len(idx),), generator=self.gen).numpy() if train and views > 1 else np.zeros(len(idx), int)
             return torch.from_numpy(np.ascontiguousarray(self.data.images[pick, idx], dtype=np.float32)).to(self.device)
         x = self.model.prepare_images(self.data.images[idx])
+        if train and self.cfg.stain_jitter > 0:  # new stain jitter every step, on the batch's device
+            x = self._stain_jitter(x)
         if train and self.cfg.augment:
             x = random_views(x, self.gen)
             if self.cfg.color_jitter > 0:
                 x = _jitter(x, self.gen, self.cfg.color_jitter)
         return x
+
+    def _stain_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """HED stain jitter of a normalised batch (n, fields, 3, h, w): back to RGB, jittered (one draw
+        per spot, shared by its fields), normalised again."""
+        from ..augment import jitter_rgb, stain_draws
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        scale, shift = stain_draws(len(x), self.cfg.stain_jitter, np.random.default_rng(seed))
+        mean = torch.tensor(self.model.spec.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.model.spec.std, device=x.device).view(3, 1, 1)
+        return (jitter_rgb(x * std + mean, scale, shift, channel_dim=2) - mean) / std
 
     def loss(self, idx: np.ndarray, train: bool) -> torch.Tensor:
         x = self.inputs(idx, train)
