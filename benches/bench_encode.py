@@ -21,6 +21,9 @@ load from other processes on a shared machine moves both sides of a ratio alike.
   torch.compile float32 / bf16   inductor with freezing (BN folded), channels-last; compile time printed
   onnxruntime float32         engine="onnxruntime": the backbone exported to ONNX (bleep-rs's cached export)
   openvino float32 / bf16     the same ONNX model in OpenVINO (INFERENCE_PRECISION_HINT)
+  openvino bf16, float32 above 1/N   the same, cut in two: the layers at or above 1/N of the input side in
+                              float32, the rest in bf16 (2026-12-06, AMD EPYC: 1/4 meets the rule at 1.1x
+                              ONNX Runtime; the head's float32 is most of the time)
   onnxruntime int8 [mixed]    the same ONNX model quantised statically (QDQ: int8 weights per channel, uint8
                               activations, MinMax ranges from 256 MOB1 spot patches, another tissue than the
                               timed sections'); "mixed" keeps the first 6 and last 2 convolutions in float32
@@ -144,6 +147,41 @@ def openvino_variants(net, spec, threads):
     return out
 
 
+def openvino_split_variants(net, spec, threads, fractions=(0.5, 0.25)):
+    """OpenVINO bf16 with the high-resolution layers in float32: the ONNX model cut in two at the input of
+    the first convolution whose input side is below ``fraction`` of the network's, the head compiled in
+    float32 and the tail in bf16 (OpenVINO keeps a node in float32 only through a runtime attribute its
+    Python API does not set, so the cut is made in the graph). {name: variant}."""
+    import openvino as ov
+
+    from bleep_rs.encode import to_input
+
+    core, path = ov.Core(), str(exported(net, spec))
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+
+    def cut(model, fraction):
+        for op in model.get_ordered_ops():
+            if op.get_type_name() in ("Convolution", "GroupConvolution") and op.get_input_partial_shape(0)[2].get_length() < fraction * spec.input_size:
+                return op.input(0).get_source_output()
+        raise ValueError(f"no convolution below {fraction} of the input side")
+
+    out = {}
+    for fraction in fractions:
+        whole = core.read_model(path)
+        head = ov.Model([cut(whole, fraction)], whole.get_parameters(), "head")
+        rest = core.read_model(path)
+        edge = cut(rest, fraction)
+        param = ov.opset13.parameter(edge.get_partial_shape(), edge.get_element_type(), "cut")
+        for target in list(edge.get_target_inputs()):
+            target.replace_source_output(param.output(0))
+        tail = ov.Model(rest.get_results(), [param], "tail")
+        a = core.compile_model(head, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+        b = core.compile_model(tail, "CPU", {**config, "INFERENCE_PRECISION_HINT": "bf16"}).create_infer_request()
+        run = lambda block, a=a, b=b: b.infer({0: a.infer({0: to_input(block, spec).numpy()})[0]})[0].copy()  # noqa: E731
+        out[f"openvino bf16, float32 above 1/{round(1 / fraction)} of the side ({tuple(edge.get_partial_shape())[1]} ch cut)"] = batched(run, BATCH)
+    return out
+
+
 def int8_variants(net, spec, threads):
     """ONNX Runtime INT8 (VNNI / AMX-INT8 where the CPU has them): bleep-rs's ONNX export quantised
     statically, calibrated on MOB1 spot patches. Returns {name: variant}; the quantisation time is printed."""
@@ -236,6 +274,7 @@ def main():
             print(f"{name}: compiled in {setup[name]:.0f} s")
         try:
             variants.update(openvino_variants(net, spec, args.threads))
+            variants.update(openvino_split_variants(net, spec, args.threads))
         except ImportError:
             print("openvino: not installed, not measured")
         try:
