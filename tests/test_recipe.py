@@ -108,11 +108,12 @@ def test_the_wider_fields_run_at_their_own_size(model, tiny, tmp_path):
     assert vit.config.input.wide_fields_px == 0 and len(vit.field_groups()) == 1  # not measured there: its own size
 
 
-def test_the_wider_fields_are_resized_once_for_all_views(model, tiny):
-    """With several views, the wider fields' input is made once and its views taken after (the features
-    of each view as when it runs alone, which makes its input from its view of the patches), for patches
-    smaller and larger than the 112 px they run at; dihedral_input is dihedral_view on the channel-first
-    input."""
+def test_the_wider_fields_are_resized_once_for_all_views(model, tiny, monkeypatch):
+    """With several views, the wider fields' input is made once per chunk of spots and its views taken
+    after (the features of each view as when it runs alone, which makes its input from its view of the
+    patches), for patches smaller and larger than the 112 px they run at, in one chunk or several;
+    dihedral_input is dihedral_view on the channel-first input."""
+    import bleep_rs.model
     from bleep_rs.augment import dihedral_input
     from bleep_rs.encode import to_inputs
 
@@ -121,6 +122,9 @@ def test_the_wider_fields_are_resized_once_for_all_views(model, tiny):
         together = model.features(p, views=range(8))
         alone = np.concatenate([model.features(p, views=(v,)) for v in range(8)])
         assert np.abs(together - alone).max() < 1e-5
+    monkeypatch.setattr(bleep_rs.model, "FEATURE_CHUNK", 2)  # 3 spots: chunks of 2 and 1
+    assert np.abs(model.features(p, views=range(8)) - together).max() < 1e-5
+    assert model.features(p[:0], views=range(8)).shape == (8, 0, model.feature_dim)
     spec = model.field_groups()[1][1]
     x = to_inputs(p[:, 1], spec, chunk=2)
     for v in range(8):

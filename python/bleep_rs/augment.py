@@ -107,7 +107,7 @@ def stain_jitter(patches: np.ndarray, amplitude: float, rng: np.random.Generator
     scale, shift = stain_draws(len(patches), amplitude, rng)
     out = np.empty_like(patches)
     for i in range(0, len(patches), 16):  # a float copy of 16 patches at a time
-        x = torch.from_numpy(patches[i : i + 16]).float().div_(255)
+        x = torch.from_numpy(np.ascontiguousarray(patches[i : i + 16])).float().div_(255)
         y = jitter_rgb(x, scale[i : i + 16], shift[i : i + 16], channel_dim=-1)
         out[i : i + 16] = y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
     return out

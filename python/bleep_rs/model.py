@@ -41,6 +41,10 @@ MODEL_FORMAT_VERSION = 4
 _LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "wide_fields_px": 0, "tta": False, "stain": "none"}
 
 
+#: Spots per chunk of :meth:`BleepModel.features` (a multiple of the CPU encoders' 64-patch batches).
+FEATURE_CHUNK = 256
+
+
 def _fields(patches: np.ndarray, idx: List[int]) -> np.ndarray:
     """patches[:, idx], a view when the fields are consecutive."""
     return patches[:, idx[0] : idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else patches[:, idx]
@@ -340,27 +344,31 @@ class BleepModel(nn.Module):
         n, nf = patches.shape[:2]
         groups = [(idx, spec, self.stained(_fields(patches, idx).reshape(n * len(idx), *patches.shape[2:]))) for idx, spec in self.field_groups()]
         out = np.empty((len(views), n, self.feature_dim), np.float32)
-        f = np.empty((n, nf, self.spec.feature_dim), np.float32)
         several = len(views) > 1
         bar = None
-        if progress and several:
+        if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
-        # Fields resized to run at another size (the wider fields of view) are resized once, not once per
-        # view: the views of the resized input are those of the patches, resized (to float rounding).
-        resized = {j: to_inputs(flat, spec) for j, (_, spec, flat) in enumerate(groups) if several and flat.shape[1] != spec.input_size}
-        for i, v in enumerate(views):
-            for j, (idx, spec, flat) in enumerate(groups):
-                if j in resized:
-                    got = input_features(self.backbone, spec, dihedral_input(resized[j], v), precision=precision)
-                else:
-                    got = backbone_features(self.backbone, spec, dihedral_view(flat, v), precision=precision, progress=progress and not several)
-                f[:, idx] = got.reshape(n, len(idx), self.spec.feature_dim)
-            with torch.no_grad():
-                out[i] = self.fuse(torch.from_numpy(f)).numpy()
-            if bar is not None:
-                bar.update(n * nf)
+        # A chunk of spots at a time, each of its views in turn. Fields resized to run at another size (the
+        # wider fields of view) are resized once per chunk, not once per view (the views of the resized
+        # input are those of the patches, resized, to float rounding), and only a chunk's is held.
+        for start in range(0, n, FEATURE_CHUNK):
+            m = min(n, start + FEATURE_CHUNK) - start
+            chunk = [flat[start * len(idx) : (start + m) * len(idx)] for idx, _, flat in groups]
+            resized = {j: to_inputs(chunk[j], spec) for j, (_, spec, _) in enumerate(groups) if several and chunk[j].shape[1] != spec.input_size}
+            f = np.empty((m, nf, self.spec.feature_dim), np.float32)
+            for i, v in enumerate(views):
+                for j, (idx, spec, _) in enumerate(groups):
+                    if j in resized:
+                        got = input_features(self.backbone, spec, dihedral_input(resized[j], v), precision=precision)
+                    else:
+                        got = backbone_features(self.backbone, spec, dihedral_view(chunk[j], v), precision=precision)
+                    f[:, idx] = got.reshape(m, len(idx), self.spec.feature_dim)
+                with torch.no_grad():
+                    out[i, start : start + m] = self.fuse(torch.from_numpy(f)).numpy()
+                if bar is not None:
+                    bar.update(m * nf)
         if bar is not None:
             bar.close()
         return out

@@ -20,7 +20,8 @@ from .config import TrainConfig
 __all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features", "training_features", "feature_keys"]
 
 
-#: Bump when the way features are computed changes, so that no stale cache entry is reused.
+#: Bump when the way features are computed changes (the stain jitter's formula included), so that no stale
+#: cache entry is reused.
 FEATURE_CACHE_VERSION = 2
 
 

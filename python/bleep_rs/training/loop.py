@@ -216,7 +216,7 @@ class _Trainer:
         scale, shift = stain_draws(len(x), self.cfg.stain_jitter, np.random.default_rng(seed))
         mean = torch.tensor(self.model.spec.mean, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.model.spec.std, device=x.device).view(3, 1, 1)
-        return (jitter_rgb(x * std + mean, scale, shift, channel_dim=2) - mean) / std
+        return ((jitter_rgb(x * std + mean, scale, shift, channel_dim=2) - mean) / std).contiguous()
 
     def loss(self, idx: np.ndarray, train: bool) -> torch.Tensor:
         x = self.inputs(idx, train)
