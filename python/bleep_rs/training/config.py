@@ -59,7 +59,7 @@ class TrainConfig:
                                          "encoder (a GPU job)")
     augment: bool = option(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
     color_jitter: float = option(0.0, "brightness / contrast jitter amplitude (fine-tuning only)", low=0, high=1)
-    # HED stain jitter (0.5): HEG-50 +0.006 on MOB, +0.008 on HER2ST within the patient, level across
+    # HED stain jitter (0.5): HEG-50 +0.012 on MOB, +0.008 on HER2ST within the patient, level across
     # patients; 9 of the 11 folds up or level (docs/benchmarks.md, "Stain jitter").
     stain_jitter: float = option(0.5, "HED stain augmentation amplitude: each spot's haematoxylin, eosin and DAB densities scaled by up to "
                                       "1 +- A and shifted by up to +- A/4 (with a frozen backbone: the features of one jittered copy of the "
