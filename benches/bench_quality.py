@@ -49,15 +49,15 @@ def load_set(name: str, config):
     import bleep_rs
     from bleep_rs.model import BleepModel, ModelConfig
     from bleep_rs.training import native_um_per_px
-    from bleep_rs.training.features import section_features, training_features
+    from bleep_rs.training.features import training_features
 
     ids, um, extra = SETS[name]
     ids = ids + ([extra] if extra else [])
     sections = [bleep_rs.read_section(DATA / name / s) for s in ids]
     um = um or native_um_per_px(sections[: len(SETS[name][0])])
     model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), backbone=config.backbone, input=config.input.replace(tta=False)))
-    feats = [section_features(model, s, config, um) for s in sections]
-    train_feats = [training_features(model, s, config, um) for s in sections] if config.stain_jitter else feats
+    train_feats = [training_features(model, s, config, um) for s in sections]
+    feats = [t[: len(t) // 2] for t in train_feats] if config.stain_jitter else train_feats  # the plain views: their first half
     return ids, sections, feats, train_feats, um, model.spec.feature_dim
 
 

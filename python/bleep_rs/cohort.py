@@ -337,11 +337,12 @@ def _slim(section):
 
 def _features_task(name: str, section, model_json: str, digest: str, backbone_state, config, um_per_px) -> dict:
     """One section's backbone features, on a worker, into the feature cache (training's own
-    ``training_features``: the same keys, the same atomic writes). The backbone is rebuilt once per worker
+    ``section_features`` of each of its entries: the same keys, the same atomic writes; each entry let go
+    once written, not joined as training joins them). The backbone is rebuilt once per worker
     from the weights sent once to every worker (``digest`` names them)."""
     from .device import pick_device
     from .model import BleepModel, ModelConfig
-    from .training.features import training_features
+    from .training.features import section_features, training_jitters
 
     def build():
         model = BleepModel(ModelConfig.from_json(model_json, "the training run"), pretrained=False)
@@ -352,10 +353,11 @@ def _features_task(name: str, section, model_json: str, digest: str, backbone_st
     started = time.perf_counter()
     try:
         model = _cached("backbone", digest, build)
-        feats = training_features(model, section, config, um_per_px)
+        shapes = [section_features(model, section, config, um_per_px, stain_jitter=j).shape for j in training_jitters(config)]
     except BleepError as e:
         return {**record, "status": "error", "error": str(e)}
-    return {**record, "status": "done", "shape": tuple(feats.shape), "seconds": time.perf_counter() - started, "loads": LOADS["backbone"]}
+    shape = (sum(s[0] for s in shapes), *shapes[0][1:])  # what training reads: the entries' views, one after the other
+    return {**record, "status": "done", "shape": shape, "seconds": time.perf_counter() - started, "loads": LOADS["backbone"]}
 
 
 def cache_features(client, model, sections: Sequence, config, um_per_px: Optional[float], *,

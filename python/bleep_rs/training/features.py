@@ -17,7 +17,7 @@ from ..augment import N_VIEWS
 from ..model import BleepModel
 from .config import TrainConfig
 
-__all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features", "training_features", "feature_keys"]
+__all__ = ["FEATURE_CACHE_VERSION", "cache_entries", "feature_cache_key", "section_features", "training_features", "training_jitters", "feature_keys"]
 
 
 #: Bump when the way features are computed changes (the stain jitter's formula included), so that no stale
@@ -89,20 +89,23 @@ def _views(config: TrainConfig) -> int:
     return N_VIEWS if config.augment else 1
 
 
+def training_jitters(config: TrainConfig) -> list:
+    """The stain jitter of each cache entry training reads of a section: none (the plain features), then
+    ``config.stain_jitter``'s copy when it is set."""
+    return [0.0] + ([config.stain_jitter] if config.stain_jitter else [])
+
+
 def feature_keys(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> list:
     """The cache keys of what training reads of a section (:func:`training_features`)."""
-    jitters = [0.0] + ([config.stain_jitter] if config.stain_jitter else [])
-    return [feature_cache_key(model, section, config, um_per_px, _views(config), j) for j in jitters]
+    return [feature_cache_key(model, section, config, um_per_px, _views(config), j) for j in training_jitters(config)]
 
 
 def training_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float]) -> np.ndarray:
     """What training with a frozen backbone reads of a section: its features (views, n, fields * D), and
     with ``config.stain_jitter``, those of a stain-jittered copy of its patches after them (2 x views
     in all: training draws one of them per spot and step)."""
-    feats = section_features(model, section, config, um_per_px)
-    if not config.stain_jitter:
-        return feats
-    return np.concatenate([feats, section_features(model, section, config, um_per_px, stain_jitter=config.stain_jitter)])
+    parts = [section_features(model, section, config, um_per_px, stain_jitter=j) for j in training_jitters(config)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def section_features(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], *, stain_jitter: float = 0.0) -> np.ndarray:
