@@ -7,17 +7,19 @@
 The folds of benches/bench_quality.py (leave one section out on MOB1-4 and HER2ST C2-C4, and HER2ST C2-C4 ->
 B4 across patients), the default recipe (bleep_rs.train on cached frozen EfficientNet-Lite0 features, 8
 dihedral views for augmentation), with the model's fields of view 1 / 1+2 / 1+2+3 and, at prediction, the
-mean embedding of 1, 2, 4 or 8 dihedral views of each tile (test-time augmentation):
+mean embedding of 1, 2, 4 or 8 dihedral views of each tile (test-time augmentation), as many for every field
+or fewer of field 1 than of the wider fields (``tta_views`` N1/NW; a field's other views take the mean of its
+own, bleep_rs.model.fill_views):
 
   views 1: (0,) identity; 2: (0, 4) and its mirror; 4: (0, 2, 4, 6) the two mirrors and the half turn; 8: all
 
-A tile costs fields x views backbone passes (today's default: 3 x 8 = 24), the wider fields' at their own
+A tile costs the sum of its fields' views in backbone passes (today's default, 2/4: 2 + 4 + 4 = 10), the wider fields' at their own
 input side (--wide-fields-px: default the backbone's, 112 px for Lite0; 0: its input size). The features of every field and
 view come from one cache, so every point is scored on the same patches; each field set is trained once per
 fold and seed and predicted with each view set. Scores: mean per-gene Pearson r over HEG-50 and HVG-50 per
 held-out section; per set, the mean over LOSO folds per seed, then mean and sd over seeds; the cross-patient
-fold apart. Seconds per 1,000 tiles: views x (field 1's + each wider field's measured seconds per 1,000
-patches in this run: ONNX Runtime, one view of one field at its size, the encoder predict uses), the rest of `predict --slide` aside
+fold apart. Seconds per 1,000 tiles: field 1's views x its measured seconds per 1,000 patches + each wider
+field's views x its own (in this run: ONNX Runtime, one view of one field at its size, the encoder predict uses), the rest of `predict --slide` aside
 (benches/bench_predict.py measures it: 0.90x the encoder's rate on a whole slide). Results: .bench/cost.json.
 """
 
@@ -37,7 +39,10 @@ sys.path.insert(0, str(ROOT / "benches"))
 from bench_quality import DATA, SETS, fold_targets, folds, load_set, training_data  # noqa: E402
 
 FIELDS = {"1": [0], "1+2": [0, 1], "1+2+3": [0, 1, 2]}
-VIEWS = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(8))}
+#: tta_views points per field set: views of every field, and (field 1's, the wider fields') pairs.
+POINTS = {"1": [(1,), (2,), (4,), (8,)],
+          "1+2": [(1,), (2,), (4,), (8,), (2, 4)],
+          "1+2+3": [(1,), (2,), (4,), (8,), (1, 4), (2, 4), (1, 8), (2, 8), (4, 8)]}
 SLIDE_TILES = 30_000
 
 
@@ -112,31 +117,37 @@ def main():
       input=config.input.replace(fields_of_view=tuple(float(i + 1) for i in fidx), um_per_px=um))
                     model = train(train_secs, work / f"{name}-{ids[held]}", cfg, data=data)
                     ref = bleep_rs.build_reference(model, train_secs)
-                    for nv, views in VIEWS.items():
-                        emb = model.embed_features(test_f[list(views)] if nv > 1 else test_f[0])
+                    for point in POINTS[fname]:
+                        counts = model.tta_views(point)
+                        emb = model.embed_features(model.view_features(test_f, counts) if max(counts) > 1 else test_f[0])
                         s = summarise(ref.impute(emb, k=model.config.k, method=model.config.method), truth, genes)
-                        passes = len(fidx) * nv
-                        rows.append({"set": name, "held_out": ids[held], "cross_patient": kind != "loso", "fields": fname, "views": nv,
-                                     "passes": passes, "seed": seed, "heg50": s["heg50"], "hvg50": s["hvg50"]})
-                    last = rows[-len(VIEWS):]
-                    print(f"{name}/{ids[held]:<5} fields {fname:<6} seed {seed}: HEG-50 by views 1/2/4/8 "
-                          + " ".join(f"{r['heg50']:.3f}" for r in last), flush=True)
+                        rows.append({"set": name, "held_out": ids[held], "cross_patient": kind != "loso", "fields": fname, "views": label(point),
+                                     "passes": sum(counts), "seed": seed, "heg50": s["heg50"], "hvg50": s["hvg50"]})
+                    last = rows[-len(POINTS[fname]):]
+                    print(f"{name}/{ids[held]:<5} fields {fname:<6} seed {seed}: HEG-50 by views " + " ".join(f"{r['views']} {r['heg50']:.3f}" for r in last),
+                          flush=True)
     summary = summarise_points(rows, args.sets, per_pass)
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "summary": summary, "backbone_s_per_1000": per_pass}, indent=1))
     print(f"results: {args.out}")
 
 
+def label(point: tuple) -> str:
+    """A tta_views point as printed: "8" (every field), "2/4" (field 1's / the wider fields')."""
+    return "/".join(map(str, point))
+
+
 def summarise_points(rows: list, sets: list, per_pass: float) -> list:
     """Per point (fields, views) and set: LOSO mean per seed, then mean and sd over seeds; cross-patient."""
     out = []
-    print(f"\n{'fields':<7}{'views':>5}{'passes':>7}{'s / 1,000 tiles':>16}{'30k-tile slide':>15}  per set: LOSO HEG-50 (mean ± sd over seeds) / "
+    print(f"\n{'fields':<7}{'views':>6}{'passes':>7}{'s / 1,000 tiles':>16}{'30k-tile slide':>15}  per set: LOSO HEG-50 (mean ± sd over seeds) / "
           "HVG-50; cross-patient HEG-50 / HVG-50")
     for fname in FIELDS:
-        for nv in VIEWS:
+        for views in POINTS[fname]:
+            nv = label(views)
             mine = [r for r in rows if r["fields"] == fname and r["views"] == nv]
             passes = mine[0]["passes"]
-            cost = nv * (per_pass["1"] + (len(FIELDS[fname]) - 1) * per_pass["wide"])  # seconds per 1,000 tiles
+            cost = views[0] * per_pass["1"] + views[-1] * (len(FIELDS[fname]) - 1) * per_pass["wide"]  # seconds per 1,000 tiles
             point = {"fields": fname, "views": nv, "passes": passes, "s_per_1000_tiles": cost, "slide_minutes": cost * SLIDE_TILES / 1000 / 60}
             cells = []
             for name in sets:
@@ -151,7 +162,7 @@ def summarise_points(rows: list, sets: list, per_pass: float) -> list:
                     cell += f"; cross {point[name]['cross']['heg50']:.3f} / {point[name]['cross']['hvg50']:.3f}"
                 cells.append(cell)
             out.append(point)
-            print(f"{fname:<7}{nv:>5}{passes:>7}{point['s_per_1000_tiles']:>16.1f}{point['slide_minutes']:>12.1f} min  " + " | ".join(cells))
+            print(f"{fname:<7}{nv:>6}{passes:>7}{point['s_per_1000_tiles']:>16.1f}{point['slide_minutes']:>12.1f} min  " + " | ".join(cells))
     return out
 
 

@@ -124,7 +124,7 @@ def throughput(name: str, model, ref, slide: Path, copies: list, batch_sizes: li
         torch.cuda.reset_peak_memory_stats()
     with gpu_use(use):
         _, enc = timed(model.embed_images, tiles)
-    row = {"model": name, "tiles": n, "backbone_passes_per_tile": tiles.shape[1] * (8 if model.config.input.tta else 1),
+    row = {"model": name, "tiles": n, "backbone_passes_per_tile": sum(model.tta_views()),
            "encoder_tiles_s": n / enc, "encoder_gpu": use, "torch_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     print(f"{name:<7} {n} tiles, {row['backbone_passes_per_tile']} backbone passes each: encoder alone {n / enc:7.0f} tiles/s "
           f"(GPU busy {use['util_mean'] or 0:.0f} %)", flush=True)

@@ -316,6 +316,9 @@ def input_with(**changes):
     (input_with(views=8), r"config.json's input: unknown keys \['views'\]"),
     (json_with(input=...), r"config.json: missing keys \['input'\]"),
     (input_with(tta=...), r"config.json's input: missing keys \['tta'\]"),  # format 3 says every field: no default stands in
+    (input_with(tta_views=...), r"config.json's input: missing keys \['tta_views'\]"),  # so does format 5
+    (input_with(tta_views=[3]), r"config.json's input: tta_views must be one of 1, 2, 4, 8, got 3"),
+    (input_with(tta_views=[2, 4, 8]), r"config.json's input: tta_views must be one count or two"),
     (json_with(format_version=2), r"config.json of format 2 has an \"input\" object"),
     (json_with(input=[224]), r"config.json: wrong types: input"),
     (json_with(mean=[0.5, "x", 0.5]), r"wrong types: mean"),
@@ -342,20 +345,33 @@ def test_a_format_2_model_config_loads_with_its_input_fields_at_the_top(model_di
 
     model = load_model(model_dir / "model")
     cfg = json.loads((model_dir / "model" / "config.json").read_text())
-    old = {**{k: v for k, v in cfg.items() if k != "input"}, **cfg["input"], "tta": True, "format_version": 2}
+    old = {**{k: v for k, v in cfg.items() if k != "input"}, **{k: v for k, v in cfg["input"].items() if k != "tta_views"},  # format 5's
+           "tta": True, "format_version": 2}
     (tmp_path / "a").mkdir()
     loaded = load_model(broken_model(model_dir, tmp_path / "a", config=json.dumps(old))).config.input
-    assert loaded == model.config.input.replace(tta=True)
+    assert loaded == model.config.input.replace(tta=True, tta_views=(8,))  # format 2 averaged 8 views of every field
     old = {k: v for k, v in old.items() if k not in ("fields_of_view", "tta")}  # today's defaults are (1, 2, 3) and True
     (tmp_path / "b").mkdir()
     migrated = load_model(broken_model(model_dir, tmp_path / "b", config=json.dumps(old)))
-    assert migrated.config.input == model.config.input.replace(tta=False)
+    assert migrated.config.input == model.config.input.replace(tta=False, tta_views=(8,))
     # Saved again, it is a format-3 file that loads as it was (not migrated a second time).
     from bleep_rs.model import MODEL_FORMAT_VERSION, save_model
 
     save_model(migrated, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["format_version"] == MODEL_FORMAT_VERSION
     assert load_model(tmp_path / "again").config.input == migrated.config.input
+
+
+def test_a_format_4_model_keeps_averaging_8_views_of_every_field(model_dir, tmp_path):
+    """Models written before the views went per field (format 4: no "tta_views") predict as they did: all 8
+    views of every field with TTA; format 5 records its own counts."""
+    from bleep_rs.model import load_model
+
+    cfg = json.loads((model_dir / "model" / "config.json").read_text())
+    assert cfg["format_version"] == 5 and cfg["input"]["tta_views"] == [2, 4]
+    old = {**cfg, "format_version": 4, "input": {k: v for k, v in cfg["input"].items() if k != "tta_views"}}
+    loaded = load_model(broken_model(model_dir, tmp_path, config=json.dumps(old)))
+    assert loaded.config.input.tta_views == (8,) and loaded.tta_views(tta=True) == (8,) * loaded.n_fields
 
 
 def _set(name, value):

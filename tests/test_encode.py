@@ -357,12 +357,12 @@ def test_tta_views_average_the_named_views(model, her2st):
 
     patches = her2st[0][:4]
     tta = copy.deepcopy(model)
-    tta.config.input = tta.config.input.replace(tta=True)
+    tta.config.input = tta.config.input.replace(tta=True, tta_views=(8,))
     assert np.allclose(tta.embed_images(patches, tta_views=8), tta.embed_images(patches), atol=1e-6)
     assert np.allclose(tta.embed_images(patches, tta_views=1), tta.embed_images(patches, tta=False), atol=1e-6)
     for n in (2, 4):
         want = tta.embed_features(tta.features(patches, views=TTA_VIEWS[n]))
         assert np.allclose(tta.embed_images(patches, tta_views=n), want, atol=1e-6)
     for bad in (0, 3, 16, True, "2"):
-        with pytest.raises(BleepError, match="tta_views must be one of"):
+        with pytest.raises(BleepError, match="tta_views must be one count of"):
             tta.embed_images(patches, tta_views=bad)

@@ -283,6 +283,30 @@ def test_the_gpu_pipeline_agrees_with_the_cpu(trained, slides):
     assert np.mean(shared) >= 0.9
 
 
+def test_views_per_field_go_through_sections_and_slides(trained, slides, monkeypatch, capsys):
+    """A model of 3 fields with its default TTA views (2 of field 1, 4 of the wider ones) predicts a section
+    and a slide with the embeddings of embed_images, records the views per field, and counts 10 backbone
+    passes a tile in its estimate; --tta-views overrides it per run."""
+    import bleep_rs.predict as predict
+    from bleep_rs.model import BleepModel, ModelConfig, build_reference
+
+    _, _, section = trained
+    model = BleepModel(ModelConfig(panel=trained[0].config.panel, input=InputSpec(patch_size=64, um_per_px=2 * UM))).eval()
+    assert model.tta_views() == (2, 4, 4)
+    ref = build_reference(model, [section[:40]])
+    part = section[:16]
+    pred = predict_section(model, ref, part, k=5, progress=False)
+    want = ref.impute(model.embed_images(model.config.input.section_patches(part)), k=5, method=model.config.method)
+    np.testing.assert_allclose(pred.X, want, atol=1e-5)
+    assert list(pred.uns["bleep"]["tta_views"]) == [2, 4, 4]
+    assert list(predict_section(model, ref, part, k=5, tta_views=(1, 2), progress=False).uns["bleep"]["tta_views"]) == [1, 2, 2]
+    monkeypatch.setattr(predict, "ESTIMATE_AFTER_S", 0.0)
+    tiles = predict_slide(model, ref, slides[0], um_per_px=UM, k=5, min_tissue=0.5, batch_size=1)
+    assert list(tiles.uns["bleep"]["tta_views"]) == [2, 4, 4] and tiles.n_obs > 1
+    line = next(x for x in capsys.readouterr().err.splitlines() if "backbone passes" in x)
+    assert "10 backbone passes each (3 fields x 2/4/4 views, the wider fields at 112 px)" in line
+
+
 def test_a_long_input_is_announced_with_its_estimate(trained, monkeypatch, capsys):
     """With progress on, an input whose encoding will take longer than ESTIMATE_AFTER_S gets one line after
     its first batch: the backbone passes per spot or tile, the estimated minutes and the cheaper choice."""

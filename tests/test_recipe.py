@@ -2,6 +2,7 @@
 cache and its key, the resolution a model records, the command line built from the config, and how a
 training run ends (an existing output, no usable epoch, a checkpoint of another run)."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -94,9 +95,9 @@ def test_the_wider_fields_run_at_their_own_size(model, tiny, tmp_path):
 
     save_model(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["format_version"] == 4 and config["input"]["wide_fields_px"] == 112
-    config["format_version"] = 3  # as saved before the size was recorded
-    del config["input"]["wide_fields_px"]
+    assert config["format_version"] == 5 and config["input"]["wide_fields_px"] == 112
+    config["format_version"] = 3  # as saved before the size (and the views, format 5) were recorded
+    del config["input"]["wide_fields_px"], config["input"]["tta_views"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     old = load_model(tmp_path / "m")
     assert old.config.input.wide_fields_px == 0 and np.allclose(old.features(p, precision="float32"), full, atol=1e-5)
@@ -133,13 +134,47 @@ def test_the_wider_fields_are_resized_once_for_all_views(model, tiny, monkeypatc
 
 def test_tta_is_the_mean_of_the_eight_views(model, tiny):
     p = section_patches(tiny[0], 64, fields=model.config.input.fields_of_view)[:6]
-    tta = model.embed_images(p, tta=True)
+    tta = model.embed_images(p, tta_views=8)
     views = np.stack([model.embed_images(dihedral_view(p, v), tta=False) for v in range(8)])
     views /= np.linalg.norm(views, axis=-1, keepdims=True)
     assert np.allclose(tta, views.mean(0), atol=1e-5)
     assert not np.allclose(tta / np.linalg.norm(tta, axis=1, keepdims=True), views[0], atol=1e-3)
     with pytest.raises(BleepError, match=r"\(n, 2, h, w, 3\)"):
         model.embed_images(p[:, 0])  # one field given to a two-field model
+
+
+def test_views_per_field_fill_the_fewer_views_with_their_mean(model, tiny):
+    """tta_views (2, 4), the default: field 1 through the backbone at views 0 and 4 only, the wider field at
+    0, 2, 4, 6; the mean embedding of those 4 views, field 1's block at views 2 and 6 being the normalised
+    mean of its own two. The same from features of all 8 views (view_features, the benches' path)."""
+    from bleep_rs.model import fill_views
+
+    p = section_patches(tiny[0], 64, fields=model.config.input.fields_of_view)[:5]
+    tta = copy.deepcopy(model)
+    tta.config.input = tta.config.input.replace(tta=True)
+    assert tta.config.input.tta_views == (2, 4) and tta.tta_views() == (2, 4) and tta.tta_views(8) == (8, 8) and tta.tta_views(tta=False) == (1, 1)
+    all8 = tta.features(p, views=tuple(range(8)))
+    dim = tta.spec.feature_dim
+    f1 = all8[[0, 4], :, :dim].mean(0)
+    f1 /= np.linalg.norm(f1, axis=-1, keepdims=True)
+    want = all8[[0, 2, 4, 6]].copy()
+    want[[1, 3], :, :dim] = f1
+    np.testing.assert_allclose(tta.view_features(all8, (2, 4)), want, atol=1e-6)
+    np.testing.assert_allclose(tta.embed_images(p), tta.embed_features(want), atol=1e-5)
+    np.testing.assert_allclose(tta.embed_images(p, tta_views=(1, 8)), tta.embed_features(tta.view_features(all8, (1, 8))), atol=1e-5)
+    # The fields' own views only go through the backbone: 2 + 4 passes a tile, not 8.
+    calls = []
+    net = tta.backbone
+    tta.backbone = type("Counting", (torch.nn.Module,), {"forward": lambda self, x: calls.append(len(x)) or net(x)})()
+    tta.embed_images(p, precision="float32")
+    assert sum(calls) == len(p) * (2 + 4)
+    tta.backbone = net
+    # fill_views leaves computed blocks alone and fills unnormalised features with the plain mean.
+    x = np.arange(2 * 1 * 4, dtype=np.float32).reshape(2, 1, 4)
+    np.testing.assert_array_equal(fill_views(x.copy(), (0, 4), [(0,), (0, 4)], 2, l2=False), [[[0, 1, 2, 3]], [[0, 1, 6, 7]]])
+    for bad in (3, (2, 4, 8), (), True, "2"):
+        with pytest.raises(BleepError, match="tta_views must be"):
+            tta.embed_images(p, tta_views=bad)
 
 
 def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["N_VIEWS", "TTA_VIEWS", "dihedral_view", "dihedral_input", "random_views", "tta_views", "stain_jitter"]
+__all__ = ["N_VIEWS", "TTA_VIEWS", "dihedral_view", "dihedral_input", "random_views", "tta_views", "view_counts", "stain_jitter"]
 
 N_VIEWS = 8
 #: The views averaged at prediction for 1, 2, 4 or 8 views a tile (each a backbone pass per field of view):
@@ -26,6 +26,25 @@ def tta_views(n) -> tuple:
     if isinstance(n, bool) or n not in TTA_VIEWS:
         raise BleepError(f"tta_views must be one of {sorted(TTA_VIEWS)} (views averaged per tile), not {n!r}")
     return TTA_VIEWS[n]
+
+
+def counts_problem(counts) -> "str | None":
+    """What is wrong with a ``tta_views`` list of counts as a config field (their values are checked as
+    choices): one count, or two."""
+    return None if 1 <= len(counts) <= 2 else f"must be one count or two (field 1's, the wider fields'), got {list(counts)}"
+
+
+def view_counts(value) -> tuple:
+    """Views averaged per tile as given (``tta_views``): one count for every field of view, or two: field
+    1's and the wider fields' (each 1, 2, 4 or 8), as a tuple; anything else is an error naming it. The
+    views of a smaller count are among a larger one's, so a tile's fields share their first views."""
+    from ._core import BleepError
+
+    counts = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(counts, (tuple, list)) or not 1 <= len(counts) <= 2 or any(isinstance(c, bool) or c not in TTA_VIEWS for c in counts):
+        raise BleepError(f"tta_views must be one count of {sorted(TTA_VIEWS)} for every field of view, or two (field 1's and the "
+                         f"wider fields'), not {value!r}")
+    return tuple(int(c) for c in counts)
 
 
 def dihedral_view(patches: np.ndarray, view: int) -> np.ndarray:

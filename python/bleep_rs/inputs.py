@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .augment import counts_problem
 from .normalize import STAINS
 from .options import check, option
 
@@ -46,12 +47,18 @@ class InputSpec:
                                                  "efficientnet-lite0, a third of the cost, as accurate; the others: their input size); "
                                                  "0: the backbone's input size, as field 1 (recorded in the model)",
                                            low=0, high=4096, metavar="PX")
-    tta: bool = option(True, "predict from the mean of the 8 dihedral views' embeddings (recorded in the model)")
+    tta: bool = option(True, "predict from the mean of dihedral views' embeddings, --tta-views of them (recorded in the model)")
+    tta_views: Tuple[int, ...] = option((2, 4), "dihedral views averaged per tile at prediction with TTA: one count (1, 2, 4 or 8) for "
+                                                "every field of view, or two: field 1's and the wider fields' (default 2 4: a third of "
+                                                "the cost of 8 views, within 0.01 of its accuracy; recorded in the model, docs/benchmarks.md)",
+                                        choices=(1, 2, 4, 8), low=1, check=counts_problem)
     stain: str = option("none", "macenko: every patch Macenko-normalised to one reference stain before the backbone, in training "
                                 "and prediction (recorded in the model); helps HER2ST across patients, hurts MOB (docs/benchmarks.md)",
                         choices=STAINS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.tta_views, int) and not isinstance(self.tta_views, bool):  # one count for every field
+            object.__setattr__(self, "tta_views", (self.tta_views,))
         check(self)
 
     def replace(self, **changes) -> "InputSpec":

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._core import BleepError
-from .augment import N_VIEWS, tta_views as _tta_views
+from .augment import N_VIEWS, TTA_VIEWS, view_counts
 from .backbones import create_backbone
 from .expression import MIN_SPOTS, Panel, panel_expression, reference_genes
 from .inputs import InputSpec
@@ -33,12 +33,14 @@ from .reference import DEFAULT_K, DEFAULT_METHOD
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
            "MODEL_FORMAT_VERSION"]
 
+#: 5: the views averaged at prediction recorded ("tta_views"; 4 and before: 8 on every field with TTA);
 #: 4: the wider fields' input side recorded ("wide_fields_px"; 3 and before: every field at the backbone's
 #: input size); 3: the input recipe as one object, "input" (2: its fields at the top level; 1: features not
 #: normalised).
-MODEL_FORMAT_VERSION = 4
+MODEL_FORMAT_VERSION = 5
 #: What a config.json of format 1 or 2 meant by an input field it leaves out (those versions' defaults).
-_LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "wide_fields_px": 0, "tta": False, "stain": "none"}
+_LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "wide_fields_px": 0, "tta": False, "tta_views": [8],
+                 "stain": "none"}
 
 
 #: Spots per chunk of :meth:`BleepModel.features` (a multiple of the CPU encoders' 64-patch batches).
@@ -125,8 +127,10 @@ class ModelConfig:
             d["input"] = {k: d.pop(k, default) for k, default in _LEGACY_INPUT.items()}
         elif "input" not in d:
             raise BleepError(f"{where}: config.json: missing keys ['input']: the file is damaged or not from this version of bleep-rs")
-        elif isinstance(version, int) and version == 3 and isinstance(d["input"], dict):
-            d["input"].setdefault("wide_fields_px", 0)  # format 3 ran every field at the backbone's input size
+        elif isinstance(version, int) and version in (3, 4) and isinstance(d["input"], dict):
+            if version == 3:
+                d["input"].setdefault("wide_fields_px", 0)  # format 3 ran every field at the backbone's input size
+            d["input"].setdefault("tta_views", [N_VIEWS])  # formats 3 and 4 averaged all 8 views of every field
         if isinstance(version, int) and version < MODEL_FORMAT_VERSION:
             d["format_version"] = MODEL_FORMAT_VERSION  # what it is now (saved again, it is the current format)
         _check_fields(cls, d, f"{where}: config.json")
@@ -195,6 +199,31 @@ def _check_fields(cls, d, where: str, *, every: bool = False) -> None:
     if extra or missing or wrong:
         parts = [f"unknown keys {extra}"] * bool(extra) + [f"missing keys {missing}"] * bool(missing) + [f"wrong types: {'; '.join(wrong)}"] * bool(wrong)
         raise BleepError(f"{where}: {', '.join(parts)}: the file is damaged or not from this version of bleep-rs")
+
+
+def _views_of(counts: Sequence[int]) -> tuple:
+    """The views a tile runs for per-field view ``counts``, and each field's among them."""
+    per_field = [TTA_VIEWS[c] for c in counts]
+    return TTA_VIEWS[max(counts)], per_field
+
+
+def fill_views(features: np.ndarray, views: Sequence[int], per_field: Sequence[Sequence[int]], dim: int, *, l2: bool) -> np.ndarray:
+    """Fused features (len(views), n, fields * D) of which field f was computed only at ``per_field[f]``:
+    its block at the other views is set, in place, to the mean of its computed ones (L2-normalised when
+    the model normalises each field, ``l2``). A tile's mean embedding then gives the field the weight of
+    all the views while its backbone ran only at its own (measured in docs/benchmarks.md, "The default
+    model's cost per tile")."""
+    views = list(views)
+    for f, mine in enumerate(per_field):
+        missing = [i for i, v in enumerate(views) if v not in mine]
+        if not missing:
+            continue
+        block = slice(f * dim, (f + 1) * dim)
+        mean = features[[views.index(v) for v in mine], :, block].mean(axis=0)
+        if l2:
+            mean /= np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+        features[missing, :, block] = mean
+    return features
 
 
 class BleepModel(nn.Module):
@@ -331,9 +360,12 @@ class BleepModel(nn.Module):
 
         return MacenkoNormalizer().transform(patches)
 
-    def features(self, patches: np.ndarray, *, views: Sequence[int] = (0,), precision: str = "auto", progress: bool = False) -> np.ndarray:
+    def features(self, patches: np.ndarray, *, views: Sequence[int] = (0,), per_field: Optional[Sequence[Sequence[int]]] = None,
+                 precision: str = "auto", progress: bool = False) -> np.ndarray:
         """Fused backbone features float32 (len(views), n, fields * D) of the dihedral ``views`` (see
         :mod:`bleep_rs.augment`) of patches (n, fields, h, w, 3); precomputed features pass through.
+        ``per_field``: for each field of view, the views of ``views`` it goes through the backbone at
+        (default: all); its other views are filled with the mean of those (:func:`fill_views`).
         ``precision``: see :func:`bleep_rs.encode.backbone_features`."""
         from .augment import dihedral_input, dihedral_view
         from .encode import backbone_features, input_features, to_inputs
@@ -342,6 +374,7 @@ class BleepModel(nn.Module):
         if not self.spec.takes_images:
             return np.ascontiguousarray(patches, dtype=np.float32)[None]
         n, nf = patches.shape[:2]
+        per_field = [tuple(views)] * nf if per_field is None else [tuple(v) for v in per_field]
         groups = [(idx, spec, self.stained(_fields(patches, idx).reshape(n * len(idx), *patches.shape[2:]))) for idx, spec in self.field_groups()]
         out = np.empty((len(views), n, self.feature_dim), np.float32)
         several = len(views) > 1
@@ -349,7 +382,7 @@ class BleepModel(nn.Module):
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(views) * n * nf, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
+            bar = tqdm(total=sum(map(len, per_field)) * n, desc="backbone (8 views)" if len(views) == 8 else "backbone", unit="patch", leave=False)
         # A chunk of spots at a time, each of its views in turn. Fields resized to run at another size (the
         # wider fields of view) are resized once per chunk, not once per view (the views of the resized
         # input are those of the patches, resized, to float rounding), and only a chunk's is held.
@@ -357,21 +390,28 @@ class BleepModel(nn.Module):
             m = min(n, start + FEATURE_CHUNK) - start
             chunk = [flat[start * len(idx) : (start + m) * len(idx)] for idx, _, flat in groups]
             resized = {j: to_inputs(chunk[j], spec) for j, (_, spec, _) in enumerate(groups) if several and chunk[j].shape[1] != spec.input_size}
-            f = np.empty((m, nf, self.spec.feature_dim), np.float32)
+            f = np.zeros((m, nf, self.spec.feature_dim), np.float32)
             for i, v in enumerate(views):
                 for j, (idx, spec, _) in enumerate(groups):
+                    wanted = [k for k, field in enumerate(idx) if v in per_field[field]]  # this view's fields of the group
+                    if not wanted:
+                        continue
+                    x = resized[j] if j in resized else chunk[j]
+                    if len(wanted) < len(idx):
+                        rows = np.add.outer(np.arange(m) * len(idx), wanted).ravel()  # their patches, spot by spot
+                        x = x[torch.from_numpy(rows)] if j in resized else x[rows]
                     if j in resized:
-                        got = input_features(self.backbone, spec, dihedral_input(resized[j], v), precision=precision)
+                        got = input_features(self.backbone, spec, dihedral_input(x, v), precision=precision)
                     else:
-                        got = backbone_features(self.backbone, spec, dihedral_view(chunk[j], v), precision=precision)
-                    f[:, idx] = got.reshape(m, len(idx), self.spec.feature_dim)
+                        got = backbone_features(self.backbone, spec, dihedral_view(x, v), precision=precision)
+                    f[:, [idx[k] for k in wanted]] = got.reshape(m, len(wanted), self.spec.feature_dim)
+                    if bar is not None:
+                        bar.update(m * len(wanted))
                 with torch.no_grad():
                     out[i, start : start + m] = self.fuse(torch.from_numpy(f)).numpy()
-                if bar is not None:
-                    bar.update(m * nf)
         if bar is not None:
             bar.close()
-        return out
+        return fill_views(out, views, per_field, self.spec.feature_dim, l2=self.config.feature_norm == "l2")
 
     @torch.no_grad()
     def embed_features(self, features: np.ndarray) -> np.ndarray:
@@ -384,27 +424,39 @@ class BleepModel(nn.Module):
             e = nn.functional.normalize(e, dim=-1).mean(0)
         return e.cpu().numpy()
 
-    def tta_views(self, n: Optional[int] = None, *, tta: Optional[bool] = None) -> int:
-        """Views averaged per patch: ``n`` (1, 2, 4 or 8, checked), or by default 8 with test-time
-        augmentation (``tta``, default the model's) and 1 without; 1 for precomputed features."""
-        if n is not None:
-            _tta_views(n)
+    def tta_views(self, n: "int | Sequence[int] | None" = None, *, tta: Optional[bool] = None) -> tuple:
+        """Views averaged per patch, one count per field of view: ``n`` (one count of 1, 2, 4 or 8 for every
+        field, or two: field 1's and the wider fields'; checked), or by default the model's
+        ``input.tta_views`` with test-time augmentation (``tta``, default the model's) and 1 without; 1
+        for precomputed features."""
+        counts = view_counts(n) if n is not None else None
         if not self.spec.takes_images:
-            return 1
-        return n if n is not None else N_VIEWS if (self.config.input.tta if tta is None else tta) else 1
+            return (1,)
+        if counts is None:
+            counts = self.config.input.tta_views if (self.config.input.tta if tta is None else tta) else (1,)
+        return tuple(counts[0] if f <= 1.0 else counts[-1] for f in self.config.input.fields_of_view)
+
+    def view_features(self, features: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """The features :meth:`embed_images` averages for per-field view ``counts`` (:meth:`tta_views`),
+        taken from features of all 8 views (8, n, fields * D): those of the views it runs, each field's
+        other views filled as :meth:`features` fills them. For benches over cached features."""
+        views, per_field = _views_of(counts)
+        return fill_views(np.ascontiguousarray(features[list(views)], dtype=np.float32), views, per_field, self.spec.feature_dim,
+                          l2=self.config.feature_norm == "l2")
 
     def embed_images(self, patches: np.ndarray, *, tta: Optional[bool] = None, tta_views: Optional[int] = None, precision: str = "auto",
                      progress: bool = False) -> np.ndarray:
         """Image embeddings float32 (n, d) of uint8 patches (n, fields, h, w, 3) (one field: (n, h, w, 3)
         too), or of precomputed features (n, D) for a ``features:D`` backbone. ``tta`` (default: the
-        model's): the mean of the 8 dihedral views' embeddings; ``tta_views`` (1, 2, 4 or 8: see
-        :data:`bleep_rs.augment.TTA_VIEWS`) the mean of that many instead, each one backbone pass per
-        field. ``precision``: ``"auto"`` (the fastest inference that keeps the float32 answer) or
+        model's): the mean of the dihedral views' embeddings, as many as the model's ``input.tta_views``;
+        ``tta_views`` (one count of 1, 2, 4 or 8, or two: field 1's and the wider fields'; see
+        :data:`bleep_rs.augment.TTA_VIEWS`) that many instead, each one backbone pass per field and view
+        (a field's views beyond its count take the mean of its own). ``precision``: ``"auto"`` (the fastest inference that keeps the float32 answer) or
         ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
-        views = _tta_views(self.tta_views(tta_views, tta=tta))
+        views, per_field = _views_of(self.tta_views(tta_views, tta=tta))
         if len(self.check_patches(patches)) == 0:  # nothing to encode: the backbone is not run on no input
             return np.zeros((0, self.config.embedding_dim), np.float32)
-        f = self.features(patches, views=views, precision=precision, progress=progress)
+        f = self.features(patches, views=views, per_field=per_field, precision=precision, progress=progress)
         return self.embed_features(f if len(views) > 1 else f[0])
 
     @torch.no_grad()

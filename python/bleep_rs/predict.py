@@ -21,12 +21,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._core import BleepError
-from .augment import TTA_VIEWS
+from .augment import TTA_VIEWS, counts_problem
 from .options import check, option
 from .reference import DEFAULT_K, METHODS
 
@@ -101,9 +101,11 @@ class PredictConfig:
     method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, which train records)",
                                    choices=METHODS)
     neighbours: bool = option(False, "store the neighbours' indices and similarities")
-    tta_views: Optional[int] = option(None, "dihedral views averaged per spot or tile, one backbone pass per field each (default: the "
-                                            "model's, 8 with TTA): fewer is faster and a little less accurate (docs/benchmarks.md, "
-                                            "'The default model's cost per tile')", choices=tuple(TTA_VIEWS))
+    tta_views: Optional[Tuple[int, ...]] = option(None, "dihedral views averaged per spot or tile, one backbone pass per field each: "
+                                                        "one count (1, 2, 4 or 8) for every field of view, or two: field 1's and the "
+                                                        "wider fields' (default: the model's; 2 4 for models trained since 2026-12-06, 8 "
+                                                        "before): fewer is faster and a little less accurate (docs/benchmarks.md, 'The "
+                                                        "default model's cost per tile')", choices=tuple(TTA_VIEWS), low=1, check=counts_problem)
     precision: str = option("auto", "image encoder: auto (the fastest that keeps the float32 answer) or float32 (eager torch)",
                             choices=("auto", "float32"))
     batch_size: Optional[int] = option(None, "spots or tiles per batch read ahead of the encoder (default: 64 on a CPU, 256 on a "
@@ -116,6 +118,8 @@ class PredictConfig:
                                            "line's Visium HD SECTION: its bins pooled to this size when read)", low=0, low_open=True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.tta_views, int) and not isinstance(self.tta_views, bool):  # one count for every field
+            object.__setattr__(self, "tta_views", (self.tta_views,))
         check(self)
 
     @classmethod
@@ -237,7 +241,7 @@ def _naming(name: str):
 
 
 def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None, queue_depth: int = QUEUE_DEPTH,
-               precision: str = "auto", tta_views: Optional[int] = None, progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
+               precision: str = "auto", tta_views: "int | Sequence[int] | None" = None, progress: bool = True, desc: str = "spots") -> Iterator[tuple]:
     """Image embeddings of several inputs through one pipeline. Each job is ``(name, open)``: ``open()``,
     called in a background thread, opens the input and returns ``(context, n, read)``; ``read(slice)``
     returns the model's input for those rows (the Rust readers release the interpreter). The thread
@@ -251,7 +255,7 @@ def embed_jobs(model, jobs: Sequence[tuple], *, batch_size: Optional[int] = None
     input opens; 0 when it was built before and for the later inputs), ``encode`` and ``wait`` (the
     encoder waiting for this input); ``started`` is the ``time.perf_counter()`` at which the job began.
     ``precision``, ``tta_views``: see :meth:`~bleep_rs.model.BleepModel.embed_images`."""
-    tta_views = model.tta_views(tta_views)  # checked before the reader starts
+    model.tta_views(tta_views)  # checked before the reader starts
     bs = _encoder_batch(model) if batch_size is None else int(batch_size)
     if bs < 1:
         raise BleepError(f"batch_size must be at least 1, not {batch_size!r}")
@@ -321,14 +325,15 @@ def _estimate_line(model, what: str, seconds: float, encoding: dict) -> str:
     per tile)."""
     from .encode import get_encoder
 
-    views = encoding["tta_views"]
-    passes = (model.n_fields if model.spec.takes_images else 0) * views
+    views = list(model.tta_views(encoding["tta_views"]))  # per field of view
+    passes = sum(views) if model.spec.takes_images else 0
     wide = f", the wider fields at {model.wide_fields_px} px" if model.spec.takes_images and model.wide_fields_px else ""
-    line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {views} views{wide}), about {seconds / 60:.0f} min of encoding here"
+    per = f"{views[0]} views" if len(set(views)) == 1 else "/".join(map(str, views)) + " views"
+    line = f"{what}: {passes} backbone passes each ({model.n_fields} fields x {per}{wide}), about {seconds / 60:.0f} min of encoding here"
     if model.spec.takes_images:
         line += f" ({get_encoder(model.backbone, model.spec, encoding['precision']).name})"
-    if views > 1:
-        line += f"; tta_views=1 would take about {seconds / views / 60:.0f} min, a little less accurate"
+    if passes > len(views):
+        line += f"; tta_views=1 would take about {seconds * len(views) / passes / 60:.0f} min, a little less accurate"
     return line
 
 
@@ -373,7 +378,7 @@ def predict_section(model, reference, section, config: Optional[PredictConfig] =
 
     name = str(info.get("image_path") or info.get("library_id", "section"))
     steps = embed_jobs(model, [(name, open_section)], batch_size=cfg.batch_size, queue_depth=cfg.queue_depth, precision=cfg.precision,
-                       tta_views=tta_views, progress=progress)
+                       tta_views=cfg.tta_views, progress=progress)
     with contextlib.closing(steps):
         _, emb, seconds, started = next(steps)
     t = time.perf_counter()
@@ -383,7 +388,7 @@ def predict_section(model, reference, section, config: Optional[PredictConfig] =
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": float(spec.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
-        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": tta_views,
+        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": list(tta_views),
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
         "image_um_per_px": float(info.get("um_per_px", 0.0)), "shape": _spot_shape(info),
     }
@@ -421,7 +426,7 @@ def predict_features(model, reference, features, config: Optional[PredictConfig]
     k, method = cfg.retrieval(model)
     t = time.perf_counter()
     info = {"model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "features": str(pf.path),
-            "features_encoder": pf.encoder or "", "fields_of_view": [1.0], "tta": False, "tta_views": 1}
+            "features_encoder": pf.encoder or "", "fields_of_view": [1.0], "tta": False, "tta_views": [1]}
     if section is not None:
         spots, rows = pf.rows_for(section)
         imputed = _impute(reference, model.embed_images(pf.features[rows]), k=k, method=method)
@@ -537,7 +542,7 @@ def predict_slides(model, reference, paths: Sequence, config: Optional[PredictCo
     k, method = cfg.retrieval(model)
     jobs = [(str(p), functools.partial(_open_slide, model, p, cfg, hd_run)) for p in paths]
     steps = embed_jobs(model, jobs, batch_size=cfg.batch_size, queue_depth=cfg.queue_depth, precision=cfg.precision,
-                       tta_views=model.tta_views(cfg.tta_views), progress=progress, desc="tiles" if cfg.bin_um is None and hd_run is None else "bins")
+                       tta_views=cfg.tta_views, progress=progress, desc="tiles" if cfg.bin_um is None and hd_run is None else "bins")
     with contextlib.closing(steps):
         for opened, emb, seconds, started in steps:
             t = time.perf_counter()
@@ -560,7 +565,7 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     meta = {
         "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
         "um_per_px": opened.target_um_per_px, "image_um_per_px": float(slide.um_per_px),
-        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": tta_views,
+        "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": list(tta_views),
         "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(spec.patch_size),
         "min_tissue": float(cfg.min_tissue), "shape": "square", "seconds": seconds,
         **({"bin_um": float(grid.side_px * slide.um_per_px), "grid": "hd-run" if hd_run is not None else "slide"} if grid.kind == "bins" else {}),
