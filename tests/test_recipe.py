@@ -175,6 +175,8 @@ def test_views_per_field_fill_the_fewer_views_with_their_mean(model, tiny):
     for bad in (3, (2, 4, 8), (), True, "2"):
         with pytest.raises(BleepError, match="tta_views must be"):
             tta.embed_images(p, tta_views=bad)
+    with pytest.raises(BleepError, match="per_field must give each of the 2 fields"):
+        tta.features(p, views=(0, 4), per_field=[(0,), (2,)])  # view 2 is not among those computed
 
 
 def test_feature_cache_key_follows_every_input(model, tiny, tmp_path):

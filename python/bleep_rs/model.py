@@ -375,6 +375,8 @@ class BleepModel(nn.Module):
             return np.ascontiguousarray(patches, dtype=np.float32)[None]
         n, nf = patches.shape[:2]
         per_field = [tuple(views)] * nf if per_field is None else [tuple(v) for v in per_field]
+        if len(per_field) != nf or any(not mine or not set(mine) <= set(views) for mine in per_field):
+            raise BleepError(f"per_field must give each of the {nf} fields of view some of the views {tuple(views)}, got {per_field}")
         groups = [(idx, spec, self.stained(_fields(patches, idx).reshape(n * len(idx), *patches.shape[2:]))) for idx, spec in self.field_groups()]
         out = np.empty((len(views), n, self.feature_dim), np.float32)
         several = len(views) > 1
