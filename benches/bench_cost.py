@@ -120,7 +120,8 @@ def main():
                     for point in POINTS[fname]:
                         counts = model.tta_views(point)
                         emb = model.embed_features(model.view_features(test_f, counts) if max(counts) > 1 else test_f[0])
-                        s = summarise(ref.impute(emb, k=model.config.k, method=model.config.method), truth, genes)
+                        pred = ref.impute(emb, k=model.config.k, method=model.config.method, centre_sections=bleep_rs.PredictConfig().centre_sections)
+                        s = summarise(pred, truth, genes)
                         rows.append({"set": name, "held_out": ids[held], "cross_patient": kind != "loso", "fields": fname, "views": label(point),
                                      "passes": sum(counts), "seed": seed, "heg50": s["heg50"], "hvg50": s["hvg50"]})
                     last = rows[-len(POINTS[fname]):]

@@ -22,9 +22,8 @@ Methods (all on the same frozen EfficientNet-Lite0 features, computed by the pac
   probe3    the same probe on the multi-scale features
   blend     (asked with --methods) the mean of the default recipe's and probe3's predictions, per seed
   blendz    (asked with --methods) the same, probe3's prediction first given the default's per-gene mean and sd
-  centred   (asked with --methods) the default recipe's model and queries, its reference's expression centred
-            per section (each section's per-gene mean taken off, the mean over all its spots added back): a
-            measurement of per-section centring before it is a reference option (docs/benchmarks.md)
+  uncentred (asked with --methods) the default recipe without per-section centring of the reference
+            (`predict --no-centre-sections`): the same model and queries
 
 Patches: HER2ST 224 px at native resolution (about 0.69 um/px); MOB 224 px at 1 um/px (upsampled from 8.75).
 """
@@ -173,20 +172,8 @@ def default_recipe(train_secs, train_feats, panel, test_feats, seed, out_dir, ba
     ref = bleep_rs.build_reference(model, train_secs)
     counts = model.tta_views()  # the views each field averages, as predict runs them
     emb = model.embed_features(model.view_features(test_feats, counts) if max(counts) > 1 else test_feats[0])
-    return ref.impute(emb, k=model.config.k, method=model.config.method), ref.genes, (model, ref, emb)
-
-
-def centred(model, ref, emb) -> np.ndarray:
-    """The prediction of ``emb`` from ``ref`` with each reference section's expression centred: its
-    per-gene mean over the section's spots taken off and the mean over all spots added back."""
-    import bleep_rs
-
-    x = np.asarray(ref.expression, dtype=np.float64)
-    sections = np.asarray(ref.sections)
-    overall = x.mean(0)
-    for name in np.unique(sections):
-        x[sections == name] += overall - x[sections == name].mean(0)
-    return bleep_rs.Reference.build(ref.embeddings, x.astype(np.float32), ref.genes).impute(emb, k=model.config.k, method=model.config.method)
+    centre = bleep_rs.PredictConfig().centre_sections
+    return ref.impute(emb, k=model.config.k, method=model.config.method, centre_sections=centre), ref.genes, (model, ref, emb)
 
 
 def main():
@@ -223,7 +210,7 @@ def main():
             multi = [f[0] for f in feats]
             done: dict = {}  # per fold: the 3-field probe and each seed's default recipe, which blend and blendz reuse
             for method in args.methods:
-                for seed in args.seeds if method in ("default", "blend", "blendz", "centred") else [None]:
+                for seed in args.seeds if method in ("default", "blend", "blendz", "uncentred") else [None]:
                     t = time.perf_counter()
                     if method == "knn1":
                         pred = knn(np.concatenate([single[i] for i in tr]), np.concatenate(train_y), single[held])
@@ -233,14 +220,15 @@ def main():
                         pred = probe([single[i] for i in tr], train_y, single[held])
                     elif method == "probe3":
                         pred = probe3_of(done, [multi[i] for i in tr], train_y, multi[held])
-                    else:  # the default recipe, alone, averaged with the 3-field probe (blend, blendz) or from a centred reference
+                    else:  # the default recipe, alone, averaged with the 3-field probe (blend, blendz) or without centring
                         if seed not in done:
                             done[seed] = default_recipe(train_secs, [train_feats[i] for i in tr], panel, feats[held], seed,
                                                         work / f"{name}-{ids[held]}", base, um)
                         pred, ref_genes, trained = done[seed]
                         assert list(ref_genes) == list(genes)
-                        if method == "centred":
-                            pred = centred(*trained)
+                        if method == "uncentred":
+                            model, ref, emb = trained
+                            pred = ref.impute(emb, k=model.config.k, method=model.config.method)
                         if method in ("blend", "blendz"):
                             other = probe3_of(done, [multi[i] for i in tr], train_y, multi[held])
                             if method == "blendz":  # the probe's prediction given the default's per-gene mean and spread first

@@ -69,6 +69,8 @@ def test_answers_equal_one_reference(single, served):
             got, i3, _ = served.impute(q, k, method, return_neighbours=True)
             np.testing.assert_array_equal(i3, idx)
             np.testing.assert_allclose(got, ref.impute(q, k, method), rtol=2e-5, atol=2e-5, err_msg=method)
+            np.testing.assert_allclose(served.impute(q, k, method, centre_sections=True), ref.impute(q, k, method, centre_sections=True),
+                                       rtol=1e-4, atol=1e-4, err_msg=method)  # the section means computed on the workers
         np.testing.assert_allclose(served.neighbour_spread(idx), ref.neighbour_spread(idx), rtol=1e-4, atol=1e-5)
 
 

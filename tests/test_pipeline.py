@@ -283,6 +283,28 @@ def test_the_gpu_pipeline_agrees_with_the_cpu(trained, slides):
     assert np.mean(shared) >= 0.9
 
 
+def test_predictions_centre_the_reference_sections_by_default(trained):
+    """predict_section averages the neighbours' expression with each reference section centred on the mean
+    of all spots (Reference.centre), records it, and --no-centre-sections gives the plain average."""
+    from bleep_rs.model import build_reference
+
+    model, _, held = trained
+    sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
+    ref = build_reference(model, sections)
+    assert len(set(ref.sections)) == 2
+    emb = model.embed_images(model.config.input.section_patches(held))
+    pred = predict_section(model, ref, held, k=5, progress=False)
+    assert pred.uns["bleep"]["centre_sections"] is True or pred.uns["bleep"]["centre_sections"] == 1
+    np.testing.assert_allclose(pred.X, ref.impute(emb, k=5, method=model.config.method, centre_sections=True), atol=1e-5)
+    plain = predict_section(model, ref, held, k=5, centre_sections=False, progress=False)
+    np.testing.assert_allclose(plain.X, ref.impute(emb, k=5, method=model.config.method), atol=1e-5)
+    assert not plain.uns["bleep"]["centre_sections"] and not np.allclose(plain.X, pred.X, atol=1e-3)
+    # One section as the reference: nothing to centre, the same answer either way.
+    one = build_reference(model, sections[:1])
+    np.testing.assert_array_equal(predict_section(model, one, held, k=5, progress=False).X,
+                                  predict_section(model, one, held, k=5, centre_sections=False, progress=False).X)
+
+
 def test_views_per_field_go_through_sections_and_slides(trained, slides, monkeypatch, capsys):
     """A model of 3 fields with its default TTA views (2 of field 1, 4 of the wider ones) predicts a section
     and a slide with the embeddings of embed_images, records the views per field, and counts 10 backbone

@@ -72,6 +72,45 @@ def test_impute_matches_oracle(n, nq, g, k, method, dtype, seed):
     np.testing.assert_allclose(pred, want, rtol=2e-4, atol=2e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    nq=st.integers(0, 30),
+    g=st.integers(1, 40),
+    k=st.integers(1, 150),
+    n_sections=st.integers(0, 5),
+    method=st.sampled_from(bleep_rs.METHODS),
+    sparse=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_centred_sections_match_the_oracle(n, nq, g, k, n_sections, method, sparse, seed):
+    """centre_sections=True equals imputing from a table whose every section is moved onto the mean of all
+    spots (float64 oracle), for every method, k > N, sparse tables, exact ties (duplicated rows) and
+    empty queries; with one section or no labels it is the plain prediction."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, 8)).astype(np.float32)
+    emb[1::3] = emb[0]  # exact ties
+    expr = rng.gamma(1.0, 1.0, (n, g)) * (rng.uniform(size=(n, g)) < 0.6)
+    labels = [f"s{int(c)}" for c in rng.integers(0, max(1, n_sections), n)] if n_sections else None
+    if labels:
+        expr += np.array([int(x[1:]) for x in labels])[:, None]  # sections offset from each other
+    expr = expr.astype(np.float32)
+    ref = Reference.build(emb, expr, [f"g{i}" for i in range(g)], sections=labels, expression_format="sparse" if sparse else "dense")
+    q = np.concatenate([rng.standard_normal((nq, 8)), emb[rng.integers(0, n, min(nq, 3))]]).astype(np.float32)
+    got, idx, sims = ref.impute(q, k=k, method=method, temperature=0.2, return_neighbours=True, centre_sections=True)
+    table = expr.astype(np.float64)
+    if labels:
+        lab = np.array(labels)
+        for s in set(labels):
+            table[lab == s] += expr.astype(np.float64).mean(0) - table[lab == s].mean(0)
+    qn = np.linalg.norm(q.astype(np.float64), axis=1)
+    rn = np.linalg.norm(emb.astype(np.float64), axis=1)
+    w = _oracle.weights(method, sims.astype(np.float64), qn, rn[idx], temperature=0.2)
+    np.testing.assert_allclose(got, np.einsum("qk,qkg->qg", w, table[idx]), rtol=2e-4, atol=2e-4)
+    if not labels or len(set(labels)) == 1:
+        np.testing.assert_array_equal(got, ref.impute(q, k=k, method=method, temperature=0.2))
+
+
 def test_impute_equals_full_oracle_on_generic_input(rng):
     emb, expr, genes = random_reference(rng, n=500, d=24, g=40)
     q = rng.standard_normal((70, 24)).astype(np.float32)

@@ -37,6 +37,8 @@ def assert_same_answers(single, sharded, queries, k):
         got, i3, s3 = sharded.impute(queries, k, method, temperature=0.2, return_neighbours=True)
         np.testing.assert_array_equal(i3, idx)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=method)
+        centred = sharded.impute(queries, k, method, temperature=0.2, centre_sections=True)  # the section means from the shards
+        np.testing.assert_allclose(centred, single.impute(queries, k, method, temperature=0.2, centre_sections=True), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sharded.neighbour_spread(idx), single.neighbour_spread(idx), rtol=1e-4, atol=1e-5)
     w = np.random.default_rng(0).uniform(0, 1, idx.shape).astype(np.float32)
     np.testing.assert_allclose(sharded.aggregate(idx, w), single.aggregate(idx, w), rtol=2e-5, atol=2e-5)
@@ -54,7 +56,8 @@ def assert_same_answers(single, sharded, queries, k):
 def test_sharded_answers_equal_one_reference(n, shard_spots, nq, k, dtype, seed):
     rng = np.random.default_rng(seed)
     emb, expr = atlas_data(rng, n, dup_every=int(rng.integers(2, 9)))
-    single = Reference.build(emb, expr, [f"g{i}" for i in range(expr.shape[1])], expression_dtype=dtype)
+    sections = [f"s{i * 3 // n}" for i in range(n)]  # three sections across the shards
+    single = Reference.build(emb, expr, [f"g{i}" for i in range(expr.shape[1])], expression_dtype=dtype, sections=sections)
     # queries: random ones and copies of reference rows (exact ties with the duplicates)
     queries = np.concatenate([rng.standard_normal((nq, emb.shape[1])), emb[rng.integers(0, n, nq)]]).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

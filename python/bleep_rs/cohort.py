@@ -189,7 +189,7 @@ def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, mod
         emb = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, model.config.embedding_dim), np.float32)
         seconds = {"tissue": grid["tissue"], **{key: sum(b[1][key] for b in blocks) for key in ("engine", "read", "encode", "wait")}}
         t = time.perf_counter()
-        imputed = _impute(ref, emb, k=k, method=method)
+        imputed = _impute(ref, emb, k=k, method=method, centre_sections=options.centre_sections)
         seconds["impute"] = time.perf_counter() - t
         opened = _OpenSlide(slide, Slide(slide, um_per_px=options.um_per_px), grid["target"], grid["grid"], grid["thumbnail"])
         adata = _slide_prediction(model, ref, opened, imputed, seconds, options, model_path=provenance[0], reference_path=provenance[1], hd_run=None)

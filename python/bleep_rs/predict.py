@@ -56,11 +56,12 @@ def check_compatible(model, reference) -> None:
         )
 
 
-def _impute(reference, emb: np.ndarray, *, k: int, method: str) -> tuple:
-    """The prediction, its neighbours, their similarities and the uncertainty of each output. (Imputing
+def _impute(reference, emb: np.ndarray, *, k: int, method: str, centre_sections: bool = False) -> tuple:
+    """The prediction (``centre_sections``: see :meth:`~bleep_rs.Reference.centre`), its neighbours, their
+    similarities and the uncertainty of each output (the spread of the neighbours' own expression). (Imputing
     each batch in a second thread while the encoder went on was slower on 2 cores: the gather of the
     neighbours' expression competes with the encoder for memory bandwidth.)"""
-    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbours=True)
+    pred, idx, sims = reference.impute(emb, k=k, method=method, return_neighbours=True, centre_sections=centre_sections)
     return pred, idx, sims, reference.neighbour_spread(idx)
 
 
@@ -101,6 +102,9 @@ class PredictConfig:
     method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, which train records)",
                                    choices=METHODS)
     neighbours: bool = option(False, "store the neighbours' indices and similarities")
+    centre_sections: bool = option(True, "centre each reference section's expression on its own mean before the neighbours are "
+                                         "averaged (the mean of all reference spots added back): takes out depth and batch "
+                                         "offsets between reference sections; docs/benchmarks.md, 'Per-section centring'")
     tta_views: Optional[Tuple[int, ...]] = option(None, "dihedral views averaged per spot or tile, one backbone pass per field each: "
                                                         "one count (1, 2, 4 or 8) for every field of view, or two: field 1's and the "
                                                         "wider fields' (default: the model's; 2 4 for models trained since 2026-12-06, 8 "
@@ -382,11 +386,11 @@ def predict_section(model, reference, section, config: Optional[PredictConfig] =
     with contextlib.closing(steps):
         _, emb, seconds, started = next(steps)
     t = time.perf_counter()
-    imputed = _impute(reference, emb, k=k, method=method)
+    imputed = _impute(reference, emb, k=k, method=method, centre_sections=cfg.centre_sections)
     seconds.update(impute=time.perf_counter() - t, total=time.perf_counter() - started)
     lib = info.get("library_id", "section")
     meta = {
-        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
+        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "centre_sections": bool(cfg.centre_sections),
         "um_per_px": float(spec.um_per_px or info.get("um_per_px", 0.0)), "library_id": lib,
         "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": list(tta_views),
         "source": str(info.get("image_path", "")), "mode": "spots", "seconds": seconds,
@@ -425,11 +429,12 @@ def predict_features(model, reference, features, config: Optional[PredictConfig]
     check_features(model, pf)
     k, method = cfg.retrieval(model)
     t = time.perf_counter()
-    info = {"model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "features": str(pf.path),
+    info = {"model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
+            "centre_sections": bool(cfg.centre_sections), "features": str(pf.path),
             "features_encoder": pf.encoder or "", "fields_of_view": [1.0], "tta": False, "tta_views": [1]}
     if section is not None:
         spots, rows = pf.rows_for(section)
-        imputed = _impute(reference, model.embed_images(pf.features[rows]), k=k, method=method)
+        imputed = _impute(reference, model.embed_images(pf.features[rows]), k=k, method=method, centre_sections=cfg.centre_sections)
         sec = section.uns.get("bleep", {})
         info.update(mode="spots", library_id=sec.get("library_id", "section"), source=str(sec.get("image_path", "")),
                     image_um_per_px=float(sec.get("um_per_px", 0.0)), shape=_spot_shape(sec),
@@ -439,7 +444,7 @@ def predict_features(model, reference, features, config: Optional[PredictConfig]
     if pf.centres is None:
         raise BleepError(f"{pf.path}: the patches have no positions (coords with a patch size, TRIDENT's patch_size_level0): "
                          "predict them at a section's spots (section=, matched by barcode), or give a file with coords and patch size")
-    imputed = _impute(reference, model.embed_images(pf.features), k=k, method=method)
+    imputed = _impute(reference, model.embed_images(pf.features), k=k, method=method, centre_sections=cfg.centre_sections)
     lib = pf.path.stem
     spatial = {lib: {"images": {}, "scalefactors": {"spot_diameter_fullres": float(pf.patch_size_level0)}, "metadata": {"layout": "features"}}}
     info.update(mode="tiles", library_id=lib, source="", shape="square", seconds={"total": time.perf_counter() - t})
@@ -546,7 +551,7 @@ def predict_slides(model, reference, paths: Sequence, config: Optional[PredictCo
     with contextlib.closing(steps):
         for opened, emb, seconds, started in steps:
             t = time.perf_counter()
-            imputed = _impute(reference, emb, k=k, method=method)
+            imputed = _impute(reference, emb, k=k, method=method, centre_sections=cfg.centre_sections)
             seconds = {"tissue": seconds.pop("open"), **seconds, "impute": time.perf_counter() - t}
             adata = _slide_prediction(model, reference, opened, imputed, seconds, cfg, model_path=model_path, reference_path=reference_path,
                                       hd_run=hd_run)
@@ -563,7 +568,7 @@ def _slide_prediction(model, reference, opened: _OpenSlide, imputed: tuple, seco
     factors = {"tissue_hires_scalef": thumb.shape[1] / slide.dimensions[0], "spot_diameter_fullres": float(grid.side_px)}
     spatial = {lib: {"images": {"hires": thumb}, "scalefactors": factors, "metadata": {"layout": "slide"}}}
     meta = {
-        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method,
+        "model": str(model_path), "reference": str(reference_path), "k": k, "method": method, "centre_sections": bool(cfg.centre_sections),
         "um_per_px": opened.target_um_per_px, "image_um_per_px": float(slide.um_per_px),
         "fields_of_view": list(spec.fields_of_view), "tta": bool(spec.tta), "tta_views": list(tta_views),
         "library_id": lib, "source": opened.path, "mode": grid.kind, "tile_px": int(spec.patch_size),

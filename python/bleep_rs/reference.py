@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from bleep_rs._core import BleepError, ReferenceCore
+from bleep_rs._core import BleepError, ReferenceCore, neighbour_weights
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -303,19 +303,72 @@ class Reference:
         return_neighbours: bool = False,
         threads: Optional[int] = None,
         return_neighbors: Optional[bool] = None,
+        centre_sections: bool = False,
     ):
         """Predicted expression (Q x G float32) of each query embedding from its k nearest spots.
 
         ``method``: "mean" (BLEEP's default), "weighted" (BLEEP's exp(-squared Euclidean distance)
         weights on the un-normalised embeddings), "softmax" (softmax of cosine / ``temperature``) or
-        "top1". With ``return_neighbours=True`` returns ``(prediction, indices, similarities)``
-        (``return_neighbors``: the same, the older spelling).
+        "top1". ``centre_sections``: each neighbour's expression minus its section's mean, plus the mean
+        of all spots (:meth:`centre`). With ``return_neighbours=True`` returns ``(prediction, indices,
+        similarities)`` (``return_neighbors``: the same, the older spelling).
         """
         if method not in METHODS:
             raise BleepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         q = as_float32_matrix(queries, "queries")
         pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
+        if centre_sections:
+            norms = np.linalg.norm(self.embeddings.astype(np.float64), axis=1)[idx] if method == "weighted" else np.zeros(idx.shape)
+            qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
+            w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
+            pred = self.centre(pred, idx, w, threads=threads)
         return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
+
+    # ---- per-section centring -------------------------------------------------------------------------
+
+    def section_means(self, *, threads: Optional[int] = None) -> tuple:
+        """``(codes, means, overall)``: each spot's section (N int64 codes, in the order of the sorted
+        section labels), the mean expression of every section (S x G float32, as a :class:`Reference` of S
+        rows, whose :meth:`aggregate` weighs them) and of all spots (G float32). Computed once, in one pass
+        over the expression through :meth:`aggregate` (so a sharded reference computes it where its
+        shards are). A reference without section labels is one section."""
+        cached = getattr(self, "_section_means", None)
+        if cached is not None:
+            return cached
+        labels = self.sections
+        codes = np.unique(np.asarray(labels, dtype=object), return_inverse=True)[1].astype(np.int64) if labels else np.zeros(self.n_spots, np.int64)
+        sizes = np.bincount(codes)
+        # Each section's spots in rows of at most CHUNK (padding weighs 0), their sums added per section.
+        chunk = 1024
+        order = np.argsort(codes, kind="stable")
+        rows, owners, weights = [], [], []
+        for sec, (a, n) in enumerate(zip(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)):
+            for b in range(0, n, chunk):
+                part = order[a + b : a + min(n, b + chunk)]
+                rows.append(np.pad(part, (0, chunk - len(part))))
+                weights.append(np.pad(np.full(len(part), 1.0 / n, np.float32), (0, chunk - len(part))))
+                owners.append(sec)
+        sums = self.aggregate(np.stack(rows), np.stack(weights), threads=threads) if rows else np.zeros((0, self.n_genes), np.float32)
+        means = np.zeros((len(sizes), self.n_genes), np.float64)
+        np.add.at(means, np.asarray(owners, np.int64), sums)
+        overall = (sizes[:, None] * means).sum(axis=0) / max(1, sizes.sum())
+        table = Reference.build(np.ones((len(sizes), 1), np.float32), means.astype(np.float32), self.genes, expression_format="dense")
+        self._section_means = (codes, table, overall.astype(np.float32))
+        return self._section_means
+
+    def centre(self, prediction: Any, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
+        """A prediction (Q x G, the weighted sum of the rows ``indices`` with ``weights``) as if every
+        reference spot's expression were centred on its section: minus the same weighted sum of the
+        neighbours' section means, plus the mean of all spots. It takes out what differs between the
+        reference sections as a whole (depth, batch), so that neighbours from several sections no longer
+        mix their offsets; a prediction from one section is unchanged. Measured in docs/benchmarks.md
+        ("Per-section centring")."""
+        codes, table, overall = self.section_means(threads=threads)
+        pred = np.asarray(prediction, dtype=np.float32)
+        if table.n_spots < 2:
+            return pred
+        idx = np.asarray(indices, dtype=np.int64)
+        return (pred - table.aggregate(codes[idx], weights, threads=threads) + overall).astype(np.float32)
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
         """Weighted sums of reference expression rows: ``out[q] = sum_j weights[q, j] * expression[indices[q, j]]``.

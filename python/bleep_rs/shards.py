@@ -567,7 +567,8 @@ class ShardedReference(Reference, reads_folders=True):
         return idx, sims
 
     def impute(self, queries: Any, k: int = DEFAULT_K, method: str = DEFAULT_METHOD, *, temperature: float = 0.1,
-               return_neighbours: bool = False, threads: Optional[int] = None, return_neighbors: Optional[bool] = None):
+               return_neighbours: bool = False, threads: Optional[int] = None, return_neighbors: Optional[bool] = None,
+               centre_sections: bool = False):
         """As :meth:`Reference.impute`: neighbours merged from the shards, weighted once here by the
         Rust weighting, each shard's weighted rows summed (only Q x G partial sums leave a shard)."""
         if method not in METHODS:
@@ -579,6 +580,8 @@ class ShardedReference(Reference, reads_folders=True):
         qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
         w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
         pred = self._aggregate(idx, w, threads)
+        if centre_sections:
+            pred = self.centre(pred, idx, w, threads=threads)
         return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
 
     def _check_indices(self, indices: Any) -> np.ndarray:
