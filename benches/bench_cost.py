@@ -1,6 +1,6 @@
 """The default model's cost per tile: prediction quality against backbone passes per tile, in one run.
 
-    .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2] [--wide-fields-px PX]
+    .venv/bin/python benches/bench_cost.py [--sets mob her2st] [--seeds 0 1 2] [--fields 1 1+2 1+2+3] [--wide-fields-px PX]
     .venv/bin/python benches/bench_cost.py --backbones efficientnet-lite0 efficientnet-lite1 efficientnet-lite2
                                              # only the encoder's seconds per 1,000 patches of each backbone
 
@@ -74,6 +74,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--fields", nargs="+", default=list(FIELDS), choices=list(FIELDS), help="the field sets to train (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / ".bench" / "cost.json")
     ap.add_argument("--wide-fields-px", type=int, default=None, metavar="PX", help="the wider fields' input side (default: the backbone's)")
     ap.add_argument("--backbones", nargs="+", metavar="NAME", help="only time the encoder of each backbone on HER2ST C2 patches")
@@ -108,7 +109,7 @@ def main():
                 continue
             train_secs = [sections[i] for i in tr]
             panel, genes, truth = fold_targets(train_secs, sections[held], config.n_top_genes)
-            for fname, fidx in FIELDS.items():
+            for fname, fidx in ((f, FIELDS[f]) for f in args.fields):
                 data = training_data(train_secs, [fields_of(train_feats[i], fidx, dim) for i in tr], panel)
                 test_f = fields_of(feats[held], fidx, dim)
                 for seed in args.seeds:
@@ -127,7 +128,7 @@ def main():
                     last = rows[-len(POINTS[fname]):]
                     print(f"{name}/{ids[held]:<5} fields {fname:<6} seed {seed}: HEG-50 by views " + " ".join(f"{r['views']} {r['heg50']:.3f}" for r in last),
                           flush=True)
-    summary = summarise_points(rows, args.sets, per_pass)
+    summary = summarise_points(rows, args.sets, per_pass, args.fields)
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "summary": summary, "backbone_s_per_1000": per_pass}, indent=1))
     print(f"results: {args.out}")
@@ -138,12 +139,12 @@ def label(point: tuple) -> str:
     return "/".join(map(str, point))
 
 
-def summarise_points(rows: list, sets: list, per_pass: float) -> list:
+def summarise_points(rows: list, sets: list, per_pass: float, fields: list) -> list:
     """Per point (fields, views) and set: LOSO mean per seed, then mean and sd over seeds; cross-patient."""
     out = []
     print(f"\n{'fields':<7}{'views':>6}{'passes':>7}{'s / 1,000 tiles':>16}{'30k-tile slide':>15}  per set: LOSO HEG-50 (mean ± sd over seeds) / "
           "HVG-50; cross-patient HEG-50 / HVG-50")
-    for fname in FIELDS:
+    for fname in fields:
         for views in POINTS[fname]:
             nv = label(views)
             mine = [r for r in rows if r["fields"] == fname and r["views"] == nv]
