@@ -51,12 +51,12 @@ def main():
             fold = work / f"{name}_{held}"
             fold.mkdir(exist_ok=True)
             train = [DATA / name / s for s in ids if s != held]
-            t_train = cli("train", *train, "--out", fold / "model", "--epochs", args.epochs, "--device", args.device, "--fresh",
+            t_train = cli("train", *train, "--out", fold / "model", "--epochs", args.epochs, "--device", args.device, "--fresh", "--overwrite",
                           *extra, *([] if args.finetune else ["--freeze-backbone"]))
             t_ref = cli("reference", "--model", fold / "model", *train, "--out", fold / "ref.safetensors", "--overwrite")
             t_pred = cli("predict", DATA / name / held, "--model", fold / "model", "--reference", fold / "ref.safetensors",
                          "--out", fold / "pred.h5ad", "--overwrite")
-            t_eval = cli("evaluate", fold / "pred.h5ad", DATA / name / held, "--out", fold / "report.json")
+            t_eval = cli("evaluate", fold / "pred.h5ad", DATA / name / held, "--out", fold / "report.json", "--overwrite")
             report = json.loads((fold / "report.json").read_text())
             split = ad.read_h5ad(fold / "pred.h5ad").uns["bleep"]["seconds"]
             row = {"fold": f"{name}/{held}", "heg50": report["heg50"], "hvg50": report["hvg50"], "all": report["all"],
