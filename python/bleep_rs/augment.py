@@ -34,14 +34,20 @@ def counts_problem(counts) -> "str | None":
     return None if 1 <= len(counts) <= 2 else f"must be one count or two (field 1's, the wider fields'), got {list(counts)}"
 
 
+def as_counts(value):
+    """A ``tta_views`` value given as one count (an int) as a tuple of it; anything else as it is (the
+    configs and :func:`view_counts` check it)."""
+    return (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def view_counts(value) -> tuple:
     """Views averaged per tile as given (``tta_views``): one count for every field of view, or two: field
     1's and the wider fields' (each 1, 2, 4 or 8), as a tuple; anything else is an error naming it. The
     views of a smaller count are among a larger one's, so a tile's fields share their first views."""
     from ._core import BleepError
 
-    counts = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(counts, (tuple, list)) or not 1 <= len(counts) <= 2 or any(isinstance(c, bool) or c not in TTA_VIEWS for c in counts):
+    counts = as_counts(value)
+    if not isinstance(counts, (tuple, list)) or counts_problem(counts) or any(isinstance(c, bool) or c not in TTA_VIEWS for c in counts):
         raise BleepError(f"tta_views must be one count of {sorted(TTA_VIEWS)} for every field of view, or two (field 1's and the "
                          f"wider fields'), not {value!r}")
     return tuple(int(c) for c in counts)

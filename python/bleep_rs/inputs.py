@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .augment import counts_problem
+from .augment import as_counts, counts_problem
 from .normalize import STAINS
 from .options import check, option
 
@@ -57,8 +57,7 @@ class InputSpec:
                         choices=STAINS)
 
     def __post_init__(self) -> None:
-        if isinstance(self.tta_views, int) and not isinstance(self.tta_views, bool):  # one count for every field
-            object.__setattr__(self, "tta_views", (self.tta_views,))
+        object.__setattr__(self, "tta_views", as_counts(self.tta_views))  # one count: for every field
         check(self)
 
     def replace(self, **changes) -> "InputSpec":

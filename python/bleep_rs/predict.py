@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ._core import BleepError
-from .augment import TTA_VIEWS, counts_problem
+from .augment import TTA_VIEWS, as_counts, counts_problem
 from .options import check, option
 from .reference import DEFAULT_K, METHODS
 
@@ -122,8 +122,7 @@ class PredictConfig:
                                            "line's Visium HD SECTION: its bins pooled to this size when read)", low=0, low_open=True)
 
     def __post_init__(self) -> None:
-        if isinstance(self.tta_views, int) and not isinstance(self.tta_views, bool):  # one count for every field
-            object.__setattr__(self, "tta_views", (self.tta_views,))
+        object.__setattr__(self, "tta_views", as_counts(self.tta_views))  # one count: for every field
         check(self)
 
     @classmethod

@@ -25,6 +25,15 @@ DEFAULT_K, DEFAULT_METHOD = 50, "mean"
 EXPRESSION_FORMATS = ("auto", "dense", "sparse")
 
 
+def weights_of(queries: np.ndarray, sims: np.ndarray, neighbour_norms: Optional[np.ndarray], method: str, temperature: float) -> np.ndarray:
+    """The neighbours' weights (Q x k float32, rows summing to 1) of ``method``, by the Rust weighting
+    the core's impute uses (``neighbour_weights``); ``neighbour_norms``: the neighbours' embedding norms
+    (Q x k), which only "weighted" reads (None: not needed)."""
+    qnorms = np.sqrt(np.square(queries, dtype=np.float64).sum(axis=1))
+    norms = np.zeros(sims.shape) if neighbour_norms is None else neighbour_norms
+    return neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
+
+
 def is_sparse_matrix(x: Any) -> bool:
     """Whether ``x`` is a scipy.sparse matrix or array (checked without importing scipy)."""
     return hasattr(x, "tocsr") and hasattr(x, "nnz") and not isinstance(x, np.ndarray)
@@ -318,10 +327,8 @@ class Reference:
         q = as_float32_matrix(queries, "queries")
         pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
         if centre_sections:
-            norms = np.linalg.norm(self.embeddings.astype(np.float64), axis=1)[idx] if method == "weighted" else np.zeros(idx.shape)
-            qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
-            w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
-            pred = self.centre(pred, idx, w, threads=threads)
+            norms = np.linalg.norm(self.embeddings.astype(np.float64), axis=1)[idx] if method == "weighted" else None
+            pred = self.centre(pred, idx, weights_of(q, sims, norms, method, temperature), threads=threads)
         return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
 
     # ---- per-section centring -------------------------------------------------------------------------

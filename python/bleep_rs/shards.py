@@ -54,8 +54,20 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._core import BleepError, ReferenceCore, neighbour_weights
-from .reference import DEFAULT_K, DEFAULT_METHOD, METHODS, PathLike, Reference, _check_k, _names, _neighbours_asked, as_float32_matrix, is_sparse_matrix
+from ._core import BleepError, ReferenceCore
+from .reference import (
+    DEFAULT_K,
+    DEFAULT_METHOD,
+    METHODS,
+    PathLike,
+    Reference,
+    _check_k,
+    _names,
+    _neighbours_asked,
+    as_float32_matrix,
+    is_sparse_matrix,
+    weights_of,
+)
 
 __all__ = ["MANIFEST", "ShardWriter", "ShardedReference", "merge_topk", "read_manifest", "write_shards"]
 
@@ -576,9 +588,7 @@ class ShardedReference(Reference, reads_folders=True):
         q = self._queries(queries)
         merged = self._search(q, _check_k(k), method == "weighted", threads)
         idx, sims = merged[0], merged[1]
-        norms = merged[2] if method == "weighted" else np.zeros(idx.shape)
-        qnorms = np.sqrt(np.square(q, dtype=np.float64).sum(axis=1))
-        w = neighbour_weights(np.ascontiguousarray(sims), qnorms, np.ascontiguousarray(norms, np.float64), method, float(temperature))
+        w = weights_of(q, sims, merged[2] if method == "weighted" else None, method, temperature)
         pred = self._aggregate(idx, w, threads)
         if centre_sections:
             pred = self.centre(pred, idx, w, threads=threads)
