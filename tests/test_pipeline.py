@@ -305,6 +305,26 @@ def test_predictions_centre_the_reference_sections_by_default(trained):
                                   predict_section(model, one, held, k=5, centre_sections=False, progress=False).X)
 
 
+def test_predictions_average_the_recipes_100_neighbours_by_default(trained):
+    """The default recipe records k = 100 (RECIPE_K, not the retrieval API's BLEEP default of 50), and
+    predict_section uses the model's k unless told otherwise."""
+    from bleep_rs.model import build_reference
+    from bleep_rs.reference import DEFAULT_K
+    from bleep_rs.training import RECIPE_K
+
+    model, _, held = trained
+    assert (model.config.k, RECIPE_K, DEFAULT_K) == (100, 100, 50)
+    ref = build_reference(model, [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")] * 3)  # > 100 spots
+    assert ref.n_spots > 100
+    emb = model.embed_images(model.config.input.section_patches(held))
+    pred = predict_section(model, ref, held, progress=False)
+    assert pred.uns["bleep"]["k"] == 100
+    np.testing.assert_allclose(pred.X, ref.impute(emb, k=100, method=model.config.method, centre_sections=True), atol=1e-5)
+    fifty = ref.impute(emb, k=50, method=model.config.method, centre_sections=True)
+    assert not np.allclose(pred.X, fifty, atol=1e-4)
+    np.testing.assert_allclose(predict_section(model, ref, held, k=50, progress=False).X, fifty, atol=1e-5)
+
+
 def test_views_per_field_go_through_sections_and_slides(trained, slides, monkeypatch, capsys):
     """A model of 3 fields with its default TTA views (2 of field 1, 4 of the wider ones) predicts a section
     and a slide with the embeddings of embed_images, records the views per field, and counts 10 backbone

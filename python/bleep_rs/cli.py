@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bleep_rs import BleepError, __version__
-from bleep_rs.reference import DEFAULT_K
 
 #: The library's errors name its arguments (``um_per_px=X``); the command line says its flags instead.
 #: Each argument here is a flag of the commands that pass it on.
@@ -486,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train, build a reference, predict, evaluate and plot on a generated example")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the outputs (default: demo-out)")
-    demo.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours per prediction (default: {DEFAULT_K})")
+    demo.add_argument("--k", type=int, default=None, help="neighbours per prediction (default: the model's, the default recipe's 100)")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     _add_train(sub)

@@ -14,10 +14,9 @@ import gzip
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-
-from .reference import DEFAULT_K
 
 TYPES = ("dense nuclei", "fibrous stroma", "fat", "loose tissue")
 #: RGB background per type, nuclei density (per px), nuclei radius (px).
@@ -98,7 +97,7 @@ def generate(out: Path, n_sections: int = 3, genes: int = 64, seed: int = 0) -> 
     return folders
 
 
-def run(out: Path, *, k: int = DEFAULT_K, seed: int = 0, epochs: int = 40) -> dict:
+def run(out: Path, *, k: Optional[int] = None, seed: int = 0, epochs: int = 40) -> dict:
     """The whole pipeline; returns (and writes) the report."""
     import warnings
 
@@ -131,7 +130,7 @@ def run(out: Path, *, k: int = DEFAULT_K, seed: int = 0, epochs: int = 40) -> di
     ref.save(out / "reference.safetensors")
     times["reference"] = time.perf_counter() - t
     t = time.perf_counter()
-    pred = predict_section(model, ref, held, k=min(k, ref.n_spots), model_path=str(out / "model"),
+    pred = predict_section(model, ref, held, k=k, model_path=str(out / "model"),
                            reference_path=str(out / "reference.safetensors"), progress=False)
     write_h5ad(pred, out / "prediction.h5ad", overwrite=True)
     times["predict"] = time.perf_counter() - t

@@ -28,7 +28,7 @@ import numpy as np
 from ._core import BleepError
 from .augment import TTA_VIEWS, as_counts, counts_problem
 from .options import check, option
-from .reference import DEFAULT_K, METHODS
+from .reference import METHODS
 
 __all__ = [
     "PredictConfig", "check_compatible", "check_features", "predict_features", "predict_section", "predict_slide", "predict_slides",
@@ -98,7 +98,7 @@ class PredictConfig:
     """The options of prediction, checked where they are made; each is also a ``bleep-rs predict`` flag.
     The prediction functions take one (``config=``) or its fields as keywords. None: the model's own."""
 
-    k: Optional[int] = option(None, f"neighbours per prediction (default: the model's, {DEFAULT_K} unless trained otherwise)", low=1)
+    k: Optional[int] = option(None, "neighbours per prediction (default: the model's; the default recipe records 100)", low=1)
     method: Optional[str] = option(None, "aggregation of the neighbours (default: the model's, which train records)",
                                    choices=METHODS)
     neighbours: bool = option(False, "store the neighbours' indices and similarities")

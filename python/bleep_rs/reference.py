@@ -327,7 +327,7 @@ class Reference:
         q = as_float32_matrix(queries, "queries")
         pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
         if centre_sections:
-            norms = np.linalg.norm(self.embeddings.astype(np.float64), axis=1)[idx] if method == "weighted" else None
+            norms = self._core.norms_of(np.ascontiguousarray(idx, dtype=np.int64)) if method == "weighted" else None  # the neighbours' only
             pred = self.centre(pred, idx, weights_of(q, sims, norms, method, temperature), threads=threads)
         return (pred, idx, sims) if _neighbours_asked(return_neighbours, return_neighbors) else pred
 

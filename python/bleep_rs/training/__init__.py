@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import RECIPE_METHOD, TrainConfig
+from .config import RECIPE_K, RECIPE_METHOD, TrainConfig
 
-__all__ = ["TrainConfig", "RECIPE_METHOD", "TrainingData", "prepare_data", "train", "native_um_per_px"]
+__all__ = ["TrainConfig", "RECIPE_K", "RECIPE_METHOD", "TrainingData", "prepare_data", "train", "native_um_per_px"]
 
 _IN_LOOP = {"TrainingData", "prepare_data", "train", "native_um_per_px"}
 

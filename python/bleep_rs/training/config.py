@@ -13,12 +13,14 @@ from .._core import BleepError
 from ..device import DEVICES, is_device_name
 from ..inputs import InputSpec
 from ..options import check, nested, option
-from ..reference import DEFAULT_K, METHODS
+from ..reference import METHODS
 
-#: The default recipe's aggregation of the neighbours (the retrieval API's own default stays BLEEP's mean).
+#: The default recipe's aggregation of the neighbours and their number (the retrieval API's own defaults
+#: stay BLEEP's: the mean of 50).
 RECIPE_METHOD = "softmax"
+RECIPE_K = 100
 
-__all__ = ["TrainConfig", "LOSSES", "RECIPE_METHOD"]
+__all__ = ["TrainConfig", "LOSSES", "RECIPE_METHOD", "RECIPE_K"]
 
 #: The contrastive losses (see :mod:`bleep_rs.training.loss`).
 LOSSES = ("bleep", "clip")
@@ -92,7 +94,10 @@ class TrainConfig:
     panel_mode: str = option("union", "how the sections' gene sets combine", choices=["union", "intersection"], flag="--panel")
     genes: Optional[List[str]] = option(None, "a file with the gene panel, one gene per line (overrides n_top_genes=)", file=True)
     # Retrieval defaults recorded in the model (predict uses them unless told otherwise).
-    k: int = option(DEFAULT_K, "neighbours per prediction", low=1)
+    # 100, not BLEEP's 50: the softmax gives the farther neighbours little weight where the near ones are
+    # much closer (within a patient) and more where they are not (across patients): +0.007 HEG-50 from
+    # C2-C4 to B4, up or level on 10 of 11 folds (docs/benchmarks.md, "Neighbours").
+    k: int = option(RECIPE_K, "neighbours per prediction (default 100)", low=1)
     # softmax of cosine / 0.1 over the k neighbours, not BLEEP's plain mean: +0.013 HEG-50 on HER2ST (every
     # fold) and +0.007 across patients B4 -> C, level elsewhere (docs/benchmarks.md, "Read-out").
     method: str = option(RECIPE_METHOD, "aggregation of the neighbours recorded in the model", choices=list(METHODS))
