@@ -310,6 +310,8 @@ def input_with(**changes):
     (json_with(panel=...), r"config.json: missing keys \['panel'\]"),
     (json_with(colour="red"), r"config.json: unknown keys \['colour'\]"),
     (json_with(embedding_dim="32"), r"config.json: wrong types: embedding_dim = '32' \(not <class 'int'>\)"),
+    (json_with(heads=0), r"config.json: heads is 0; it must be at least 1: the file is damaged"),
+    (json_with(heads=2.0), r"config.json: wrong types: heads = 2.0"),
     (input_with(um_per_px="0.5"), r"config.json's input: wrong types: um_per_px = '0.5' \(not Optional\[float\]\)"),
     (input_with(fields_of_view=[0.5]), r"config.json's input: fields_of_view must be a finite number >= 1 .*: the file is damaged"),
     (input_with(stain="reinhard"), r"config.json's input: stain must be one of none, macenko, got 'reinhard'"),
@@ -368,10 +370,26 @@ def test_a_format_4_model_keeps_averaging_8_views_of_every_field(model_dir, tmp_
     from bleep_rs.model import load_model
 
     cfg = json.loads((model_dir / "model" / "config.json").read_text())
-    assert cfg["format_version"] == 5 and cfg["input"]["tta_views"] == [2, 4]
+    assert cfg["format_version"] == 6 and cfg["input"]["tta_views"] == [2, 4]
     old = {**cfg, "format_version": 4, "input": {k: v for k, v in cfg["input"].items() if k != "tta_views"}}
     loaded = load_model(broken_model(model_dir, tmp_path, config=json.dumps(old)))
     assert loaded.config.input.tta_views == (8,) and loaded.tta_views(tta=True) == (8,) * loaded.n_fields
+
+
+def test_a_format_5_model_has_one_pair_of_heads(model_dir, tmp_path):
+    """Models written before head ensembles (format 5: no "heads") load with BLEEP's one pair, whose raw
+    embeddings retrieval compares, and predict as they did."""
+    torch = pytest.importorskip("torch")
+    from bleep_rs.model import load_model
+
+    cfg = json.loads((model_dir / "model" / "config.json").read_text())
+    old = {k: v for k, v in {**cfg, "format_version": 5}.items() if k != "heads"}
+    loaded = load_model(broken_model(model_dir, tmp_path, config=json.dumps(old)))
+    assert loaded.config.heads == 1 and loaded.retrieval_dim == loaded.config.embedding_dim == 32
+    f = np.random.default_rng(0).standard_normal((4, loaded.feature_dim)).astype(np.float32)
+    with torch.no_grad():
+        raw = loaded.image_head(torch.from_numpy(f)).numpy()
+    np.testing.assert_allclose(loaded.embed_features(f), raw, atol=1e-6)
 
 
 def _set(name, value):

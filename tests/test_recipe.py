@@ -95,7 +95,7 @@ def test_the_wider_fields_run_at_their_own_size(model, tiny, tmp_path):
 
     save_model(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["format_version"] == 5 and config["input"]["wide_fields_px"] == 112
+    assert config["format_version"] == 6 and config["input"]["wide_fields_px"] == 112
     config["format_version"] = 3  # as saved before the size (and the views, format 5) were recorded
     del config["input"]["wide_fields_px"], config["input"]["tta_views"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))

@@ -367,3 +367,52 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert res.stdout.count("(2 processes)") >= 2, res.stdout[-3000:]
     for out in outs:
         assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def test_a_head_ensemble_compares_the_mean_of_its_heads_cosines(tmp_path):
+    """heads=3: three pairs of heads from their own initialisations, each pair trained by its own loss on
+    the same batches (the loss is their mean); retrieval compares the concatenation of each head's
+    L2-normalised embedding / sqrt(3), so a cosine is the mean of the heads' cosines. Saved and loaded as
+    it was, and a reference of it has 3 x 256-d embeddings."""
+    from bleep_rs.training.loop import _Trainer
+
+    sections = [bleep_rs.read_section(DATA / "tiny" / s) for s in ("C2", "C3")]
+    cfg = TrainConfig(epochs=2, n_top_genes=64, batch_size=32, heads=3, progress=False, cache_dir="none",
+                      input=InputSpec(patch_size=64, fields_of_view=(1.0,), tta=False))
+    model = train(sections[:1], tmp_path / "m", cfg)
+    assert model.config.heads == 3 and model.retrieval_dim == 3 * 256
+    members = model.image_head.members
+    assert len(members) == 3 and not torch.allclose(members[0].projection.weight, members[1].projection.weight)
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((5, model.feature_dim)).astype(np.float32)
+    with torch.no_grad():
+        per_head = [torch.nn.functional.normalize(m(torch.from_numpy(f)), dim=-1).numpy() for m in members]
+    got = model.embed_features(f)
+    np.testing.assert_allclose(got, np.concatenate(per_head, axis=1) / np.sqrt(3), atol=1e-6)
+    np.testing.assert_allclose(got @ got.T, np.mean([h @ h.T for h in per_head], axis=0), atol=1e-5)
+    # In training each pair embeds its own batch (split): head i the i-th of the batches end to end.
+    x = torch.from_numpy(rng.standard_normal((3 * 4, model.feature_dim)).astype(np.float32))
+    with torch.no_grad():
+        split = model.image_head(x, split=True)
+        assert split.shape == (4, 3, 256)
+        for i, m in enumerate(members):
+            np.testing.assert_allclose(split[:, i].numpy(), m(x[4 * i : 4 * i + 4]).numpy(), atol=1e-6)
+    # The expression side the same way; the reference stores it; predictions go through.
+    ref = bleep_rs.build_reference(model, sections[:1])
+    assert ref.dim == 768
+    np.testing.assert_allclose(np.linalg.norm(ref.embeddings, axis=1), 1.0, atol=1e-5)
+    assert bleep_rs.predict_section(model, ref, sections[1], progress=False).shape[0] == sections[1].n_obs
+    # The training loss is the mean of the three pairs' BLEEP losses.
+    data = prepare_data(sections[:1], cfg, panel=model.config.panel, model=model)
+    trainer = _Trainer(model, data, cfg, model.device, 0, 1)
+    idx = np.arange(min(16, data.expression.shape[0]))
+    model.eval()
+    with torch.no_grad():
+        v, z = model(trainer.inputs(idx, False), torch.from_numpy(data.expression[idx]), features=data.are_features)
+        want = np.mean([bleep_loss(v[:, h], z[:, h], cfg.temperature).item() for h in range(3)])
+        assert v.shape == (len(idx), 3, 256) and np.isclose(trainer.loss(idx, False).item(), want, rtol=1e-5)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.heads == 3
+    np.testing.assert_allclose(loaded.embed_features(f), got, atol=1e-6)
+    with pytest.raises(BleepError, match="heads"):
+        TrainConfig(heads=0)

@@ -186,7 +186,7 @@ def _assemble_task(slide: str, out: str, fmt: str, grid: dict, blocks: list, mod
         model, ref = _model_and_reference(model_path, reference_path, device)
         check_compatible(model, ref)
         k, method = options.retrieval(model)
-        emb = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, model.config.embedding_dim), np.float32)
+        emb = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, model.retrieval_dim), np.float32)
         seconds = {"tissue": grid["tissue"], **{key: sum(b[1][key] for b in blocks) for key in ("engine", "read", "encode", "wait")}}
         t = time.perf_counter()
         imputed = _impute(ref, emb, k=k, method=method, centre_sections=options.centre_sections)

@@ -33,11 +33,12 @@ from .reference import DEFAULT_K, DEFAULT_METHOD
 __all__ = ["ProjectionHead", "ModelConfig", "BleepModel", "save_model", "load_model", "build_reference", "write_reference", "model_id",
            "MODEL_FORMAT_VERSION"]
 
+#: 6: head ensembles ("heads"; 5 and before: one pair of heads);
 #: 5: the views averaged at prediction recorded ("tta_views"; 4 and before: 8 on every field with TTA);
 #: 4: the wider fields' input side recorded ("wide_fields_px"; 3 and before: every field at the backbone's
 #: input size); 3: the input recipe as one object, "input" (2: its fields at the top level; 1: features not
 #: normalised).
-MODEL_FORMAT_VERSION = 5
+MODEL_FORMAT_VERSION = 6
 #: What a config.json of format 1 or 2 meant by an input field it leaves out (those versions' defaults).
 _LEGACY_INPUT = {"patch_size": 224, "um_per_px": None, "fields_of_view": [1.0], "wide_fields_px": 0, "tta": False, "tta_views": [8],
                  "stain": "none"}
@@ -70,6 +71,29 @@ class ProjectionHead(nn.Module):
         return self.layer_norm(h + p)
 
 
+class HeadEnsemble(nn.Module):
+    """``n`` projection heads side by side, each from its own initialisation: (..., in) -> (..., n, dim).
+    Trained together (each pair of heads its own loss, on the same batches); retrieval compares the
+    concatenation of their L2-normalised embeddings (:meth:`BleepModel.retrieval_embedding`), so a
+    similarity is the mean of the heads' cosine similarities."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float, n: int):
+        super().__init__()
+        self.members = nn.ModuleList(ProjectionHead(in_dim, dim, dropout) for _ in range(n))
+
+    def forward(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
+        """(B, n, dim); ``split``: ``x`` is n batches of B end to end, head i embeds batch i."""
+        parts = x.chunk(len(self.members)) if split else [x] * len(self.members)
+        return torch.stack([m(part) for m, part in zip(self.members, parts)], dim=-2)
+
+
+def _head(in_dim: int, config: "ModelConfig") -> nn.Module:
+    """The projection head of one side: BLEEP's one head, or an ensemble of ``config.heads``."""
+    if config.heads == 1:
+        return ProjectionHead(in_dim, config.embedding_dim, config.dropout)
+    return HeadEnsemble(in_dim, config.embedding_dim, config.dropout, config.heads)
+
+
 @dataclass
 class ModelConfig:
     """Everything that describes a trained model; saved as config.json beside the weights."""
@@ -77,6 +101,9 @@ class ModelConfig:
     panel: Panel
     backbone: str = "efficientnet-lite0"
     embedding_dim: int = 256
+    # Head pairs trained side by side (HeadEnsemble); 1 (BLEEP's, and every model of format 5 and before):
+    # one pair, whose raw embeddings retrieval compares.
+    heads: int = 1
     dropout: float = 0.1
     temperature: float = 1.0
     loss: str = "bleep"
@@ -148,7 +175,7 @@ class ModelConfig:
 
     def _problem(self) -> Optional[str]:
         """What makes the values unusable, if anything."""
-        sizes = ("embedding_dim", "k") + (() if self.backbone.startswith("features:") else ("input_size",))
+        sizes = ("embedding_dim", "k", "heads") + (() if self.backbone.startswith("features:") else ("input_size",))
         for name in sizes:  # a features:D backbone has no image input (input_size 0)
             if getattr(self, name) < 1:
                 return f"{name} is {getattr(self, name)}; it must be at least 1"
@@ -246,8 +273,8 @@ class BleepModel(nn.Module):
         if config.input.wide_fields_px is None:  # the backbone's measured choice, recorded in the model
             config.input = config.input.replace(wide_fields_px=self.spec.wide_fields_px)
         self._check_wide_fields()
-        self.image_head = ProjectionHead(self.feature_dim, config.embedding_dim, config.dropout)
-        self.expression_head = ProjectionHead(len(config.panel.genes), config.embedding_dim, config.dropout)
+        self.image_head = _head(self.feature_dim, config)
+        self.expression_head = _head(len(config.panel.genes), config)
         # CLIP's learnable temperature, log(1 / 0.07); unused by the BLEEP loss.
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
@@ -313,9 +340,27 @@ class BleepModel(nn.Module):
             f[:, idx] = self.backbone(x).view(b, len(idx), -1).to(f.dtype)
         return self.fuse(f)
 
-    def forward(self, images: torch.Tensor, expression: torch.Tensor, *, features: bool = False):
+    def forward(self, images: torch.Tensor, expression: torch.Tensor, *, features: bool = False, split: bool = False):
+        """(image embeddings, expression embeddings): (B, d) each, or (B, heads, d) for an ensemble;
+        ``split`` (an ensemble in training): the inputs are one batch of B per pair of heads, end to end,
+        and pair i embeds batch i."""
         f = images if features else self.image_features(images)
-        return self.image_head(f), self.expression_head(expression)
+        if self.config.heads == 1:
+            return self.image_head(f), self.expression_head(expression)
+        return self.image_head(f, split=split), self.expression_head(expression, split=split)
+
+    @property
+    def retrieval_dim(self) -> int:
+        """The length of the embeddings that retrieval compares (and a reference of this model stores)."""
+        return self.config.embedding_dim * self.config.heads
+
+    def retrieval_embedding(self, e: torch.Tensor) -> torch.Tensor:
+        """A head's output as retrieval compares it: as it is for one pair of heads; for an ensemble
+        (..., heads, d) each head's embedding L2-normalised, concatenated and scaled by 1/sqrt(heads), so
+        that the cosine similarity of two is the mean of the heads' cosine similarities."""
+        if self.config.heads == 1:
+            return e
+        return nn.functional.normalize(e, dim=-1).flatten(-2) / float(np.sqrt(self.config.heads))
 
     # -- inference on numpy ---------------------------------------------------------------------------
 
@@ -421,7 +466,7 @@ class BleepModel(nn.Module):
         the views' L2-normalised embeddings."""
         self.eval()
         f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        e = self.image_head(f).float()
+        e = self.retrieval_embedding(self.image_head(f).float())
         if e.dim() == 3:
             e = nn.functional.normalize(e, dim=-1).mean(0)
         return e.cpu().numpy()
@@ -457,7 +502,7 @@ class BleepModel(nn.Module):
         ``"float32"`` (eager torch): see :mod:`bleep_rs.encode`."""
         views, per_field = _views_of(self.tta_views(tta_views, tta=tta))
         if len(self.check_patches(patches)) == 0:  # nothing to encode: the backbone is not run on no input
-            return np.zeros((0, self.config.embedding_dim), np.float32)
+            return np.zeros((0, self.retrieval_dim), np.float32)
         f = self.features(patches, views=views, per_field=per_field, precision=precision, progress=progress)
         return self.embed_features(f if len(views) > 1 else f[0])
 
@@ -473,10 +518,10 @@ class BleepModel(nn.Module):
             raise BleepError(f"expression row {bad[0]} ({len(bad)} rows in all, e.g. {names}) holds NaN or infinite values: "
                              "embeddings of them would be NaN; remove or fix those spots")
         out = [
-            self.expression_head(torch.from_numpy(x[s : s + batch_size]).to(self.device)).float().cpu().numpy()
+            self.retrieval_embedding(self.expression_head(torch.from_numpy(x[s : s + batch_size]).to(self.device)).float()).cpu().numpy()
             for s in range(0, len(x), batch_size)
         ]
-        return np.concatenate(out) if out else np.zeros((0, self.config.embedding_dim), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.retrieval_dim), np.float32)
 
     def panel_expression(self, expression) -> np.ndarray:
         """An AnnData section's expression on the panel; an array is checked and passed through."""

@@ -42,8 +42,8 @@ def check_compatible(model, reference) -> None:
     reference's genes are its own (all it measured, by default), not the model's input panel."""
     from .model import model_id  # (torch: imported when a model is in hand)
 
-    if reference.dim != model.config.embedding_dim:
-        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.config.embedding_dim}: "
+    if reference.dim != model.retrieval_dim:
+        raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.retrieval_dim}: "
                          "build the reference with this model (build_reference; bleep-rs reference)")
     built_with = reference.metadata.get("model_id")
     if not built_with:
@@ -309,7 +309,7 @@ ESTIMATE_AFTER_S = 120.0
 def _encode_batches(model, ahead: Prefetch, n: int, bs: int, encoding: dict, seconds: dict, bar, what: str = "") -> np.ndarray:
     """The embeddings of one input's n rows, from its batches of ``bs`` as they come out of ``ahead``. A
     long input (see :data:`ESTIMATE_AFTER_S`) is announced with its estimated time and backbone passes."""
-    out = np.zeros((n, model.config.embedding_dim), np.float32)
+    out = np.zeros((n, model.retrieval_dim), np.float32)
     for s in range(0, n, bs):
         x, read_s = ahead.get()
         t = time.perf_counter()

@@ -71,6 +71,8 @@ class TrainConfig:
     temperature: float = option(4.0, "the BLEEP loss's temperature tau (logits = x.v / tau on LayerNorm outputs of length ~16)",
                               low=0, low_open=True)
     embedding_dim: int = option(256, "embedding dimension", low=1)
+    heads: int = option(1, "pairs of projection heads trained side by side from different initialisations; retrieval compares "
+                        "the mean of their cosine similarities (1: BLEEP's one pair)", low=1)
     dropout: float = option(0.1, "dropout in the projection heads", low=0, high=1, high_open=True)
     # Optimisation.
     epochs: int = option(60, "epochs (default 60)", low=1)

@@ -218,15 +218,21 @@ class _Trainer:
         std = torch.tensor(self.model.spec.std, device=x.device).view(3, 1, 1)
         return ((jitter_rgb(x * std + mean, scale, shift, channel_dim=2) - mean) / std).contiguous()
 
-    def loss(self, idx: np.ndarray, train: bool) -> torch.Tensor:
+    def loss(self, idx: np.ndarray, train: bool, split: bool = False) -> torch.Tensor:
+        """The batch's loss; ``split``: ``idx`` is one batch per pair of an ensemble's heads, end to end."""
         x = self.inputs(idx, train)
         e = torch.from_numpy(self.data.expression[idx]).to(self.device)
         amp = self.cfg.amp and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-            v, z = self.net(x, e, features=self.features)
+            v, z = self.net(x, e, features=self.features, split=split)
         v, z = v.float(), z.float()
         if train and self.world > 1 and self.cfg.gather:
             v, z = _gather(v), _gather(z)
+        if v.dim() == 3:  # a head ensemble (B, heads, d): each pair of heads its own loss, averaged
+            return torch.stack([self._pair_loss(v[:, h], z[:, h]) for h in range(v.shape[1])]).mean()
+        return self._pair_loss(v, z)
+
+    def _pair_loss(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "clip":
             return clip_loss(v, z, self.model.logit_scale)
         return bleep_loss(v, z, self.cfg.temperature)
@@ -245,6 +251,10 @@ class _Trainer:
             self.model.backbone.eval()
         # Every process takes as many spots and batches of the same sizes: collectives must match.
         mine = order[self.rank :: self.world][: len(order) // self.world]
+        # A head ensemble's pairs each see the spots in their own order, so their own batches (and views):
+        # as diverse as separate runs, in one pass. Head 0 keeps the given order.
+        heads = self.model.config.heads
+        orders = [mine] + [mine[np.random.default_rng([self.cfg.seed, self.step, h]).permutation(len(mine))] for h in range(1, heads)]
         bs = self.cfg.batch_size
         starts = [s for s in range(0, len(mine), bs) if len(mine[s : s + bs]) >= 2]
         total = 0.0
@@ -255,7 +265,7 @@ class _Trainer:
             bar = tqdm(total=len(starts), desc="  batches", unit="batch", leave=False)
         for s in starts:
             self._warmup(len(starts))
-            loss = self.loss(mine[s : s + bs], train=True)
+            loss = self.loss(np.concatenate([o[s : s + bs] for o in orders]), train=True, split=heads > 1)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -437,7 +447,7 @@ def train(
     from .. import __version__
 
     mcfg = ModelConfig(
-        panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
+        panel=panel, backbone=cfg.backbone, embedding_dim=cfg.embedding_dim, heads=cfg.heads, dropout=cfg.dropout,
         temperature=cfg.temperature, loss=cfg.loss, input=spec, k=cfg.k, method=cfg.method,
         training=asdict(cfg), package_version=__version__, features_encoder=features_encoder,
     )
