@@ -190,6 +190,30 @@ def test_frozen_training_reads_a_stain_jittered_copy(tiny, tmp_path):
     assert (first - want).abs().max() < 0.6 / 255 / min(model.spec.std)
 
 
+def test_a_copy_of_the_data_elsewhere_draws_the_same_stain_jitter(tiny, tmp_path):
+    """The jittered copy's draw is seeded by what the features depend on, not by where the image lies or
+    when it was written: the same section copied to another folder (another checkout, a data folder
+    provisioned anew) has another cache key but the same jittered features, so it trains the same heads."""
+    import os
+    import shutil
+
+    from bleep_rs.training.features import feature_cache_key, jitter_seed, section_features
+
+    spec = InputSpec(patch_size=32, fields_of_view=(1.0,), tta=False)
+    cfg = TrainConfig(n_top_genes=16, progress=False, stain_jitter=0.3, cache_dir="none", input=spec)
+    model = BleepModel(ModelConfig(panel=bleep_rs.Panel(genes=["g"]), input=spec)).eval()
+    copy = tmp_path / "C2"
+    shutil.copytree(DATA / "tiny" / "C2", copy)
+    for f in copy.iterdir():
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    moved = bleep_rs.read_section(copy)
+    assert feature_cache_key(model, moved, cfg, None, 8, 0.3) != feature_cache_key(model, tiny[0], cfg, None, 8, 0.3)
+    assert jitter_seed(model, moved, cfg, None, 8, 0.3) == jitter_seed(model, tiny[0], cfg, None, 8, 0.3)
+    assert jitter_seed(model, tiny[0], cfg, None, 8, 0.3) != jitter_seed(model, tiny[1], cfg, None, 8, 0.3)
+    np.testing.assert_array_equal(section_features(model, moved, cfg, None, stain_jitter=0.3),
+                                  section_features(model, tiny[0], cfg, None, stain_jitter=0.3))
+
+
 def test_a_training_step_lowers_the_loss(tiny):
     """The full model (backbone fine-tuned): with the backbone's stochastic depth and the heads' dropout
     off, every forward pass is deterministic, and the loss on a fixed batch falls after a few AdamW steps."""
