@@ -73,7 +73,7 @@ class ProjectionHead(nn.Module):
 
 class HeadEnsemble(nn.Module):
     """``n`` projection heads side by side, each from its own initialisation: (..., in) -> (..., n, dim).
-    Trained together (each pair of heads its own loss, on the same batches); retrieval compares the
+    Trained together (each pair of heads its own loss on its own batches, ``split``); retrieval compares the
     concatenation of their L2-normalised embeddings (:meth:`BleepModel.retrieval_embedding`), so a
     similarity is the mean of the heads' cosine similarities."""
 

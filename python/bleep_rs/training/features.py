@@ -74,9 +74,12 @@ def jitter_seed(model: BleepModel, section, config: TrainConfig, um_per_px: Opti
     modification time, so that a copy of the same data elsewhere (another checkout, a data folder copied
     anew) draws the same jitter, and trains the same heads. (Seeded by the whole key, the draw changed
     with every copy of the data, and moved the quality bench's default by up to 0.008 HEG-50.)"""
-    desc = _cache_description(model, section, config, um_per_px, views, stain_jitter)
-    desc["image"] = desc["image"][1]  # the image's size only
-    return int(_digest_of(desc)[:16], 16)
+    return _seed_of(_cache_description(model, section, config, um_per_px, views, stain_jitter))
+
+
+def _seed_of(desc: dict) -> int:
+    """:func:`jitter_seed` of a cache description: its digest with the image's size only."""
+    return int(_digest_of({**desc, "image": desc["image"][1]})[:16], 16)
 
 
 def _digest_of(desc: dict) -> str:
@@ -134,14 +137,15 @@ def section_features(model: BleepModel, section, config: TrainConfig, um_per_px:
     seeded by :func:`jitter_seed`, so that the copy is the same wherever the data lie)."""
     views = _views(config)
     folder = _cache_dir(config)
-    key = feature_cache_key(model, section, config, um_per_px, views, stain_jitter)
+    desc = _cache_description(model, section, config, um_per_px, views, stain_jitter)  # once: it hashes the backbone's weights
+    key = _digest_of(desc)
     if folder is not None and (cached := _cached(folder, key, (views, section.n_obs, model.feature_dim))) is not None:
         return cached
     patches = config.input.replace(um_per_px=um_per_px).section_patches(section)
     if stain_jitter:
         from ..augment import stain_jitter as jitter
 
-        patches = jitter(patches, stain_jitter, np.random.default_rng(jitter_seed(model, section, config, um_per_px, views, stain_jitter)))
+        patches = jitter(patches, stain_jitter, np.random.default_rng(_seed_of(desc)))
     feats = np.ascontiguousarray(model.features(patches, views=tuple(range(views)), progress=config.progress), dtype=np.float32)
     if folder is not None:
         import warnings
