@@ -190,10 +190,11 @@ def test_frozen_training_reads_a_stain_jittered_copy(tiny, tmp_path):
     assert (first - want).abs().max() < 0.6 / 255 / min(model.spec.std)
 
 
-def test_a_copy_of_the_data_elsewhere_draws_the_same_stain_jitter(tiny, tmp_path):
-    """The jittered copy's draw is seeded by what the features depend on, not by where the image lies or
-    when it was written: the same section copied to another folder (another checkout, a data folder
-    provisioned anew) has another cache key but the same jittered features, so it trains the same heads."""
+def test_a_copy_of_the_data_elsewhere_finds_the_same_features(tiny, tmp_path):
+    """The feature cache's key and the jittered copy's draw follow what the features depend on, the
+    image's contents included, not where the image lies or when it was written: the same section copied
+    to another folder (another checkout, a data folder provisioned anew) finds the same cache entry and
+    draws the same jitter, so it trains the same heads; an image changed by one byte is another entry."""
     import os
     import shutil
 
@@ -207,11 +208,18 @@ def test_a_copy_of_the_data_elsewhere_draws_the_same_stain_jitter(tiny, tmp_path
     for f in copy.iterdir():
         os.utime(f, ns=(1_000_000_000, 1_000_000_000))
     moved = bleep_rs.read_section(copy)
-    assert feature_cache_key(model, moved, cfg, None, 8, 0.3) != feature_cache_key(model, tiny[0], cfg, None, 8, 0.3)
+    assert feature_cache_key(model, moved, cfg, None, 8, 0.3) == feature_cache_key(model, tiny[0], cfg, None, 8, 0.3)
+    assert feature_cache_key(model, moved, cfg, None, 8, 0.0) == feature_cache_key(model, tiny[0], cfg, None, 8, 0.0)
     assert jitter_seed(model, moved, cfg, None, 8, 0.3) == jitter_seed(model, tiny[0], cfg, None, 8, 0.3)
     assert jitter_seed(model, tiny[0], cfg, None, 8, 0.3) != jitter_seed(model, tiny[1], cfg, None, 8, 0.3)
     np.testing.assert_array_equal(section_features(model, moved, cfg, None, stain_jitter=0.3),
                                   section_features(model, tiny[0], cfg, None, stain_jitter=0.3))
+    image = copy / "image.jpg"
+    data = bytearray(image.read_bytes())
+    data[-3] ^= 0xFF  # a byte of the JPEG's last scan: the same size, another image
+    image.write_bytes(bytes(data))
+    changed = bleep_rs.read_section(copy)
+    assert feature_cache_key(model, changed, cfg, None, 8, 0.0) != feature_cache_key(model, tiny[0], cfg, None, 8, 0.0)
 
 
 def test_a_training_step_lowers_the_loss(tiny):

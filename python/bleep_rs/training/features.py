@@ -4,6 +4,7 @@ hold), shared by ``train``, ``reference`` and the cluster's backbone pass."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,16 +65,17 @@ def _cached(folder: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
 def feature_cache_key(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int, stain_jitter: float = 0.0) -> str:
     """What the features of a section depend on: the backbone (name, a hash of its weights, input size
     and constants), the fields of view, patch size and resolution, the views, the stain jitter of the
-    patches (training's augmented copy), the image (path, size and modification time) and the spot
-    positions."""
+    patches (training's augmented copy), the image's contents (a digest: a copy of the data elsewhere, or
+    provisioned anew, finds the same entry) and the spot positions."""
     return _digest_of(_cache_description(model, section, config, um_per_px, views, stain_jitter))
 
 
 def jitter_seed(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int, stain_jitter: float) -> int:
-    """The seed of a section's stain-jittered copy: its cache description without the image's path and
-    modification time, so that a copy of the same data elsewhere (another checkout, a data folder copied
-    anew) draws the same jitter, and trains the same heads. (Seeded by the whole key, the draw changed
-    with every copy of the data, and moved the quality bench's default by up to 0.008 HEG-50.)"""
+    """The seed of a section's stain-jittered copy: its cache description with the image's size only, so
+    that a copy of the same data elsewhere (another checkout, a data folder copied anew) draws the same
+    jitter, and trains the same heads. (Seeded by a key that held the image's path and modification time,
+    the draw changed with every copy of the data, and moved the quality bench's default by up to 0.008
+    HEG-50; the size alone keeps the draws made since.)"""
     return _seed_of(_cache_description(model, section, config, um_per_px, views, stain_jitter))
 
 
@@ -84,6 +86,17 @@ def _seed_of(desc: dict) -> int:
 
 def _digest_of(desc: dict) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A digest of a file's contents, read once per path, size and modification time in a process (a
+    gigapixel slide takes seconds to read; its features, minutes to hours)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _cache_description(model: BleepModel, section, config: TrainConfig, um_per_px: Optional[float], views: int, stain_jitter: float) -> dict:
@@ -101,7 +114,7 @@ def _cache_description(model: BleepModel, section, config: TrainConfig, um_per_p
         # "draw" 2: a jittered copy drawn by jitter_seed (1, the entries before: by the key itself).
         **({"stain_jitter": stain_jitter, "draw": 2} if stain_jitter else {}),
         "patch": config.input.patch_size, "um_per_px": um_per_px, "views": views,
-        "image": [str(Path(image).resolve()) if image else "", stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0],
+        "image": [_file_digest(str(Path(image).resolve()), stat.st_size, stat.st_mtime_ns) if stat else "", stat.st_size if stat else 0],
         "spots": hashlib.sha256(np.ascontiguousarray(section.obsm["spatial"], dtype=np.float64).tobytes()).hexdigest(),
     }
     return desc
