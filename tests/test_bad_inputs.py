@@ -306,6 +306,8 @@ def input_with(**changes):
 
 @pytest.mark.parametrize("config, message", [
     ('{"format": "bleep-rs.model", ', r"config.json is not valid JSON"),
+    ('{"format": "bleep-rs.model", "embedding_dim": ' + "9" * 5000 + "}", r"config.json is not valid JSON \(ValueError: Exceeds the limit"),
+    ("[" * 100_000 + "]" * 100_000, r"config.json is not valid JSON \(RecursionError"),
     ("[1, 2]", r"config.json is not a bleep-rs model config"),
     (json_with(panel=...), r"config.json: missing keys \['panel'\]"),
     (json_with(colour="red"), r"config.json: unknown keys \['colour'\]"),
@@ -479,6 +481,22 @@ def test_plot_checks_its_output_first(prediction, tmp_path):
     refused(cli("plot", prediction, "--genes", "ERBB2", "--out", prediction, "--overwrite"), "must end in .png")
     refused(cli("plot", prediction, "--genes", "ERBB2", "--out", tmp_path / "f.txt"), "must end in .png")
     assert prediction.read_bytes() == before
+
+
+def test_plot_of_a_prediction_without_spot_positions(prediction, tmp_path):
+    import anndata as ad
+
+    pred = ad.read_h5ad(prediction)
+    del pred.obsm["spatial"]
+    pred.write_h5ad(tmp_path / "nowhere.h5ad")
+    refused(cli("plot", tmp_path / "nowhere.h5ad", "--genes", str(pred.var_names[0]), "--out", tmp_path / "f.png"), "no spot positions (obsm['spatial'])")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_the_demo_refuses_a_file_as_its_folder(tmp_path):
+    (tmp_path / "d").write_text("mine")
+    refused(cli("demo", "--out", tmp_path / "d"), "d is a file")
+    assert (tmp_path / "d").read_text() == "mine"
 
 
 # -- predict: outputs checked before any work, nothing a user wrote replaced ------------------------------

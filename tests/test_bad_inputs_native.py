@@ -203,6 +203,51 @@ def test_out_of_range_counts_are_bleep_errors(rng):
         ref.search(q, k=3, threads=100000)
 
 
+def test_a_damaged_sparse_matrix_is_an_error_not_a_segfault():
+    """scipy's conversions trust a compressed matrix's index arrays: an indptr pointing past its values
+    crashed the interpreter (signal 11) inside ``tocsr``/``sum_duplicates``. In a child, so that a
+    regression fails this test, not the session."""
+    out = run_python("""
+        import numpy as np, scipy.sparse as sp, bleep_rs
+        rng = np.random.default_rng(0)
+        emb, x = rng.random((20, 4), np.float32), rng.random((20, 5)).astype(np.float32)
+        genes = list("abcde")
+        for fmt in ("csr", "csc", "coo"):
+            for field in ("indptr", "indices", "row"):
+                m = sp.csr_matrix(x).asformat(fmt)
+                if not hasattr(m, field):
+                    continue
+                getattr(m, field)[3] = 999
+                try:
+                    bleep_rs.Reference.build(emb, m, genes)
+                    print(fmt, field, "built")
+                except bleep_rs.BleepError as e:
+                    print(fmt, field, e)
+    """)
+    lines = out.splitlines()
+    assert len(lines) == 5 and all("is not a valid sparse matrix" in line for line in lines), out
+
+
+def test_reference_arguments_of_the_wrong_kind_are_named(rng):
+    emb, expr, genes = random_reference(rng, n=20, d=4, g=3)
+    with pytest.raises(BleepError, match="genes must be given"):
+        Reference.build(emb, expr, None)
+    with pytest.raises(BleepError, match="expression_dtype must be a name"):
+        Reference.build(emb, expr, genes, expression_dtype=None)
+    ref = Reference.build(emb, expr, genes, sections=["a"] * 10 + ["b"] * 10)
+    with pytest.raises(BleepError, match="temperature must be a number, got 'a'"):
+        ref.impute(emb[:2], k=3, method="softmax", temperature="a")
+    pred, idx, sims = ref.impute(emb[:2], k=3, method="mean", return_neighbours=True)
+    w = np.full((2, 3), 1 / 3)
+    np.testing.assert_allclose(ref.centre(pred, idx, w), ref.impute(emb[:2], k=3, method="mean", centre_sections=True), rtol=1e-5, atol=1e-6)
+    with pytest.raises(BleepError, match=r"indices must lie in \[0, 20\)"):
+        ref.centre(pred, idx + 20, w)
+    with pytest.raises(BleepError, match="prediction has 2 genes but the reference 3"):
+        ref.centre(pred[:, :2], idx, w)
+    with pytest.raises(BleepError, match="one row per prediction row"):
+        ref.centre(pred, idx[:1], w)
+
+
 # ------------------------------------------------------------------------------------------- pools
 
 

@@ -1,5 +1,6 @@
 """The reference file (round trip, atomic writes, damaged files) and every bad input: one clear error."""
 
+import json
 import os
 
 import numpy as np
@@ -52,6 +53,26 @@ def test_file_is_plain_safetensors(ref, tmp_path):
         assert meta["expression_format"] == "dense"
         np.testing.assert_array_equal(f.get_tensor("expression_blocks")[0, :, :12], ref.expression)
     assert ref.sections[:2] == ["A", "A"] and ref.spot_ids[0] == "s0"
+
+
+def test_a_gene_list_out_of_step_with_the_expression_is_a_damaged_header(ref, tmp_path):
+    """The dense table pads its genes to blocks of 16: a header whose gene list lost (or gained) a name
+    within the padding was read without complaint, one gene short (or with a column of zeros). The
+    metadata records n_genes; a file written before it did (no n_genes) still loads."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    ref.save(tmp_path / "ref.safetensors")
+    with safe_open(str(tmp_path / "ref.safetensors"), framework="numpy") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert meta["n_genes"] == "12"
+    genes = json.loads(meta["genes"])
+    for changed in (genes[:-1], genes + ["EXTRA"]):
+        save_file(tensors, str(tmp_path / "edited"), metadata={**meta, "genes": json.dumps(changed)})
+        with pytest.raises(BleepError, match=f"lists {len(changed)} genes but records n_genes = \"12\": the header is damaged"):
+            Reference.load(tmp_path / "edited")
+    save_file(tensors, str(tmp_path / "older"), metadata={k: v for k, v in meta.items() if k != "n_genes"})
+    np.testing.assert_array_equal(Reference.load(tmp_path / "older").expression, ref.expression)
 
 
 def test_save_replaces_atomically_and_leaves_nothing_on_failure(ref, tmp_path):

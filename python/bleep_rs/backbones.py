@@ -192,7 +192,7 @@ def _hub_cached(repo: str) -> tuple:
             config = json.load(f)
         if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
             raise ValueError("no 'architecture'")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise BleepError(f"{found['config.json']}: not a timm model config ({e}): this hub model is not a timm model") from e
     build = {k: config[k] for k in ("architecture", "model_args", "pretrained_cfg") if k in config}
     return build, weights

@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._core import BleepError
+
 TYPES = ("dense nuclei", "fibrous stroma", "fat", "loose tissue")
 #: RGB background per type, nuclei density (per px), nuclei radius (px).
 LOOK = {
@@ -111,6 +113,8 @@ def run(out: Path, *, k: Optional[int] = None, seed: int = 0, epochs: int = 40) 
     from .training import TrainConfig, train
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BleepError(f"{out} is a file: the demo writes a folder of outputs; name another --out")
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.perf_counter()

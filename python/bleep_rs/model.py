@@ -139,8 +139,8 @@ class ModelConfig:
         file is an error naming what is wrong."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BleepError(f"{where}: config.json is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # not JSON, a number of thousands of digits, nesting too deep
+            raise BleepError(f"{where}: config.json is not valid JSON ({type(e).__name__}: {e})") from e
         if not isinstance(d, dict) or d.pop("format", None) != "bleep-rs.model":
             raise BleepError(f"{where}: config.json is not a bleep-rs model config")
         if isinstance(d.get("format_version"), int) and d["format_version"] > MODEL_FORMAT_VERSION:

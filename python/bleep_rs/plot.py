@@ -41,6 +41,8 @@ def plot_genes(pred, genes: Sequence[str], out, *, truth=None, point_size: Optio
     from .evaluate import gene_correlations, measured_on, predicted_of
 
     out = check_output(out, suffixes=FIGURE_SUFFIXES, overwrite=overwrite)
+    if "spatial" not in pred.obsm:
+        raise BleepError("the prediction has no spot positions (obsm['spatial']): plot a prediction that bleep-rs predict wrote, or add them")
     genes = list(genes)
     unknown = [g for g in genes if g not in set(pred.var_names)]
     if unknown:

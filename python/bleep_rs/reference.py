@@ -43,6 +43,7 @@ def csr_parts(x: Any, name: str) -> tuple[tuple[int, int], np.ndarray, np.ndarra
     """A scipy.sparse matrix (csr, csc, coo, any sparray) as canonical compressed sparse rows, never
     densified: ``(shape, indptr int64, indices uint32, values float32)``, columns sorted within each row
     and duplicates summed. The caller's matrix is not modified (a copy is canonicalised)."""
+    _check_sparse_structure(x, name)
     try:
         csr = x.tocsr(copy=True)
         csr.sum_duplicates()  # sorts each row's columns and adds up repeated entries
@@ -63,6 +64,23 @@ def csr_parts(x: Any, name: str) -> tuple[tuple[int, int], np.ndarray, np.ndarra
         np.ascontiguousarray(indices, dtype=np.uint32),
         np.ascontiguousarray(data, dtype=np.float32),
     )
+
+
+def _check_sparse_structure(x: Any, name: str) -> None:
+    """Refuse a compressed (csr, csc, bsr) or coordinate (coo) matrix whose index arrays are out of range or
+    inconsistent, before scipy's conversions read them: they trust them, and read out of bounds (a
+    segmentation fault) on a damaged ``indptr``."""
+    try:
+        if getattr(x, "format", None) in ("csr", "csc", "bsr"):
+            x.check_format(full_check=True)
+        elif getattr(x, "format", None) == "coo":
+            shape, coords = tuple(x.shape), getattr(x, "coords", None) or (x.row, x.col)
+            if any(len(c) != len(x.data) for c in coords) or any(
+                len(c) and (int(np.min(c)) < 0 or int(np.max(c)) >= n) for c, n in zip(coords, shape)
+            ):
+                raise ValueError("coordinates out of range or of other lengths than its values")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise BleepError(f"{name} is not a valid sparse matrix ({e})") from e
 
 
 def as_float32_matrix(x: Any, name: str) -> np.ndarray:
@@ -155,7 +173,10 @@ class Reference:
             raise BleepError(f"unknown expression_format {expression_format!r}: use one of {', '.join(EXPRESSION_FORMATS)}")
         emb = as_float32_matrix(embeddings, "embeddings")
         genes_list = _names(genes, "genes")
-        assert genes_list is not None
+        if genes_list is None:
+            raise BleepError("genes must be given: one name per expression column")
+        if not isinstance(expression_dtype, str):
+            raise BleepError(f"expression_dtype must be a name (\"float32\", \"float16\" or \"bfloat16\"), got {expression_dtype!r}")
         if metadata is None:
             provenance = "{}"
         elif not isinstance(metadata, Mapping):
@@ -325,7 +346,7 @@ class Reference:
         if method not in METHODS:
             raise BleepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         q = as_float32_matrix(queries, "queries")
-        pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=float(temperature), threads=threads)
+        pred, idx, sims = self._core.impute(q, _check_k(k), method=method, temperature=_check_temperature(temperature), threads=threads)
         if centre_sections:
             norms = self._core.norms_of(np.ascontiguousarray(idx, dtype=np.int64)) if method == "weighted" else None  # the neighbours' only
             pred = self.centre(pred, idx, weights_of(q, sims, norms, method, temperature), threads=threads)
@@ -371,10 +392,17 @@ class Reference:
         mix their offsets; a prediction from one section is unchanged. Measured in docs/benchmarks.md
         ("Per-section centring")."""
         codes, table, overall = self.section_means(threads=threads)
-        pred = np.asarray(prediction, dtype=np.float32)
+        pred = as_float32_matrix(prediction, "prediction")
+        idx = np.asarray(indices)
+        if pred.shape[1] != self.n_genes:
+            raise BleepError(f"prediction has {pred.shape[1]} genes but the reference {self.n_genes}: centre a prediction of this reference")
+        if idx.ndim != 2 or idx.shape[0] != pred.shape[0] or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+            raise BleepError(f"indices must be a 2-D integer array with one row per prediction row ({pred.shape[0]}), got {idx.dtype} {idx.shape}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.n_spots):
+            raise BleepError(f"indices must lie in [0, {self.n_spots}), the reference's spots; got {int(idx.min())}..{int(idx.max())}")
         if table.n_spots < 2:
             return pred
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = idx.astype(np.int64)
         return (pred - table.aggregate(codes[idx], weights, threads=threads) + overall).astype(np.float32)
 
     def aggregate(self, indices: Any, weights: Any, *, threads: Optional[int] = None) -> np.ndarray:
@@ -409,6 +437,13 @@ class Reference:
             f"Reference({self.n_spots} spots, {self.dim}-d embeddings, {self.n_genes} genes, "
             f"expression {self.expression_format} {self.expression_dtype})"
         )
+
+
+def _check_temperature(t: Any) -> float:
+    """The softmax temperature as a float (the core checks that it is positive and finite)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise BleepError(f"temperature must be a number, got {t!r}")
+    return float(t)
 
 
 def _check_k(k: Any) -> int:

@@ -188,7 +188,7 @@ def read_manifest(directory: PathLike) -> dict:
                          "write it with Reference.save(folder, shard_spots=N) or ShardWriter")
     try:
         m = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BleepError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BleepError(f"{path}: not the manifest of a bleep-rs sharded reference (format is not {FORMAT!r})")

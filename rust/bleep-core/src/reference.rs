@@ -631,6 +631,7 @@ impl Reference {
             ("format_version".into(), FORMAT_VERSION.to_string()),
             ("n_spots".into(), self.n.to_string()),
             ("dim".into(), self.dim.to_string()),
+            ("n_genes".into(), self.genes.len().to_string()),
             (
                 "expression_dtype".into(),
                 self.expression.dtype().name().into(),
@@ -701,6 +702,16 @@ impl Reference {
                 .map_err(|e| bad(format!("{key} is not a JSON list of strings: {e}")))
         };
         let genes = parse_list("genes")?;
+        // Written since 2026-12-06: a gene list edited out of step with the expression (a column more
+        // or less within the dense table's padding) is otherwise read without complaint.
+        if let Some(count) = meta.get("n_genes") {
+            if count.parse::<usize>().ok() != Some(genes.len()) {
+                return Err(bad(format!(
+                    "its metadata lists {} genes but records n_genes = {count:?}: the header is damaged",
+                    genes.len()
+                )));
+            }
+        }
         let tensor = |name: &str| {
             st.tensor(name)
                 .map_err(|_| bad(format!("missing tensor {name:?}")))
