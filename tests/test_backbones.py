@@ -46,6 +46,22 @@ def _timm_weights(tmp_path, arch: str, **kwargs):
     return net, path
 
 
+def test_random_init_gives_an_efficientnet_random_weights(tmp_path):
+    """random_init was ignored for EfficientNet-Lite (its ImageNet weights kept) while the model recorded
+    it as used; a weights file still wins over it, as for timm."""
+    import torch
+
+    imagenet = dict(create_backbone("efficientnet-lite0")[0].state_dict())
+    random = dict(create_backbone("efficientnet-lite0", random_init=True)[0].state_dict())
+    stem = "net._conv_stem.weight"
+    assert not torch.equal(imagenet[stem], random[stem])
+    from safetensors.torch import save_file
+
+    save_file({k[len("net."):]: v.contiguous() for k, v in random.items()}, str(tmp_path / "w.safetensors"))  # the network's own keys
+    loaded = dict(create_backbone("efficientnet-lite0", weights=str(tmp_path / "w.safetensors"), random_init=True)[0].state_dict())
+    assert torch.equal(loaded[stem], random[stem])
+
+
 def test_timm_model_from_a_local_file_through_every_command(tmp_path):
     """A ConvNeXt with weights from a local file: train, reference, predict a section and a slide; the
     model records the backbone's own input size and constants."""

@@ -493,6 +493,51 @@ def test_plot_of_a_prediction_without_spot_positions(prediction, tmp_path):
     assert not (tmp_path / "f.png").exists()
 
 
+def test_evaluate_refuses_non_finite_predictions_and_repeated_genes(prediction, tmp_path):
+    import anndata as ad
+
+    pred = ad.read_h5ad(prediction)
+    X = np.asarray(pred.X, dtype=np.float32).copy()
+    X[0, 1] = np.nan
+    bad = ad.AnnData(X, obs=pred.obs, var=pred.var, obsm=dict(pred.obsm), uns=dict(pred.uns))
+    bad.write_h5ad(tmp_path / "nan.h5ad")
+    refused(cli("evaluate", tmp_path / "nan.h5ad", C2, "--out", tmp_path / "r.json"), "NaN or infinite values in 1 genes")
+    names = list(pred.var_names)
+    names[1] = names[0]
+    twice = pred.copy()
+    twice.var_names = names
+    twice.write_h5ad(tmp_path / "twice.h5ad")
+    refused(cli("evaluate", tmp_path / "twice.h5ad", C2, "--out", tmp_path / "r.json"), "duplicated gene names")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_full_disk_is_one_line(prediction, tmp_path, monkeypatch, capsys):
+    """h5py, safetensors and the OS each report a full disk in their own exception type."""
+    import errno
+
+    import bleep_rs.cli as cli_module
+
+    for raised in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("Can't write data (file write failed: No space left on device)")):
+        def full(args, e=raised):
+            raise e
+        monkeypatch.setattr(cli_module, "_run_evaluate", full)
+        assert cli_module.main(["evaluate", str(prediction), str(C2), "--out", str(tmp_path / "r.json")]) == 2
+        assert "bleep-rs: error: the disk is full" in capsys.readouterr().err
+
+
+def test_predict_section_names_arguments_of_the_wrong_kind(model_dir):
+    from bleep_rs.predict import predict_section
+
+    model, ref, sec = bleep_rs.load_model(model_dir / "model"), bleep_rs.Reference.load(model_dir / "ref.safetensors"), read(C2)
+    with pytest.raises(BleepError, match="reference must be a Reference"):
+        predict_section(model, None, sec)
+    with pytest.raises(BleepError, match="model must be a loaded model"):
+        predict_section(str(model_dir / "model"), ref, sec)
+    del sec.obsm["spatial"]
+    with pytest.raises(BleepError, match=r"no spot positions \(obsm\['spatial'\]\)"):
+        bleep_rs.section_patches(sec, 32)
+
+
 def test_the_demo_refuses_a_file_as_its_folder(tmp_path):
     (tmp_path / "d").write_text("mine")
     refused(cli("demo", "--out", tmp_path / "d"), "d is a file")

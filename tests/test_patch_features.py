@@ -107,6 +107,7 @@ def test_spots_without_a_patch_are_left_out_with_a_warning(tiny, tmp_path):
         (lambda f: (f.__delitem__("features"), f.create_dataset("features", data=np.array(["a", "b"], dtype="S1"))), "must be a numeric matrix"),
         (lambda f: f.create_dataset("barcodes", data=np.array([b"x"] * 4)), "4 barcodes for 25 patches"),
         (lambda f: f.create_dataset("barcodes", data=np.array([b"x"] * 25)), r"barcodes repeats barcodes \['x'\]"),
+        (lambda f: f.create_dataset("barcodes", data=np.array([b"\xff%d" % i for i in range(25)])), "barcodes are not UTF-8 text"),
     ],
 )
 def test_damaged_files_name_the_problem(tiny, tmp_path, damage, message):

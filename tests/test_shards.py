@@ -284,6 +284,11 @@ def test_bad_manifests_are_refused(atlas):
         (lambda m: m.update(n_spots=21), "cover 20 spots"),
         (lambda m: m.update(format_version=99), "upgrade bleep-rs"),
         (lambda m: m.pop("genes"), "malformed manifest"),
+        # Checked against the shards' own: the answers are labelled by the manifest.
+        (lambda m: m["genes"].reverse(), r"its genes \(\d+ genes starting .*\) differ from the shards'"),
+        (lambda m: m["genes"].pop(), "its genes .* differ from the shards'"),
+        (lambda m: m.update(dim=9), r"its dim \(9\) differ from the shards' \(8\)"),
+        (lambda m: m.update(has_sections=not m["has_sections"]), "its has_sections .* differ from the shards'"),
     ):
         m = json.loads(json.dumps(manifest))
         change(m)

@@ -228,13 +228,15 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: Optional[str] = No
     """(module, spec) for a backbone name; ``pretrained=False`` builds the architecture only (a saved
     model's weights are loaded afterwards), from ``build`` where the spec had one (a hub model's
     architecture, recorded in the model so that loading it needs no hub). A ``timm:NAME`` backbone needs
-    ``weights`` (a local file, or ``"hub"``) unless ``random_init`` asks for random weights explicitly;
+    ``weights`` (a local file, or ``"hub"``) unless ``random_init`` asks for random weights explicitly
+    (which an EfficientNet-Lite honours too, instead of its ImageNet weights);
     ``timm:hf-hub:ORG/NAME`` takes its architecture and weights from the local Hugging Face cache."""
     from torch import nn
 
     if name in EFFICIENTNET_LITE:
         spec = BackboneSpec(name, 1280, EFFICIENTNET_LITE[name], (127 / 255,) * 3, (128 / 255,) * 3, wide_fields_px=WIDE_FIELDS_PX.get(name, 0))
-        return _EfficientNetLite.create(name, weights, pretrained), spec
+        # random_init: the architecture alone, as for timm (it was ignored here, and recorded as used).
+        return _EfficientNetLite.create(name, weights, pretrained and not (random_init and weights is None)), spec
     if name.startswith("features:"):
         try:
             dim = int(name.split(":", 1)[1])

@@ -510,9 +510,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"bleep-rs: error: {args.command} needs the training extra ({e.name} is missing): pip install 'bleep-rs[train]'", file=sys.stderr)
             return 2
         raise
+    except Exception as e:
+        if not _out_of_space(e):
+            raise
+        print(f"bleep-rs: error: the disk is full ({e}): free space or write --out elsewhere; "
+              "no output was half-written (each is written to a temporary file, then renamed)", file=sys.stderr)
+        return 2
     finally:
         args.locks.close()
     return 0
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk or quota: h5py, safetensors and the OS each
+    report it in their own exception type, all with the OS's message."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 if __name__ == "__main__":

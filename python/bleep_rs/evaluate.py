@@ -98,6 +98,10 @@ def predicted_of(pred) -> np.ndarray:
     X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
     if X.ndim != 2 or X.dtype.kind not in "iuf":
         raise BleepError(f"the prediction's X is {X.dtype} {X.shape}, not numbers (spots, genes): is this a bleep-rs prediction?")
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=0)) if X.dtype.kind == "f" else []
+    if len(bad):
+        raise BleepError(f"the prediction has NaN or infinite values in {len(bad)} genes (e.g. {list(pred.var_names[bad[:3]])}): "
+                         "a bleep-rs prediction is finite; is the file damaged?")
     return X
 
 
@@ -122,6 +126,9 @@ def measured_on(pred, section) -> np.ndarray:
 def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = None, top: int = 50) -> Dict[str, object]:
     """:func:`summarise` of a prediction AnnData against the measured section (spots matched by id)."""
     check_prediction(pred)
+    from .readers._files import check_unique
+
+    check_unique(pred.var_names, "gene names", "the prediction", "each predicted gene is scored once")
     present = set(section.var_names)
     if not any(g in present for g in pred.var_names):
         raise BleepError("none of the predicted genes is in the measured section: are they the same kind of gene names?")

@@ -41,7 +41,12 @@ def check_compatible(model, reference) -> None:
     """Raises when the reference was not built with this model (other weights or dimension). The
     reference's genes are its own (all it measured, by default), not the model's input panel."""
     from .model import model_id  # (torch: imported when a model is in hand)
+    from .reference import Reference
 
+    if not hasattr(model, "retrieval_dim"):
+        raise BleepError(f"model must be a loaded model (bleep_rs.load_model(path)), got {type(model).__name__}")
+    if not isinstance(reference, Reference):
+        raise BleepError(f"reference must be a Reference (bleep_rs.Reference.load(path)), got {type(reference).__name__}")
     if reference.dim != model.retrieval_dim:
         raise BleepError(f"the reference's embeddings have {reference.dim} dimensions, the model's {model.retrieval_dim}: "
                          "build the reference with this model (build_reference; bleep-rs reference)")

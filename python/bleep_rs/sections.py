@@ -170,6 +170,8 @@ def section_patches(adata, size: int = 224, um_per_px: Optional[float] = None, *
     info = adata.uns.get("bleep", {})
     if not info.get("image_path"):
         raise BleepError("this section has no full-resolution image: read it with image=PATH to extract patches")
+    if "spatial" not in adata.obsm:
+        raise BleepError("this section has no spot positions (obsm['spatial']): read it with bleep_rs.read_section")
     if slide is None:
         slide = Slide(checked_input(info["image_path"], "the section's image", kind="any"), um_per_px=info["um_per_px"])
     centres = np.asarray(adata.obsm["spatial"])

@@ -257,6 +257,23 @@ class _Shard:
         return min(int(self.entry["bytes"]), _HELD_OUTSIDE_MAP)
 
 
+def _check_manifest_against(manifest_path: Path, first: Path, manifest: Mapping[str, Any]) -> None:
+    """The manifest's genes, embedding size and section labels against the first shard's own (its
+    header, memory-mapped): every answer is labelled by the manifest, so an edited or foreign manifest
+    would name genes wrongly or drop the per-section centring without a word."""
+    try:
+        core = ReferenceCore.load(str(first))
+    except BleepError as e:
+        raise BleepError(f"{first}: shard file unreadable: {e}") from e
+    found = {"genes": list(core.genes), "dim": int(core.dim), "has_sections": core.sections is not None}
+    wrong = [key for key, value in found.items() if manifest[key] != value]
+    if wrong:
+        key = wrong[0]
+        shown = (lambda v: f"{len(v)} genes starting {v[:3]}") if key == "genes" else repr
+        raise BleepError(f"{manifest_path}: its {key} ({shown(manifest[key])}) differ from the shards' ({shown(found[key])}): "
+                         "the manifest is damaged or from another reference; write the reference again")
+
+
 def _open_shard(path: str, entry: Mapping[str, Any], threads: Optional[int] = None) -> _Shard:
     return _Shard(path, entry, threads)
 
@@ -441,6 +458,7 @@ class ShardedReference(Reference, reads_folders=True):
         self.manifest = read_manifest(self.directory)
         for s in self.manifest["shards"]:
             _check_shard_file(self.directory / s["file"], s)
+        _check_manifest_against(self.directory / MANIFEST, self.directory / self.manifest["shards"][0]["file"], self.manifest)
         self._starts = [int(s["start"]) for s in self.manifest["shards"]]
         if client is None:
             self._shards: Any = _LocalShards(self.directory, self.manifest, threads)

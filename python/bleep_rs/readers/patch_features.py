@@ -167,7 +167,10 @@ def read_patch_features(path) -> PatchFeatures:
             raw = np.asarray(f[bkey][()]).ravel()
             if len(raw) != n:
                 raise BleepError(f"{path}: {len(raw)} {bkey} for {n} patches")
-            barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object)
+            try:
+                barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in raw], dtype=object)
+            except UnicodeDecodeError as e:
+                raise BleepError(f"{path}: {bkey} are not UTF-8 text ({e}): is the file damaged?") from e
             if len(set(barcodes)) != len(barcodes):
                 twice = sorted({b for b in barcodes if list(barcodes).count(b) > 1})[:3] if n < 100_000 else []
                 raise BleepError(f"{path}: {bkey} repeats barcodes {twice}: each patch must have its own")

@@ -56,7 +56,8 @@ class TrainConfig:
                                                "backbone_weights=), timm:hf-hub:ORG/NAME (a model in the Hugging Face cache) or features:D",
                            check=lambda v: None if v.strip() else "must name a backbone")
     backbone_weights: Optional[str] = option(None, "a local weights file for the backbone", path=True)
-    random_init: bool = option(False, "build a timm backbone with random weights (only when asked: without weights it is an error)")
+    random_init: bool = option(False, "build the backbone with random weights (a timm backbone without weights is otherwise an error; "
+                                      "an EfficientNet-Lite has its ImageNet weights)")
     freeze_backbone: bool = option(True, "train the heads on cached backbone features (default); freeze_backbone=False fine-tunes the whole "
                                          "encoder (a GPU job)")
     augment: bool = option(True, "flips and 90-degree rotations in training (with a frozen backbone: the 8 views' features cached)")
