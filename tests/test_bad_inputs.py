@@ -538,6 +538,15 @@ def test_predict_section_names_arguments_of_the_wrong_kind(model_dir):
         bleep_rs.section_patches(sec, 32)
 
 
+def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path):
+    reference = ("reference", C2, "--model", tmp_path / "m", "--out", tmp_path / "r.safetensors", "--min-spots", "-1")
+    for args, message in ((("demo", "--k", "0"), "argument --k: 0 is less than 1"), (("demo", "--epochs", "0"), "argument --epochs: 0 is less than 1"),
+                          (reference, "argument --min-spots: -1 is less than 1")):
+        res = cli(*args, "--out", tmp_path / "d") if args[0] == "demo" else cli(*args)
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_demo_refuses_a_file_as_its_folder(tmp_path):
     (tmp_path / "d").write_text("mine")
     refused(cli("demo", "--out", tmp_path / "d"), "d is a file")

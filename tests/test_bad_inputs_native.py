@@ -246,6 +246,8 @@ def test_reference_arguments_of_the_wrong_kind_are_named(rng):
         ref.centre(pred[:, :2], idx, w)
     with pytest.raises(BleepError, match="one row per prediction row"):
         ref.centre(pred, idx[:1], w)
+    with pytest.raises(BleepError, match="index 9223372036854775813 is out of range for a reference of 20 spots"):
+        ref.aggregate(np.array([[0, 2**63 + 5]], dtype=np.uint64), np.ones((1, 2)))
 
 
 # ------------------------------------------------------------------------------------------- pools

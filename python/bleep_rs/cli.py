@@ -206,7 +206,7 @@ def _add_others(sub) -> None:
         "at least --min-spots spots of at least one reference section; a section whose file does not list a gene "
         "counts as zeros for it), panel (the model's input panel only), or a file with one gene per line",
     )
-    ref.add_argument("--min-spots", type=int, default=MIN_SPOTS, help=f"with --genes all: spots a gene must be non-zero in (default {MIN_SPOTS})")
+    ref.add_argument("--min-spots", type=_at_least(1), default=MIN_SPOTS, help=f"with --genes all: spots a gene must be non-zero in (default {MIN_SPOTS})")
     ref.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="expression storage; bfloat16 halves the size of an all-gene reference (default float32)")
     ref.add_argument("--expression-format", choices=["auto", "sparse", "dense"], default="auto",
@@ -479,14 +479,27 @@ def _run_plot(args) -> None:
     print(f"figure written to {plot_genes(read_prediction(args.prediction), args.genes, args.out, truth=truth, overwrite=args.overwrite)}")
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number of at least ``low`` (refused before any work starts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    return parse
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bleep-rs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bleep-rs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train, build a reference, predict, evaluate and plot on a generated example")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the outputs (default: demo-out)")
-    demo.add_argument("--k", type=int, default=None, help="neighbours per prediction (default: the model's, the default recipe's 100)")
-    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--k", type=_at_least(1), default=None, help="neighbours per prediction (default: the model's, the default recipe's 100)")
+    demo.add_argument("--epochs", type=_at_least(1), default=40)
     demo.add_argument("--seed", type=int, default=0)
     _add_train(sub)
     _add_others(sub)

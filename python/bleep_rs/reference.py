@@ -414,6 +414,8 @@ class Reference:
         idx = np.asarray(indices)
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise BleepError(f"indices must be a 2-D integer array, got {idx.dtype} with shape {idx.shape}")
+        if idx.dtype == np.uint64 and idx.size and int(idx.max()) >= self.n_spots:  # as int64 it would read negative
+            raise BleepError(f"index {int(idx.max())} is out of range for a reference of {self.n_spots} spots")
         w = as_float32_matrix(weights, "weights")
         if idx.shape[1] == 0:
             raise BleepError("indices must have at least one column (k >= 1)")
