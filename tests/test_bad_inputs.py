@@ -84,6 +84,14 @@ def test_counts_not_gzip(st):
         read(st)
 
 
+def test_counts_with_the_spot_ids_alone(st):
+    """Its header is read as the first spot's id: a spot was lost and no gene left, without a word."""
+    rows = gzip.decompress((st / "counts.tsv.gz").read_bytes()).decode().splitlines()
+    (st / "counts.tsv.gz").write_bytes(gzip.compress("\n".join(r.split("\t")[0] for r in rows[1:]).encode() + b"\n"))
+    with pytest.raises(BleepError, match="counts.tsv.gz: no gene columns"):
+        read(st)
+
+
 def test_a_count_that_is_not_a_number_names_its_spot_and_gene(st):
     df = edit_counts(st, lambda d: d.astype(object).where(~((d.index == d.index[4])[:, None] & (d.columns == "ERBB2")[None, :]), "12a"))
     with pytest.raises(BleepError, match=rf"'12a', not a number, at spot '{df.index[4]}', gene 'ERBB2'"):
@@ -545,6 +553,11 @@ def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path):
         res = cli(*args, "--out", tmp_path / "d") if args[0] == "demo" else cli(*args)
         assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_refuses_shard_with_a_section(model_dir, tmp_path):
+    refused(predict(model_dir, C2, "--shard", "2/2", "--out", tmp_path / "p.h5ad"), "--shard splits a list of --slide images")
+    assert not (tmp_path / "p.h5ad").exists()
 
 
 def test_the_demo_refuses_a_file_as_its_folder(tmp_path):

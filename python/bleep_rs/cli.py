@@ -347,6 +347,8 @@ def _run_predict(args) -> None:
         raise BleepError("--tiles-per-task splits slides into tasks of a Dask cluster: give --scheduler ADDRESS or --workers N")
     if args.section is not None and args.hd_run:
         raise BleepError("--hd-run aligns the bins of a --slide; a SECTION is predicted at its own spots")
+    if args.section is not None and args.shard:
+        raise BleepError("--shard splits a list of --slide images between runs; a SECTION is one prediction")
     if args.section is not None:  # --bin-um pools a Visium HD section's bins as it is read; the rest must be the section's
         section_cfg = dataclasses.replace(cfg, bin_um=None).for_sections()
     several = args.slide is not None and len(args.slide) > 1

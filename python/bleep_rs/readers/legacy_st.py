@@ -23,6 +23,8 @@ def read_legacy_st(path, *, um_per_px: Optional[float] = None, image=None, libra
     missing = {"x", "y", "pixel_x", "pixel_y", "selected"} - set(spots.columns)
     if missing:
         raise BleepError(f"{path / 'spots.tsv'}: missing columns {sorted(missing)} (id, x, y, pixel_x, pixel_y, selected)")
+    if counts.shape[1] == 0:  # one column: its header is read as the first spot's id, and no gene is left
+        raise BleepError(f"{path / 'counts.tsv.gz'}: no gene columns (spots x genes, the spot ids first): is it the counts table?")
     check_unique(counts.index, "spot ids", path / "counts.tsv.gz", "each row must be one spot")
     unnamed = [i for i, c in enumerate(counts.columns, start=2) if str(c).startswith("Unnamed: ")]
     if unnamed:  # pandas names an empty header cell "Unnamed: N": a gene without a name
