@@ -118,6 +118,14 @@ def test_damaged_files_name_the_problem(tiny, tmp_path, damage, message):
         read_patch_features(path)
 
 
+def test_another_sections_file_placed_by_position_is_said(tiny, tmp_path):
+    """C2's file on C3: no barcode matches, and the two 5 x 5 windows overlap in pixels, so every spot of C3
+    finds a patch by its coordinates; that fallback (meant for another naming of the same spots) is said."""
+    f = read_patch_features(write_trident(tmp_path / "c2.h5", tiny[0], barcodes=True))
+    with pytest.warns(UserWarning, match="none of the file's 25 barcodes .* is a spot id of the section .* if it is another section's features file"):
+        f.rows_for(tiny[1])
+
+
 def test_image_options_are_refused_with_features():
     assert bleep_rs.TrainConfig().for_features(DIM).backbone == f"features:{DIM}"
     for options, named in [({"input": InputSpec(stain="macenko")}, "stain=macenko"), ({"freeze_backbone": False}, "freeze_backbone=False"),

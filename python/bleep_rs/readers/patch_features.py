@@ -73,6 +73,10 @@ class PatchFeatures:
                 spots, rows = (np.array(a, dtype=np.int64) for a in zip(*pairs))
         if len(spots) == 0 and self.centres is not None:
             spots, rows = self._nearest(np.asarray(section.obsm["spatial"], dtype=np.float64))
+            if self.barcodes is not None and len(spots):  # another naming of the same spots, or another section's file
+                warnings.warn(f"{where}: none of the file's {len(self)} barcodes (e.g. {list(self.barcodes[:2])}) is a spot id of the section "
+                              f"(e.g. {list(section.obs_names[:2])}): its patches were placed by their coordinates; if it is another "
+                              "section's features file, its predictions are not of this section", stacklevel=3)
         if len(spots) == 0 and self.centres is None:
             raise BleepError(
                 f"{where}: cannot place the patches on the section's spots: "
