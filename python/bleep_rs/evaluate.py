@@ -125,9 +125,9 @@ def measured_on(pred, section) -> np.ndarray:
 
 def evaluate_prediction(pred, section, *, markers: Optional[Sequence[str]] = None, top: int = 50) -> Dict[str, object]:
     """:func:`summarise` of a prediction AnnData against the measured section (spots matched by id)."""
-    check_prediction(pred)
     from .readers._files import check_unique
 
+    check_prediction(pred)
     check_unique(pred.var_names, "gene names", "the prediction", "each predicted gene is scored once")
     present = set(section.var_names)
     if not any(g in present for g in pred.var_names):
